@@ -1,0 +1,178 @@
+//! The audit guard (agentgateway's `DropOnLog`): created first for every request, filled in by
+//! each stage, and emitted exactly once, on whichever path the request ends. A guard dropped
+//! without an explicit ending records a client disconnect.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::Method;
+use rand::Rng;
+
+use super::record::{AuditRecord, Decision, Outcome};
+use super::sink::AuditSink;
+use crate::error::{Origin, ProxyError};
+use crate::metrics::{Metrics, RequestLabels, RouteLabel};
+
+/// What a request stage learned, for the record.
+pub struct AuditGuard {
+    sink: Arc<AuditSink>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    record: AuditRecord,
+    emitted: bool,
+}
+
+/// How a proxied response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    Complete,
+    UpstreamBroke,
+}
+
+pub fn new_request_id() -> String {
+    let bytes: [u8; 16] = rand::rng().random();
+    hex::encode(bytes)
+}
+
+impl AuditGuard {
+    pub fn begin(
+        sink: Arc<AuditSink>,
+        metrics: Arc<Metrics>,
+        metadata: Arc<BTreeMap<String, String>>,
+        ip: Option<IpAddr>,
+        method: &Method,
+        path: &str,
+    ) -> AuditGuard {
+        let record = AuditRecord {
+            timestamp: String::new(),
+            request_id: new_request_id(),
+            agent_id: None,
+            operation: String::new(),
+            credential: None,
+            success: false,
+            duration_ms: 0,
+            ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            metadata,
+            route: None,
+            method: method.to_string(),
+            path: path.to_string(),
+            status: 0,
+            decision: Decision::Denied,
+            outcome: Outcome::Denied,
+            error_code: None,
+            secret_source: None,
+            secret_version: None,
+            key_fingerprint: None,
+            bytes_sent: None,
+        };
+        AuditGuard { sink, metrics, started: Instant::now(), record, emitted: false }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.record.request_id
+    }
+
+    /// The route matched; `rest` is the path below its prefix.
+    pub fn route(&mut self, route: &str, rest: &str) {
+        self.record.route = Some(route.to_string());
+        self.record.path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
+    }
+
+    pub fn agent(&mut self, agent_id: &str) {
+        self.record.agent_id = Some(agent_id.to_string());
+    }
+
+    pub fn key_fingerprint(&mut self, fingerprint: String) {
+        self.record.key_fingerprint = Some(fingerprint);
+    }
+
+    pub fn credential(&mut self, name: &str) {
+        self.record.credential = Some(name.to_string());
+    }
+
+    pub fn secret(&mut self, source: &str, version: Option<&str>) {
+        self.record.secret_source = Some(source.to_string());
+        self.record.secret_version = version.map(str::to_string);
+    }
+
+    pub fn upstream_status(&mut self, status: u16) {
+        self.record.status = status;
+    }
+
+    /// keyward refused or failed the request with `error`.
+    pub fn fail(mut self, error: &ProxyError) {
+        self.record.status = error.status().as_u16();
+        self.record.error_code = Some(error.code());
+        let (decision, outcome) = match (error.origin(), error) {
+            (_, ProxyError::SecretStoreUnavailable { .. } | ProxyError::SecretNotFound { .. }) => {
+                (Decision::Error, Outcome::SecretError)
+            }
+            (Origin::Downstream, _) if error.status() == http::StatusCode::TOO_MANY_REQUESTS => {
+                (Decision::Throttled, Outcome::Throttled)
+            }
+            (Origin::Downstream, _) => (Decision::Denied, Outcome::Denied),
+            (Origin::Upstream, _) => (Decision::Error, Outcome::UpstreamError),
+            (Origin::Internal, _) => (Decision::Error, Outcome::InternalError),
+        };
+        self.emit(decision, outcome);
+    }
+
+    /// The upstream's response body ended (or broke off) after `bytes` bytes reached the agent.
+    pub fn finish(mut self, end: BodyEnd, bytes: u64) {
+        self.record.bytes_sent = Some(bytes);
+        let outcome = match end {
+            BodyEnd::UpstreamBroke => Outcome::UpstreamError,
+            BodyEnd::Complete if self.record.status < 400 => Outcome::Success,
+            BodyEnd::Complete => Outcome::UpstreamStatus,
+        };
+        self.emit(Decision::Allowed, outcome);
+    }
+
+    fn emit(&mut self, decision: Decision, outcome: Outcome) {
+        if std::mem::replace(&mut self.emitted, true) {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let record = &mut self.record;
+        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        record.duration_ms = elapsed.as_millis() as u64;
+        record.decision = decision;
+        record.outcome = outcome;
+        record.success = outcome == Outcome::Success;
+        record.operation = format!("{} {} {}", record.route.as_deref().unwrap_or("-"), record.method, record.path);
+        let route = record.route.clone().unwrap_or_default();
+        let decision_label = match decision {
+            Decision::Allowed => "allowed",
+            Decision::Denied => "denied",
+            Decision::Throttled => "throttled",
+            Decision::Error => "error",
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels { route: route.clone(), status: record.status, decision: decision_label })
+            .inc();
+        self.metrics.request_duration.get_or_create(&RouteLabel { route }).observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            request_id = %record.request_id,
+            agent = record.agent_id.as_deref().unwrap_or("-"),
+            operation = %record.operation,
+            status = record.status,
+            outcome = ?outcome,
+            "request finished"
+        );
+        self.sink.emit(record);
+    }
+}
+
+impl Drop for AuditGuard {
+    fn drop(&mut self) {
+        if !self.emitted {
+            // The request future or the response body was dropped: the agent went away.
+            let decision = if self.record.credential.is_some() { Decision::Allowed } else { Decision::Denied };
+            self.record.status = 499;
+            self.emit(decision, Outcome::ClientDisconnect);
+        }
+    }
+}

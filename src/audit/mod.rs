@@ -1,0 +1,11 @@
+//! The audit trail: one JSON line per attempt, on every outcome.
+
+mod body;
+mod guard;
+mod record;
+mod sink;
+
+pub use body::AuditedBody;
+pub use guard::{AuditGuard, BodyEnd, new_request_id};
+pub use record::{AuditRecord, Decision, Outcome};
+pub use sink::AuditSink;

@@ -1,0 +1,88 @@
+//! The audit record: the article's fields (`timestamp`, `agentId`, `operation`, `credential`,
+//! `success`, `durationMs`, `ip`, `metadata`) plus what a security team needs to follow a request.
+//!
+//! `credential` is always a secret's name. No field can hold a secret value or an agent key.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// What keyward decided about the attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Forwarded with a credential.
+    Allowed,
+    /// Refused by keyward: bad request, unknown agent, not granted.
+    Denied,
+    /// Refused by a limit.
+    Throttled,
+    /// keyward could not complete it: secret store or upstream failure.
+    Error,
+}
+
+/// How the attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered below 400 and the whole response reached the agent.
+    Success,
+    /// The upstream answered 400 or above; its response reached the agent.
+    UpstreamStatus,
+    /// keyward refused the request (4xx of its own).
+    Denied,
+    Throttled,
+    /// The upstream could not be reached, timed out, or broke off its response.
+    UpstreamError,
+    /// The secret store could not supply the credential.
+    SecretError,
+    /// keyward itself failed.
+    InternalError,
+    /// The agent went away before the response was complete.
+    ClientDisconnect,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord {
+    pub timestamp: String,
+    pub request_id: String,
+    pub agent_id: Option<String>,
+    /// `<route> <METHOD> <path>`, the path below the route prefix, without the query.
+    pub operation: String,
+    /// The secret's name, never its value.
+    pub credential: Option<String>,
+    pub success: bool,
+    pub duration_ms: u64,
+    /// The connecting peer's address; client-supplied forwarding headers are not trusted.
+    pub ip: String,
+    pub metadata: Arc<BTreeMap<String, String>>,
+    pub route: Option<String>,
+    pub method: String,
+    pub path: String,
+    /// The status the agent received (499 when it disconnected first).
+    pub status: u16,
+    pub decision: Decision,
+    pub outcome: Outcome,
+    /// keyward's error code when keyward produced the response.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_version: Option<String>,
+    /// For unknown keys: 12 hex chars of the key's SHA-256, to group probes without storing keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+}
+
+impl AuditRecord {
+    pub fn to_json_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("audit records always serialize");
+        line.push(b'\n');
+        line
+    }
+}

@@ -1,0 +1,266 @@
+//! Validated configuration: what keyward runs on once a file has been parsed and checked.
+//!
+//! Loading goes text → (JSON value + span index) → raw serde types → validated `Config`.
+//! Every problem is reported with file:line and the field path.
+
+mod raw;
+mod spans;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderName;
+
+use crate::policy::{MethodSet, PathPattern};
+
+pub use spans::line_at;
+
+/// The default config path of `keyward serve` and `keyward check`.
+pub const DEFAULT_CONFIG_PATH: &str = "config/keyward.toml";
+
+/// The default config compiled into the binary, used when `config/keyward.toml` does not exist.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/keyward.toml");
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub forward: ForwardConfig,
+    pub audit: AuditConfig,
+    pub sources: Vec<SourceConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub roles: BTreeMap<String, RoleConfig>,
+    pub agents: Vec<AgentConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_request_body_bytes: u64,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub retention_days: u32,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub provider: ProviderConfig,
+    /// Secret name → which part of the source's document holds it. A file source written without
+    /// a mapping gets one entry per key of its file, read when the config is loaded.
+    pub mapping: BTreeMap<String, Selector>,
+    pub cache: CachePolicy,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Aws { region: Option<String>, secret_name: String, endpoint_url: Option<String>, version_stage: String },
+    File { path: PathBuf },
+    Env,
+}
+
+impl ProviderConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderConfig::Aws { .. } => "aws-secrets-manager",
+            ProviderConfig::File { .. } => "file",
+            ProviderConfig::Env => "env",
+        }
+    }
+}
+
+/// `{{FIELD}}` selects a field of a JSON document (or an env var); `{{.}}` the whole value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Whole,
+    Field(String),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CachePolicy {
+    /// Zero means runtime reveal: fetch for every request.
+    pub ttl: Duration,
+    pub max_size: usize,
+    /// How long past expiry a cached value may still be served while the store is down. Zero: fail closed.
+    pub stale_if_error: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub prefix: String,
+    pub upstream: Upstream,
+    pub agent_key: AgentKeySpec,
+    pub inject: InjectSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    /// Path prefix on the upstream, without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentKeySpec {
+    pub header: HeaderName,
+    /// Accepted auth schemes (`Bearer`, `token`); empty means the header holds the bare key.
+    pub schemes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum InjectSpec {
+    Header { name: HeaderName, value: Template },
+    Query { name: String, value: Template },
+    Basic { username: Template, password: Template },
+}
+
+/// A string with `{{secret}}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplatePart {
+    Literal(String),
+    Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoleConfig {
+    pub name: String,
+    pub grants: Vec<GrantConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantConfig {
+    pub route: String,
+    pub secret: String,
+    pub methods: MethodSet,
+    pub paths: Vec<PathPattern>,
+}
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub id: String,
+    pub role: String,
+    pub key_sha256: [u8; 32],
+    pub disabled: bool,
+}
+
+impl fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentConfig").field("id", &self.id).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// One problem in a config file, located by line and field path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.file, line)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config, so a user can fix them all in one pass.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Where a config came from: a file, or the copy embedded in the binary.
+pub enum ConfigSource<'a> {
+    File(&'a Path),
+    Embedded,
+}
+
+/// Loads the config a command should use: the given path; else `config/keyward.toml`; else the
+/// embedded default (a path that was named explicitly must exist).
+pub fn load_for_command(explicit: Option<&Path>) -> Result<(Config, String), ConfigErrors> {
+    match explicit {
+        Some(path) => load_file(path).map(|c| (c, path.display().to_string())),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+            load_file(Path::new(DEFAULT_CONFIG_PATH)).map(|c| (c, DEFAULT_CONFIG_PATH.to_string()))
+        }
+        None => load_str(EMBEDDED_DEFAULT, "<embedded config/keyward.toml>", false)
+            .map(|c| (c, "<embedded config/keyward.toml>".to_string())),
+    }
+}
+
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Problem {
+            file: name.clone(),
+            line: None,
+            field: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let json = matches!(spans::Format::of_path(&name), spans::Format::Json);
+    load_str(&text, &name, json)
+}
+
+/// Parses and validates config text; `name` is used in problem locations.
+pub fn load_str(text: &str, name: &str, json: bool) -> Result<Config, ConfigErrors> {
+    let format = if json { spans::Format::Json } else { spans::Format::Toml };
+    let (value, index) = spans::parse(text, format).map_err(|e| {
+        ConfigErrors(vec![Problem { file: name.to_string(), line: e.line, field: String::new(), message: e.message }])
+    })?;
+    validate::validate(value, &index, name)
+}

@@ -1,0 +1,465 @@
+//! Turns raw config into a validated `Config`, collecting every problem with its field path.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::raw::*;
+use super::spans::SpanIndex;
+use super::*;
+use crate::policy::{MethodSet, PathPattern};
+
+struct Collector<'a> {
+    file: &'a str,
+    index: &'a SpanIndex,
+    problems: Vec<Problem>,
+}
+
+impl Collector<'_> {
+    fn problem(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let field = field.into();
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            line: self.index.line_of(&field),
+            field,
+            message: message.into(),
+        });
+    }
+}
+
+pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str) -> Result<Config, ConfigErrors> {
+    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut field = e.path().to_string();
+        if field == "." {
+            field.clear();
+        }
+        let message = e.inner().to_string();
+        // For an unknown field serde names the parent path; point at the field itself.
+        let mut located = field.clone();
+        if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+            located = if field.is_empty() { unknown.to_string() } else { format!("{field}.{unknown}") };
+        }
+        ConfigErrors(vec![Problem { file: file.to_string(), line: index.line_of(&located), field: located, message }])
+    })?;
+    let mut c = Collector { file, index, problems: Vec::new() };
+    let config = build(raw, &mut c);
+    if c.problems.is_empty() { Ok(config) } else { Err(ConfigErrors(c.problems)) }
+}
+
+fn ms(value: Option<u64>, default_ms: u64) -> Duration {
+    Duration::from_millis(value.unwrap_or(default_ms))
+}
+
+fn socket_addr(c: &mut Collector<'_>, field: &str, value: Option<String>, default: &str) -> SocketAddr {
+    let text = value.unwrap_or_else(|| default.to_string());
+    text.parse().unwrap_or_else(|_| {
+        c.problem(field, format!("'{text}' is not an address like 127.0.0.1:8080"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
+    let server = ServerConfig {
+        listen: socket_addr(c, "server.listen", raw.server.listen, "127.0.0.1:8080"),
+        admin_listen: socket_addr(c, "server.admin_listen", raw.server.admin_listen, "127.0.0.1:9090"),
+        header_read_timeout: ms(raw.server.header_read_timeout_ms, 10_000),
+        max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
+        shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
+    };
+    if server.max_header_bytes < 8192 {
+        c.problem("server.max_header_bytes", "must be at least 8192");
+    }
+    let forward = ForwardConfig {
+        connect_timeout: ms(raw.forward.connect_timeout_ms, 5_000),
+        read_timeout: ms(raw.forward.read_timeout_ms, 120_000),
+        total_timeout: ms(raw.forward.total_timeout_ms, 900_000),
+        max_request_body_bytes: raw.forward.max_request_body_bytes.unwrap_or(32 * 1024 * 1024),
+        pool_idle_timeout: ms(raw.forward.pool_idle_timeout_ms, 90_000),
+        pool_max_idle_per_host: raw.forward.pool_max_idle_per_host.unwrap_or(64),
+    };
+    for (field, value) in [
+        ("forward.connect_timeout_ms", forward.connect_timeout),
+        ("forward.read_timeout_ms", forward.read_timeout),
+        ("forward.total_timeout_ms", forward.total_timeout),
+    ] {
+        if value.is_zero() {
+            c.problem(field, "must be greater than 0");
+        }
+    }
+    let audit = AuditConfig {
+        path: PathBuf::from(raw.audit.path.unwrap_or_else(|| "var/audit/keyward-audit.jsonl".to_string())),
+        retention_days: raw.audit.retention_days.unwrap_or(90),
+        metadata: raw.audit.metadata,
+    };
+    if audit.retention_days == 0 {
+        c.problem("audit.retention_days", "must be at least 1");
+    }
+
+    let sources: Vec<SourceConfig> =
+        raw.sources.into_iter().enumerate().filter_map(|(i, s)| source(c, &format!("sources[{i}]"), s)).collect();
+    let secret_owner = secret_names(c, &sources);
+    let routes: Vec<RouteConfig> =
+        raw.routes.into_iter().enumerate().filter_map(|(i, r)| route(c, &format!("routes[{i}]"), r)).collect();
+    check_unique(
+        c,
+        routes.iter().enumerate().map(|(i, r)| (format!("routes[{i}].name"), r.name.clone())),
+        "route name",
+    );
+    check_unique(
+        c,
+        routes.iter().enumerate().map(|(i, r)| (format!("routes[{i}].prefix"), r.prefix.clone())),
+        "route prefix",
+    );
+    let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+
+    let mut roles = BTreeMap::new();
+    for (name, raw_role) in raw.roles {
+        let mut grants = Vec::new();
+        for (i, g) in raw_role.grants.into_iter().enumerate() {
+            let at = format!("roles.{name}.grants[{i}]");
+            if !route_names.contains(g.route.as_str()) {
+                c.problem(format!("{at}.route"), format!("no route named '{}'", g.route));
+            }
+            if !secret_owner.contains_key(&g.secret) {
+                c.problem(format!("{at}.secret"), format!("no source provides a secret named '{}'", g.secret));
+            }
+            let methods = MethodSet::parse(&g.methods).unwrap_or_else(|e| {
+                c.problem(format!("{at}.methods"), e);
+                MethodSet::none()
+            });
+            if g.paths.is_empty() {
+                c.problem(format!("{at}.paths"), "grants no path: list at least one, or \"/**\" for all");
+            }
+            let paths = g
+                .paths
+                .iter()
+                .enumerate()
+                .filter_map(|(j, p)| PathPattern::parse(p).map_err(|e| c.problem(format!("{at}.paths[{j}]"), e)).ok())
+                .collect();
+            grants.push(GrantConfig { route: g.route, secret: g.secret, methods, paths });
+        }
+        roles.insert(name.clone(), RoleConfig { name, grants });
+    }
+
+    let mut agents = Vec::new();
+    for (i, a) in raw.agents.into_iter().enumerate() {
+        let at = format!("agents[{i}]");
+        if !roles.contains_key(&a.role) {
+            c.problem(format!("{at}.role"), format!("no role named '{}'", a.role));
+        }
+        if !valid_name(&a.id) {
+            c.problem(format!("{at}.id"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
+        }
+        let mut key_sha256 = [0u8; 32];
+        if a.key_sha256.len() != 64 || hex::decode_to_slice(&a.key_sha256, &mut key_sha256).is_err() {
+            c.problem(format!("{at}.key_sha256"), "must be 64 hex characters (see `keyward agents new`)");
+        }
+        agents.push(AgentConfig { id: a.id, role: a.role, key_sha256, disabled: a.disabled });
+    }
+    check_unique(c, agents.iter().enumerate().map(|(i, a)| (format!("agents[{i}].id"), a.id.clone())), "agent id");
+    check_unique(
+        c,
+        agents.iter().enumerate().map(|(i, a)| (format!("agents[{i}].key_sha256"), hex::encode(a.key_sha256))),
+        "agent key hash",
+    );
+
+    Config { server, forward, audit, sources, routes, roles, agents }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | ':'))
+}
+
+fn check_unique(c: &mut Collector<'_>, items: impl Iterator<Item = (String, String)>, what: &str) {
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (field, value) in items {
+        if let Some(first) = seen.get(&value) {
+            c.problem(field, format!("duplicate {what} '{value}' (first at {first})"));
+        } else {
+            seen.insert(value, field);
+        }
+    }
+}
+
+/// Secret names are global across sources: maps each to its source, reporting duplicates.
+fn secret_names(c: &mut Collector<'_>, sources: &[SourceConfig]) -> HashMap<String, String> {
+    check_unique(
+        c,
+        sources.iter().enumerate().map(|(i, s)| (format!("sources[{i}].name"), s.name.clone())),
+        "source name",
+    );
+    let mut owner: HashMap<String, String> = HashMap::new();
+    for (i, s) in sources.iter().enumerate() {
+        for name in s.mapping.keys() {
+            match owner.get(name) {
+                Some(first) => c.problem(
+                    format!("sources[{i}].mapping.{name}"),
+                    format!("secret '{name}' is already provided by source '{first}'; secret names are global"),
+                ),
+                None => {
+                    owner.insert(name.clone(), s.name.clone());
+                }
+            }
+        }
+    }
+    owner
+}
+
+fn selector(text: &str) -> Option<Selector> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
+    match inner {
+        "." => Some(Selector::Whole),
+        "" => None,
+        field if !field.contains(['{', '}']) => Some(Selector::Field(field.to_string())),
+        _ => None,
+    }
+}
+
+fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig> {
+    if !valid_name(&s.name) {
+        c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
+    }
+    let unused = |c: &mut Collector<'_>, field: &str, present: bool| {
+        if present {
+            c.problem(format!("{at}.{field}"), format!("is not used by provider '{}'", s.provider));
+        }
+    };
+    let provider = match s.provider.as_str() {
+        "aws-secrets-manager" => {
+            unused(c, "path", s.path.is_some());
+            let Some(secret_name) = s.secret_name.clone() else {
+                c.problem(format!("{at}.secret_name"), "is required for provider 'aws-secrets-manager'");
+                return None;
+            };
+            if s.mapping.is_none() {
+                c.problem(format!("{at}.mapping"), "is required for provider 'aws-secrets-manager'");
+            }
+            if let Some(url) = &s.endpoint_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                c.problem(format!("{at}.endpoint_url"), "must be an http:// or https:// URL");
+            }
+            ProviderConfig::Aws {
+                region: s.region.clone(),
+                secret_name,
+                endpoint_url: s.endpoint_url.clone(),
+                version_stage: s.version_stage.clone().unwrap_or_else(|| "AWSCURRENT".to_string()),
+            }
+        }
+        "file" => {
+            for (field, present) in [
+                ("region", s.region.is_some()),
+                ("secret_name", s.secret_name.is_some()),
+                ("endpoint_url", s.endpoint_url.is_some()),
+                ("version_stage", s.version_stage.is_some()),
+            ] {
+                unused(c, field, present);
+            }
+            let Some(path) = s.path.clone() else {
+                c.problem(format!("{at}.path"), "is required for provider 'file'");
+                return None;
+            };
+            ProviderConfig::File { path: PathBuf::from(path) }
+        }
+        "env" => {
+            for (field, present) in [
+                ("region", s.region.is_some()),
+                ("secret_name", s.secret_name.is_some()),
+                ("endpoint_url", s.endpoint_url.is_some()),
+                ("version_stage", s.version_stage.is_some()),
+                ("path", s.path.is_some()),
+            ] {
+                unused(c, field, present);
+            }
+            if s.mapping.is_none() {
+                c.problem(format!("{at}.mapping"), "is required for provider 'env' (secret name = \"{{ENV_VAR}}\")");
+            }
+            ProviderConfig::Env
+        }
+        other => {
+            c.problem(
+                format!("{at}.provider"),
+                format!("unknown provider '{other}': expected 'aws-secrets-manager', 'file' or 'env'"),
+            );
+            return None;
+        }
+    };
+    let mapping = match (s.mapping, &provider) {
+        (Some(m), _) => m,
+        (None, ProviderConfig::File { path }) => match crate::secrets::discover_names(path) {
+            Ok(names) => names.into_iter().map(|n| (n.clone(), format!("{{{{{n}}}}}"))).collect(),
+            Err(e) => {
+                c.problem(
+                    format!("{at}.path"),
+                    format!("{e} (a file source without `mapping` is read at load to learn its names)"),
+                );
+                BTreeMap::new()
+            }
+        },
+        (None, _) => BTreeMap::new(),
+    };
+    let env = matches!(provider, ProviderConfig::Env);
+    let mapping = {
+        mapping.into_iter()
+            .filter_map(|(name, text)| {
+                if !valid_name(&name) {
+                    c.problem(format!("{at}.mapping.{name}"), "secret names use letters, digits, '-', '_', '.' or ':'");
+                }
+                match selector(&text) {
+                    Some(Selector::Whole) if env => {
+                        c.problem(format!("{at}.mapping.{name}"), "an env source maps each name to \"{{VAR_NAME}}\"");
+                        None
+                    }
+                    Some(sel) => Some((name, sel)),
+                    None => {
+                        c.problem(
+                            format!("{at}.mapping.{name}"),
+                            format!("'{text}' must be \"{{{{FIELD}}}}\" (a field of the secret) or \"{{{{.}}}}\" (the whole value)"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect()
+    };
+    let cache = match s.cache {
+        Some(RawCache { enabled: false, .. }) => {
+            CachePolicy { ttl: Duration::ZERO, max_size: 0, stale_if_error: Duration::ZERO }
+        }
+        Some(raw) => CachePolicy {
+            ttl: Duration::from_secs(raw.ttl_seconds.unwrap_or(300)),
+            max_size: raw.max_size.unwrap_or(64),
+            stale_if_error: Duration::from_secs(raw.stale_if_error_seconds.unwrap_or(0)),
+        },
+        None => CachePolicy { ttl: Duration::from_secs(300), max_size: 64, stale_if_error: Duration::ZERO },
+    };
+    if cache.max_size == 0 && !cache.ttl.is_zero() {
+        c.problem(format!("{at}.cache.max_size"), "must be at least 1 while ttl_seconds > 0");
+    }
+    Some(SourceConfig { name: s.name, provider, mapping, cache })
+}
+
+fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
+    if !valid_name(&r.name) {
+        c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
+    }
+    let prefix_ok = r.prefix.starts_with('/')
+        && r.prefix.len() > 1
+        && !r.prefix.ends_with('/')
+        && r.prefix[1..].split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
+        });
+    if !prefix_ok {
+        c.problem(format!("{at}.prefix"), "must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments");
+    }
+    let upstream = match upstream(&r.upstream) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            c.problem(format!("{at}.upstream"), e);
+            None
+        }
+    };
+    let header = HeaderName::from_bytes(r.agent_key.header.to_ascii_lowercase().as_bytes())
+        .map_err(|_| {
+            c.problem(format!("{at}.agent_key.header"), format!("'{}' is not a header name", r.agent_key.header))
+        })
+        .ok();
+    let schemes = r.agent_key.scheme.map(OneOrMany::into_vec).unwrap_or_default();
+    for (i, scheme) in schemes.iter().enumerate() {
+        if scheme.is_empty() || !scheme.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch)) {
+            c.problem(format!("{at}.agent_key.scheme[{i}]"), format!("'{scheme}' is not an auth scheme like Bearer"));
+        }
+    }
+    let inject = inject(c, &format!("{at}.inject"), r.inject);
+    Some(RouteConfig {
+        name: r.name,
+        prefix: r.prefix,
+        upstream: upstream?,
+        agent_key: AgentKeySpec { header: header?, schemes },
+        inject: inject?,
+    })
+}
+
+fn upstream(text: &str) -> Result<Upstream, String> {
+    let uri: http::Uri = text.parse().map_err(|_| format!("'{text}' is not a URL"))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| format!("'{text}' needs a scheme (https:// or http://)"))?;
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        return Err(format!("'{text}': only http and https upstreams are supported"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| format!("'{text}' has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("must not carry user info; use inject for credentials".to_string());
+    }
+    if uri.query().is_some() {
+        return Err("must not carry a query string".to_string());
+    }
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(Upstream { scheme, authority, base_path })
+}
+
+fn template(c: &mut Collector<'_>, field: &str, text: &str) -> Template {
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start..].find("}}") else { break };
+        let name = rest[start + 2..start + len].trim();
+        if name != "secret" {
+            c.problem(field, format!("unknown placeholder '{{{{{name}}}}}': only {{{{secret}}}} is supported"));
+        }
+        if start > 0 {
+            parts.push(TemplatePart::Literal(rest[..start].to_string()));
+        }
+        parts.push(TemplatePart::Secret);
+        rest = &rest[start + len + 2..];
+    }
+    if !rest.is_empty() {
+        parts.push(TemplatePart::Literal(rest.to_string()));
+    }
+    Template { parts }
+}
+
+fn inject(c: &mut Collector<'_>, at: &str, i: RawInject) -> Option<InjectSpec> {
+    let chosen = [i.header.is_some(), i.query.is_some(), i.basic.is_some()].iter().filter(|b| **b).count();
+    if chosen != 1 {
+        c.problem(at, "set exactly one of `header`, `query` or `basic`");
+        return None;
+    }
+    let value = i.value.as_deref().unwrap_or("{{secret}}");
+    let uses_secret = |t: &Template| t.parts.contains(&TemplatePart::Secret);
+    let spec = if let Some(header) = i.header {
+        let name = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
+            .map_err(|_| c.problem(format!("{at}.header"), format!("'{header}' is not a header name")))
+            .ok()?;
+        InjectSpec::Header { name, value: template(c, &format!("{at}.value"), value) }
+    } else if let Some(query) = i.query {
+        if query.is_empty() || !query.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            c.problem(format!("{at}.query"), format!("'{query}' is not a plain query parameter name"));
+        }
+        InjectSpec::Query { name: query, value: template(c, &format!("{at}.value"), value) }
+    } else {
+        let basic = i.basic?;
+        if i.value.is_some() {
+            c.problem(format!("{at}.value"), "is not used with `basic`; template `username` and `password` instead");
+        }
+        InjectSpec::Basic {
+            username: template(c, &format!("{at}.basic.username"), &basic.username),
+            password: template(c, &format!("{at}.basic.password"), &basic.password),
+        }
+    };
+    let injects_secret = match &spec {
+        InjectSpec::Header { value, .. } | InjectSpec::Query { value, .. } => uses_secret(value),
+        InjectSpec::Basic { username, password } => uses_secret(username) || uses_secret(password),
+    };
+    if !injects_secret {
+        c.problem(at, "never uses {{secret}}, so no credential would be injected");
+    }
+    Some(spec)
+}

@@ -1,0 +1,119 @@
+//! `keyward demo`: a fake upstream, a proxy with a demo secret, and one agent request, printed
+//! from three sides: what the agent sent, what the upstream received, and the audit line.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config;
+use crate::fake_upstream::FakeUpstream;
+use crate::identity;
+
+/// Shows the first characters of a value and its length, never the whole of it.
+pub fn mask(value: &str) -> String {
+    let shown: String = value.chars().take(4).collect();
+    format!("{shown}…[masked, {} chars]", value.chars().count())
+}
+
+/// Runs the demo and returns the text it prints.
+pub async fn run() -> anyhow::Result<String> {
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let upstream = FakeUpstream::start().await.context("cannot start the fake upstream")?;
+    let demo_secret = format!("sk-demo-{}", &identity::generate_key()[3..]);
+    let secrets_path = dir.path().join("secrets.json");
+    std::fs::write(&secrets_path, serde_json::json!({ "OPENAI_API_KEY": demo_secret }).to_string())?;
+    std::fs::set_permissions(&secrets_path, std::fs::Permissions::from_mode(0o600))?;
+    let agent_key = identity::generate_key();
+    let audit_path = dir.path().join("audit.jsonl");
+    let config_text = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+
+[audit]
+path = "{audit}"
+metadata = {{ env = "demo" }}
+
+[[sources]]
+name = "demo"
+provider = "file"
+path = "{secrets}"
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[roles.worker]
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+
+[[agents]]
+id = "demo-agent"
+role = "worker"
+key_sha256 = "{hash}"
+"#,
+        audit = audit_path.display(),
+        secrets = secrets_path.display(),
+        upstream = upstream.url(),
+        hash = hex::encode(identity::hash_key(&agent_key)),
+    );
+    let config = config::load_str(&config_text, "<demo>", false).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let running = crate::serve::start(config).await?;
+
+    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
+    let url = format!("http://{}/openai/v1/chat/completions", running.proxy_addr);
+    let request = Request::post(&url)
+        .header("authorization", format!("Bearer {agent_key}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(request).await.context("the demo request failed")?;
+    let status = response.status();
+    let answer = response.into_body().collect().await?.to_bytes();
+    running.shutdown().await;
+
+    let mut out = String::new();
+    writeln!(out, "── what the agent sent ─────────────────────────────")?;
+    writeln!(out, "POST {url}")?;
+    writeln!(out, "authorization: Bearer {}   (its own agent key, worthless elsewhere)", mask(&agent_key))?;
+    writeln!(out, "{body}")?;
+    writeln!(out)?;
+    writeln!(out, "── what the upstream received ──────────────────────")?;
+    let received = upstream.last().context("the fake upstream received nothing")?;
+    writeln!(out, "{} {}{}", received.method, upstream.url(), received.target)?;
+    for (name, value) in &received.headers {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let shown = match text.split_once(' ') {
+            Some((scheme, credential)) if name == "authorization" => format!("{scheme} {}", mask(credential)),
+            _ => text.into_owned(),
+        };
+        writeln!(out, "{name}: {shown}")?;
+    }
+    let injected =
+        received.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {demo_secret}"));
+    writeln!(out, "(the real credential was injected: {})", if injected { "yes" } else { "NO" })?;
+    writeln!(out)?;
+    writeln!(out, "── what the agent got back ─────────────────────────")?;
+    writeln!(out, "{status}")?;
+    writeln!(out, "{}", String::from_utf8_lossy(&answer))?;
+    writeln!(out)?;
+    writeln!(out, "── the audit record ────────────────────────────────")?;
+    let audit = std::fs::read_to_string(&audit_path).context("cannot read the demo audit file")?;
+    write!(out, "{audit}")?;
+    let leaked = audit.contains(&demo_secret) || String::from_utf8_lossy(&answer).contains(&demo_secret);
+    if !injected || !status.is_success() || leaked {
+        std::io::stdout().write_all(out.as_bytes())?;
+        anyhow::bail!("the demo did not behave as expected");
+    }
+    Ok(out)
+}

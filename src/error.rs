@@ -1,0 +1,196 @@
+//! The one error type of the request path, and the one place that maps it to a status and JSON body.
+//!
+//! Messages are built from configuration names only (agent ids, route names, secret names),
+//! never from secret values, agent keys or upstream error text.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::json;
+
+/// Where a failure came from (pingora's idiom): it decides the status family and the audit decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The agent's request was refused: 4xx.
+    Downstream,
+    /// The upstream or the secret store failed: 5xx.
+    Upstream,
+    /// keyward itself failed: 500/503.
+    Internal,
+}
+
+/// What the policy refused, for a 403 message that names what is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    Route,
+    Method,
+    Path,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyError {
+    /// The request target is absolute-form or authority-form (`CONNECT`), or otherwise not a plain path.
+    BadTarget(&'static str),
+    /// The path contains traversal, encoded separators, or bytes we refuse to forward.
+    BadPath(&'static str),
+    /// No route prefix matches the path.
+    NoRoute,
+    MissingAgentKey {
+        route: String,
+        expected: String,
+    },
+    MalformedAgentKey {
+        route: String,
+        reason: &'static str,
+    },
+    UnknownAgentKey {
+        route: String,
+    },
+    Forbidden {
+        agent: String,
+        role: String,
+        route: String,
+        method: String,
+        path: String,
+        missing: Missing,
+    },
+    BodyTooLarge {
+        limit: u64,
+    },
+    SecretStoreUnavailable {
+        secret: String,
+        source: String,
+    },
+    SecretNotFound {
+        secret: String,
+        source: String,
+    },
+    UpstreamUnavailable {
+        route: String,
+    },
+    UpstreamTimeout {
+        route: String,
+    },
+    Internal(&'static str),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        self.describe().0
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.describe().1
+    }
+
+    pub fn origin(&self) -> Origin {
+        self.describe().2
+    }
+
+    /// The single exhaustive mapping: a new variant does not compile until it is placed here.
+    fn describe(&self) -> (StatusCode, &'static str, Origin) {
+        use Origin::*;
+        match self {
+            ProxyError::BadTarget(_) => (StatusCode::BAD_REQUEST, "invalid_request_target", Downstream),
+            ProxyError::BadPath(_) => (StatusCode::BAD_REQUEST, "invalid_path", Downstream),
+            ProxyError::NoRoute => (StatusCode::NOT_FOUND, "route_not_found", Downstream),
+            ProxyError::MissingAgentKey { .. } => (StatusCode::UNAUTHORIZED, "missing_agent_key", Downstream),
+            ProxyError::MalformedAgentKey { .. } => (StatusCode::UNAUTHORIZED, "malformed_agent_key", Downstream),
+            ProxyError::UnknownAgentKey { .. } => (StatusCode::UNAUTHORIZED, "unknown_agent_key", Downstream),
+            ProxyError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", Downstream),
+            ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", Downstream),
+            ProxyError::SecretStoreUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "secret_store_unavailable", Upstream)
+            }
+            ProxyError::SecretNotFound { .. } => (StatusCode::SERVICE_UNAVAILABLE, "secret_not_found", Upstream),
+            ProxyError::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable", Upstream),
+            ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
+            ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
+        }
+    }
+
+    /// A message that helps the agent fix its call. Built from config names only.
+    pub fn message(&self) -> String {
+        match self {
+            ProxyError::BadTarget(why) => format!("request target refused: {why}"),
+            ProxyError::BadPath(why) => format!("path refused: {why}"),
+            ProxyError::NoRoute => "no route matches this path; check the base URL prefix".to_string(),
+            ProxyError::MissingAgentKey { route, expected } => {
+                format!("route '{route}' needs an agent key in {expected}")
+            }
+            ProxyError::MalformedAgentKey { route, reason } => {
+                format!("agent key for route '{route}' is malformed: {reason}")
+            }
+            ProxyError::UnknownAgentKey { route } => format!("agent key not recognised on route '{route}'"),
+            ProxyError::Forbidden { agent, role, route, method, path, missing } => {
+                let what = match missing {
+                    Missing::Route => format!("has no grant on route '{route}'"),
+                    Missing::Method => format!("is not granted method {method} on route '{route}'"),
+                    Missing::Path => format!("is not granted {method} {path} on route '{route}'"),
+                };
+                format!("agent '{agent}' (role '{role}') {what}")
+            }
+            ProxyError::BodyTooLarge { limit } => format!("request body exceeds the limit of {limit} bytes"),
+            ProxyError::SecretStoreUnavailable { secret, source } => {
+                format!("credential '{secret}' is unavailable: secret source '{source}' cannot be reached")
+            }
+            ProxyError::SecretNotFound { secret, source } => {
+                format!("credential '{secret}' has no value in secret source '{source}'")
+            }
+            ProxyError::UpstreamUnavailable { route } => format!("upstream of route '{route}' could not be reached"),
+            ProxyError::UpstreamTimeout { route } => format!("upstream of route '{route}' timed out"),
+            ProxyError::Internal(what) => format!("internal error: {what}"),
+        }
+    }
+}
+
+impl std::fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.message())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// The JSON error body every keyward-generated error uses.
+pub fn error_body(code: &str, message: &str) -> serde_json::Value {
+    json!({ "error": { "code": code, "message": message } })
+}
+
+impl IntoResponse for ProxyError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(error_body(self.code(), &self.message()))).into_response();
+        if self.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"keyward\""));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forbidden_message_names_agent_route_and_missing_part() {
+        let e = ProxyError::Forbidden {
+            agent: "a1".into(),
+            role: "worker".into(),
+            route: "openai".into(),
+            method: "DELETE".into(),
+            path: "/v1/files".into(),
+            missing: Missing::Method,
+        };
+        assert_eq!(e.status(), StatusCode::FORBIDDEN);
+        assert_eq!(e.message(), "agent 'a1' (role 'worker') is not granted method DELETE on route 'openai'");
+    }
+
+    #[test]
+    fn origins_map_to_status_families() {
+        assert_eq!(ProxyError::NoRoute.origin(), Origin::Downstream);
+        assert!(ProxyError::UpstreamTimeout { route: "r".into() }.status().is_server_error());
+        assert_eq!(ProxyError::Internal("x").origin(), Origin::Internal);
+    }
+}

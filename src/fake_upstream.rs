@@ -1,0 +1,197 @@
+//! A local stand-in for the LLM and GitHub APIs, for `keyward demo` and the tests: it records
+//! what it receives and answers like the real APIs, including slow SSE streams.
+//!
+//! Control paths (anywhere in the path): `/_fake/echo-headers`, `/_fake/sse?events=N&interval_ms=M`,
+//! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+type FakeBody = BoxBody<Bytes, Infallible>;
+
+/// One request as the upstream saw it.
+#[derive(Clone)]
+pub struct Recorded {
+    pub method: Method,
+    /// Path and query as received.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    recorded: Arc<Mutex<Vec<Recorded>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> std::io::Result<FakeUpstream> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let recorded: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let (stop, mut stopped) = watch::channel(false);
+        let log = recorded.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted { Ok(pair) => pair, Err(_) => continue },
+                    _ = stopped.changed() => return,
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| respond(request, log.clone()));
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(FakeUpstream { addr, recorded, stop })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.recorded.lock().expect("fake upstream log").clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.recorded.lock().expect("fake upstream log").len()
+    }
+
+    pub fn last(&self) -> Option<Recorded> {
+        self.recorded.lock().expect("fake upstream log").last().cloned()
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<FakeBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: StatusCode, value: serde_json::Value) -> Response<FakeBody> {
+    full(status, "application/json", value.to_string())
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+}
+
+async fn respond(request: Request<Incoming>, log: Arc<Mutex<Vec<Recorded>>>) -> Result<Response<FakeBody>, Infallible> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    let target = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
+    log.lock().expect("fake upstream log").push(Recorded {
+        method: parts.method.clone(),
+        target: target.clone(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    });
+    let path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
+    let response = if path.contains("/_fake/echo-headers") {
+        let headers: BTreeMap<String, String> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        json_response(StatusCode::OK, json!({ "headers": headers, "target": target }))
+    } else if path.contains("/_fake/sse") {
+        let events = query_param(query, "events").and_then(|v| v.parse().ok()).unwrap_or(5);
+        let interval = query_param(query, "interval_ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+        sse(events, Duration::from_millis(interval))
+    } else if path.contains("/_fake/redirect") {
+        let to = query_param(query, "to").unwrap_or("http://127.0.0.1:9/elsewhere");
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", to)
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("valid redirect")
+    } else if let Some(code) = path.split("/_fake/status/").nth(1) {
+        let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::IM_A_TEAPOT);
+        json_response(status, json!({ "error": { "message": "fake upstream status", "type": "fake" } }))
+    } else if path.contains("/_fake/slow") {
+        let ms = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        json_response(StatusCode::OK, json!({ "slept_ms": ms }))
+    } else if path.ends_with("/chat/completions") && parts.method == Method::POST {
+        let streaming = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
+            .unwrap_or(false);
+        if streaming { sse(5, Duration::from_millis(50)) } else { chat_completion() }
+    } else if path.ends_with("/messages") && parts.method == Method::POST {
+        json_response(
+            StatusCode::OK,
+            json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
+                    "content": [{ "type": "text", "text": "Hello from the fake upstream." }],
+                    "stop_reason": "end_turn", "usage": { "input_tokens": 5, "output_tokens": 7 } }),
+        )
+    } else if path.ends_with("/user") {
+        json_response(StatusCode::OK, json!({ "login": "fake-user", "id": 1 }))
+    } else {
+        json_response(StatusCode::OK, json!({ "ok": true, "method": parts.method.as_str(), "target": target }))
+    };
+    Ok(response)
+}
+
+fn chat_completion() -> Response<FakeBody> {
+    json_response(
+        StatusCode::OK,
+        json!({ "id": "chatcmpl-fake", "object": "chat.completion", "model": "gpt-fake",
+                "choices": [{ "index": 0, "finish_reason": "stop",
+                              "message": { "role": "assistant", "content": "Hello from the fake upstream." } }],
+                "usage": { "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12 } }),
+    )
+}
+
+/// An OpenAI-style event stream: `events` chunks `interval` apart, then `data: [DONE]`.
+fn sse(events: usize, interval: Duration) -> Response<FakeBody> {
+    let stream = futures_util::stream::unfold(0usize, move |i| async move {
+        if i > events {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(interval).await;
+        }
+        let data = if i == events {
+            "data: [DONE]\n\n".to_string()
+        } else {
+            let chunk = json!({ "id": "chatcmpl-fake", "object": "chat.completion.chunk", "index": i,
+                                "choices": [{ "index": 0, "delta": { "content": format!("tok{i} ") } }] });
+            format!("data: {chunk}\n\n")
+        };
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(data))), i + 1))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("valid SSE response")
+}

@@ -1,0 +1,264 @@
+//! The one outbound HTTP client: pooled, rustls, never follows redirects, strips hop-by-hop
+//! headers, applies connect/read/total timeouts, and streams bodies both ways.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HeaderName};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::{Instant, Sleep};
+
+use crate::config::ForwardConfig;
+use crate::error::ProxyError;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type OutboundBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy ones.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers and every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+pub struct Forwarder {
+    client: Client<HttpsConnector<HttpConnector>, OutboundBody>,
+    read_timeout: Duration,
+    total_timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(config: &ForwardConfig) -> Forwarder {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::aws_lc_rs::default_provider())
+            .expect("the aws-lc-rs provider supports the default protocol versions")
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        // hyper's client never follows redirects: a 3xx goes back to the agent as it came.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_max_idle_per_host(config.pool_max_idle_per_host)
+            .build(https);
+        Forwarder { client, read_timeout: config.read_timeout, total_timeout: config.total_timeout }
+    }
+
+    /// Sends the request and waits for the response head; the body is returned as a stream
+    /// that enforces the read (idle) and total timeouts.
+    pub async fn send(&self, request: Request<OutboundBody>, route: &str) -> Result<Response<TimedBody>, ProxyError> {
+        let deadline = Instant::now() + self.total_timeout;
+        let head_deadline = deadline.min(Instant::now() + self.read_timeout);
+        let response = match tokio::time::timeout_at(head_deadline, self.client.request(request)).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout { route: route.to_string() }),
+            Ok(Err(error)) => return Err(classify(&error, route)),
+            Ok(Ok(response)) => response,
+        };
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = TimedBody::new(body, self.read_timeout, deadline);
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+fn classify(error: &hyper_util::client::legacy::Error, route: &str) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(limit) = e.downcast_ref::<BodyLimitExceeded>() {
+            return ProxyError::BodyTooLarge { limit: limit.0 };
+        }
+        source = e.source();
+    }
+    tracing::warn!(route, error = %error_chain(error), "upstream request failed");
+    ProxyError::UpstreamUnavailable { route: route.to_string() }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// The agent's body went over `forward.max_request_body_bytes`.
+#[derive(Debug)]
+pub struct BodyLimitExceeded(pub u64);
+
+impl std::fmt::Display for BodyLimitExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request body exceeds {} bytes", self.0)
+    }
+}
+
+impl std::error::Error for BodyLimitExceeded {}
+
+/// Streams the agent's body to the upstream, failing once it passes `limit` bytes.
+pub fn limited_body<B>(body: B, limit: u64) -> OutboundBody
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
+    UnsyncBoxBody::new(LimitedBody { inner: body, remaining: limit, limit })
+}
+
+struct LimitedBody<B> {
+    inner: B,
+    remaining: u64,
+    limit: u64,
+}
+
+impl<B> Body for LimitedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > this.remaining {
+                    return Poll::Ready(Some(Err(Box::new(BodyLimitExceeded(this.limit)))));
+                }
+                this.remaining -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            other => other.map(|_| None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The upstream's response body with an idle timeout between frames and an overall deadline.
+pub struct TimedBody {
+    inner: Incoming,
+    read_timeout: Duration,
+    deadline: Instant,
+    idle: Pin<Box<Sleep>>,
+}
+
+/// Why a response body stopped early.
+#[derive(Debug)]
+pub struct UpstreamStalled;
+
+impl std::fmt::Display for UpstreamStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream response body timed out")
+    }
+}
+
+impl std::error::Error for UpstreamStalled {}
+
+impl TimedBody {
+    fn new(inner: Incoming, read_timeout: Duration, deadline: Instant) -> TimedBody {
+        let idle = Box::pin(tokio::time::sleep_until(deadline.min(Instant::now() + read_timeout)));
+        TimedBody { inner, read_timeout, deadline, idle }
+    }
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(result) => {
+                let next = this.deadline.min(Instant::now() + this.read_timeout);
+                this.idle.as_mut().reset(next);
+                Poll::Ready(result.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamStalled)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret-hop", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Bearer kw_x"),
+            ("content-type", "application/json"),
+        ] {
+            headers.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, vec!["content-type"]);
+    }
+}

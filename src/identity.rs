@@ -1,0 +1,222 @@
+//! Agent identity: reads the agent key from the request, hashes it, and finds the agent.
+//!
+//! Only SHA-256 hashes of agent keys are stored. Lookup buckets on the first 8 bytes of the
+//! hash and confirms the full hash with a constant-time comparison; the bucket choice can only
+//! reveal timing about a hash prefix, which gives no help in finding a key.
+
+use std::collections::HashMap;
+
+use http::HeaderMap;
+use http::header::PROXY_AUTHORIZATION;
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::{AgentConfig, AgentKeySpec};
+use crate::error::ProxyError;
+
+/// Agent keys are `kw_` followed by 43 base62 characters (about 256 bits).
+pub const KEY_PREFIX: &str = "kw_";
+const KEY_RANDOM_CHARS: usize = 43;
+const MAX_KEY_LEN: usize = 512;
+
+pub fn hash_key(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A fresh random agent key from the OS random source.
+pub fn generate_key() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut rng = rand::rng();
+    let random: String = (0..KEY_RANDOM_CHARS).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
+    format!("{KEY_PREFIX}{random}")
+}
+
+/// Where a route expects the key, in words for a 401 message.
+pub fn describe_spec(spec: &AgentKeySpec) -> String {
+    match spec.schemes.as_slice() {
+        [] => format!("header '{}'", spec.header),
+        [one] => format!("header '{}: {one} <key>'", spec.header),
+        many => format!("header '{}: <{}> <key>'", spec.header, many.join("|")),
+    }
+}
+
+/// Reads the agent key from the route's header, or from `Proxy-Authorization: Bearer <key>`.
+/// A key sent twice with different values, an empty key, or a key with whitespace is refused.
+pub fn extract_key<'h>(spec: &AgentKeySpec, headers: &'h HeaderMap, route: &str) -> Result<&'h str, ProxyError> {
+    let malformed = |reason| ProxyError::MalformedAgentKey { route: route.to_string(), reason };
+    let from_route =
+        single_value(headers, &spec.header).map_err(malformed)?.map(|v| parse_credential(v, &spec.schemes));
+    let from_proxy = if spec.header == PROXY_AUTHORIZATION {
+        None
+    } else {
+        single_value(headers, &PROXY_AUTHORIZATION)
+            .map_err(malformed)?
+            .map(|v| parse_credential(v, &["Bearer".to_string()]))
+    };
+    let key = match (from_route, from_proxy) {
+        (None, None) => {
+            return Err(ProxyError::MissingAgentKey { route: route.to_string(), expected: describe_spec(spec) });
+        }
+        (Some(k), None) | (None, Some(k)) => k.map_err(malformed)?,
+        (Some(a), Some(b)) => {
+            let (a, b) = (a.map_err(malformed)?, b.map_err(malformed)?);
+            if a != b {
+                return Err(malformed("two different agent keys were sent"));
+            }
+            a
+        }
+    };
+    Ok(key)
+}
+
+fn single_value<'h>(headers: &'h HeaderMap, name: &http::HeaderName) -> Result<Option<&'h str>, &'static str> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err("the key header was sent more than once");
+    }
+    first.to_str().map(Some).map_err(|_| "the key header is not visible ASCII")
+}
+
+fn parse_credential<'h>(value: &'h str, schemes: &[String]) -> Result<&'h str, &'static str> {
+    let key = if schemes.is_empty() {
+        value
+    } else {
+        let (scheme, key) = value.split_once(' ').ok_or("expected '<scheme> <key>'")?;
+        if !schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+            return Err("unexpected auth scheme for this route");
+        }
+        key
+    };
+    if key.is_empty() {
+        return Err("the key is empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err("the key is too long");
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the key contains whitespace or control characters");
+    }
+    Ok(key)
+}
+
+/// Agents by key hash. Disabled agents are left out, so their keys are unknown.
+#[derive(Debug, Default)]
+pub struct AgentDirectory {
+    agents: Vec<AgentConfig>,
+    buckets: HashMap<u64, Vec<usize>>,
+}
+
+impl AgentDirectory {
+    pub fn new(agents: &[AgentConfig]) -> AgentDirectory {
+        let agents: Vec<AgentConfig> = agents.iter().filter(|a| !a.disabled).cloned().collect();
+        let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
+        for (i, agent) in agents.iter().enumerate() {
+            buckets.entry(bucket(&agent.key_sha256)).or_default().push(i);
+        }
+        AgentDirectory { agents, buckets }
+    }
+
+    pub fn identify(&self, key: &str, route: &str) -> Result<&AgentConfig, ProxyError> {
+        let hash = hash_key(key);
+        self.buckets
+            .get(&bucket(&hash))
+            .into_iter()
+            .flatten()
+            .map(|i| &self.agents[*i])
+            .find(|agent| bool::from(agent.key_sha256.ct_eq(&hash)))
+            .ok_or_else(|| ProxyError::UnknownAgentKey { route: route.to_string() })
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+}
+
+fn bucket(hash: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"))
+}
+
+/// A short, non-reversible fingerprint of a presented key, so audit can group unknown-key probes.
+pub fn fingerprint(key: &str) -> String {
+    hex::encode(&hash_key(key)[..6])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn spec(header: &str, schemes: &[&str]) -> AgentKeySpec {
+        AgentKeySpec {
+            header: http::HeaderName::from_bytes(header.as_bytes()).unwrap(),
+            schemes: schemes.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_shape_and_differ() {
+        let a = generate_key();
+        assert!(a.starts_with("kw_"));
+        assert_eq!(a.len(), 3 + 43);
+        assert!(a[3..].chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, generate_key());
+    }
+
+    #[test]
+    fn extraction_cases() {
+        let bearer = spec("authorization", &["Bearer"]);
+        let github = spec("authorization", &["Bearer", "token"]);
+        let xkey = spec("x-api-key", &[]);
+        let ok = |s: &AgentKeySpec, h: &[(&str, &str)]| extract_key(s, &headers(h), "r").map(str::to_string);
+        assert_eq!(ok(&bearer, &[("authorization", "Bearer kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&bearer, &[("authorization", "bearer kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&github, &[("authorization", "token kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&xkey, &[("x-api-key", "kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&xkey, &[("proxy-authorization", "Bearer kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&xkey, &[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_a")]).unwrap(), "kw_a");
+
+        let code = |s: &AgentKeySpec, h: &[(&str, &str)]| ok(s, h).unwrap_err().code();
+        assert_eq!(code(&bearer, &[]), "missing_agent_key");
+        // A key in the wrong route's format: x-api-key on a Bearer route.
+        assert_eq!(code(&bearer, &[("x-api-key", "kw_a")]), "missing_agent_key");
+        assert_eq!(code(&bearer, &[("authorization", "token kw_a")]), "malformed_agent_key");
+        assert_eq!(code(&bearer, &[("authorization", "kw_a")]), "malformed_agent_key");
+        assert_eq!(code(&bearer, &[("authorization", "Bearer ")]), "malformed_agent_key");
+        assert_eq!(code(&bearer, &[("authorization", "Bearer kw a")]), "malformed_agent_key");
+        assert_eq!(code(&bearer, &[("authorization", "Bearer  kw_a")]), "malformed_agent_key");
+        assert_eq!(code(&xkey, &[("x-api-key", "kw_a"), ("x-api-key", "kw_a")]), "malformed_agent_key");
+        assert_eq!(
+            code(&xkey, &[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_b")]),
+            "malformed_agent_key"
+        );
+    }
+
+    #[test]
+    fn directory_finds_by_hash_and_skips_disabled() {
+        let agent = |id: &str, key: &str, disabled| AgentConfig {
+            id: id.into(),
+            role: "worker".into(),
+            key_sha256: hash_key(key),
+            disabled,
+        };
+        let dir = AgentDirectory::new(&[agent("a", "kw_a", false), agent("b", "kw_b", true)]);
+        assert_eq!(dir.identify("kw_a", "r").unwrap().id, "a");
+        assert_eq!(dir.identify("kw_b", "r").unwrap_err().code(), "unknown_agent_key");
+        assert_eq!(dir.identify("kw_c", "r").unwrap_err().code(), "unknown_agent_key");
+        assert_eq!(dir.len(), 1);
+    }
+}

@@ -1,0 +1,33 @@
+//! keyward: a credential-injecting reverse proxy for AI agents.
+//!
+//! The request flow lives in `pipeline`; each stage module is independent of the others.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod fake_upstream;
+pub mod forward;
+pub mod identity;
+pub mod inject;
+pub mod metrics;
+pub mod pipeline;
+pub mod policy;
+pub mod secrets;
+pub mod serve;
+pub mod server;
+pub mod state;
+
+use std::sync::Arc;
+
+use axum::Router;
+
+pub use state::{AppState, Runtime};
+
+/// The agent-facing router: every path goes through the pipeline. Tests drive it with
+/// `app(state).oneshot(request)` without a socket.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new().fallback(pipeline::handle).with_state(state)
+}

@@ -1,0 +1,191 @@
+//! The keyward binary: parse the command line, set up logging, load config, run the command.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keyward::config::{self, Config};
+use keyward::identity;
+
+#[derive(Parser)]
+#[command(name = "keyward", version, about = "A credential-injecting reverse proxy for AI agents")]
+struct Cli {
+    /// Log filter, e.g. `info` or `keyward=debug,warn`. RUST_LOG is used when this is not set.
+    #[arg(long, global = true, env = "KEYWARD_LOG")]
+    log: Option<String>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy. Without --config: config/keyward.toml, else the embedded default.
+    Serve {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config without serving; prints every problem as file:line: field: message.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Manage agent identities.
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+    /// Start a fake upstream and a proxy, send one agent request, and show what each side saw.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Create a fresh agent key. It is printed once; only its SHA-256 goes into the config.
+    New {
+        /// The agent id, e.g. subagent-abc123.
+        #[arg(long)]
+        id: String,
+        /// The role the agent gets (a [roles.NAME] table in the config).
+        #[arg(long)]
+        role: String,
+        /// Check that the role exists in this config first.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn init_logging(filter: Option<&str>, format: LogFormat) {
+    let filter = filter
+        .map(tracing_subscriber::EnvFilter::new)
+        .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("keyward=info,warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(explicit: Option<&std::path::Path>) -> Result<(Config, String), ExitCode> {
+    config::load_for_command(explicit).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("keyward: the config has {} problem(s)", errors.0.len());
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log.as_deref(), cli.log_format);
+    match cli.command {
+        Command::Check { config } => match load(config.as_deref()) {
+            Ok((config, name)) => {
+                println!(
+                    "{name}: OK ({} sources, {} routes, {} roles, {} agents)",
+                    config.sources.len(),
+                    config.routes.len(),
+                    config.roles.len(),
+                    config.agents.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Agents { command: AgentsCommand::New { id, role, config } } => {
+            agents_new(&id, &role, config.as_deref())
+        }
+        Command::Serve { config } => {
+            let (config, name) = match load(config.as_deref()) {
+                Ok(loaded) => loaded,
+                Err(code) => return code,
+            };
+            tracing::info!(config = %name, "config loaded");
+            run_async(serve(config))
+        }
+        Command::Demo => run_async(async {
+            let text = keyward::demo::run().await?;
+            print!("{text}");
+            Ok(())
+        }),
+    }
+}
+
+fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("keyward: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(future) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keyward: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = keyward::serve::start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+fn agents_new(id: &str, role: &str, config: Option<&std::path::Path>) -> ExitCode {
+    if let Some(path) = config {
+        match config::load_file(path) {
+            Ok(config) if !config.roles.contains_key(role) => {
+                eprintln!(
+                    "keyward: {} has no role '{role}' (roles: {})",
+                    path.display(),
+                    config.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+                return ExitCode::from(2);
+            }
+            Ok(_) => {}
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let key = identity::generate_key();
+    let hash = hex::encode(identity::hash_key(&key));
+    println!("agent key for '{id}' (shown once; give it to the agent, keyward keeps only its hash):");
+    println!();
+    println!("  {key}");
+    println!();
+    println!("add this to the config:");
+    println!();
+    println!("[[agents]]");
+    println!("id = {}", toml_string(id));
+    println!("role = {}", toml_string(role));
+    println!("key_sha256 = \"{hash}\"");
+    ExitCode::SUCCESS
+}
+
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).expect("strings always serialize")
+}

@@ -1,0 +1,128 @@
+//! The request flow, in the one place that knows its order:
+//!
+//! target check → route → identify → authorize → resolve → inject → forward → stream back,
+//! with the audit guard created first and ended exactly once on every path.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::response::{IntoResponse, Response};
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{HeaderValue, Request, Uri, Version};
+
+use crate::audit::{AuditGuard, AuditedBody};
+use crate::config::RouteConfig;
+use crate::error::ProxyError;
+use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
+use crate::identity;
+use crate::inject;
+use crate::policy::{self, Subject};
+use crate::secrets::Resolved;
+use crate::state::{AppState, Runtime};
+
+/// The response header that carries the audit record's request id.
+pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
+
+pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) -> Response {
+    let runtime = state.runtime.load_full();
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let mut audit = AuditGuard::begin(
+        state.audit.clone(),
+        state.metrics.clone(),
+        runtime.audit_metadata.clone(),
+        peer,
+        request.method(),
+        request.uri().path(),
+    );
+    let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
+    let mut response = match proxy(&state, &runtime, &mut audit, request).await {
+        Ok(upstream) => {
+            let (parts, body) = upstream.into_parts();
+            Response::from_parts(parts, Body::new(AuditedBody::new(body, audit)))
+        }
+        Err(error) => {
+            let response = error.clone().into_response();
+            audit.fail(&error);
+            response
+        }
+    };
+    response.headers_mut().insert(REQUEST_ID_HEADER, request_id);
+    response
+}
+
+async fn proxy(
+    state: &AppState,
+    runtime: &Runtime,
+    audit: &mut AuditGuard,
+    request: Request<Body>,
+) -> Result<http::Response<TimedBody>, ProxyError> {
+    policy::check_target(request.method(), request.uri())?;
+    let path = policy::check_path(request.uri().path())?;
+    let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
+    let route = &runtime.config.routes[matched.route];
+    audit.route(&route.name, &matched.rest);
+
+    let key = identity::extract_key(&route.agent_key, request.headers(), &route.name)?;
+    let agent =
+        runtime.agents.identify(key, &route.name).inspect_err(|_| audit.key_fingerprint(identity::fingerprint(key)))?;
+    audit.agent(&agent.id);
+
+    let role = runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
+    let grant = policy::authorize(&Subject { agent: &agent.id, role }, &route.name, request.method(), &matched.rest)?;
+    audit.credential(&grant.secret);
+
+    let limit = runtime.config.forward.max_request_body_bytes;
+    if declared_length(&request).is_some_and(|len| len > limit) {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    let raw_rest = matched.raw_rest.to_string();
+
+    let secret = runtime.secrets.resolve(&grant.secret).await?;
+    audit.secret(&secret.source, secret.version.as_deref());
+
+    let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
+    let response = state.forwarder.send(outbound, &route.name).await?;
+    audit.upstream_status(response.status().as_u16());
+    Ok(response)
+}
+
+fn declared_length(request: &Request<Body>) -> Option<u64> {
+    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The agent's request re-addressed to the route's upstream: agent key and hop-by-hop headers
+/// removed, Host left for the client to set from the URI, and the credential injected.
+fn outbound_request(
+    request: Request<Body>,
+    route: &RouteConfig,
+    raw_rest: &str,
+    secret: &Resolved,
+    body_limit: u64,
+) -> Result<Request<forward::OutboundBody>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let headers = &mut parts.headers;
+    headers.remove(&route.agent_key.header);
+    strip_hop_by_hop(headers);
+    headers.remove(HOST);
+    let mut query = parts.uri.query().map(str::to_string);
+    inject::apply(&route.inject, &secret.value, headers, &mut query)?;
+
+    let mut path_and_query = format!("{}{}", route.upstream.base_path, raw_rest);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(&query);
+    }
+    parts.uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, limited_body(body, body_limit)))
+}

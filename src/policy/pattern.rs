@@ -1,0 +1,152 @@
+//! Grant matchers: method sets and path patterns with whole-segment `*` and `**` wildcards.
+
+use http::Method;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodSet {
+    Any,
+    Only(Vec<Method>),
+}
+
+impl MethodSet {
+    pub fn none() -> MethodSet {
+        MethodSet::Only(Vec::new())
+    }
+
+    /// `["*"]` grants every method; otherwise each entry is an HTTP method token, case-insensitive.
+    pub fn parse(items: &[String]) -> Result<MethodSet, String> {
+        if items.is_empty() {
+            return Err("grants no method: list at least one, or \"*\" for all".to_string());
+        }
+        if items.iter().any(|m| m == "*") {
+            return if items.len() == 1 { Ok(MethodSet::Any) } else { Err("\"*\" must stand alone".to_string()) };
+        }
+        let mut methods = Vec::new();
+        for item in items {
+            let upper = item.to_ascii_uppercase();
+            if upper == "CONNECT" {
+                return Err("CONNECT cannot be granted: keyward is not a tunnel".to_string());
+            }
+            let method = Method::from_bytes(upper.as_bytes()).map_err(|_| format!("'{item}' is not an HTTP method"))?;
+            methods.push(method);
+        }
+        Ok(MethodSet::Only(methods))
+    }
+
+    pub fn allows(&self, method: &Method) -> bool {
+        match self {
+            MethodSet::Any => true,
+            MethodSet::Only(methods) => methods.contains(method),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `**`: zero or more segments.
+    Any,
+}
+
+/// A path pattern relative to the route prefix, such as `/repos/**` or `/v1/models/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathPattern {
+    text: String,
+    segments: Vec<Segment>,
+}
+
+impl PathPattern {
+    pub fn parse(text: &str) -> Result<PathPattern, String> {
+        let Some(rest) = text.strip_prefix('/') else {
+            return Err(format!("'{text}' must start with '/'"));
+        };
+        let mut segments = Vec::new();
+        if !rest.is_empty() {
+            for seg in rest.split('/') {
+                segments.push(match seg {
+                    "*" => Segment::One,
+                    "**" => Segment::Any,
+                    "" => return Err(format!("'{text}' has an empty segment")),
+                    "." | ".." => return Err(format!("'{text}' has a dot segment")),
+                    s if s.contains('*') => {
+                        return Err(format!("'{text}': '*' and '**' must be whole segments"));
+                    }
+                    s => Segment::Literal(s.to_string()),
+                });
+            }
+        }
+        Ok(PathPattern { text: text.to_string(), segments })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Matches a validated, decoded path (no dot segments, no empty inner segments).
+    pub fn matches(&self, path: &str) -> bool {
+        let trimmed = path.strip_prefix('/').unwrap_or(path);
+        let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
+        let parts: Vec<&str> = if trimmed.is_empty() { Vec::new() } else { trimmed.split('/').collect() };
+        match_segments(&self.segments, &parts)
+    }
+}
+
+fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((Segment::Any, rest)) => (0..=path.len()).any(|skip| match_segments(rest, &path[skip..])),
+        Some((Segment::One, rest)) => !path.is_empty() && match_segments(rest, &path[1..]),
+        Some((Segment::Literal(lit), rest)) => path.first() == Some(&lit.as_str()) && match_segments(rest, &path[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_whole_segments() {
+        let cases = [
+            ("/v1/chat/completions", "/v1/chat/completions", true),
+            ("/v1/chat/completions", "/v1/chat/completions/", true),
+            ("/v1/chat/completions", "/v1/chat/completions/x", false),
+            ("/v1/chat/completions", "/v1/chat", false),
+            ("/repos/**", "/repos/o/r/issues", true),
+            ("/repos/**", "/repos", true),
+            ("/repos/**", "/reposx/a", false),
+            ("/v1/models/*", "/v1/models/gpt", true),
+            ("/v1/models/*", "/v1/models", false),
+            ("/v1/models/*", "/v1/models/a/b", false),
+            ("/**", "/", true),
+            ("/**", "/anything/at/all", true),
+            ("/", "/", true),
+            ("/", "", true),
+            ("/a/**/c", "/a/b/b/c", true),
+            ("/a/**/c", "/a/c", true),
+            ("/a/**/c", "/a/b/d", false),
+        ];
+        for (pattern, path, expect) in cases {
+            assert_eq!(PathPattern::parse(pattern).unwrap().matches(path), expect, "{pattern} vs {path}");
+        }
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["v1", "/a//b", "/a/../b", "/a*", "/a/b*c"] {
+            assert!(PathPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn method_sets() {
+        let set = MethodSet::parse(&["post".into(), "GET".into()]).unwrap();
+        assert!(set.allows(&Method::POST));
+        assert!(!set.allows(&Method::DELETE));
+        assert!(MethodSet::parse(&["*".into()]).unwrap().allows(&Method::PATCH));
+        assert!(MethodSet::parse(&[]).is_err());
+        assert!(MethodSet::parse(&["CONNECT".into()]).is_err());
+        assert!(MethodSet::parse(&["*".into(), "GET".into()]).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! Secret sources: one `SecretProvider` trait, one small file per backend, and the cache in front.
+//!
+//! A provider fetches a source's whole document once and applies its mapping, so one store call
+//! serves every secret name the source provides.
+
+mod aws;
+mod cache;
+mod env;
+mod file;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use secrecy::SecretString;
+
+use crate::config::{ProviderConfig, Selector, SourceConfig};
+
+pub use cache::{Resolved, SecretStore};
+pub use file::discover_names;
+
+/// The values one fetch produced, by secret name. Deliberately not `Debug`.
+pub struct Fetched {
+    pub values: HashMap<String, SecretString>,
+    /// The store's version id (AWS `VersionId`), where it has one.
+    pub version: Option<String>,
+}
+
+impl fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fetched")
+            .field("names", &self.values.keys().collect::<Vec<_>>())
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+/// Why a fetch failed. Messages describe the failure, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("secret store unreachable: {0}")]
+    Unreachable(String),
+    #[error("secret document is malformed: {0}")]
+    Malformed(String),
+}
+
+pub trait SecretProvider: Send + Sync {
+    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>>;
+}
+
+pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
+    let mapping = source.mapping.clone();
+    match &source.provider {
+        ProviderConfig::Aws { region, secret_name, endpoint_url, version_stage } => Arc::new(aws::AwsProvider::new(
+            region.clone(),
+            endpoint_url.clone(),
+            secret_name.clone(),
+            version_stage.clone(),
+            mapping,
+        )),
+        ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),
+        ProviderConfig::Env => Arc::new(env::EnvProvider::new(mapping)),
+    }
+}
+
+/// Applies a mapping to a document string: `{{.}}` takes it whole, `{{FIELD}}` a string field
+/// of the JSON object it holds. Missing fields are left out, so the lookup reports not-found.
+pub fn apply_mapping(
+    document: &str,
+    mapping: &BTreeMap<String, Selector>,
+) -> Result<HashMap<String, SecretString>, StoreError> {
+    let needs_json = mapping.values().any(|s| matches!(s, Selector::Field(_)));
+    let object = if needs_json {
+        // serde_json's syntax errors name a position, never the content.
+        match serde_json::from_str::<serde_json::Value>(document) {
+            Ok(serde_json::Value::Object(map)) => Some(map),
+            Ok(_) => return Err(StoreError::Malformed("expected a JSON object of fields".to_string())),
+            Err(e) => return Err(StoreError::Malformed(format!("not JSON: {e}"))),
+        }
+    } else {
+        None
+    };
+    let mut values = HashMap::new();
+    for (name, selector) in mapping {
+        let value = match selector {
+            Selector::Whole => Some(document.to_string()),
+            Selector::Field(field) => match object.as_ref().and_then(|o| o.get(field)) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err(StoreError::Malformed(format!("field '{field}' is not a string"))),
+                None => None,
+            },
+        };
+        if let Some(value) = value {
+            values.insert(name.clone(), SecretString::from(value));
+        }
+    }
+    Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    #[test]
+    fn mapping_selects_fields_or_whole() {
+        let mapping: BTreeMap<String, Selector> =
+            [("A".to_string(), Selector::Field("a".into())), ("MISSING".to_string(), Selector::Field("nope".into()))]
+                .into();
+        let values = apply_mapping(r#"{"a":"alpha","b":"beta"}"#, &mapping).unwrap();
+        assert_eq!(values["A"].expose_secret(), "alpha");
+        assert!(!values.contains_key("MISSING"));
+
+        let whole: BTreeMap<String, Selector> = [("W".to_string(), Selector::Whole)].into();
+        assert_eq!(apply_mapping("plain-token", &whole).unwrap()["W"].expose_secret(), "plain-token");
+    }
+
+    #[test]
+    fn malformed_documents_do_not_echo_content() {
+        let mapping: BTreeMap<String, Selector> = [("A".to_string(), Selector::Field("a".into()))].into();
+        let err = apply_mapping("sk-canary-not-json", &mapping).unwrap_err();
+        assert!(!err.to_string().contains("canary"), "{err}");
+        let err = apply_mapping(r#"{"a": 5}"#, &mapping).unwrap_err();
+        assert_eq!(err.to_string(), "secret document is malformed: field 'a' is not a string");
+    }
+}

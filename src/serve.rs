@@ -1,0 +1,91 @@
+//! Starting and stopping a keyward instance: audit sink, runtime, listeners, secret warm-up.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::server::{self, ConnSettings};
+use crate::state::{AppState, Runtime};
+
+/// A started instance: where it listens, its state, and the handle to stop it.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Opens the audit file, binds both listeners and starts serving. Secret sources are fetched in
+/// the background; `/readyz` turns ready once each has answered.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let audit = AuditSink::open(&config.audit.path, metrics.clone())
+        .with_context(|| format!("cannot open the audit file {}", config.audit.path.display()))?;
+    let runtime = Runtime::new(config, metrics.clone());
+    start_with(runtime, Arc::new(audit), metrics).await
+}
+
+pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
+    let server_config = runtime.config.server.clone();
+    let settings = ConnSettings {
+        header_read_timeout: server_config.header_read_timeout,
+        max_header_bytes: server_config.max_header_bytes,
+        shutdown_grace: server_config.shutdown_grace,
+    };
+    let proxy_listener = TcpListener::bind(server_config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.listen)", server_config.listen))?;
+    let admin_listener = TcpListener::bind(server_config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (server.admin_listen)", server_config.admin_listen))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let state = AppState::new(runtime, audit, metrics);
+    let (shutdown, rx) = watch::channel(false);
+
+    let tasks = vec![
+        tokio::spawn(server::serve(proxy_listener, crate::app(state.clone()), settings, rx.clone())),
+        tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
+        tokio::spawn(warm_up(state.clone(), rx)),
+    ];
+    tracing::info!(proxy = %format!("http://{proxy_addr}"), admin = %format!("http://{admin_addr}"), "keyward listening");
+    Ok(Running { proxy_addr, admin_addr, state, shutdown, tasks })
+}
+
+/// Fetches every secret source until all have answered once, backing off between rounds.
+async fn warm_up(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let runtime = state.runtime.load_full();
+        if runtime.secrets.warm_up().await == 0 {
+            tracing::info!("all secret sources reached; ready");
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the grace period, flushes audit.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let audit = self.state.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    }
+}

@@ -1,0 +1,55 @@
+//! Shared state: the process-wide parts (client, audit sink, metrics) and the per-config
+//! `Runtime` snapshot that a request reads once and keeps until it ends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::audit::AuditSink;
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::identity::AgentDirectory;
+use crate::metrics::Metrics;
+use crate::policy::RouteTable;
+use crate::secrets::SecretStore;
+
+/// Everything derived from one config, prepared at load so the request path only looks things up.
+pub struct Runtime {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub agents: AgentDirectory,
+    pub secrets: SecretStore,
+    pub audit_metadata: Arc<BTreeMap<String, String>>,
+}
+
+impl Runtime {
+    pub fn new(config: Config, metrics: Arc<Metrics>) -> Runtime {
+        let secrets = SecretStore::new(&config.sources, metrics);
+        Self::with_secrets(config, secrets)
+    }
+
+    pub fn with_secrets(config: Config, secrets: SecretStore) -> Runtime {
+        Runtime {
+            routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
+            agents: AgentDirectory::new(&config.agents),
+            audit_metadata: Arc::new(config.audit.metadata.clone()),
+            secrets,
+            config,
+        }
+    }
+}
+
+pub struct AppState {
+    pub runtime: ArcSwap<Runtime>,
+    pub forwarder: Forwarder,
+    pub audit: Arc<AuditSink>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
+        let forwarder = Forwarder::new(&runtime.config.forward);
+        Arc::new(AppState { runtime: ArcSwap::from_pointee(runtime), forwarder, audit, metrics })
+    }
+}
