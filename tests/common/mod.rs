@@ -1,0 +1,217 @@
+//! Test harness: a fake upstream, canary secrets, and keyward started in-process on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keyward::fake_upstream::FakeUpstream;
+use keyward::serve::Running;
+
+/// Canary credentials: none of these may ever appear in a response, audit line or log.
+pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7f3a9c1e5b2d4068a1c3e5f7";
+pub const CANARY_ANTHROPIC: &str = "sk-ant-canary-ANTH-0a1b2c3d4e5f60718293";
+pub const CANARY_GITHUB: &str = "ghp_canaryGITHUB9b8a7c6d5e4f3a2b1c0d";
+pub const CANARIES: [&str; 3] = [CANARY_OPENAI, CANARY_ANTHROPIC, CANARY_GITHUB];
+
+pub const WORKER_KEY: &str = "kw_testWorkerKey0123456789abcdefghijklmnopqrs";
+pub const READER_KEY: &str = "kw_testReaderKey0123456789abcdefghijklmnopqrs";
+pub const DISABLED_KEY: &str = "kw_testDisabledKey23456789abcdefghijklmnopqrs";
+
+pub fn sha(key: &str) -> String {
+    hex::encode(keyward::identity::hash_key(key))
+}
+
+/// A loopback port with nothing listening on it.
+pub fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+pub fn write_secrets(dir: &Path) -> PathBuf {
+    let path = dir.join("secrets.json");
+    let doc = serde_json::json!({
+        "OPENAI_API_KEY": CANARY_OPENAI,
+        "ANTHROPIC_API_KEY": CANARY_ANTHROPIC,
+        "GITHUB_TOKEN": CANARY_GITHUB,
+    });
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path
+}
+
+/// The test config: every route of the product example, pointed at the fake upstream, plus a
+/// route to a closed port and one whose secret source is missing.
+pub fn config_text(dir: &Path, upstream: &str, extra: &str) -> String {
+    let dead = closed_port();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+header_read_timeout_ms = 2000
+
+[forward]
+connect_timeout_ms = 1000
+read_timeout_ms = 1500
+total_timeout_ms = 10000
+max_request_body_bytes = 65536
+
+[audit]
+path = "{dir}/audit.jsonl"
+metadata = {{ env = "test" }}
+
+[[sources]]
+name = "files"
+provider = "file"
+path = "{dir}/secrets.json"
+
+[[sources]]
+name = "gone"
+provider = "file"
+path = "{dir}/no-such-file.json"
+mapping = {{ GONE_SECRET = "{{{{GONE_SECRET}}}}" }}
+
+[[sources]]
+name = "envsrc"
+provider = "env"
+mapping = {{ UNSET_SECRET = "{{{{KEYWARD_TEST_VARIABLE_THAT_IS_NEVER_SET}}}}" }}
+
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[[routes]]
+name = "anthropic"
+prefix = "/anthropic"
+upstream = "{upstream}"
+agent_key = {{ header = "x-api-key" }}
+inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
+
+[[routes]]
+name = "github"
+prefix = "/github"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = ["Bearer", "token"] }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[[routes]]
+name = "deadend"
+prefix = "/deadend"
+upstream = "http://127.0.0.1:{dead}"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[roles.worker]
+grants = [
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions", "/v1/responses"] }},
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["GET", "POST", "HEAD"], paths = ["/_fake/**"] }},
+  {{ route = "anthropic", secret = "ANTHROPIC_API_KEY", methods = ["POST"], paths = ["/v1/messages"] }},
+  {{ route = "github", secret = "GITHUB_TOKEN", methods = ["GET"], paths = ["/repos/**", "/user"] }},
+  {{ route = "github", secret = "GONE_SECRET", methods = ["GET"], paths = ["/gone"] }},
+  {{ route = "github", secret = "UNSET_SECRET", methods = ["GET"], paths = ["/unset"] }},
+  {{ route = "deadend", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/**"] }},
+]
+
+[roles.reader]
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/v1/models"] }}]
+
+[[agents]]
+id = "worker-1"
+role = "worker"
+key_sha256 = "{worker}"
+
+[[agents]]
+id = "reader-1"
+role = "reader"
+key_sha256 = "{reader}"
+
+[[agents]]
+id = "retired-1"
+role = "worker"
+key_sha256 = "{disabled}"
+disabled = true
+{extra}
+"#,
+        dir = dir.display(),
+        worker = sha(WORKER_KEY),
+        reader = sha(READER_KEY),
+        disabled = sha(DISABLED_KEY),
+    )
+}
+
+pub struct Harness {
+    pub upstream: FakeUpstream,
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with("").await
+    }
+
+    pub async fn start_with(extra: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = FakeUpstream::start().await.unwrap();
+        write_secrets(dir.path());
+        let text = config_text(dir.path(), &upstream.url(), extra);
+        let config = keyward::config::load_str(&text, "test.toml", false).unwrap_or_else(|e| panic!("{e}"));
+        let running = keyward::serve::start(config).await.unwrap();
+        let base = format!("http://{}", running.proxy_addr);
+        let admin = format!("http://{}", running.admin_addr);
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Harness { upstream, running: Some(running), dir, base, admin, client }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// Every audit record written so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        if let Some(running) = &self.running {
+            running.state.audit.flush();
+        }
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("audit lines are JSON"))
+            .collect()
+    }
+
+    /// Waits (bounded) until an audit record matches, for outcomes recorded after the response.
+    pub async fn wait_for_audit(&self, matches: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        for _ in 0..100 {
+            if let Some(found) = self.audit().into_iter().find(|r| matches(r)) {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no matching audit record; have: {:#?}", self.audit());
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub fn assert_no_canary(what: &str, text: &str) {
+    for canary in CANARIES {
+        assert!(!text.contains(canary), "a canary credential leaked into {what}");
+    }
+}
