@@ -69,7 +69,10 @@ fn init_logging(filter: Option<&str>, format: LogFormat) {
         .map(tracing_subscriber::EnvFilter::new)
         .or_else(|| tracing_subscriber::EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("keyward=info,warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -109,6 +112,9 @@ fn main() -> ExitCode {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
+            if name.starts_with('<') {
+                tracing::warn!("{} not found; using the embedded default config", config::DEFAULT_CONFIG_PATH);
+            }
             tracing::info!(config = %name, "config loaded");
             run_async(serve(config))
         }

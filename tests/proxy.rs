@@ -93,7 +93,8 @@ async fn anthropic_and_github_header_styles_work() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_failures_are_401_and_never_reach_the_upstream() {
     let h = Harness::start().await;
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("/openai/v1/chat/completions", vec![], "missing_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", bearer("kw_unknownKey"))], "unknown_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", bearer(DISABLED_KEY))], "unknown_agent_key"),
@@ -311,7 +312,8 @@ async fn every_outcome_gets_exactly_one_audit_record() {
         assert_eq!(response.status(), *status);
         let body = response.text().await.unwrap();
         assert_no_canary("a response", &body);
-        if *status >= 500 && *status != 500 {
+        // keyward's own 5xx answers (502/503/504) carry its JSON error shape.
+        if *status > 500 {
             let parsed: Value = serde_json::from_str(&body).unwrap();
             assert!(parsed["error"]["code"].is_string(), "{body}");
         }

@@ -36,11 +36,17 @@ pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str) -> Resu
         if field == "." {
             field.clear();
         }
-        let message = e.inner().to_string();
+        let mut message = e.inner().to_string();
+        if message.contains("untagged enum OneOrMany") {
+            message = "expected a string or a list of strings".to_string();
+        }
         // For an unknown field serde names the parent path; point at the field itself.
         let mut located = field.clone();
         if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-            located = if field.is_empty() { unknown.to_string() } else { format!("{field}.{unknown}") };
+            let already_named = field == unknown || field.ends_with(&format!(".{unknown}"));
+            if !already_named {
+                located = if field.is_empty() { unknown.to_string() } else { format!("{field}.{unknown}") };
+            }
         }
         ConfigErrors(vec![Problem { file: file.to_string(), line: index.line_of(&located), field: located, message }])
     })?;

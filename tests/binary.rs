@@ -1,0 +1,271 @@
+//! The real binary: env provider end to end with TRACE logs checked for canaries, `check`
+//! errors with file:line and field, every shipped config, `demo`, `agents new`, embedded default.
+
+mod common;
+
+use std::path::Path;
+
+use common::process::{Spawned, keyward};
+use common::*;
+use keyward::fake_upstream::FakeUpstream;
+
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_provider_end_to_end_with_trace_logs_free_of_canaries() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[audit]
+path = "{dir}/audit.jsonl"
+[[sources]]
+name = "environment"
+provider = "env"
+mapping = {{ OPENAI_API_KEY = "{{{{KW_TEST_OPENAI_KEY}}}}" }}
+[[routes]]
+name = "openai"
+prefix = "/openai/v1"
+upstream = "{upstream}/v1"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+[roles.worker]
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/chat/completions"] }}]
+[[agents]]
+id = "subagent-abc123"
+role = "worker"
+key_sha256 = "{hash}"
+"#,
+        dir = dir.path().display(),
+        upstream = upstream.url(),
+        hash = sha(WORKER_KEY)
+    );
+    let config_path = dir.path().join("keyward.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let spawned = Spawned::serve(
+        dir.path(),
+        &["--config", config_path.to_str().unwrap(), "--log", "trace"],
+        &[("KW_TEST_OPENAI_KEY", CANARY_OPENAI)],
+    );
+    let client = reqwest::Client::new();
+    let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
+    let ok = client.post(&chat).bearer_auth(WORKER_KEY).body(r#"{"stream":true}"#).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let body = ok.text().await.unwrap();
+    assert!(body.contains("data: [DONE]"), "{body}");
+    assert_no_canary("the streamed response", &body);
+    assert_eq!(upstream.last().unwrap().target, "/v1/chat/completions");
+    assert_eq!(upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_OPENAI}").as_str());
+    let denied =
+        client.post(format!("{}/openai/v1/files", spawned.proxy)).bearer_auth(WORKER_KEY).send().await.unwrap();
+    assert_eq!(denied.status(), 403);
+    let unknown = client.post(&chat).bearer_auth("kw_nobody").send().await.unwrap();
+    assert_eq!(unknown.status(), 401);
+    let metrics = client.get(format!("{}/metrics", spawned.admin)).send().await.unwrap().text().await.unwrap();
+    assert_no_canary("metrics", &metrics);
+
+    let logs = spawned.terminate();
+    assert!(logs.contains("TRACE"), "TRACE output was not captured:\n{logs}");
+    assert!(logs.contains("request finished"), "{logs}");
+    assert_no_canary("TRACE logs", &logs);
+    assert!(!logs.contains(WORKER_KEY), "an agent key reached the logs");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 3, "{audit}");
+    assert_no_canary("the audit file", &audit);
+    assert!(audit.contains(r#""agentId":"subagent-abc123""#));
+}
+
+fn check(config_name: &str, text: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(config_name);
+    std::fs::write(&path, text).unwrap();
+    let output = keyward().arg("check").arg("--config").arg(&path).current_dir(dir.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).replace(&format!("{}/", dir.path().display()), "");
+    (output.status.success(), text)
+}
+
+const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[[sources]]
+name = "e"
+provider = "env"
+mapping = { A = "{{A_VAR}}" }
+
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://example.com"
+agent_key = { header = "authorization", scheme = "Bearer" }
+inject = { header = "authorization", value = "Bearer {{secret}}" }
+
+[roles.worker]
+grants = [{ route = "r", secret = "A", methods = ["GET"], paths = ["/**"] }]
+
+[[agents]]
+id = "a"
+role = "worker"
+key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+
+#[test]
+fn check_reports_file_line_and_field_for_every_problem() {
+    assert_eq!(check("good.toml", GOOD), (true, String::new()));
+    let cases = [
+        (GOOD.replace("listen =", "listn ="), "bad.toml:3: server.listn: unknown field `listn`"),
+        (
+            GOOD.replace("scheme = \"Bearer\"", "scheme = 5"),
+            "bad.toml:14: routes[0].agent_key.scheme: expected a string or a list of strings",
+        ),
+        (GOOD.replace("role = \"worker\"", "role = \"boss\""), "bad.toml:22: agents[0].role: no role named 'boss'"),
+        (
+            GOOD.replace("route = \"r\"", "route = \"q\""),
+            "bad.toml:18: roles.worker.grants[0].route: no route named 'q'",
+        ),
+        (
+            GOOD.replace("secret = \"A\"", "secret = \"B\""),
+            "roles.worker.grants[0].secret: no source provides a secret named 'B'",
+        ),
+        (GOOD.replace("\"/**\"", "\"**\""), "roles.worker.grants[0].paths[0]: '**' must start with '/'"),
+        (
+            GOOD.replace("provider = \"env\"", "provider = \"vault9\""),
+            "bad.toml:7: sources[0].provider: unknown provider 'vault9'",
+        ),
+        (GOOD.replace("{{A_VAR}}", "A_VAR"), "bad.toml:8: sources[0].mapping.A: 'A_VAR' must be"),
+        (GOOD.replace("https://example.com", "ftp://example.com"), "bad.toml:13: routes[0].upstream"),
+        (GOOD.replace("0000000000", "zz"), "bad.toml:23: agents[0].key_sha256: must be 64 hex characters"),
+        (GOOD.replace("prefix = \"/r\"", "prefix = \"/r/\""), "bad.toml:12: routes[0].prefix"),
+        (GOOD.replace("{{secret}}", "{{secrte}}"), "routes[0].inject.value: unknown placeholder"),
+        (GOOD.replace("[server]", "[server"), "bad.toml:2:"),
+        (
+            format!("{GOOD}\n[[sources]]\nname = \"f\"\nprovider = \"env\"\nmapping = {{ A = \"{{{{OTHER}}}}\" }}\n"),
+            "bad.toml:28: sources[1].mapping.A: secret 'A' is already provided by source 'e'",
+        ),
+    ];
+    for (text, expected) in &cases {
+        let (ok, output) = check("bad.toml", text);
+        assert!(!ok, "accepted a bad config; expected {expected}");
+        assert!(output.contains(expected), "expected `{expected}` in:\n{output}");
+    }
+    // Several problems are all reported at once.
+    let two = GOOD.replace("role = \"worker\"", "role = \"boss\"").replace("route = \"r\"", "route = \"q\"");
+    let (_, output) = check("bad.toml", &two);
+    assert!(output.contains("2 problem(s)"), "{output}");
+}
+
+#[test]
+fn json_configs_with_comments_load_and_report_lines() {
+    let json = r#"{
+  // the same shape as TOML
+  "server": { "listen": "127.0.0.1:8080" },
+  "sources": [{ "name": "e", "provider": "env", "mapping": { "A": "{{A_VAR}}" } }],
+  "routes": [{ "name": "r", "prefix": "/r", "upstream": "https://example.com",
+               "agent_key": { "header": "x-api-key" }, "inject": { "header": "x-api-key" } }],
+  "roles": { "worker": { "grants": [{ "route": "r", "secret": "A", "methods": ["*"], "paths": ["/**"] }] } },
+  "agents": [{ "id": "a", "role": "worker", "key_sha256": "0000000000000000000000000000000000000000000000000000000000000000" }]
+}"#;
+    assert_eq!(check("k.json", json), (true, String::new()));
+    let (ok, output) = check("k.json", &json.replace("\"role\": \"worker\"", "\"role\": \"nope\""));
+    assert!(!ok);
+    assert!(output.contains("k.json:8: agents[0].role: no role named 'nope'"), "{output}");
+    let (ok, output) = check("k.json", &json.replace("\"listen\"", "\"lisen\""));
+    assert!(!ok);
+    assert!(output.contains("k.json:3: server.lisen: unknown field"), "{output}");
+}
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let mut checked = 0;
+    let mut stack = vec![repo_root().join("config")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                let output =
+                    keyward().arg("check").arg("--config").arg(&path).current_dir(repo_root()).output().unwrap();
+                assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 2, "expected the default and example configs, checked {checked}");
+}
+
+#[test]
+fn demo_shows_all_three_sides_and_masks_the_credential() {
+    let output = keyward().arg("demo").output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    for section in ["what the agent sent", "what the upstream received", "what the agent got back", "the audit record"]
+    {
+        assert!(text.contains(section), "{text}");
+    }
+    assert!(text.contains("authorization: Bearer sk-d…[masked"), "{text}");
+    assert!(text.contains("(the real credential was injected: yes)"), "{text}");
+    assert!(text.contains(r#""agentId":"demo-agent""#), "{text}");
+    assert!(!text.contains("sk-demo-"), "the demo printed the credential:\n{text}");
+}
+
+#[test]
+fn agents_new_prints_a_key_once_and_its_hash() {
+    let output = keyward().args(["agents", "new", "--id", "subagent-abc123", "--role", "worker"]).output().unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let key = text.split_whitespace().find(|w| w.starts_with("kw_")).unwrap();
+    assert_eq!(key.len(), 46);
+    assert!(text.contains(&format!("key_sha256 = \"{}\"", sha(key))), "{text}");
+    assert!(text.contains("id = \"subagent-abc123\""));
+
+    let output = keyward()
+        .args(["agents", "new", "--id", "x", "--role", "nope", "--config", "config/keyward.toml"])
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no role 'nope'"));
+}
+
+#[test]
+fn without_a_config_file_the_embedded_default_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = keyward().arg("check").current_dir(dir.path()).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).starts_with("<embedded config/keyward.toml>: OK"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_uses_config_keyward_toml_and_fails_closed_without_its_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    // The default config on free ports, in a directory without its secrets file.
+    let text = keyward::config::EMBEDDED_DEFAULT
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/keyward.toml"), &text).unwrap();
+    let spawned = Spawned::serve(dir.path(), &[], &[]);
+    let health = reqwest::get(format!("{}/healthz", spawned.admin)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("{}/readyz", spawned.admin)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
+        .bearer_auth("kw_demodEi4lqgesStLOpXXiCZZP4OLLW9aXo8Ahw39P9h")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("secret_store_unavailable"), "{body}");
+    let logs = spawned.terminate();
+    assert!(logs.contains("config/keyward.toml"), "{logs}");
+    assert!(dir.path().join("var/audit/keyward-audit.jsonl").exists());
+}
