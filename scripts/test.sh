@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs keyward's whole test suite on a fresh machine. It installs what the tests need
+# (moto_server for the AWS Secrets Manager tests); the tests start and stop their own
+# servers (moto, fake upstreams, keyward itself) on loopback.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# pip's script directory may not be on PATH (e.g. a fresh user install).
+scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$scripts_dir:$HOME/.local/bin:$PATH"
+
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "test.sh: installing moto[server] for the AWS Secrets Manager tests"
+  python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+command -v moto_server >/dev/null 2>&1 || { echo "test.sh: moto_server is still not on PATH" >&2; exit 1; }
+
+echo "test.sh: running cargo test (debug build)"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --all-targets 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

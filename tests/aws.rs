@@ -1,0 +1,226 @@
+//! The AWS Secrets Manager provider through the real `aws-sdk-secretsmanager` against a real
+//! `moto_server` on loopback, with keyward run as its own process using the standard chain.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
+use common::process::Spawned;
+use common::*;
+use keyward::fake_upstream::FakeUpstream;
+
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_moto() -> Moto {
+    let port = closed_port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server not found: run ./scripts/test.sh, which installs it (pip install 'moto[server]')");
+    let moto = Moto { child, url: format!("http://127.0.0.1:{port}") };
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if reqwest::get(format!("{}/moto-api/", moto.url)).await.is_ok() {
+            return moto;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("moto_server did not start within 60 s");
+}
+
+fn sdk_client(endpoint: &str) -> aws_sdk_secretsmanager::Client {
+    let config = aws_sdk_secretsmanager::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("ap-southeast-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+        .build();
+    aws_sdk_secretsmanager::Client::from_conf(config)
+}
+
+/// The standard chain, pinned to loopback: static test keys, no IMDS, no profile files.
+fn aws_env(endpoint: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("AWS_ACCESS_KEY_ID", "testing".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "testing".to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ("AWS_CONFIG_FILE", "/nonexistent".to_string()),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".to_string()),
+    ];
+    if let Some(endpoint) = endpoint {
+        env.push(("AWS_ENDPOINT_URL", endpoint.to_string()));
+    }
+    env
+}
+
+fn config(dir: &std::path::Path, upstream: &str, endpoint_line: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[audit]
+path = "{dir}/audit.jsonl"
+[[sources]]
+name = "prod"
+provider = "aws-secrets-manager"
+region = "ap-southeast-1"
+secret_name = "openclaw-prod-credentials"
+{endpoint_line}
+mapping = {{ OPENAI_API_KEY = "{{{{OPENAI_API_KEY}}}}", GITHUB_TOKEN = "{{{{GITHUB_TOKEN}}}}" }}
+cache = {{ ttl_seconds = 300, max_size = 10 }}
+[[sources]]
+name = "plain"
+provider = "aws-secrets-manager"
+region = "ap-southeast-1"
+secret_name = "plain-anthropic-key"
+{endpoint_line}
+mapping = {{ ANTHROPIC_API_KEY = "{{{{.}}}}" }}
+[[routes]]
+name = "openai"
+prefix = "/openai"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+[[routes]]
+name = "anthropic"
+prefix = "/anthropic"
+upstream = "{upstream}"
+agent_key = {{ header = "x-api-key" }}
+inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
+[roles.worker]
+grants = [
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }},
+  {{ route = "anthropic", secret = "ANTHROPIC_API_KEY", methods = ["POST"], paths = ["/v1/messages"] }},
+]
+[[agents]]
+id = "subagent-abc123"
+role = "worker"
+key_sha256 = "{hash}"
+"#,
+        dir = dir.display(),
+        hash = sha(WORKER_KEY),
+    )
+}
+
+fn fetch_count(metrics: &str, source: &str) -> u64 {
+    let prefix = format!("keyward_secret_fetches_total{{source=\"{source}\",result=\"ok\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
+    let moto = start_moto().await;
+    let sdk = sdk_client(&moto.url);
+    let created = sdk
+        .create_secret()
+        .name("openclaw-prod-credentials")
+        .secret_string(serde_json::json!({ "OPENAI_API_KEY": CANARY_OPENAI, "GITHUB_TOKEN": CANARY_GITHUB }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let version = created.version_id().unwrap().to_string();
+    sdk.create_secret().name("plain-anthropic-key").secret_string(CANARY_ANTHROPIC).send().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    // The endpoint comes from the standard chain (AWS_ENDPOINT_URL), as in production.
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, config(dir.path(), &upstream.url(), "")).unwrap();
+    let env = aws_env(Some(&moto.url));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &env);
+    let client = reqwest::Client::new();
+
+    // 100 concurrent requests as soon as keyward listens: one GetSecretValue serves them all.
+    let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
+    let calls = (0..100).map(|_| {
+        let (client, chat) = (client.clone(), chat.clone());
+        async move {
+            let r = client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    });
+    for (status, body) in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200, "{body}");
+        assert_no_canary("a response", &body);
+    }
+    assert_eq!(upstream.count(), 100);
+    assert!(upstream.requests().iter().all(|r| r.headers["authorization"] == format!("Bearer {CANARY_OPENAI}").as_str()));
+
+    let anthropic = client
+        .post(format!("{}/anthropic/v1/messages", spawned.proxy))
+        .header("x-api-key", WORKER_KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anthropic.status(), 200);
+    assert_eq!(upstream.last().unwrap().headers["x-api-key"], CANARY_ANTHROPIC);
+
+    let metrics = client.get(format!("{}/metrics", spawned.admin)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(fetch_count(&metrics, "prod"), 1, "{metrics}");
+    assert_eq!(fetch_count(&metrics, "plain"), 1, "{metrics}");
+    assert_no_canary("metrics", &metrics);
+    let ready = client.get(format!("{}/readyz", spawned.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let logs = spawned.terminate();
+    assert_no_canary("logs", &logs);
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 101);
+    assert_no_canary("the audit file", &audit);
+    let first: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    assert_eq!(first["secretSource"], "prod");
+    assert_eq!(first["secretVersion"], version.as_str());
+    assert_eq!(first["credential"], "OPENAI_API_KEY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_secret_store_fails_closed_with_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let endpoint = format!("endpoint_url = \"http://127.0.0.1:{}\"", closed_port());
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, config(dir.path(), &upstream.url(), &endpoint)).unwrap();
+    let env = aws_env(None);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &env);
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let r = client
+        .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
+        .bearer_auth(WORKER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "secret_store_unavailable");
+    assert_eq!(
+        body["error"]["message"],
+        "credential 'OPENAI_API_KEY' is unavailable: secret source 'prod' cannot be reached"
+    );
+    assert_eq!(upstream.count(), 0);
+    let ready = client.get(format!("{}/readyz", spawned.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let logs = spawned.terminate();
+    assert!(logs.contains("secret store fetch failed"), "{logs}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains(r#""outcome":"secret_error""#), "{audit}");
+}
