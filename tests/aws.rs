@@ -129,7 +129,9 @@ async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
     let created = sdk
         .create_secret()
         .name("openclaw-prod-credentials")
-        .secret_string(serde_json::json!({ "OPENAI_API_KEY": CANARY_OPENAI, "GITHUB_TOKEN": CANARY_GITHUB }).to_string())
+        .secret_string(
+            serde_json::json!({ "OPENAI_API_KEY": CANARY_OPENAI, "GITHUB_TOKEN": CANARY_GITHUB }).to_string(),
+        )
         .send()
         .await
         .unwrap();
@@ -160,7 +162,9 @@ async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
         assert_no_canary("a response", &body);
     }
     assert_eq!(upstream.count(), 100);
-    assert!(upstream.requests().iter().all(|r| r.headers["authorization"] == format!("Bearer {CANARY_OPENAI}").as_str()));
+    assert!(
+        upstream.requests().iter().all(|r| r.headers["authorization"] == format!("Bearer {CANARY_OPENAI}").as_str())
+    );
 
     let anthropic = client
         .post(format!("{}/anthropic/v1/messages", spawned.proxy))
