@@ -54,10 +54,7 @@ pub fn apply(
                 .unwrap_or("")
                 .split('&')
                 .filter(|pair| !pair.is_empty())
-                .filter(|pair| {
-                    let key = pair.split('=').next().unwrap_or(pair);
-                    percent_decode_str(key).decode_utf8().map(|k| k != name.as_str()).unwrap_or(true)
-                })
+                .filter(|pair| !pair.split(';').any(|part| names_parameter(part, name)))
                 .collect();
             let encoded = Zeroizing::new(format!("{name}={}", utf8_percent_encode(&rendered, NON_ALPHANUMERIC)));
             kept.push(&encoded);
@@ -65,6 +62,15 @@ pub fn apply(
         }
     }
     Ok(())
+}
+
+/// Whether a query pair sets parameter `name` in any spelling an upstream might accept:
+/// percent-encoded, another letter case, or with a `[..]` array suffix.
+fn names_parameter(pair: &str, name: &str) -> bool {
+    let key = pair.split('=').next().unwrap_or(pair);
+    let decoded = percent_decode_str(key).decode_utf8_lossy();
+    let base = decoded.split('[').next().unwrap_or(&decoded).trim();
+    base.eq_ignore_ascii_case(name)
 }
 
 #[cfg(test)]
@@ -107,7 +113,7 @@ mod tests {
     #[test]
     fn query_injection_replaces_agent_supplied_parameter() {
         let spec = InjectSpec::Query { name: "key".into(), value: template(&[None]) };
-        let mut query = Some("a=1&key=mine&%6bey=sneaky&b=2".to_string());
+        let mut query = Some("a=1&key=mine&%6bey=sneaky&KEY=upper&key[]=arr&c=3;key=semi&b=2".to_string());
         apply(&spec, &SecretString::from("s/e c"), &mut HeaderMap::new(), &mut query).unwrap();
         assert_eq!(query.unwrap(), "a=1&b=2&key=s%2Fe%20c");
         let mut none = None;

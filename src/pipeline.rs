@@ -22,6 +22,20 @@ use crate::policy::{self, Subject};
 use crate::secrets::Resolved;
 use crate::state::{AppState, Runtime};
 
+/// Headers that some upstream frameworks use to change the method or path after the fact, which
+/// would let an agent run a call its grant does not cover.
+const OVERRIDE_HEADERS: [&str; 9] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-forwarded-host",
+    "x-forwarded-path",
+];
+
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
 
@@ -58,7 +72,7 @@ async fn proxy(
     audit: &mut AuditGuard,
     request: Request<Body>,
 ) -> Result<http::Response<TimedBody>, ProxyError> {
-    policy::check_target(request.method(), request.uri())?;
+    policy::check_target(request.method(), request.version(), request.uri())?;
     let path = policy::check_path(request.uri().path())?;
     let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
     let route = &runtime.config.routes[matched.route];
@@ -105,7 +119,13 @@ fn outbound_request(
     let headers = &mut parts.headers;
     headers.remove(&route.agent_key.header);
     strip_hop_by_hop(headers);
-    headers.remove(HOST);
+    // Framing is rebuilt by the client from the body; overrides could change what was authorized.
+    for name in [HOST, CONTENT_LENGTH] {
+        headers.remove(name);
+    }
+    for name in OVERRIDE_HEADERS {
+        headers.remove(name);
+    }
     let mut query = parts.uri.query().map(str::to_string);
     inject::apply(&route.inject, &secret.value, headers, &mut query)?;
 

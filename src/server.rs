@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 /// Connection settings shared by both listeners.
@@ -36,8 +37,10 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes as u32);
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(error) => {
@@ -53,7 +56,7 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings
         let service = connection_service(router.clone(), peer);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let watched = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = watched.await {
                 tracing::debug!(%peer, error = %error, "connection ended with an error");
             }
@@ -61,8 +64,12 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings
     }
     drop(listener);
     if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("shutdown grace period ended with connections still open");
+        tracing::warn!(open = connections.len(), "shutdown grace period ended; closing the remaining connections");
     }
+    // Aborting drops each connection's request futures and bodies, so their audit guards record
+    // the disconnect now, before the caller flushes the audit file.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 fn connection_service(

@@ -117,6 +117,8 @@ key_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 #[test]
 fn check_reports_file_line_and_field_for_every_problem() {
     assert_eq!(check("good.toml", GOOD), (true, String::new()));
+    let plaintext_opt_in = GOOD.replace("https://example.com", "http://example.com\"\nallow_plaintext = true\n#");
+    assert_eq!(check("good.toml", &plaintext_opt_in), (true, String::new()));
     let cases = [
         (GOOD.replace("listen =", "listn ="), "bad.toml:3: server.listn: unknown field `listn`"),
         (
@@ -143,6 +145,33 @@ fn check_reports_file_line_and_field_for_every_problem() {
         (GOOD.replace("prefix = \"/r\"", "prefix = \"/r/\""), "bad.toml:12: routes[0].prefix"),
         (GOOD.replace("{{secret}}", "{{secrte}}"), "routes[0].inject.value: unknown placeholder"),
         (GOOD.replace("[server]", "[server"), "bad.toml:2:"),
+        (
+            GOOD.replace("https://example.com", "http://example.com"),
+            "bad.toml:13: routes[0].upstream: 'http://example.com' would send credentials in cleartext",
+        ),
+        (
+            GOOD.replace("header = \"authorization\", value", "header = \"host\", value"),
+            "routes[0].inject.header: 'host' is a connection or framing header",
+        ),
+        (
+            GOOD.replace("{ header = \"authorization\", scheme", "{ header = \"content-length\", scheme"),
+            "routes[0].agent_key.header: 'content-length'",
+        ),
+        (
+            GOOD.replace("[server]", "[server]\nheader_read_timeout_ms = 0"),
+            "server.header_read_timeout_ms: must be greater than 0",
+        ),
+        (
+            GOOD.replace(
+                "mapping = { A = \"{{A_VAR}}\" }",
+                "mapping = { A = \"{{A_VAR}}\", B = \"{{B_VAR}}\" }\ncache = { max_size = 1 }",
+            ),
+            "sources[0].cache.max_size: is 1 but this source provides 2 secrets",
+        ),
+        (
+            GOOD.replace("methods = [\"GET\"]", "methods = [\"TRACE\"]"),
+            "roles.worker.grants[0].methods: TRACE cannot be granted",
+        ),
         (
             format!("{GOOD}\n[[sources]]\nname = \"f\"\nprovider = \"env\"\nmapping = {{ A = \"{{{{OTHER}}}}\" }}\n"),
             "bad.toml:28: sources[1].mapping.A: secret 'A' is already provided by source 'e'",
@@ -268,4 +297,30 @@ async fn serve_uses_config_keyward_toml_and_fails_closed_without_its_secrets() {
     let logs = spawned.terminate();
     assert!(logs.contains("config/keyward.toml"), "{logs}");
     assert!(dir.path().join("var/audit/keyward-audit.jsonl").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_still_open_at_shutdown_is_audited_before_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    write_secrets(dir.path());
+    let text = config_text(dir.path(), &upstream.url(), "")
+        .replace("header_read_timeout_ms = 2000", "shutdown_grace_ms = 300");
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, text).unwrap();
+    let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &[]);
+    let response = reqwest::Client::new()
+        .get(format!("{}/openai/_fake/sse?events=50&interval_ms=200", spawned.proxy))
+        .bearer_auth(WORKER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let reader = tokio::spawn(async move { response.bytes().await.is_err() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    spawned.terminate();
+    assert!(reader.await.unwrap(), "the stream should have been cut at shutdown");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 1, "{audit}");
+    assert!(audit.contains(r#""outcome":"client_disconnect""#), "{audit}");
 }

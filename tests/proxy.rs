@@ -41,6 +41,8 @@ async fn openai_call_gets_the_real_credential_and_the_agent_never_sees_it() {
     assert_eq!(seen.headers["host"], h.upstream.addr.to_string().as_str());
     assert!(!format!("{:?}", seen.headers).contains(WORKER_KEY), "the agent key was forwarded");
     assert!(seen.body.starts_with(b"{\"model\""));
+    // Framing is rebuilt by keyward's client from the body it actually forwards.
+    assert_eq!(seen.headers["content-length"], seen.body.len().to_string().as_str());
 
     let records = h.audit();
     assert_eq!(records.len(), 1);
@@ -204,9 +206,12 @@ async fn traversal_absolute_form_and_connect_are_400() {
     .await
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "CONNECT: {answer}");
+    let trace = format!("TRACE /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n");
+    let answer = tokio::task::spawn_blocking(move || raw_request(addr, trace.as_bytes())).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "TRACE: {answer}");
     assert_eq!(h.upstream.count(), 0);
     let records = h.audit();
-    assert_eq!(records.len(), targets.len() + 1);
+    assert_eq!(records.len(), targets.len() + 2);
     assert!(records.iter().all(|r| r["status"] == 400 && r["decision"] == "denied"));
     h.stop().await;
 }
@@ -241,12 +246,24 @@ async fn hop_by_hop_headers_and_agent_keys_are_stripped() {
         .header("upgrade", "websocket")
         .header("x-forwarded-for", "10.9.8.7")
         .header("x-end-to-end", "kept")
+        .header("x-http-method-override", "DELETE")
+        .header("x-original-url", "/admin")
+        .header("x-forwarded-host", "evil.example")
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
     let seen = h.upstream.last().unwrap();
-    for name in ["x-private-hop", "keep-alive", "te", "upgrade", "proxy-authorization"] {
+    for name in [
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "x-http-method-override",
+        "x-original-url",
+        "x-forwarded-host",
+    ] {
         assert!(seen.headers.get(name).is_none(), "{name} was forwarded");
     }
     assert_eq!(seen.headers["x-end-to-end"], "kept");
@@ -417,4 +434,21 @@ inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
     }
     assert!(ready, "readyz never turned ready");
     running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cleartext_clients_are_served() {
+    let h = Harness::start().await;
+    let client = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
+    let response = client
+        .post(h.url("/openai/v1/chat/completions"))
+        .header("authorization", bearer(WORKER_KEY))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    assert_eq!(h.upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_OPENAI}").as_str());
+    h.stop().await;
 }

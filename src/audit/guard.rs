@@ -170,7 +170,8 @@ impl Drop for AuditGuard {
     fn drop(&mut self) {
         if !self.emitted {
             // The request future or the response body was dropped: the agent went away.
-            let decision = if self.record.credential.is_some() { Decision::Allowed } else { Decision::Denied };
+            // Allowed only once a credential was actually resolved for the call.
+            let decision = if self.record.secret_source.is_some() { Decision::Allowed } else { Decision::Denied };
             self.record.status = 499;
             self.emit(decision, Outcome::ClientDisconnect);
         }

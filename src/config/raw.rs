@@ -89,6 +89,8 @@ pub struct RawRoute {
     pub name: String,
     pub prefix: String,
     pub upstream: String,
+    #[serde(default)]
+    pub allow_plaintext: bool,
     pub agent_key: RawAgentKey,
     pub inject: RawInject,
 }

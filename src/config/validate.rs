@@ -75,6 +75,9 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
         shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
     };
+    if server.header_read_timeout.is_zero() {
+        c.problem("server.header_read_timeout_ms", "must be greater than 0");
+    }
     if server.max_header_bytes < 8192 {
         c.problem("server.max_header_bytes", "must be at least 8192");
     }
@@ -310,7 +313,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
         (None, _) => BTreeMap::new(),
     };
     let env = matches!(provider, ProviderConfig::Env);
-    let mapping = {
+    let mapping: BTreeMap<String, Selector> = {
         mapping.into_iter()
             .filter_map(|(name, text)| {
                 if !valid_name(&name) {
@@ -344,8 +347,16 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
         },
         None => CachePolicy { ttl: Duration::from_secs(300), max_size: 64, stale_if_error: Duration::ZERO },
     };
-    if cache.max_size == 0 && !cache.ttl.is_zero() {
-        c.problem(format!("{at}.cache.max_size"), "must be at least 1 while ttl_seconds > 0");
+    if !cache.ttl.is_zero() && cache.max_size < mapping.len().max(1) {
+        c.problem(
+            format!("{at}.cache.max_size"),
+            format!(
+                "is {} but this source provides {} secrets, so every call would refetch; raise it to at least {}",
+                cache.max_size,
+                mapping.len(),
+                mapping.len().max(1)
+            ),
+        );
     }
     Some(SourceConfig { name: s.name, provider, mapping, cache })
 }
@@ -366,18 +377,14 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
     if !prefix_ok {
         c.problem(format!("{at}.prefix"), "must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments");
     }
-    let upstream = match upstream(&r.upstream) {
+    let upstream = match upstream(&r.upstream, r.allow_plaintext) {
         Ok(u) => Some(u),
         Err(e) => {
             c.problem(format!("{at}.upstream"), e);
             None
         }
     };
-    let header = HeaderName::from_bytes(r.agent_key.header.to_ascii_lowercase().as_bytes())
-        .map_err(|_| {
-            c.problem(format!("{at}.agent_key.header"), format!("'{}' is not a header name", r.agent_key.header))
-        })
-        .ok();
+    let header = header_name(c, &format!("{at}.agent_key.header"), &r.agent_key.header);
     let schemes = r.agent_key.scheme.map(OneOrMany::into_vec).unwrap_or_default();
     for (i, scheme) in schemes.iter().enumerate() {
         if scheme.is_empty() || !scheme.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch)) {
@@ -394,7 +401,44 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
     })
 }
 
-fn upstream(text: &str) -> Result<Upstream, String> {
+/// Headers whose meaning belongs to the connection or to framing: never an agent key or an
+/// injection target.
+const RESERVED_HEADERS: [&str; 12] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "cookie",
+    "expect",
+];
+
+fn header_name(c: &mut Collector<'_>, field: &str, text: &str) -> Option<HeaderName> {
+    let name = HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes())
+        .map_err(|_| c.problem(field, format!("'{text}' is not a header name")))
+        .ok()?;
+    if RESERVED_HEADERS.contains(&name.as_str()) {
+        c.problem(field, format!("'{name}' is a connection or framing header and cannot be used here"));
+        return None;
+    }
+    Some(name)
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn upstream(text: &str, allow_plaintext: bool) -> Result<Upstream, String> {
     let uri: http::Uri = text.parse().map_err(|_| format!("'{text}' is not a URL"))?;
     let scheme = uri.scheme().cloned().ok_or_else(|| format!("'{text}' needs a scheme (https:// or http://)"))?;
     if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
@@ -406,6 +450,11 @@ fn upstream(text: &str) -> Result<Upstream, String> {
     }
     if uri.query().is_some() {
         return Err("must not carry a query string".to_string());
+    }
+    if scheme == http::uri::Scheme::HTTP && !allow_plaintext && !is_loopback_host(authority.host()) {
+        return Err(format!(
+            "'{text}' would send credentials in cleartext; use https, or set allow_plaintext = true on this route"
+        ));
     }
     let base_path = uri.path().trim_end_matches('/').to_string();
     Ok(Upstream { scheme, authority, base_path })
@@ -429,6 +478,10 @@ fn template(c: &mut Collector<'_>, field: &str, text: &str) -> Template {
     if !rest.is_empty() {
         parts.push(TemplatePart::Literal(rest.to_string()));
     }
+    let printable = |text: &str| text.bytes().all(|b| b == b' ' || b == b'\t' || b.is_ascii_graphic());
+    if parts.iter().any(|p| matches!(p, TemplatePart::Literal(text) if !printable(text))) {
+        c.problem(field, "may only hold printable ASCII around {{secret}}");
+    }
     Template { parts }
 }
 
@@ -441,9 +494,7 @@ fn inject(c: &mut Collector<'_>, at: &str, i: RawInject) -> Option<InjectSpec> {
     let value = i.value.as_deref().unwrap_or("{{secret}}");
     let uses_secret = |t: &Template| t.parts.contains(&TemplatePart::Secret);
     let spec = if let Some(header) = i.header {
-        let name = HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes())
-            .map_err(|_| c.problem(format!("{at}.header"), format!("'{header}' is not a header name")))
-            .ok()?;
+        let name = header_name(c, &format!("{at}.header"), &header)?;
         InjectSpec::Header { name, value: template(c, &format!("{at}.value"), value) }
     } else if let Some(query) = i.query {
         if query.is_empty() || !query.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {

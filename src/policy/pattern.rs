@@ -24,8 +24,8 @@ impl MethodSet {
         let mut methods = Vec::new();
         for item in items {
             let upper = item.to_ascii_uppercase();
-            if upper == "CONNECT" {
-                return Err("CONNECT cannot be granted: keyward is not a tunnel".to_string());
+            if matches!(upper.as_str(), "CONNECT" | "TRACE" | "TRACK") {
+                return Err(format!("{upper} cannot be granted: keyward is not a tunnel and does not echo requests"));
             }
             let method = Method::from_bytes(upper.as_bytes()).map_err(|_| format!("'{item}' is not an HTTP method"))?;
             methods.push(method);
@@ -147,6 +147,7 @@ mod tests {
         assert!(MethodSet::parse(&["*".into()]).unwrap().allows(&Method::PATCH));
         assert!(MethodSet::parse(&[]).is_err());
         assert!(MethodSet::parse(&["CONNECT".into()]).is_err());
+        assert!(MethodSet::parse(&["trace".into()]).is_err());
         assert!(MethodSet::parse(&["*".into(), "GET".into()]).is_err());
     }
 }

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use http::{Method, Uri};
+use http::{Method, Uri, Version};
 use percent_encoding::percent_decode_str;
 
 use crate::error::ProxyError;
@@ -18,15 +18,24 @@ pub struct CheckedPath<'a> {
 }
 
 /// Refuses absolute-form and authority-form targets: keyward only serves origin-form paths.
-pub fn check_target(method: &Method, uri: &Uri) -> Result<(), ProxyError> {
+/// HTTP/2 always carries `:scheme` and `:authority`, so only HTTP/1 targets are checked for form.
+/// TRACE and TRACK are refused because an upstream answering them echoes the injected credential.
+pub fn check_target(method: &Method, version: Version, uri: &Uri) -> Result<(), ProxyError> {
     if method == Method::CONNECT {
         return Err(ProxyError::BadTarget("CONNECT is not supported; keyward is not a tunnel"));
     }
-    if uri.scheme().is_some() || uri.authority().is_some() {
+    if method == Method::TRACE || method.as_str() == "TRACK" {
+        return Err(ProxyError::BadTarget("TRACE and TRACK would echo credentials and are not supported"));
+    }
+    if version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(ProxyError::BadTarget("absolute-form targets are not accepted; send an origin-form path"));
     }
     Ok(())
 }
+
+/// Characters that some upstreams normalise (NFKC) into '.', '/' or '\'.
+const CONFUSABLES: [char; 9] =
+    ['\u{FF0E}', '\u{FF0F}', '\u{FF3C}', '\u{2024}', '\u{2215}', '\u{2044}', '\u{FE52}', '\u{29F5}', '\u{FE68}'];
 
 /// Validates a raw request path and decodes it once.
 ///
@@ -56,11 +65,16 @@ pub fn check_path(raw: &str) -> Result<CheckedPath<'_>, ProxyError> {
             }
         } else if *b < 0x20 || *b == 0x7f {
             return Err(ProxyError::BadPath("control bytes are not allowed"));
+        } else if *b >= 0x80 {
+            return Err(ProxyError::BadPath("non-ASCII bytes must be percent-encoded"));
         }
     }
     let decoded = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| ProxyError::BadPath("percent-encoded bytes are not valid UTF-8"))?;
+    if decoded.contains(CONFUSABLES) {
+        return Err(ProxyError::BadPath("characters that normalise to '.', '/' or '\\' are not allowed"));
+    }
     let inner = &decoded[1..];
     let inner = inner.strip_suffix('/').unwrap_or(inner);
     if !inner.is_empty() {
@@ -68,7 +82,7 @@ pub fn check_path(raw: &str) -> Result<CheckedPath<'_>, ProxyError> {
             if seg.is_empty() {
                 return Err(ProxyError::BadPath("empty path segments ('//') are not allowed"));
             }
-            let name = seg.split(';').next().unwrap_or(seg);
+            let name = seg.split(';').next().unwrap_or(seg).trim();
             if name == "." || name == ".." {
                 return Err(ProxyError::BadPath("dot segments are not allowed"));
             }
@@ -140,6 +154,10 @@ mod tests {
             "/openai/%zz",
             "openai/v1",
             "/openai/..",
+            "/openai/..%20/x",
+            "/openai/%EF%BC%8E%EF%BC%8E/x",
+            "/openai/a%EF%BC%8Fb",
+            "/openai/caf\u{e9}",
         ] {
             assert!(check_path(bad).is_err(), "{bad} should be refused");
         }
@@ -152,6 +170,7 @@ mod tests {
         assert!(check_path("/openai/v1/chat/completions").is_ok());
         assert!(check_path("/a/.well-known/x").is_ok());
         assert!(check_path("/").is_ok());
+        assert_eq!(check_path("/github/repos/o/caf%C3%A9").unwrap().decoded, "/github/repos/o/café");
     }
 
     #[test]
@@ -169,9 +188,14 @@ mod tests {
     #[test]
     fn absolute_form_and_connect_are_refused() {
         let abs: Uri = "http://evil.example/openai/v1".parse().unwrap();
-        assert!(check_target(&Method::GET, &abs).is_err());
+        assert!(check_target(&Method::GET, Version::HTTP_11, &abs).is_err());
+        // HTTP/2 requests always carry scheme and authority pseudo-headers.
+        assert!(check_target(&Method::GET, Version::HTTP_2, &abs).is_ok());
         let path: Uri = "/openai/v1".parse().unwrap();
-        assert!(check_target(&Method::CONNECT, &path).is_err());
-        assert!(check_target(&Method::POST, &path).is_ok());
+        assert!(check_target(&Method::CONNECT, Version::HTTP_11, &path).is_err());
+        assert!(check_target(&Method::CONNECT, Version::HTTP_2, &path).is_err());
+        assert!(check_target(&Method::TRACE, Version::HTTP_11, &path).is_err());
+        assert!(check_target(&Method::from_bytes(b"TRACK").unwrap(), Version::HTTP_11, &path).is_err());
+        assert!(check_target(&Method::POST, Version::HTTP_11, &path).is_ok());
     }
 }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
@@ -36,7 +36,27 @@ struct Entry {
 #[derive(Default)]
 struct SlotState {
     entries: HashMap<String, Entry>,
-    inflight: Option<SharedFetch>,
+    inflight: Option<(u64, SharedFetch)>,
+    generation: u64,
+}
+
+/// Upper bound on one fetch; providers also have their own, shorter timeouts.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Clears the in-flight marker when a fetch task ends in any way, including a panic.
+struct ClearInflight {
+    slot: Arc<Slot>,
+    generation: u64,
+}
+
+impl Drop for ClearInflight {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.slot.state.lock()
+            && state.inflight.as_ref().is_some_and(|(g, _)| *g == self.generation)
+        {
+            state.inflight = None;
+        }
+    }
 }
 
 struct Slot {
@@ -169,27 +189,38 @@ impl Slot {
         self.join_or_start(&mut state)
     }
 
+    /// Joins the source's in-flight fetch, or starts one. The fetch runs as its own task, so it
+    /// completes (and fills the cache) even if every waiter gives up, and it is bounded by
+    /// `FETCH_TIMEOUT` so a hung store cannot block the source for good.
     fn join_or_start(self: &Arc<Self>, state: &mut SlotState) -> SharedFetch {
-        if let Some(inflight) = &state.inflight {
+        if let Some((_, inflight)) = &state.inflight {
             return inflight.clone();
         }
+        state.generation += 1;
+        let generation = state.generation;
         let slot = self.clone();
-        let fetch: BoxFuture<'static, _> = Box::pin(async move {
-            let result = slot.provider.fetch().await.map(Arc::new);
+        let task = tokio::spawn(async move {
+            let _clear = ClearInflight { slot: slot.clone(), generation };
+            let result = match tokio::time::timeout(FETCH_TIMEOUT, slot.provider.fetch()).await {
+                Ok(result) => result.map(Arc::new),
+                Err(_) => Err(StoreError::Unreachable(format!("no answer within {} s", FETCH_TIMEOUT.as_secs()))),
+            };
             slot.store(&result);
             result
         });
+        let fetch: BoxFuture<'static, _> = Box::pin(async move {
+            task.await.unwrap_or_else(|_| Err(StoreError::Unreachable("the fetch task failed".to_string())))
+        });
         let shared = fetch.shared();
-        state.inflight = Some(shared.clone());
+        state.inflight = Some((generation, shared.clone()));
         shared
     }
 
     fn store(&self, result: &Result<Arc<Fetched>, StoreError>) {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.secret_fetches.get_or_create(&FetchLabels { source: self.name.clone(), result: outcome }).inc();
-        let mut state = self.state.lock().expect("secret cache lock poisoned");
-        state.inflight = None;
         let Ok(fetched) = result else { return };
+        let mut state = self.state.lock().expect("secret cache lock poisoned");
         self.reached.store(true, Ordering::Relaxed);
         let keeps_values = !self.policy.ttl.is_zero() || !self.policy.stale_if_error.is_zero();
         if !keeps_values {
@@ -224,7 +255,6 @@ mod tests {
     use crate::config::{ProviderConfig, Selector};
     use secrecy::ExposeSecret;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Duration;
 
     struct Counting {
         calls: AtomicUsize,
@@ -331,6 +361,40 @@ mod tests {
         assert!(provider.calls.load(Ordering::SeqCst) >= 2);
         let state = store.slots[0].state.lock().unwrap();
         assert_eq!(state.entries.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_fetch_finishes_even_when_every_waiter_gives_up() {
+        let (store, provider) = new_store(policy(60_000, 10, 0));
+        let gave_up = tokio::time::timeout(Duration::from_millis(10), store.resolve("A")).await;
+        assert!(gave_up.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The abandoned fetch completed and filled the cache: no second call.
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-1");
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
+    }
+
+    struct Panicking;
+
+    impl SecretProvider for Panicking {
+        fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>> {
+            Box::pin(async { panic!("provider bug") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_provider_gives_503_and_does_not_wedge_the_source() {
+        let source = SourceConfig {
+            name: "p".into(),
+            provider: ProviderConfig::Env,
+            mapping: [("A".to_string(), Selector::Whole)].into(),
+            cache: policy(60_000, 10, 0),
+        };
+        let store = SecretStore::with_providers(&[source], vec![Arc::new(Panicking)], Arc::new(Metrics::new()));
+        for _ in 0..2 {
+            assert_eq!(store.resolve("A").await.err().unwrap().code(), "secret_store_unavailable");
+        }
+        assert!(store.slots[0].state.lock().unwrap().inflight.is_none());
     }
 
     #[tokio::test]
