@@ -71,6 +71,10 @@ pub enum ProxyError {
     UpstreamTimeout {
         route: String,
     },
+    /// The upstream compressed its answer in a way the scrubber cannot see through.
+    UpstreamEncoding {
+        route: String,
+    },
     Internal(&'static str),
 }
 
@@ -105,6 +109,7 @@ impl ProxyError {
             ProxyError::SecretNotFound { .. } => (StatusCode::SERVICE_UNAVAILABLE, "secret_not_found", Upstream),
             ProxyError::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable", Upstream),
             ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
+            ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -139,6 +144,9 @@ impl ProxyError {
             }
             ProxyError::UpstreamUnavailable { route } => format!("upstream of route '{route}' could not be reached"),
             ProxyError::UpstreamTimeout { route } => format!("upstream of route '{route}' timed out"),
+            ProxyError::UpstreamEncoding { route } => format!(
+                "upstream of route '{route}' compressed its answer with an encoding keyward cannot inspect for credentials"
+            ),
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }
     }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod audit;
 pub mod config;
+pub mod decode;
 pub mod demo;
 pub mod error;
 pub mod fake_upstream;
@@ -15,6 +16,7 @@ pub mod inject;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod scrub;
 pub mod secrets;
 pub mod serve;
 pub mod server;

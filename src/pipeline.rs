@@ -1,6 +1,6 @@
 //! The request flow, in the one place that knows its order:
 //!
-//! target check → route → identify → authorize → resolve → inject → forward → stream back,
+//! target check → route → identify → authorize → resolve → inject → forward → scrub → stream back,
 //! with the audit guard created first and ended exactly once on every path.
 
 use std::net::SocketAddr;
@@ -9,16 +9,18 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST};
 use http::{HeaderValue, Request, Uri, Version};
 
 use crate::audit::{AuditGuard, AuditedBody};
 use crate::config::RouteConfig;
+use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
 use crate::identity;
 use crate::inject;
 use crate::policy::{self, Subject};
+use crate::scrub::ScrubbedBody;
 use crate::secrets::Resolved;
 use crate::state::{AppState, Runtime};
 
@@ -52,9 +54,21 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     );
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
-        Ok(upstream) => {
-            let (parts, body) = upstream.into_parts();
-            Response::from_parts(parts, Body::new(AuditedBody::new(body, audit)))
+        Ok((upstream, coding)) => {
+            let (mut parts, body) = upstream.into_parts();
+            let scrubber = runtime.secrets.scrubber();
+            scrubber.scrub_headers(&mut parts.headers);
+            let body = match coding {
+                Coding::Identity => Body::new(AuditedBody::new(ScrubbedBody::new(body, scrubber), audit)),
+                _ => {
+                    // Decoded here, so the agent gets the plain body and its true length.
+                    parts.headers.remove(CONTENT_ENCODING);
+                    parts.headers.remove(CONTENT_LENGTH);
+                    let decoded = DecodedBody::new(body, coding);
+                    Body::new(AuditedBody::new(ScrubbedBody::new(decoded, scrubber), audit))
+                }
+            };
+            Response::from_parts(parts, body)
         }
         Err(error) => {
             let response = error.clone().into_response();
@@ -71,7 +85,7 @@ async fn proxy(
     runtime: &Runtime,
     audit: &mut AuditGuard,
     request: Request<Body>,
-) -> Result<http::Response<TimedBody>, ProxyError> {
+) -> Result<(http::Response<TimedBody>, Coding), ProxyError> {
     policy::check_target(request.method(), request.version(), request.uri())?;
     let path = policy::check_path(request.uri().path())?;
     let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
@@ -99,7 +113,12 @@ async fn proxy(
     let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
     let response = state.forwarder.send(outbound, &route.name).await?;
     audit.upstream_status(response.status().as_u16());
-    Ok(response)
+    let coding = decode::coding(response.headers());
+    if coding == Coding::Unsupported {
+        tracing::warn!(route = %route.name, "upstream used a content-encoding that cannot be scrubbed; refused");
+        return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
+    }
+    Ok((response, coding))
 }
 
 fn declared_length(request: &Request<Body>) -> Option<u64> {
@@ -126,6 +145,8 @@ fn outbound_request(
     for name in OVERRIDE_HEADERS {
         headers.remove(name);
     }
+    // Compressed answers could hide an echoed credential from the scrubber.
+    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let mut query = parts.uri.query().map(str::to_string);
     inject::apply(&route.inject, &secret.value, headers, &mut query)?;
 

@@ -3,19 +3,21 @@
 //! The lock guards only map operations and is never held across a fetch: concurrent misses on a
 //! source join one shared in-flight fetch, and the fetch itself stores its result.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{Fetched, SecretProvider, StoreError, build_provider};
 use crate::config::{CachePolicy, SourceConfig};
 use crate::error::ProxyError;
 use crate::metrics::{FetchLabels, Metrics, SourceLabel};
+use crate::scrub::{MIN_SCRUB_LEN, Scrubber};
 
 /// A resolved credential, ready to inject. Deliberately not `Debug`.
 pub struct Resolved {
@@ -66,12 +68,45 @@ struct Slot {
     state: Mutex<SlotState>,
     reached: AtomicBool,
     metrics: Arc<Metrics>,
+    held: Arc<Held>,
+}
+
+/// Every credential value keyward has fetched, by secret name, and the scrubber built from them.
+/// It keeps the last value of each name even when the cache does not (`ttl_seconds = 0`), so
+/// that an echo of it can still be recognised.
+struct Held {
+    values: Mutex<BTreeMap<String, SecretString>>,
+    scrubber: ArcSwap<Scrubber>,
+}
+
+impl Held {
+    fn update(&self, fetched: &HashMap<String, SecretString>) {
+        let mut values = self.values.lock().expect("held secrets lock poisoned");
+        let mut changed = false;
+        for (name, value) in fetched {
+            if values.get(name).is_none_or(|old| old.expose_secret() != value.expose_secret()) {
+                if value.expose_secret().len() < MIN_SCRUB_LEN {
+                    tracing::warn!(
+                        secret = %name,
+                        "secret is shorter than {MIN_SCRUB_LEN} characters, so responses are not scrubbed for it"
+                    );
+                }
+                values.insert(name.clone(), value.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            let scrubber = Scrubber::new(values.iter().map(|(name, value)| (name.as_str(), value)));
+            self.scrubber.store(Arc::new(scrubber));
+        }
+    }
 }
 
 /// Every configured source, and which source provides each secret name.
 pub struct SecretStore {
     slots: Vec<Arc<Slot>>,
     owner: HashMap<String, usize>,
+    held: Arc<Held>,
 }
 
 impl SecretStore {
@@ -87,6 +122,7 @@ impl SecretStore {
         metrics: Arc<Metrics>,
     ) -> SecretStore {
         let mut owner = HashMap::new();
+        let held = Arc::new(Held { values: Mutex::default(), scrubber: ArcSwap::from_pointee(Scrubber::empty()) });
         let slots = sources
             .iter()
             .zip(providers)
@@ -102,10 +138,11 @@ impl SecretStore {
                     state: Mutex::new(SlotState::default()),
                     reached: AtomicBool::new(false),
                     metrics: metrics.clone(),
+                    held: held.clone(),
                 })
             })
             .collect();
-        SecretStore { slots, owner }
+        SecretStore { slots, owner, held }
     }
 
     /// True once every source has answered at least one fetch.
@@ -128,6 +165,11 @@ impl SecretStore {
             }
         }
         self.unreached().len()
+    }
+
+    /// The scrubber for every credential value fetched so far.
+    pub fn scrubber(&self) -> Arc<Scrubber> {
+        self.held.scrubber.load_full()
     }
 
     pub async fn resolve(&self, name: &str) -> Result<Arc<Resolved>, ProxyError> {
@@ -220,6 +262,8 @@ impl Slot {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.secret_fetches.get_or_create(&FetchLabels { source: self.name.clone(), result: outcome }).inc();
         let Ok(fetched) = result else { return };
+        // Before any waiter sees the value, so no response can outrun its scrubber.
+        self.held.update(&fetched.values);
         let mut state = self.state.lock().expect("secret cache lock poisoned");
         self.reached.store(true, Ordering::Relaxed);
         let keeps_values = !self.policy.ttl.is_zero() || !self.policy.stale_if_error.is_zero();
@@ -253,7 +297,6 @@ fn evict_to(entries: &mut HashMap<String, Entry>, max: usize) {
 mod tests {
     use super::*;
     use crate::config::{ProviderConfig, Selector};
-    use secrecy::ExposeSecret;
     use std::sync::atomic::AtomicUsize;
 
     struct Counting {
@@ -271,8 +314,8 @@ mod tests {
                     return Err(StoreError::Unreachable("down".into()));
                 }
                 let values = [
-                    ("A".to_string(), SecretString::from(format!("alpha-{n}"))),
-                    ("B".to_string(), SecretString::from(format!("beta-{n}"))),
+                    ("A".to_string(), SecretString::from(format!("alpha-secret-{n}"))),
+                    ("B".to_string(), SecretString::from(format!("beta-secret-{n}"))),
                 ]
                 .into();
                 Ok(Fetched { values, version: Some(format!("v{n}")) })
@@ -318,7 +361,7 @@ mod tests {
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
         assert!(store.all_reached());
         // A cache hit afterwards makes no call.
-        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-1");
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
     }
 
@@ -332,7 +375,7 @@ mod tests {
         let (store, provider) = new_store(policy(30, 10, 0));
         store.resolve("A").await.unwrap();
         tokio::time::sleep(Duration::from_millis(40)).await;
-        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-2");
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-2");
         assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -348,7 +391,7 @@ mod tests {
         stale.resolve("A").await.unwrap();
         provider.fail.store(true, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(stale.resolve("A").await.unwrap().value.expose_secret(), "alpha-1");
+        assert_eq!(stale.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
     }
 
     #[tokio::test]
@@ -370,7 +413,7 @@ mod tests {
         assert!(gave_up.is_err());
         tokio::time::sleep(Duration::from_millis(100)).await;
         // The abandoned fetch completed and filled the cache: no second call.
-        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-1");
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
     }
 
@@ -395,6 +438,18 @@ mod tests {
             assert_eq!(store.resolve("A").await.err().unwrap().code(), "secret_store_unavailable");
         }
         assert!(store.slots[0].state.lock().unwrap().inflight.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_scrubber_covers_every_fetched_value_even_without_caching() {
+        let (store, _) = new_store(policy(0, 10, 0));
+        assert!(store.scrubber().is_empty());
+        store.resolve("A").await.unwrap();
+        let scrubbed = store.scrubber().scrub(b"x alpha-secret-1 beta-secret-1 y").into_owned();
+        assert_eq!(String::from_utf8_lossy(&scrubbed), "x [REDACTED:A]** [REDACTED:B]* y");
+        // A newer value replaces the old one in the scrubber.
+        store.resolve("A").await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&store.scrubber().scrub(b"alpha-secret-2")), "[REDACTED:A]**");
     }
 
     #[tokio::test]
