@@ -18,8 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ForwardConfig;
-use crate::resolve::GuardedResolver;
 use crate::error::ProxyError;
+use crate::resolve::GuardedResolver;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type OutboundBody = UnsyncBoxBody<Bytes, BoxError>;

@@ -47,6 +47,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     let mut audit = AuditGuard::begin(
         state.audit.clone(),
         state.metrics.clone(),
+        runtime.secrets.scrubber_cell(),
         runtime.audit_metadata.clone(),
         peer,
         request.method(),

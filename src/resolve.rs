@@ -73,7 +73,9 @@ mod tests {
 
     #[test]
     fn metadata_and_link_local_addresses_are_blocked() {
-        for blocked in ["169.254.169.254", "169.254.0.1", "fe80::1", "fd00:ec2::254", "::ffff:169.254.169.254", "0.0.0.0"] {
+        for blocked in
+            ["169.254.169.254", "169.254.0.1", "fe80::1", "fd00:ec2::254", "::ffff:169.254.169.254", "0.0.0.0"]
+        {
             assert!(is_blocked(blocked.parse().unwrap()), "{blocked}");
         }
         for allowed in ["127.0.0.1", "10.0.0.1", "93.184.216.34", "::1", "2606:4700::1111"] {

@@ -64,7 +64,16 @@ async fn echoing_upstreams_never_hand_back_the_credential() {
         let caught = leak_forms(CANARY_OPENAI).iter().filter(|f| text.contains(f.as_str())).count();
         assert!(caught >= 2, "{path} direct: only {caught} forms present:\n{text}");
     }
-    let direct = h.client.get(format!("{}/_fake/echo-encoded", h.upstream.url())).header("authorization", format!("Bearer {CANARY_OPENAI}")).send().await.unwrap().text().await.unwrap();
+    let direct = h
+        .client
+        .get(format!("{}/_fake/echo-encoded", h.upstream.url()))
+        .header("authorization", format!("Bearer {CANARY_OPENAI}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for form in leak_forms(CANARY_OPENAI) {
         assert!(direct.contains(&form), "the fake upstream does not produce {form:?}");
     }
@@ -91,9 +100,12 @@ async fn echoing_upstreams_never_hand_back_the_credential() {
         }
     }
     // The upstream really did receive, and try to echo, the credential each time.
-    assert!(h.upstream.requests().iter().all(|r| r.headers["authorization"] == format!("Bearer {CANARY_OPENAI}").as_str()));
-    let audit = std::fs::read_to_string(h.audit_path()).unwrap_or_default();
-    h.stop().await;
+    assert!(
+        h.upstream.requests().iter().all(|r| r.headers["authorization"] == format!("Bearer {CANARY_OPENAI}").as_str())
+    );
+    let dir = h.stop().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.lines().count() >= paths.len());
     assert_clean("the audit file", &audit);
 }
 
@@ -161,11 +173,25 @@ async fn framing_tricks_are_refused_or_reframed_never_smuggled() {
 
     let before = h.upstream.count();
     let cases: Vec<(&str, String)> = vec![
-        ("duplicate content-length", format!("POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}")),
+        (
+            "duplicate content-length",
+            format!(
+                "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}"
+            ),
+        ),
         ("obs-fold", format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Folded: a\r\n b\r\n\r\n")),
         ("NUL in a header", format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Nul: a\0b\r\n\r\n")),
-        ("space before colon", format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Bad : 1\r\n\r\n")),
-        ("oversized headers", format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Big: {}\r\n\r\n", "a".repeat(100_000))),
+        (
+            "space before colon",
+            format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Bad : 1\r\n\r\n"),
+        ),
+        (
+            "oversized headers",
+            format!(
+                "GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}X-Big: {}\r\n\r\n",
+                "a".repeat(100_000)
+            ),
+        ),
     ];
     for (what, request) in cases {
         let answer = raw_async(addr, request.into_bytes()).await;
@@ -175,7 +201,9 @@ async fn framing_tricks_are_refused_or_reframed_never_smuggled() {
 
     // Bytes that are not UTF-8 in an ordinary header are passed on as opaque bytes; in the agent
     // key header they make the key malformed.
-    let mut request = format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nX-Data: ").into_bytes();
+    let mut request =
+        format!("GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nX-Data: ")
+            .into_bytes();
     request.extend_from_slice(b"\xff\xfe\r\n\r\n");
     assert!(raw_async(addr, request).await.starts_with("HTTP/1.1 200"));
     let request = b"GET /openai/_fake/echo-headers HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer kw_\xff\r\n\r\n".to_vec();

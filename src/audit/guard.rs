@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use http::Method;
 use rand::Rng;
 
@@ -14,11 +15,14 @@ use super::record::{AuditRecord, Decision, Outcome};
 use super::sink::AuditSink;
 use crate::error::{Origin, ProxyError};
 use crate::metrics::{Metrics, RequestLabels, RouteLabel};
+use crate::scrub::Scrubber;
 
 /// What a request stage learned, for the record.
 pub struct AuditGuard {
     sink: Arc<AuditSink>,
     metrics: Arc<Metrics>,
+    /// Applied to the finished line: an agent that knows a credential could put it in the path.
+    scrubber: Arc<ArcSwap<Scrubber>>,
     started: Instant,
     record: AuditRecord,
     emitted: bool,
@@ -40,6 +44,7 @@ impl AuditGuard {
     pub fn begin(
         sink: Arc<AuditSink>,
         metrics: Arc<Metrics>,
+        scrubber: Arc<ArcSwap<Scrubber>>,
         metadata: Arc<BTreeMap<String, String>>,
         ip: Option<IpAddr>,
         method: &Method,
@@ -67,7 +72,7 @@ impl AuditGuard {
             key_fingerprint: None,
             bytes_sent: None,
         };
-        AuditGuard { sink, metrics, started: Instant::now(), record, emitted: false }
+        AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false }
     }
 
     pub fn request_id(&self) -> &str {
@@ -157,12 +162,13 @@ impl AuditGuard {
         tracing::debug!(
             request_id = %record.request_id,
             agent = record.agent_id.as_deref().unwrap_or("-"),
-            operation = %record.operation,
+            route = record.route.as_deref().unwrap_or("-"),
             status = record.status,
             outcome = ?outcome,
             "request finished"
         );
-        self.sink.emit(record);
+        let line = record.to_json_line();
+        self.sink.emit(self.scrubber.load().scrub(&line).into_owned(), &record.request_id);
     }
 }
 

@@ -12,8 +12,6 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 use crate::metrics::Metrics;
 
-use super::record::AuditRecord;
-
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 const MAX_BATCH: usize = 512;
 
@@ -46,9 +44,10 @@ impl AuditSink {
         &self.path
     }
 
-    pub fn emit(&self, record: &AuditRecord) {
-        if self.tx.send(Message::Line(record.to_json_line())).is_err() {
-            tracing::error!(request_id = %record.request_id, "audit writer has stopped; record not written");
+    /// Queues one finished JSON line (ending in a newline).
+    pub fn emit(&self, line: Vec<u8>, request_id: &str) {
+        if self.tx.send(Message::Line(line)).is_err() {
+            tracing::error!(request_id, "audit writer has stopped; record not written");
         }
     }
 

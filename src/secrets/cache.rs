@@ -76,7 +76,7 @@ struct Slot {
 /// that an echo of it can still be recognised.
 struct Held {
     values: Mutex<BTreeMap<String, SecretString>>,
-    scrubber: ArcSwap<Scrubber>,
+    scrubber: Arc<ArcSwap<Scrubber>>,
 }
 
 impl Held {
@@ -122,7 +122,8 @@ impl SecretStore {
         metrics: Arc<Metrics>,
     ) -> SecretStore {
         let mut owner = HashMap::new();
-        let held = Arc::new(Held { values: Mutex::default(), scrubber: ArcSwap::from_pointee(Scrubber::empty()) });
+        let held =
+            Arc::new(Held { values: Mutex::default(), scrubber: Arc::new(ArcSwap::from_pointee(Scrubber::empty())) });
         let slots = sources
             .iter()
             .zip(providers)
@@ -170,6 +171,11 @@ impl SecretStore {
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
         self.held.scrubber.load_full()
+    }
+
+    /// The cell the scrubber is replaced in, for readers that must see values fetched later.
+    pub fn scrubber_cell(&self) -> Arc<ArcSwap<Scrubber>> {
+        self.held.scrubber.clone()
     }
 
     pub async fn resolve(&self, name: &str) -> Result<Arc<Resolved>, ProxyError> {

@@ -205,10 +205,12 @@ impl Harness {
         self.client.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }
 
-    pub async fn stop(mut self) {
+    /// Shuts keyward down (flushing its audit file) and hands back the directory holding it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
         }
+        self.dir
     }
 }
 
