@@ -20,7 +20,7 @@ use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
 use crate::identity;
 use crate::inject;
 use crate::policy::{self, Subject};
-use crate::scrub::ScrubbedBody;
+use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::Resolved;
 use crate::state::{AppState, Runtime};
 
@@ -55,18 +55,17 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     );
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
-        Ok((upstream, coding)) => {
+        Ok((upstream, coding, scrub)) => {
             let (mut parts, body) = upstream.into_parts();
-            let scrubber = runtime.secrets.scrubber();
+            let scrubber = if scrub { runtime.secrets.scrubber() } else { Arc::new(Scrubber::empty()) };
             scrubber.scrub_headers(&mut parts.headers);
             let body = match coding {
-                Coding::Identity => Body::new(AuditedBody::new(ScrubbedBody::new(body, scrubber), audit)),
+                Coding::Identity => agent_body(body, scrubber, audit),
                 _ => {
                     // Decoded here, so the agent gets the plain body and its true length.
                     parts.headers.remove(CONTENT_ENCODING);
                     parts.headers.remove(CONTENT_LENGTH);
-                    let decoded = DecodedBody::new(body, coding);
-                    Body::new(AuditedBody::new(ScrubbedBody::new(decoded, scrubber), audit))
+                    agent_body(DecodedBody::new(body, coding), scrubber, audit)
                 }
             };
             Response::from_parts(parts, body)
@@ -81,12 +80,24 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     response
 }
 
+/// The body the agent receives: scrubbed (unless there is nothing to scrub for), then audited.
+fn agent_body<B>(body: B, scrubber: Arc<Scrubber>, audit: AuditGuard) -> Body
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = forward::BoxError> + Send + Unpin + 'static,
+{
+    if scrubber.is_empty() {
+        Body::new(AuditedBody::new(body, audit))
+    } else {
+        Body::new(AuditedBody::new(ScrubbedBody::new(body, scrubber), audit))
+    }
+}
+
 async fn proxy(
     state: &AppState,
     runtime: &Runtime,
     audit: &mut AuditGuard,
     request: Request<Body>,
-) -> Result<(http::Response<TimedBody>, Coding), ProxyError> {
+) -> Result<(http::Response<TimedBody>, Coding, bool), ProxyError> {
     policy::check_target(request.method(), request.version(), request.uri())?;
     let path = policy::check_path(request.uri().path())?;
     let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
@@ -119,7 +130,7 @@ async fn proxy(
         tracing::warn!(route = %route.name, "upstream used a content-encoding that cannot be scrubbed; refused");
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
-    Ok((response, coding))
+    Ok((response, coding, route.scrub_responses))
 }
 
 fn declared_length(request: &Request<Body>) -> Option<u64> {

@@ -199,9 +199,17 @@ impl StreamScrubber {
 
     /// Scrubs the next chunk; returns what can be released now.
     pub fn push(&mut self, chunk: &[u8]) -> Bytes {
-        let Some(automaton) = &self.scrubber.automaton else { return Bytes::copy_from_slice(chunk) };
+        self.push_bytes(Bytes::copy_from_slice(chunk))
+    }
+
+    /// Like `push`, but hands a clean chunk back without copying it (the common case).
+    pub fn push_bytes(&mut self, chunk: Bytes) -> Bytes {
+        let Some(automaton) = &self.scrubber.automaton else { return chunk };
+        if self.tail.is_empty() && automaton.find(&chunk[..]).is_none() && self.scrubber.holdback(&chunk) == 0 {
+            return chunk;
+        }
         let mut buf = std::mem::take(&mut self.tail);
-        buf.extend_from_slice(chunk);
+        buf.extend_from_slice(&chunk);
         let safe = buf.len() - self.scrubber.holdback(&buf);
         let mut released_to = safe;
         let matches: Vec<_> = automaton.find_iter(&buf).take_while(|m| m.start() < safe).collect();
@@ -251,7 +259,7 @@ where
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        let mut out = this.scrubber.push(&data);
+                        let mut out = this.scrubber.push_bytes(data);
                         if this.inner.is_end_stream() {
                             this.done = true;
                             let rest = this.scrubber.finish();

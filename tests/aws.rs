@@ -1,3 +1,4 @@
+#![cfg(feature = "aws")]
 //! The AWS Secrets Manager provider through the real `aws-sdk-secretsmanager` against a real
 //! `moto_server` on loopback, with keyward run as its own process using the standard chain.
 

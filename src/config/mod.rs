@@ -112,6 +112,8 @@ pub struct RouteConfig {
     pub upstream: Upstream,
     pub agent_key: AgentKeySpec,
     pub inject: InjectSpec,
+    /// Scan responses for credentials (default). Off only for benchmarks or trusted binary streams.
+    pub scrub_responses: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -91,6 +91,8 @@ pub struct RawRoute {
     pub upstream: String,
     #[serde(default)]
     pub allow_plaintext: bool,
+    #[serde(default = "default_true")]
+    pub scrub_responses: bool,
     pub agent_key: RawAgentKey,
     pub inject: RawInject,
 }

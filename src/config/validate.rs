@@ -398,6 +398,7 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
         upstream: upstream?,
         agent_key: AgentKeySpec { header: header?, schemes },
         inject: inject?,
+        scrub_responses: r.scrub_responses,
     })
 }
 

@@ -24,9 +24,11 @@ impl FileProvider {
 impl SecretProvider for FileProvider {
     fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>> {
         Box::pin(async move {
-            let text = tokio::fs::read_to_string(&self.path)
+            let path = self.path.clone();
+            let text = tokio::task::spawn_blocking(move || read_bounded(&path))
                 .await
-                .map_err(|e| StoreError::Unreachable(format!("cannot read {}: {e}", self.path.display())))?;
+                .map_err(|_| StoreError::Unreachable("the file read task failed".to_string()))?
+                .map_err(StoreError::Unreachable)?;
             if !self.warned_permissions.swap(true, Ordering::Relaxed) {
                 warn_if_shared(&self.path);
             }
@@ -50,9 +52,30 @@ pub fn warn_if_shared(path: &Path) {
     }
 }
 
+/// The largest secrets file keyward reads; a path like /dev/zero cannot exhaust memory.
+pub const MAX_SECRETS_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a regular file of at most `MAX_SECRETS_FILE_BYTES` as UTF-8.
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRETS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_SECRETS_FILE_BYTES {
+        return Err(format!("{} is larger than {MAX_SECRETS_FILE_BYTES} bytes", path.display()));
+    }
+    Ok(text)
+}
+
 /// Names a file source provides when it has no mapping: the keys of its JSON object.
 pub fn discover_names(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = read_bounded(path)?;
     match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(serde_json::Value::Object(map)) => {
             let mut names = Vec::new();
@@ -66,5 +89,20 @@ pub fn discover_names(path: &Path) -> Result<Vec<String>, String> {
         }
         Ok(_) => Err(format!("{}: expected a JSON object of NAME -> value", path.display())),
         Err(e) => Err(format!("{}: not JSON: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_bounded_regular_files_are_read() {
+        assert!(read_bounded(Path::new("/dev/zero")).unwrap_err().contains("not a regular file"));
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.json");
+        std::fs::write(&big, vec![b' '; MAX_SECRETS_FILE_BYTES as usize + 1]).unwrap();
+        assert!(read_bounded(&big).unwrap_err().contains("larger than"));
+        assert!(discover_names(Path::new("/nonexistent/x.json")).unwrap_err().contains("cannot read"));
     }
 }

@@ -3,6 +3,7 @@
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.
 
+#[cfg(feature = "aws")]
 mod aws;
 mod cache;
 mod env;
@@ -52,6 +53,7 @@ pub trait SecretProvider: Send + Sync {
 pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
     let mapping = source.mapping.clone();
     match &source.provider {
+        #[cfg(feature = "aws")]
         ProviderConfig::Aws { region, secret_name, endpoint_url, version_stage } => Arc::new(aws::AwsProvider::new(
             region.clone(),
             endpoint_url.clone(),
@@ -59,8 +61,21 @@ pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
             version_stage.clone(),
             mapping,
         )),
+        #[cfg(not(feature = "aws"))]
+        ProviderConfig::Aws { .. } => Arc::new(Unavailable("keyward was built without the `aws` feature")),
         ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),
         ProviderConfig::Env => Arc::new(env::EnvProvider::new(mapping)),
+    }
+}
+
+/// A provider that always fails closed, for backends left out of this build.
+#[cfg(not(feature = "aws"))]
+struct Unavailable(&'static str);
+
+#[cfg(not(feature = "aws"))]
+impl SecretProvider for Unavailable {
+    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>> {
+        Box::pin(async move { Err(StoreError::Unreachable(self.0.to_string())) })
     }
 }
 

@@ -1,0 +1,29 @@
+//! Agent-key extraction: any headers give a key or a 401, and a key is always a whitespace-free
+//! substring of what was sent.
+#![no_main]
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use keyward::config::AgentKeySpec;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let specs = [
+        AgentKeySpec { header: HeaderName::from_static("authorization"), schemes: vec!["Bearer".into()] },
+        AgentKeySpec { header: HeaderName::from_static("authorization"), schemes: vec!["Bearer".into(), "token".into()] },
+        AgentKeySpec { header: HeaderName::from_static("x-api-key"), schemes: vec![] },
+    ];
+    let spec = &specs[selector as usize % specs.len()];
+    let names = ["authorization", "x-api-key", "proxy-authorization"];
+    let mut headers = HeaderMap::new();
+    for (i, value) in rest.split(|b| *b == b'\n').take(6).enumerate() {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            headers.append(HeaderName::from_static(names[i % names.len()]), value);
+        }
+    }
+    if let Ok(key) = keyward::identity::extract_key(spec, &headers, "fuzz") {
+        assert!(!key.is_empty());
+        assert!(key.bytes().all(|b| b.is_ascii_graphic()));
+        assert!(headers.values().any(|v| v.to_str().is_ok_and(|v| v.contains(key))));
+    }
+});
