@@ -75,6 +75,8 @@ pub enum ProxyError {
     UpstreamEncoding {
         route: String,
     },
+    /// The audit trail cannot record the release, so the credential is withheld.
+    AuditUnavailable,
     Internal(&'static str),
 }
 
@@ -110,6 +112,7 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable", Upstream),
             ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
             ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
+            ProxyError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", Internal),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -147,6 +150,9 @@ impl ProxyError {
             ProxyError::UpstreamEncoding { route } => format!(
                 "upstream of route '{route}' compressed its answer with an encoding keyward cannot inspect for credentials"
             ),
+            ProxyError::AuditUnavailable => {
+                "the audit trail cannot be written, so no credential is released; try again later".to_string()
+            }
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }
     }

@@ -123,6 +123,8 @@ async fn proxy(
     audit.secret(&secret.source, secret.version.as_deref());
 
     let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
+    // No credential goes onto the network without a durable record of its release.
+    audit.release().await?;
     let response = state.forwarder.send(outbound, &route.name).await?;
     audit.upstream_status(response.status().as_u16());
     let coding = decode::coding(response.headers());

@@ -154,6 +154,23 @@ impl Scrubber {
         Cow::Owned(out)
     }
 
+    /// Scrubs every string inside a JSON value in place.
+    pub fn scrub_json(&self, value: &mut serde_json::Value) {
+        if self.is_empty() {
+            return;
+        }
+        match value {
+            serde_json::Value::String(text) => {
+                if let Cow::Owned(clean) = self.scrub(text.as_bytes()) {
+                    *text = String::from_utf8_lossy(&clean).into_owned();
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.scrub_json(v)),
+            serde_json::Value::Object(map) => map.values_mut().for_each(|v| self.scrub_json(v)),
+            _ => {}
+        }
+    }
+
     /// Scrubs every header value in place.
     pub fn scrub_headers(&self, headers: &mut HeaderMap) {
         if self.is_empty() {

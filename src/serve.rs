@@ -28,7 +28,7 @@ pub struct Running {
 /// the background; `/readyz` turns ready once each has answered.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    let audit = AuditSink::open(&config.audit.path, metrics.clone())
+    let audit = AuditSink::open(&config.audit, metrics.clone())
         .with_context(|| format!("cannot open the audit file {}", config.audit.path.display()))?;
     let runtime = Runtime::new(config, metrics.clone());
     start_with(runtime, Arc::new(audit), metrics).await

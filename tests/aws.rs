@@ -187,9 +187,10 @@ async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
     let logs = spawned.terminate();
     assert_no_canary("logs", &logs);
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    assert_eq!(audit.lines().count(), 101);
+    let records = outcomes(&dir.path().join("audit.jsonl"));
+    assert_eq!(records.len(), 101);
     assert_no_canary("the audit file", &audit);
-    let first: serde_json::Value = serde_json::from_str(audit.lines().next().unwrap()).unwrap();
+    let first = &records[0];
     assert_eq!(first["secretSource"], "prod");
     assert_eq!(first["secretVersion"], version.as_str());
     assert_eq!(first["credential"], "OPENAI_API_KEY");

@@ -209,7 +209,11 @@ async fn no_canary_escapes_under_random_traffic() {
     let upstream_saw = h.upstream.count();
     let dir = h.stop().await;
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    assert_eq!(audit.lines().count(), REQUESTS, "seed {seed}: one audit record per request");
+    assert_eq!(
+        outcomes(&dir.path().join("audit.jsonl")).len(),
+        REQUESTS,
+        "seed {seed}: one outcome record per request"
+    );
     if let Some(form) = find_leak(&audit, &forms) {
         panic!("seed {seed}: the audit file leaked {form:?}");
     }

@@ -11,8 +11,9 @@ use arc_swap::ArcSwap;
 use http::Method;
 use rand::Rng;
 
-use super::record::{AuditRecord, Decision, Outcome};
+use super::record::{AuditRecord, Decision, Outcome, RELEASED_FIELDS};
 use super::sink::AuditSink;
+use crate::config::OnFailure;
 use crate::error::{Origin, ProxyError};
 use crate::metrics::{Metrics, RequestLabels, RouteLabel};
 use crate::scrub::Scrubber;
@@ -51,6 +52,7 @@ impl AuditGuard {
         path: &str,
     ) -> AuditGuard {
         let record = AuditRecord {
+            kind: "request",
             timestamp: String::new(),
             request_id: new_request_id(),
             agent_id: None,
@@ -106,6 +108,31 @@ impl AuditGuard {
         self.record.status = status;
     }
 
+    /// Writes the `request.released` record and waits until it is durable, before the credential
+    /// goes onto the network. If the audit file cannot be written and `on_failure = "deny"`, the
+    /// credential is withheld.
+    pub async fn release(&mut self) -> Result<(), ProxyError> {
+        let mut record = self.record.clone();
+        record.kind = "request.released";
+        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        record.operation = operation(&record);
+        record.decision = Decision::Allowed;
+        let mut value = record.to_json();
+        if let Some(map) = value.as_object_mut() {
+            map.retain(|key, _| RELEASED_FIELDS.contains(&key.as_str()));
+        }
+        self.scrubber.load().scrub_json(&mut value);
+        match self.sink.record_durably(value).await {
+            Ok(()) => Ok(()),
+            Err(failure) if self.sink.on_failure() == OnFailure::Allow => {
+                tracing::error!(request_id = %self.record.request_id, error = %failure.0,
+                    "audit record not written; forwarding anyway because audit.on_failure = \"allow\"");
+                Ok(())
+            }
+            Err(_) => Err(ProxyError::AuditUnavailable),
+        }
+    }
+
     /// keyward refused or failed the request with `error`.
     pub fn fail(mut self, error: &ProxyError) {
         self.record.status = error.status().as_u16();
@@ -118,6 +145,7 @@ impl AuditGuard {
                 (Decision::Throttled, Outcome::Throttled)
             }
             (Origin::Downstream, _) => (Decision::Denied, Outcome::Denied),
+            (_, ProxyError::AuditUnavailable) => (Decision::Error, Outcome::AuditError),
             (Origin::Upstream, _) => (Decision::Error, Outcome::UpstreamError),
             (Origin::Internal, _) => (Decision::Error, Outcome::InternalError),
         };
@@ -146,7 +174,7 @@ impl AuditGuard {
         record.decision = decision;
         record.outcome = outcome;
         record.success = outcome == Outcome::Success;
-        record.operation = format!("{} {} {}", record.route.as_deref().unwrap_or("-"), record.method, record.path);
+        record.operation = operation(record);
         let route = record.route.clone().unwrap_or_default();
         let decision_label = match decision {
             Decision::Allowed => "allowed",
@@ -167,9 +195,14 @@ impl AuditGuard {
             outcome = ?outcome,
             "request finished"
         );
-        let line = record.to_json_line();
-        self.sink.emit(self.scrubber.load().scrub(&line).into_owned(), &record.request_id);
+        let mut value = record.to_json();
+        self.scrubber.load().scrub_json(&mut value);
+        self.sink.record(value);
     }
+}
+
+fn operation(record: &AuditRecord) -> String {
+    format!("{} {} {}", record.route.as_deref().unwrap_or("-"), record.method, record.path)
 }
 
 impl Drop for AuditGuard {

@@ -1,6 +1,7 @@
 //! The audit trail: one JSON line per attempt, on every outcome.
 
 mod body;
+pub mod chain;
 mod guard;
 mod record;
 mod sink;
@@ -8,4 +9,4 @@ mod sink;
 pub use body::AuditedBody;
 pub use guard::{AuditGuard, BodyEnd, new_request_id};
 pub use record::{AuditRecord, Decision, Outcome};
-pub use sink::AuditSink;
+pub use sink::{AuditSink, WriteFailed, chain_files};

@@ -39,6 +39,8 @@ pub enum Outcome {
     SecretError,
     /// keyward itself failed.
     InternalError,
+    /// The audit trail could not record the release, so the credential was withheld.
+    AuditError,
     /// The agent went away before the response was complete.
     ClientDisconnect,
 }
@@ -46,6 +48,10 @@ pub enum Outcome {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
+    /// `request` for the outcome of an attempt, `request.released` for the record written before
+    /// a credential goes onto the network.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     pub timestamp: String,
     pub request_id: String,
     pub agent_id: Option<String>,
@@ -79,10 +85,26 @@ pub struct AuditRecord {
     pub bytes_sent: Option<u64>,
 }
 
+/// The fields a `request.released` record keeps: who is getting which credential, for what.
+pub const RELEASED_FIELDS: [&str; 14] = [
+    "type",
+    "timestamp",
+    "requestId",
+    "agentId",
+    "operation",
+    "credential",
+    "ip",
+    "metadata",
+    "route",
+    "method",
+    "path",
+    "decision",
+    "secretSource",
+    "secretVersion",
+];
+
 impl AuditRecord {
-    pub fn to_json_line(&self) -> Vec<u8> {
-        let mut line = serde_json::to_vec(self).expect("audit records always serialize");
-        line.push(b'\n');
-        line
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("audit records always serialize")
     }
 }

@@ -1,57 +1,111 @@
-//! The JSONL audit file: one writer thread fed by a bounded channel, so the request path never
-//! takes a lock, and concurrent records are written in batches with one `write(2)` each.
+//! The audit file writer: one thread fed by a bounded channel. It seals each record into the hash
+//! chain, writes a batch of concurrent records with one `write(2)` (and, in `fsync` mode, one
+//! fsync), acknowledges records that wait for durability, rotates the file daily or by size,
+//! prunes files past retention, and resumes the chain after a restart.
 //!
-//! A full channel blocks the sender briefly instead of dropping a record. A failed write is
-//! logged and counted, never silent.
+//! A full channel slows the sender instead of dropping a record. A failed write is logged and
+//! counted, and reported to the requests waiting on it, so they can fail closed.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::time::{Duration, SystemTime};
 
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use super::chain::ChainHead;
+use crate::config::{AuditConfig, Durability, OnFailure};
 use crate::metrics::Metrics;
 
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 const MAX_BATCH: usize = 512;
+const TICK: Duration = Duration::from_secs(1);
+
+/// The audit file could not be written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailed(pub String);
+
+type Ack = oneshot::Sender<Result<(), WriteFailed>>;
 
 enum Message {
-    Line(Vec<u8>),
+    Record { record: Value, ack: Option<Ack> },
     Flush(std::sync::mpsc::Sender<()>),
 }
 
 pub struct AuditSink {
     tx: SyncSender<Message>,
     path: PathBuf,
+    durability: Durability,
+    on_failure: OnFailure,
 }
 
 impl AuditSink {
-    /// Opens (creating directories as needed) the audit file for appending and starts the writer.
-    pub fn open(path: &Path, metrics: Arc<Metrics>) -> std::io::Result<AuditSink> {
+    /// Opens (creating directories as needed) the audit file, resumes its chain, and starts the
+    /// writer thread.
+    pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> std::io::Result<AuditSink> {
+        let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let head = resume_head(&path);
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if config.durability == Durability::None {
+            tracing::warn!(
+                "audit.durability = \"none\": records are buffered in memory and lost on a crash; use only for benchmarks"
+            );
+        }
+        let mut writer = Writer {
+            out: Output::new(file, config.durability),
+            path: path.clone(),
+            head,
+            durability: config.durability,
+            rotate_bytes: config.rotate_bytes,
+            rotate_daily: config.rotate_daily,
+            retention_days: config.retention_days,
+            date: today(),
+            metrics,
+            failing: false,
+        };
+        writer.start_line_clean();
+        writer.prune();
         let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
-        let display = path.display().to_string();
-        std::thread::Builder::new()
-            .name("keyward-audit".to_string())
-            .spawn(move || writer(file, rx, metrics, display))?;
-        Ok(AuditSink { tx, path: path.to_path_buf() })
+        std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || writer.run(rx))?;
+        Ok(AuditSink { tx, path, durability: config.durability, on_failure: config.on_failure })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Queues one finished JSON line (ending in a newline).
-    pub fn emit(&self, line: Vec<u8>, request_id: &str) {
-        if self.tx.send(Message::Line(line)).is_err() {
-            tracing::error!(request_id, "audit writer has stopped; record not written");
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure
+    }
+
+    /// Queues a record; it is written with the next batch.
+    pub fn record(&self, record: Value) {
+        if self.tx.send(Message::Record { record, ack: None }).is_err() {
+            tracing::error!("audit writer has stopped; record not written");
         }
     }
 
-    /// Returns once every record emitted before this call has been handed to the OS.
+    /// Queues a record and waits until it has been written (handed to the OS, and fsync'd in
+    /// `fsync` mode). With `durability = "none"` it returns at once.
+    pub async fn record_durably(&self, record: Value) -> Result<(), WriteFailed> {
+        if self.durability == Durability::None {
+            self.record(record);
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Message::Record { record, ack: Some(ack) })
+            .map_err(|_| WriteFailed("the audit writer has stopped".to_string()))?;
+        done.await.unwrap_or_else(|_| Err(WriteFailed("the audit writer has stopped".to_string())))
+    }
+
+    /// Returns once every record queued before this call has been handed to the OS.
     pub fn flush(&self) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         if self.tx.send(Message::Flush(done_tx)).is_ok() {
@@ -60,45 +114,388 @@ impl AuditSink {
     }
 }
 
-fn writer(mut file: File, rx: Receiver<Message>, metrics: Arc<Metrics>, path: String) {
-    let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut waiting: Vec<std::sync::mpsc::Sender<()>> = Vec::new();
-    let mut failing = false;
-    while let Ok(first) = rx.recv() {
-        let mut lines = 0u64;
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Line(line) => {
-                    batch.extend_from_slice(&line);
-                    lines += 1;
-                }
-                Message::Flush(done) => waiting.push(done),
-            }
-            if lines as usize >= MAX_BATCH {
-                break;
-            }
-            next = rx.try_recv().ok();
+enum Output {
+    Direct(File),
+    Buffered(BufWriter<File>),
+}
+
+impl Output {
+    fn new(file: File, durability: Durability) -> Output {
+        match durability {
+            Durability::None => Output::Buffered(BufWriter::with_capacity(256 * 1024, file)),
+            _ => Output::Direct(file),
         }
-        if !batch.is_empty() {
-            match file.write_all(&batch) {
-                Ok(()) => {
-                    metrics.audit_records.inc_by(lines);
-                    if failing {
-                        tracing::warn!(path, "audit file is writable again");
-                        failing = false;
+    }
+
+    fn write(&mut self, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+        match self {
+            Output::Direct(file) => {
+                file.write_all(bytes)?;
+                if fsync {
+                    file.sync_data()?;
+                }
+                Ok(())
+            }
+            Output::Buffered(buffer) => buffer.write_all(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Output::Direct(_) => Ok(()),
+            Output::Buffered(buffer) => buffer.flush(),
+        }
+    }
+
+    fn file(&self) -> &File {
+        match self {
+            Output::Direct(file) => file,
+            Output::Buffered(buffer) => buffer.get_ref(),
+        }
+    }
+}
+
+struct Writer {
+    out: Output,
+    path: PathBuf,
+    head: ChainHead,
+    durability: Durability,
+    rotate_bytes: u64,
+    rotate_daily: bool,
+    retention_days: u32,
+    date: String,
+    metrics: Arc<Metrics>,
+    failing: bool,
+}
+
+fn today() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_string()
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Message>) {
+        loop {
+            let first = match rx.recv_timeout(TICK) {
+                Ok(message) => message,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.tick();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut records = Vec::new();
+            let mut flushes = Vec::new();
+            let mut next = Some(first);
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Record { record, ack } => records.push((record, ack)),
+                    Message::Flush(done) => flushes.push(done),
+                }
+                if records.len() >= MAX_BATCH {
+                    break;
+                }
+                next = rx.try_recv().ok();
+            }
+            if !records.is_empty() {
+                self.write_batch(records);
+            }
+            if !flushes.is_empty() {
+                if let Err(error) = self.out.flush() {
+                    tracing::error!(%error, "audit buffer could not be flushed");
+                }
+                for done in flushes {
+                    let _ = done.send(());
+                }
+            }
+            self.rotate_if_due();
+        }
+        if let Err(error) = self.out.flush() {
+            tracing::error!(%error, "audit buffer could not be flushed at exit");
+        }
+    }
+
+    fn write_batch(&mut self, records: Vec<(Value, Option<Ack>)>) {
+        let before = self.head.clone();
+        let mut bytes = Vec::with_capacity(records.len() * 512);
+        let mut acks = Vec::new();
+        for (record, ack) in records {
+            bytes.extend_from_slice(self.head.seal(record).as_bytes());
+            bytes.push(b'\n');
+            acks.extend(ack);
+        }
+        let count = (self.head.seq - before.seq) as u64;
+        let result = self.out.write(&bytes, self.durability == Durability::Fsync);
+        match &result {
+            Ok(()) => {
+                self.metrics.audit_records.inc_by(count);
+                if self.failing {
+                    tracing::warn!(path = %self.path.display(), "audit file is writable again");
+                    self.failing = false;
+                }
+            }
+            Err(error) => {
+                // Unwritten records never joined the chain: the next batch links to the last
+                // record that is really in the file.
+                self.head = before;
+                self.metrics.audit_write_errors.inc_by(count);
+                if !self.failing {
+                    tracing::error!(path = %self.path.display(), %error, "audit records cannot be written");
+                    self.failing = true;
+                }
+            }
+        }
+        let outcome = result.map_err(|e| WriteFailed(e.to_string()));
+        for ack in acks {
+            let _ = ack.send(outcome.clone());
+        }
+    }
+
+    /// Writes one record the writer produces itself (rotation and pruning events).
+    fn write_event(&mut self, event: Value) {
+        self.write_batch(vec![(event, None)]);
+    }
+
+    fn tick(&mut self) {
+        if let Err(error) = self.out.flush() {
+            tracing::error!(%error, "audit buffer could not be flushed");
+        }
+        self.rotate_if_due();
+    }
+
+    fn is_regular(&self) -> bool {
+        self.out.file().metadata().is_ok_and(|m| m.is_file())
+    }
+
+    /// If the file does not end with a newline (a torn write before a power loss), start the
+    /// next record on a fresh line, so the torn fragment stays an isolated, reportable line.
+    fn start_line_clean(&mut self) {
+        let Ok(mut file) = File::open(&self.path) else { return };
+        if !file.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) {
+            return;
+        }
+        let mut last = [0u8; 1];
+        if file.seek(SeekFrom::End(-1)).is_ok() && file.read_exact(&mut last).is_ok() && last[0] != b'\n' {
+            let _ = self.out.write(b"\n", false);
+        }
+    }
+
+    fn rotate_if_due(&mut self) {
+        if !self.is_regular() {
+            return;
+        }
+        let size = self.out.file().metadata().map(|m| m.len()).unwrap_or(0);
+        let new_day = self.rotate_daily && today() != self.date;
+        let too_big = self.rotate_bytes > 0 && size >= self.rotate_bytes;
+        if size > 0 && (new_day || too_big) {
+            self.rotate();
+            self.prune();
+        }
+        self.date = today();
+    }
+
+    fn rotate(&mut self) {
+        if let Err(error) = self.out.flush() {
+            tracing::error!(%error, "audit buffer could not be flushed before rotation");
+            return;
+        }
+        let mut rotated = rotated_name(&self.path, &now());
+        while rotated.exists() {
+            // Two rotations within one millisecond: never overwrite a rotated file.
+            std::thread::sleep(Duration::from_millis(2));
+            rotated = rotated_name(&self.path, &now());
+        }
+        if let Err(error) = std::fs::rename(&self.path, &rotated) {
+            tracing::error!(%error, "audit file could not be rotated");
+            return;
+        }
+        match OpenOptions::new().create(true).append(true).open(&self.path) {
+            Ok(file) => {
+                self.out = Output::new(file, self.durability);
+                tracing::info!(rotated = %rotated.display(), "audit file rotated; the chain continues in the new file");
+            }
+            Err(error) => tracing::error!(%error, "a new audit file could not be opened after rotation"),
+        }
+    }
+
+    /// Deletes rotated files older than `retention_days`, and records the deletion in the chain
+    /// with the hash of the first record that survives.
+    fn prune(&mut self) {
+        let cutoff = SystemTime::now() - Duration::from_secs(u64::from(self.retention_days) * 86_400);
+        let cutoff = stamp(&humantime::format_rfc3339_millis(cutoff).to_string());
+        let files = chain_files(&self.path);
+        let mut deleted = Vec::new();
+        for file in files.iter().filter(|f| **f != self.path) {
+            let Some(file_stamp) = file_stamp(&self.path, file) else { continue };
+            if file_stamp < cutoff {
+                match std::fs::remove_file(file) {
+                    Ok(()) => deleted.push(file.file_name().unwrap_or_default().to_string_lossy().into_owned()),
+                    Err(error) => {
+                        tracing::error!(file = %file.display(), %error, "expired audit file could not be deleted")
                     }
                 }
-                Err(error) => {
-                    metrics.audit_write_errors.inc_by(lines);
-                    tracing::error!(path, %error, records = lines, "audit records could not be written");
-                    failing = true;
-                }
             }
-            batch.clear();
         }
-        for done in waiting.drain(..) {
-            let _ = done.send(());
+        if deleted.is_empty() {
+            return;
         }
+        let first_surviving = chain_files(&self.path).into_iter().find_map(|f| first_hash(&f));
+        tracing::info!(files = deleted.len(), "expired audit files deleted");
+        self.write_event(json!({
+            "type": "audit.pruned",
+            "timestamp": now(),
+            "deleted": deleted,
+            "retention_days": self.retention_days,
+            "first_surviving_hash": first_surviving,
+        }));
+    }
+}
+
+/// `keyward-audit.jsonl` + `2026-11-23T22:05:00.123Z` → `keyward-audit.20261123T220500123Z.jsonl`.
+fn rotated_name(active: &Path, rfc3339: &str) -> PathBuf {
+    let stem = active.file_stem().unwrap_or_default().to_string_lossy();
+    let ext = active.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    active.with_file_name(format!("{stem}.{}{ext}", stamp(rfc3339)))
+}
+
+fn stamp(rfc3339_millis: &str) -> String {
+    rfc3339_millis.replace(['-', ':', '.'], "")
+}
+
+fn file_stamp(active: &Path, file: &Path) -> Option<String> {
+    let stem = active.file_stem()?.to_string_lossy().into_owned();
+    let name = file.file_name()?.to_string_lossy().into_owned();
+    let rest = name.strip_prefix(&format!("{stem}."))?;
+    let stamp = rest.split('.').next()?;
+    (stamp.len() == 19 && stamp.ends_with('Z') && stamp.as_bytes()[8] == b'T').then(|| stamp.to_string())
+}
+
+/// The files of one chain in order: rotated files oldest first, then the active file.
+pub fn chain_files(active: &Path) -> Vec<PathBuf> {
+    let dir = active.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut rotated: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|p| file_stamp(active, &p).map(|s| (s, p)))
+        .collect();
+    rotated.sort();
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    if active.exists() {
+        files.push(active.to_path_buf());
+    }
+    files
+}
+
+fn first_hash(file: &Path) -> Option<String> {
+    use std::io::BufRead;
+    let line = std::io::BufReader::new(File::open(file).ok()?).lines().next()?.ok()?;
+    let value: Value = serde_json::from_str(&line).ok()?;
+    value.get("hash")?.as_str().map(str::to_string)
+}
+
+/// The chain head after the newest record on disk, or genesis for a new trail.
+fn resume_head(active: &Path) -> ChainHead {
+    for file in chain_files(active).iter().rev() {
+        let Ok(mut f) = File::open(file) else { continue };
+        let Ok(meta) = f.metadata() else { continue };
+        if !meta.is_file() || meta.len() == 0 {
+            continue;
+        }
+        let start = meta.len().saturating_sub(256 * 1024);
+        let mut tail = Vec::new();
+        if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&tail);
+        if let Some(head) = text.lines().rev().find_map(ChainHead::after) {
+            return head;
+        }
+    }
+    ChainHead::genesis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::Verifier;
+
+    fn config(path: &Path) -> AuditConfig {
+        AuditConfig {
+            path: path.to_path_buf(),
+            retention_days: 90,
+            metadata: Default::default(),
+            durability: Durability::Os,
+            on_failure: OnFailure::Deny,
+            rotate_bytes: 0,
+            rotate_daily: true,
+        }
+    }
+
+    fn verify(active: &Path) -> Result<u64, String> {
+        let mut v = Verifier::new();
+        for file in chain_files(active) {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (i, line) in text.lines().enumerate() {
+                v.check_line(&file.display().to_string(), i + 1, line).map_err(|b| b.to_string())?;
+            }
+        }
+        v.finish().map_err(|b| b.to_string())?;
+        Ok(v.records)
+    }
+
+    #[tokio::test]
+    async fn records_are_chained_and_the_chain_resumes_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        for round in 0..2 {
+            let sink = AuditSink::open(&config(&path), Arc::new(Metrics::new())).unwrap();
+            sink.record_durably(json!({ "type": "request.released", "round": round })).await.unwrap();
+            sink.record(json!({ "type": "request", "round": round }));
+            sink.flush();
+        }
+        assert_eq!(verify(&path), Ok(4));
+        let last = std::fs::read_to_string(&path).unwrap().lines().last().unwrap().to_string();
+        assert_eq!(ChainHead::after(&last).unwrap().seq, 4);
+    }
+
+    #[tokio::test]
+    async fn rotation_by_size_continues_the_chain_and_pruning_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut cfg = config(&path);
+        cfg.rotate_bytes = 300;
+        let sink = AuditSink::open(&cfg, Arc::new(Metrics::new())).unwrap();
+        for i in 0..6 {
+            sink.record_durably(json!({ "type": "request", "i": i, "pad": "x".repeat(200) })).await.unwrap();
+        }
+        sink.flush();
+        drop(sink);
+        let files = chain_files(&path);
+        assert!(files.len() >= 3, "{files:?}");
+        assert_eq!(verify(&path), Ok(6));
+
+        // Age the oldest rotated file past retention, reopen: it is deleted and the chain says so.
+        let oldest = files[0].clone();
+        std::fs::rename(&oldest, rotated_name(&path, "2001-01-01T00:00:00.000Z")).unwrap();
+        let sink = AuditSink::open(&cfg, Arc::new(Metrics::new())).unwrap();
+        sink.flush();
+        drop(sink);
+        let text: String = chain_files(&path).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+        assert!(text.contains("\"type\":\"audit.pruned\""), "{text}");
+        assert!(verify(&path).is_ok(), "{:?}", verify(&path));
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_waiting_request_and_is_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let sink = AuditSink::open(&config(Path::new("/dev/full")), metrics.clone()).unwrap();
+        let result = sink.record_durably(json!({ "type": "request.released" })).await;
+        assert!(result.is_err());
+        assert_eq!(metrics.audit_write_errors.get(), 1);
     }
 }

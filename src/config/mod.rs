@@ -30,6 +30,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub forward: ForwardConfig,
     pub audit: AuditConfig,
+    pub admin: AdminConfig,
     pub sources: Vec<SourceConfig>,
     pub routes: Vec<RouteConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
@@ -60,6 +61,44 @@ pub struct AuditConfig {
     pub path: PathBuf,
     pub retention_days: u32,
     pub metadata: BTreeMap<String, String>,
+    pub durability: Durability,
+    pub on_failure: OnFailure,
+    /// Rotate the active file once it is this large (0: never by size).
+    pub rotate_bytes: u64,
+    /// Rotate the active file when the UTC date changes.
+    pub rotate_daily: bool,
+}
+
+/// What "written" means for an audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Handed to the OS with write(2): survives a crash of keyward.
+    Os,
+    /// Also fsync'd, one fsync per batch of concurrent records: survives power loss.
+    Fsync,
+    /// Buffered in keyward: for benchmarks only.
+    None,
+}
+
+/// What to do when the audit file cannot be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Refuse the request with 503 `audit_unavailable`: no credential without a record.
+    Deny,
+    /// Forward anyway, counting and logging every lost record.
+    Allow,
+}
+
+#[derive(Clone, Default)]
+pub struct AdminConfig {
+    /// SHA-256 of the admin API token; `None` leaves the admin API disabled.
+    pub token_sha256: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig").field("token_configured", &self.token_sha256.is_some()).finish()
+    }
 }
 
 #[derive(Debug, Clone)]

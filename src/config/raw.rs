@@ -14,6 +14,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub sources: Vec<RawSource>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -35,6 +37,12 @@ pub struct RawServer {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub token_sha256: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawForward {
     pub connect_timeout_ms: Option<u64>,
     pub read_timeout_ms: Option<u64>,
@@ -49,6 +57,10 @@ pub struct RawForward {
 pub struct RawAudit {
     pub path: Option<String>,
     pub retention_days: Option<u32>,
+    pub durability: Option<String>,
+    pub on_failure: Option<String>,
+    pub rotate_bytes: Option<u64>,
+    pub rotate_daily: Option<bool>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
 }

@@ -98,11 +98,41 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             c.problem(field, "must be greater than 0");
         }
     }
+    let durability = match raw.audit.durability.as_deref().unwrap_or("os") {
+        "os" => Durability::Os,
+        "fsync" => Durability::Fsync,
+        "none" => Durability::None,
+        other => {
+            c.problem("audit.durability", format!("'{other}' is not one of \"os\", \"fsync\", \"none\""));
+            Durability::Os
+        }
+    };
+    let on_failure = match raw.audit.on_failure.as_deref().unwrap_or("deny") {
+        "deny" => OnFailure::Deny,
+        "allow" => OnFailure::Allow,
+        other => {
+            c.problem("audit.on_failure", format!("'{other}' is not one of \"deny\", \"allow\""));
+            OnFailure::Deny
+        }
+    };
     let audit = AuditConfig {
         path: PathBuf::from(raw.audit.path.unwrap_or_else(|| "var/audit/keyward-audit.jsonl".to_string())),
         retention_days: raw.audit.retention_days.unwrap_or(90),
         metadata: raw.audit.metadata,
+        durability,
+        on_failure,
+        rotate_bytes: raw.audit.rotate_bytes.unwrap_or(100 * 1024 * 1024),
+        rotate_daily: raw.audit.rotate_daily.unwrap_or(true),
     };
+    let mut admin = AdminConfig::default();
+    if let Some(text) = &raw.admin.token_sha256 {
+        let mut hash = [0u8; 32];
+        if text.len() == 64 && hex::decode_to_slice(text, &mut hash).is_ok() {
+            admin.token_sha256 = Some(hash);
+        } else {
+            c.problem("admin.token_sha256", "must be 64 hex characters (see `keyward admin token`)");
+        }
+    }
     if audit.retention_days == 0 {
         c.problem("audit.retention_days", "must be at least 1");
     }
@@ -175,7 +205,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         "agent key hash",
     );
 
-    Config { server, forward, audit, sources, routes, roles, agents }
+    Config { server, forward, audit, admin, sources, routes, roles, agents }
 }
 
 fn valid_name(name: &str) -> bool {

@@ -178,16 +178,17 @@ impl Harness {
         self.dir.path().join("audit.jsonl")
     }
 
-    /// Every audit record written so far.
-    pub fn audit(&self) -> Vec<serde_json::Value> {
+    /// Every audit record written so far, of every type.
+    pub fn audit_all(&self) -> Vec<serde_json::Value> {
         if let Some(running) = &self.running {
             running.state.audit.flush();
         }
-        std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("audit lines are JSON"))
-            .collect()
+        read_audit(&self.audit_path())
+    }
+
+    /// The outcome records (`type = "request"`): exactly one per attempt.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.audit_all().into_iter().filter(|r| r["type"] == "request").collect()
     }
 
     /// Waits (bounded) until an audit record matches, for outcomes recorded after the response.
@@ -212,6 +213,19 @@ impl Harness {
         }
         self.dir
     }
+}
+
+pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("audit lines are JSON"))
+        .collect()
+}
+
+/// Outcome records in an audit file.
+pub fn outcomes(path: &Path) -> Vec<serde_json::Value> {
+    read_audit(path).into_iter().filter(|r| r["type"] == "request").collect()
 }
 
 pub fn assert_no_canary(what: &str, text: &str) {
