@@ -227,7 +227,7 @@ impl Writer {
             bytes.push(b'\n');
             acks.extend(ack);
         }
-        let count = (self.head.seq - before.seq) as u64;
+        let count = self.head.seq - before.seq;
         let result = self.out.write(&bytes, self.durability == Durability::Fsync);
         match &result {
             Ok(()) => {
