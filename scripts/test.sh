@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs keyward's whole test suite on a fresh machine. It installs what the tests need
-# (moto_server for the AWS Secrets Manager tests); the tests start and stop their own
-# servers (moto, fake upstreams, keyward itself) on loopback.
+# (moto_server for the AWS Secrets Manager tests, chromium for the dashboard test); the tests
+# start and stop their own servers (moto, fake upstreams, keyward, chromium) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,18 @@ if ! command -v moto_server >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 command -v moto_server >/dev/null 2>&1 || { echo "test.sh: moto_server is still not on PATH" >&2; exit 1; }
+
+# Debian's chromium for the dashboard test (headless; no download of its own).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "test.sh: installing chromium for the dashboard test"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "test.sh: the dashboard test needs chromium: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
 
 echo "test.sh: running cargo test (debug build)"
 log=$(mktemp)

@@ -46,6 +46,53 @@ enum Command {
     },
     /// Start a fake upstream and a proxy, send one agent request, and show what each side saw.
     Demo,
+    /// Check or summarise the audit trail.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Manage the admin API.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain. Exits 0 on an intact trail; otherwise prints the first broken place
+    /// (file, line, seq) and exits 1.
+    Verify {
+        /// Audit files or directories; default: the config's audit.path and its rotated files.
+        paths: Vec<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// A compliance report: use per credential and agent, denials, throttles, anomalies, rotations.
+    Report {
+        /// How far back: a duration (7d, 12h) or an RFC 3339 time.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+        format: ReportFormat,
+        /// Audit files or directories; default: the config's audit.path and its rotated files.
+        paths: Vec<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+    Html,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an admin API token. It is printed once; only its SHA-256 goes into the config.
+    Token,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +165,22 @@ fn main() -> ExitCode {
             tracing::info!(config = %name, "config loaded");
             run_async(serve(config))
         }
+        Command::Audit { command: AuditCommand::Verify { paths, config } } => audit_verify(paths, config.as_deref()),
+        Command::Audit { command: AuditCommand::Report { since, format, paths, config } } => {
+            audit_report(&since, format, paths, config.as_deref())
+        }
+        Command::Admin { command: AdminCommand::Token } => {
+            let token = format!("kwadm_{}", &identity::generate_key()[3..]);
+            println!("admin token (shown once; send it as 'Authorization: Bearer <token>'):");
+            println!();
+            println!("  {token}");
+            println!();
+            println!("add this to the config:");
+            println!();
+            println!("[admin]");
+            println!("token_sha256 = \"{}\"", hex::encode(identity::hash_key(&token)));
+            ExitCode::SUCCESS
+        }
         Command::Demo => run_async(async {
             let text = keyward::demo::run().await?;
             print!("{text}");
@@ -189,6 +252,63 @@ fn agents_new(id: &str, role: &str, config: Option<&std::path::Path>) -> ExitCod
     println!("id = {}", toml_string(id));
     println!("role = {}", toml_string(role));
     println!("key_sha256 = \"{hash}\"");
+    ExitCode::SUCCESS
+}
+
+/// The audit files to read: those named, or the config's audit.path with its rotated files.
+fn audit_files(
+    paths: Vec<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> Result<(Vec<PathBuf>, Option<Config>), ExitCode> {
+    if paths.is_empty() {
+        let (config, _) = load(config)?;
+        let files = keyward::audit::read::expand(std::slice::from_ref(&config.audit.path));
+        Ok((files, Some(config)))
+    } else {
+        let config = config.map(|p| load(Some(p))).transpose()?.map(|(c, _)| c);
+        Ok((keyward::audit::read::expand(&paths), config))
+    }
+}
+
+fn audit_verify(paths: Vec<PathBuf>, config: Option<&std::path::Path>) -> ExitCode {
+    let (files, _) = match audit_files(paths, config) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    if files.is_empty() {
+        eprintln!("keyward: no audit files found");
+        return ExitCode::from(2);
+    }
+    match keyward::audit::read::verify(&files) {
+        Ok(verified) => {
+            println!("audit chain intact: {} records in {} file(s)", verified.records, verified.files);
+            ExitCode::SUCCESS
+        }
+        Err(broken) => {
+            println!("audit chain BROKEN at {broken}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_report(since: &str, format: ReportFormat, paths: Vec<PathBuf>, config: Option<&std::path::Path>) -> ExitCode {
+    let since = match keyward::audit::read::parse_time(since) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("keyward: --since {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (files, config) = match audit_files(paths, config) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let report = keyward::audit::report::build(&files, since, config.as_ref());
+    match format {
+        ReportFormat::Text => print!("{}", keyward::audit::report::text(&report)),
+        ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize")),
+        ReportFormat::Html => println!("{}", keyward::audit::report::html(&report)),
+    }
     ExitCode::SUCCESS
 }
 

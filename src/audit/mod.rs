@@ -3,7 +3,9 @@
 mod body;
 pub mod chain;
 mod guard;
+pub mod read;
 mod record;
+pub mod report;
 mod sink;
 
 pub use body::AuditedBody;

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
@@ -32,7 +32,20 @@ type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Fetched>, StoreError>>>;
 struct Entry {
     value: Arc<Resolved>,
     fetched_at: Instant,
+    fetched_wall: SystemTime,
     last_used: Instant,
+}
+
+/// What the admin API shows about one secret. Never its value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SecretStatus {
+    pub name: String,
+    pub source: String,
+    pub version: Option<String>,
+    pub fetched_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub age_seconds: Option<u64>,
+    pub cached: bool,
 }
 
 #[derive(Default)]
@@ -168,6 +181,30 @@ impl SecretStore {
         self.unreached().len()
     }
 
+    /// Every secret name with its cache state, for the admin API and dashboard.
+    pub fn status(&self) -> Vec<SecretStatus> {
+        let mut names: Vec<(&String, &usize)> = self.owner.iter().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|(name, slot)| {
+                let slot = &self.slots[*slot];
+                let state = slot.state.lock().expect("secret cache lock poisoned");
+                let entry = state.entries.get(name);
+                let stamp = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+                SecretStatus {
+                    name: name.clone(),
+                    source: slot.name.clone(),
+                    version: entry.and_then(|e| e.value.version.clone()),
+                    fetched_at: entry.map(|e| stamp(e.fetched_wall)),
+                    expires_at: entry.map(|e| stamp(e.fetched_wall + slot.policy.ttl)),
+                    age_seconds: entry.map(|e| e.fetched_at.elapsed().as_secs()),
+                    cached: entry.is_some(),
+                }
+            })
+            .collect()
+    }
+
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
         self.held.scrubber.load_full()
@@ -285,7 +322,9 @@ impl Slot {
                 version: fetched.version.clone(),
             };
             let last_used = state.entries.get(name).map_or(now, |e| e.last_used);
-            state.entries.insert(name.clone(), Entry { value: Arc::new(resolved), fetched_at: now, last_used });
+            let entry =
+                Entry { value: Arc::new(resolved), fetched_at: now, fetched_wall: SystemTime::now(), last_used };
+            state.entries.insert(name.clone(), entry);
         }
         state.entries.retain(|name, _| fetched.values.contains_key(name));
         evict_to(&mut state.entries, self.policy.max_size.max(1));

@@ -18,7 +18,7 @@ use secrecy::SecretString;
 
 use crate::config::{ProviderConfig, Selector, SourceConfig};
 
-pub use cache::{Resolved, SecretStore};
+pub use cache::{Resolved, SecretStatus, SecretStore};
 pub use file::discover_names;
 
 /// The values one fetch produced, by secret name. Deliberately not `Debug`.

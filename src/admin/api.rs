@@ -1,0 +1,136 @@
+//! Admin API handlers over the audit trail and the secret cache. Files are read on a blocking
+//! thread, line by line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::admin_error;
+use crate::audit::read::{self, Filter};
+use crate::audit::report;
+use crate::state::AppState;
+
+fn audit_files(state: &AppState) -> Vec<PathBuf> {
+    state.audit.flush();
+    read::expand(&[state.audit.path().to_path_buf()])
+}
+
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| admin_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "the audit read failed"))
+}
+
+/// `GET /admin/audit?agent=&credential=&decision=&type=&since=&until=&after_seq=&limit=`
+pub async fn audit(State(state): State<Arc<AppState>>, Query(filter): Query<Filter>) -> Response {
+    let result = blocking(move || read::query(&audit_files(&state), &filter)).await;
+    match result {
+        Ok(Ok(page)) => axum::Json(page).into_response(),
+        Ok(Err(message)) => admin_error(StatusCode::BAD_REQUEST, "invalid_query", &message),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    since: Option<String>,
+    format: Option<String>,
+}
+
+/// `GET /admin/audit/summary?since=7d`: what the dashboard draws.
+pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>) -> Response {
+    let since = match read::parse_time(q.since.as_deref().unwrap_or("7d")) {
+        Ok(t) => t,
+        Err(message) => return admin_error(StatusCode::BAD_REQUEST, "invalid_query", &message),
+    };
+    let result = blocking(move || {
+        let mut by_agent: BTreeMap<String, [u64; 24]> = BTreeMap::new();
+        let mut by_credential: BTreeMap<String, [u64; 24]> = BTreeMap::new();
+        let mut denials: Vec<Value> = Vec::new();
+        let mut anomalies: Vec<Value> = Vec::new();
+        for record in read::records(&audit_files(&state)) {
+            let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
+            let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
+            if kind.starts_with("anomaly.") {
+                anomalies.push(record);
+                continue;
+            }
+            if kind != "request" {
+                continue;
+            }
+            match record.get("decision").and_then(Value::as_str) {
+                Some("allowed") => {
+                    let hour =
+                        (time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() / 3600 % 24) as usize;
+                    let text = |k: &str| record.get(k).and_then(Value::as_str).unwrap_or("(none)").to_string();
+                    by_agent.entry(text("agentId")).or_insert([0; 24])[hour] += 1;
+                    by_credential.entry(text("credential")).or_insert([0; 24])[hour] += 1;
+                }
+                Some("denied") | Some("throttled") => denials.push(record),
+                _ => {}
+            }
+        }
+        let recent: Vec<Value> = denials.iter().rev().take(20).cloned().collect();
+        json!({
+            "since": humantime::format_rfc3339_seconds(since).to_string(),
+            "heatmap": { "by_agent": by_agent, "by_credential": by_credential },
+            "recent_denials": recent,
+            "anomalies": anomalies.iter().rev().take(50).collect::<Vec<_>>(),
+            "quarantined": [],
+        })
+    })
+    .await;
+    match result {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// `GET /admin/report?since=7d&format=html|json|text`
+pub async fn report(State(state): State<Arc<AppState>>, Query(q): Query<Since>) -> Response {
+    let since = match read::parse_time(q.since.as_deref().unwrap_or("7d")) {
+        Ok(t) => t,
+        Err(message) => return admin_error(StatusCode::BAD_REQUEST, "invalid_query", &message),
+    };
+    let format = q.format.unwrap_or_else(|| "html".to_string());
+    let config = state.runtime.load().config.clone();
+    let built = blocking(move || report::build(&audit_files(&state), since, Some(&config))).await;
+    let built = match built {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    match format.as_str() {
+        "json" => axum::Json(built).into_response(),
+        "text" => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], report::text(&built)).into_response(),
+        "html" => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], report::html(&built)).into_response(),
+        other => admin_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            &format!("format '{other}' is not html, json or text"),
+        ),
+    }
+}
+
+/// `GET /admin/secrets`: name, source, version, fetched and expiry times. Never a value.
+pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime.load();
+    let secrets: Vec<Value> = runtime
+        .secrets
+        .status()
+        .into_iter()
+        .map(|s| {
+            let mut v = serde_json::to_value(s).expect("status serializes");
+            v["next_rotation"] = Value::Null;
+            v["rotation"] = json!("no rotation policy configured");
+            v
+        })
+        .collect();
+    axum::Json(json!({ "secrets": secrets })).into_response()
+}

@@ -1,0 +1,83 @@
+// keyward dashboard: reads the admin API with the admin token and draws the tables.
+// The token comes from the URL fragment (#token=..., never sent to the server) or a prompt,
+// and is kept in sessionStorage for this tab only. All data is inserted as text.
+"use strict";
+
+const fragment = new URLSearchParams(location.hash.slice(1));
+let token = fragment.get("token") || sessionStorage.getItem("keyward-admin-token");
+if (!token) token = prompt("keyward admin token") || "";
+sessionStorage.setItem("keyward-admin-token", token);
+if (fragment.has("token")) history.replaceState(null, "", location.pathname);
+
+async function get(path) {
+  const response = await fetch(path, { headers: { Authorization: "Bearer " + token } });
+  if (!response.ok) throw new Error(path + " answered " + response.status);
+  return response;
+}
+
+function row(table, cells, header) {
+  const tr = document.createElement("tr");
+  for (const cell of cells) {
+    const td = document.createElement(header ? "th" : "td");
+    td.textContent = cell === null || cell === undefined ? "-" : String(cell);
+    tr.appendChild(td);
+  }
+  table.appendChild(tr);
+  return tr;
+}
+
+function heat(table, data) {
+  table.textContent = "";
+  const names = Object.keys(data);
+  row(table, [""].concat([...Array(24).keys()].map((h) => String(h).padStart(2, "0"))), true);
+  const max = Math.max(1, ...names.flatMap((n) => data[n]));
+  for (const name of names) {
+    const tr = row(table, [name].concat(data[name]));
+    [...tr.children].slice(1).forEach((td, hour) => {
+      const n = data[name][hour];
+      td.className = "cell";
+      td.title = name + " " + hour + ":00 UTC: " + n;
+      td.style.background = n ? "rgba(207, 34, 46, " + (0.15 + 0.85 * n / max).toFixed(2) + ")" : "#f6f8fa";
+    });
+  }
+  if (!names.length) row(table, ["no credential use in this period"]);
+}
+
+async function load() {
+  const summary = await (await get("/admin/audit/summary?since=7d")).json();
+  heat(document.getElementById("heat-agent"), summary.heatmap.by_agent);
+  heat(document.getElementById("heat-credential"), summary.heatmap.by_credential);
+  const secrets = await (await get("/admin/secrets")).json();
+  const table = document.getElementById("secrets");
+  for (const s of secrets.secrets) {
+    row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation]);
+  }
+  const list = document.getElementById("anomalies");
+  for (const a of summary.anomalies) {
+    const li = document.createElement("li");
+    li.textContent = a.timestamp + " " + a.type + " " + (a.agentId || "");
+    list.appendChild(li);
+  }
+  for (const q of summary.quarantined) {
+    const li = document.createElement("li");
+    li.textContent = "quarantined: " + q;
+    list.appendChild(li);
+  }
+  if (!list.children.length) list.textContent = "none";
+  const denials = document.getElementById("denials");
+  for (const d of summary.recent_denials) {
+    row(denials, [d.timestamp, d.agentId, d.operation, d.status, d.errorCode]);
+  }
+  document.body.dataset.loaded = "true";
+}
+
+document.getElementById("report").addEventListener("click", async () => {
+  const html = await (await get("/admin/report?since=7d&format=html")).text();
+  const url = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+  window.open(url, "_blank");
+});
+
+load().catch((e) => {
+  document.getElementById("error").textContent = e.message;
+  document.body.dataset.loaded = "error";
+});

@@ -1,0 +1,287 @@
+//! `keyward audit report`: a compliance summary of the trail over a period, as text, JSON or HTML.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::read::{self, Verified};
+use crate::config::Config;
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Counts {
+    pub allowed: u64,
+    pub success: u64,
+    pub denied: u64,
+    pub throttled: u64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub since: String,
+    pub until: String,
+    pub chain: String,
+    pub attempts: u64,
+    pub totals: Counts,
+    pub by_credential: BTreeMap<String, Counts>,
+    pub by_agent: BTreeMap<String, Counts>,
+    /// Denials by keyward error code.
+    pub denials: BTreeMap<String, u64>,
+    /// Anomaly events (`anomaly.*`), newest last.
+    pub anomalies: Vec<Value>,
+    /// Rotation events (`rotation.*`), newest last.
+    pub rotations: Vec<Value>,
+    /// Credentials in the config, with when each was last seen in use.
+    pub credentials: Vec<CredentialStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CredentialStatus {
+    pub name: String,
+    pub source: String,
+    pub last_used: Option<String>,
+    /// Rotation policies arrive with the rotation feature; until then every credential says so.
+    pub rotation: String,
+}
+
+fn count(counts: &mut Counts, record: &Value) {
+    match record.get("decision").and_then(Value::as_str) {
+        Some("allowed") => counts.allowed += 1,
+        Some("denied") => counts.denied += 1,
+        Some("throttled") => counts.throttled += 1,
+        _ => counts.errors += 1,
+    }
+    if record.get("success") == Some(&Value::Bool(true)) {
+        counts.success += 1;
+    }
+}
+
+pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> Report {
+    let chain = match read::verify(files) {
+        Ok(Verified { files, records }) => format!("intact: {records} records in {files} file(s)"),
+        Err(broken) => format!("BROKEN at {broken}"),
+    };
+    let mut report = Report {
+        since: humantime::format_rfc3339_seconds(since).to_string(),
+        until: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        chain,
+        attempts: 0,
+        totals: Counts::default(),
+        by_credential: BTreeMap::new(),
+        by_agent: BTreeMap::new(),
+        denials: BTreeMap::new(),
+        anomalies: Vec::new(),
+        rotations: Vec::new(),
+        credentials: Vec::new(),
+    };
+    let mut last_used: BTreeMap<String, String> = BTreeMap::new();
+    for record in read::records(files).filter(|r| read::timestamp(r).is_some_and(|t| t >= since)) {
+        let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind.starts_with("anomaly.") {
+            report.anomalies.push(record);
+            continue;
+        }
+        if kind.starts_with("rotation.") {
+            report.rotations.push(record);
+            continue;
+        }
+        if kind != "request" {
+            continue;
+        }
+        report.attempts += 1;
+        count(&mut report.totals, &record);
+        let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
+        if let Some(credential) = text("credential") {
+            count(report.by_credential.entry(credential.clone()).or_default(), &record);
+            if record.get("decision").and_then(Value::as_str) == Some("allowed")
+                && let Some(ts) = text("timestamp")
+            {
+                last_used.insert(credential, ts);
+            }
+        }
+        count(
+            report.by_agent.entry(text("agentId").unwrap_or_else(|| "(unidentified)".to_string())).or_default(),
+            &record,
+        );
+        if record.get("decision").and_then(Value::as_str) == Some("denied") {
+            *report.denials.entry(text("errorCode").unwrap_or_else(|| "denied".to_string())).or_default() += 1;
+        }
+    }
+    if let Some(config) = config {
+        for source in &config.sources {
+            for name in source.mapping.keys() {
+                report.credentials.push(CredentialStatus {
+                    name: name.clone(),
+                    source: source.name.clone(),
+                    last_used: last_used.get(name).cloned(),
+                    rotation: "no rotation policy configured".to_string(),
+                });
+            }
+        }
+    }
+    report
+}
+
+pub fn text(r: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "keyward audit report: {} to {}", r.since, r.until);
+    let _ = writeln!(out, "chain: {}", r.chain);
+    let t = &r.totals;
+    let _ = writeln!(
+        out,
+        "attempts: {} (allowed {}, successful {}, denied {}, throttled {}, errors {})",
+        r.attempts, t.allowed, t.success, t.denied, t.throttled, t.errors
+    );
+    for (title, table) in [("credential", &r.by_credential), ("agent", &r.by_agent)] {
+        let _ = writeln!(out, "\nuse by {title}:");
+        let _ = writeln!(
+            out,
+            "  {:<32} {:>8} {:>8} {:>8} {:>9} {:>7}",
+            title, "allowed", "success", "denied", "throttled", "errors"
+        );
+        for (name, c) in table {
+            let _ = writeln!(
+                out,
+                "  {:<32} {:>8} {:>8} {:>8} {:>9} {:>7}",
+                name, c.allowed, c.success, c.denied, c.throttled, c.errors
+            );
+        }
+    }
+    let _ = writeln!(out, "\ndenials by reason:");
+    for (code, n) in &r.denials {
+        let _ = writeln!(out, "  {code:<32} {n:>8}");
+    }
+    let _ = writeln!(out, "\nanomalies: {}", r.anomalies.len());
+    let _ = writeln!(out, "rotations: {}", r.rotations.len());
+    if !r.credentials.is_empty() {
+        let _ = writeln!(out, "\ncredentials:");
+        for c in &r.credentials {
+            let used = c.last_used.as_deref().unwrap_or("not used in this period");
+            let _ = writeln!(out, "  {:<24} source {:<12} last used {:<26} {}", c.name, c.source, used, c.rotation);
+        }
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+pub fn html(r: &Report) -> String {
+    let mut rows = String::new();
+    for (title, table) in [("Credential", &r.by_credential), ("Agent", &r.by_agent)] {
+        let _ = write!(
+            rows,
+            "<h2>Use by {}</h2><table><tr><th>{title}</th><th>allowed</th><th>success</th><th>denied</th><th>throttled</th><th>errors</th></tr>",
+            title.to_lowercase()
+        );
+        for (name, c) in table {
+            let _ = write!(
+                rows,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(name),
+                c.allowed,
+                c.success,
+                c.denied,
+                c.throttled,
+                c.errors
+            );
+        }
+        rows.push_str("</table>");
+    }
+    rows.push_str("<h2>Denials by reason</h2><table><tr><th>code</th><th>count</th></tr>");
+    for (code, n) in &r.denials {
+        let _ = write!(rows, "<tr><td>{}</td><td>{n}</td></tr>", escape(code));
+    }
+    rows.push_str(
+        "</table><h2>Credentials</h2><table><tr><th>name</th><th>source</th><th>last used</th><th>rotation</th></tr>",
+    );
+    for c in &r.credentials {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&c.name),
+            escape(&c.source),
+            escape(c.last_used.as_deref().unwrap_or("-")),
+            escape(&c.rotation)
+        );
+    }
+    rows.push_str("</table>");
+    let t = &r.totals;
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>keyward audit report</title>\
+         <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
+         td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>\
+         <h1>keyward audit report</h1><p>{} to {}</p><p>Chain: {}</p>\
+         <p>Attempts: {} (allowed {}, successful {}, denied {}, throttled {}, errors {}); anomalies {}; rotations {}.</p>{rows}</body></html>",
+        escape(&r.since),
+        escape(&r.until),
+        escape(&r.chain),
+        r.attempts,
+        t.allowed,
+        t.success,
+        t.denied,
+        t.throttled,
+        t.errors,
+        r.anomalies.len(),
+        r.rotations.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::ChainHead;
+    use serde_json::json;
+
+    #[test]
+    fn figures_match_a_known_trail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut head = ChainHead::genesis();
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let mut lines = String::new();
+        let mut add = |v: Value| lines.push_str(&(head.seal(v) + "\n"));
+        for i in 0..6 {
+            add(
+                json!({ "type": "request.released", "timestamp": now, "credential": "OPENAI_API_KEY", "agentId": "a" }),
+            );
+            add(json!({ "type": "request", "timestamp": now, "credential": "OPENAI_API_KEY", "agentId": "a",
+                        "decision": "allowed", "success": i != 5 }));
+        }
+        add(
+            json!({ "type": "request", "timestamp": now, "credential": "GITHUB_TOKEN", "agentId": "b", "decision": "denied", "errorCode": "forbidden" }),
+        );
+        add(
+            json!({ "type": "request", "timestamp": now, "agentId": null, "decision": "denied", "errorCode": "unknown_agent_key" }),
+        );
+        add(
+            json!({ "type": "request", "timestamp": now, "credential": "OPENAI_API_KEY", "agentId": "a", "decision": "throttled" }),
+        );
+        add(
+            json!({ "type": "request", "timestamp": "2001-01-01T00:00:00Z", "credential": "OPENAI_API_KEY", "agentId": "a", "decision": "allowed" }),
+        );
+        add(json!({ "type": "anomaly.rate_spike", "timestamp": now, "agentId": "a" }));
+        std::fs::write(&path, lines).unwrap();
+
+        let since = SystemTime::now() - std::time::Duration::from_secs(7 * 86_400);
+        let r = build(&[path], since, None);
+        assert!(r.chain.starts_with("intact: 17 records"), "{}", r.chain);
+        assert_eq!(r.attempts, 9);
+        assert_eq!(r.totals, Counts { allowed: 6, success: 5, denied: 2, throttled: 1, errors: 0 });
+        assert_eq!(
+            r.by_credential["OPENAI_API_KEY"],
+            Counts { allowed: 6, success: 5, denied: 0, throttled: 1, errors: 0 }
+        );
+        assert_eq!(r.by_agent["(unidentified)"].denied, 1);
+        assert_eq!(r.denials["forbidden"], 1);
+        assert_eq!(r.anomalies.len(), 1);
+        let text = text(&r);
+        assert!(text.contains("attempts: 9 (allowed 6, successful 5, denied 2, throttled 1, errors 0)"), "{text}");
+        assert!(html(&r).contains("<td>OPENAI_API_KEY</td><td>6</td><td>5</td>"));
+    }
+}
