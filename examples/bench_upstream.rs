@@ -12,9 +12,12 @@ use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+/// Exactly 1024 bytes of JSON.
 fn json_1k() -> Bytes {
-    let filler = "x".repeat(1024 - 40);
-    Bytes::from(format!("{{\"id\":\"bench\",\"object\":\"ok\",\"pad\":\"{filler}\"}}")[..1024].to_string())
+    let empty = r#"{"id":"bench","object":"ok","pad":""}"#;
+    let body = format!(r#"{{"id":"bench","object":"ok","pad":"{}"}}"#, "x".repeat(1024 - empty.len()));
+    assert_eq!(body.len(), 1024);
+    Bytes::from(body)
 }
 
 async fn handle(request: Request<Incoming>, json: Bytes) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {

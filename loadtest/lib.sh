@@ -46,7 +46,7 @@ start_upstream() { # PORT
 BENCH_SECRET="sk-bench-0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
 BENCH_KEY="kw_benchAgentKey0123456789abcdefghijklmnopqrstu"
 
-# keyward_config PORT ADMIN UPSTREAM_PORT SCRUB(true|false) > file
+# keyward_config PORT ADMIN UPSTREAM_PORT SCRUB(true|false) [DURABILITY] > file
 keyward_config() {
   local hash
   hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
@@ -58,6 +58,7 @@ listen = "127.0.0.1:$1"
 admin_listen = "127.0.0.1:$2"
 [audit]
 path = "$WORK/audit-$1.jsonl"
+durability = "${5:-os}"
 [[sources]]
 name = "bench"
 provider = "file"
@@ -76,6 +77,15 @@ id = "bench-agent"
 role = "bench"
 key_sha256 = "$hash"
 TOML
+}
+
+# median_rps NAME ROUNDS: the median requests/s over $WORK/NAME-<round>.json
+median_rps() {
+  python3 - "$WORK" "$1" "$2" <<'PY'
+import json, statistics, sys
+work, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print(statistics.median(json.load(open(f"{work}/{name}-{r}.json"))["summary"]["requestsPerSec"] for r in range(1, rounds + 1)))
+PY
 }
 
 start_keyward() { # CONFIG_FILE ADMIN_PORT

@@ -77,6 +77,18 @@ pub enum ProxyError {
     },
     /// The audit trail cannot record the release, so the credential is withheld.
     AuditUnavailable,
+    AgentRevoked {
+        agent: String,
+    },
+    DelegationRevoked {
+        id: String,
+    },
+    DelegationExpired {
+        id: String,
+    },
+    DelegationExhausted {
+        id: String,
+    },
     Internal(&'static str),
 }
 
@@ -113,6 +125,10 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
             ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
             ProxyError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", Internal),
+            ProxyError::AgentRevoked { .. } => (StatusCode::UNAUTHORIZED, "agent_revoked", Downstream),
+            ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
+            ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
+            ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -150,6 +166,10 @@ impl ProxyError {
             ProxyError::UpstreamEncoding { route } => format!(
                 "upstream of route '{route}' compressed its answer with an encoding keyward cannot inspect for credentials"
             ),
+            ProxyError::AgentRevoked { agent } => format!("agent '{agent}' has been revoked"),
+            ProxyError::DelegationRevoked { id } => format!("delegated key '{id}' has been revoked"),
+            ProxyError::DelegationExpired { id } => format!("delegated key '{id}' has expired"),
+            ProxyError::DelegationExhausted { id } => format!("delegated key '{id}' has used all its requests"),
             ProxyError::AuditUnavailable => {
                 "the audit trail cannot be written, so no credential is released; try again later".to_string()
             }

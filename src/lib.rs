@@ -7,6 +7,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod decode;
+pub mod delegation;
 pub mod demo;
 pub mod error;
 pub mod fake_upstream;
@@ -16,6 +17,7 @@ pub mod inject;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;
+pub mod principal;
 pub mod resolve;
 pub mod scrub;
 pub mod secrets;
@@ -32,5 +34,10 @@ pub use state::{AppState, Runtime};
 /// The agent-facing router: every path goes through the pipeline. Tests drive it with
 /// `app(state).oneshot(request)` without a socket.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new().fallback(pipeline::handle).with_state(state)
+    use axum::routing::{delete, post};
+    Router::new()
+        .route("/v1/delegations", post(delegation::api::mint))
+        .route("/v1/delegations/{id}", delete(delegation::api::revoke))
+        .fallback(pipeline::handle)
+        .with_state(state)
 }

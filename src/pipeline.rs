@@ -1,6 +1,7 @@
 //! The request flow, in the one place that knows its order:
 //!
-//! target check → route → identify → authorize → resolve → inject → forward → scrub → stream back,
+//! target check → route → identify (agent or delegated key) → authorize → admit → resolve →
+//! release (audit) → inject → forward → scrub → stream back,
 //! with the audit guard created first and ended exactly once on every path.
 
 use std::net::SocketAddr;
@@ -10,16 +11,18 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST};
-use http::{HeaderValue, Request, Uri, Version};
+use http::{HeaderValue, Request, StatusCode, Uri, Version};
 
 use crate::audit::{AuditGuard, AuditedBody};
 use crate::config::RouteConfig;
 use crate::decode::{self, Coding, DecodedBody};
+use crate::delegation::api as delegation_api;
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
 use crate::identity;
 use crate::inject;
 use crate::policy::{self, Subject};
+use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::Resolved;
 use crate::state::{AppState, Runtime};
@@ -105,13 +108,23 @@ async fn proxy(
     audit.route(&route.name, &matched.rest);
 
     let key = identity::extract_key(&route.agent_key, request.headers(), &route.name)?;
-    let agent =
-        runtime.agents.identify(key, &route.name).inspect_err(|_| audit.key_fingerprint(identity::fingerprint(key)))?;
-    audit.agent(&agent.id);
+    let caller = principal::identify(state, runtime, key, &route.name).inspect_err(|e| {
+        if matches!(e, ProxyError::UnknownAgentKey { .. }) {
+            audit.key_fingerprint(identity::fingerprint(key));
+        }
+    })?;
+    audit.agent(caller.id());
+    if let Some(delegation) = caller.delegation() {
+        audit.delegation(&delegation.chain, delegation.label.as_deref());
+    }
 
-    let role = runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
-    let grant = policy::authorize(&Subject { agent: &agent.id, role }, &route.name, request.method(), &matched.rest)?;
+    let subject = Subject { agent: caller.id(), role: caller.role() };
+    let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest)?;
     audit.credential(&grant.secret);
+    if let Some(delegation) = caller.delegation() {
+        // Counted only for calls the child key may make, exactly, however many race.
+        delegation.admit()?;
+    }
 
     let limit = runtime.config.forward.max_request_body_bytes;
     if declared_length(&request).is_some_and(|len| len > limit) {
@@ -125,8 +138,18 @@ async fn proxy(
     let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
     // No credential goes onto the network without a durable record of its release.
     audit.release().await?;
-    let response = state.forwarder.send(outbound, &route.name).await?;
-    audit.upstream_status(response.status().as_u16());
+    let response = match state.forwarder.send(outbound, &route.name).await {
+        Ok(response) => response,
+        Err(error) => {
+            delegation_api::revoke_on_failure(state, &caller, "the upstream could not be reached");
+            return Err(error);
+        }
+    };
+    let status = response.status();
+    audit.upstream_status(status.as_u16());
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status.is_server_error() {
+        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
+    }
     let coding = decode::coding(response.headers());
     if coding == Coding::Unsupported {
         tracing::warn!(route = %route.name, "upstream used a content-encoding that cannot be scrubbed; refused");

@@ -55,7 +55,8 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     let tasks = vec![
         tokio::spawn(server::serve(proxy_listener, crate::app(state.clone()), settings, rx.clone())),
         tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
-        tokio::spawn(warm_up(state.clone(), rx)),
+        tokio::spawn(warm_up(state.clone(), rx.clone())),
+        tokio::spawn(delegation_janitor(state.clone(), rx)),
     ];
     tracing::info!(proxy = %format!("http://{proxy_addr}"), admin = %format!("http://{admin_addr}"), "keyward listening");
     Ok(Running { proxy_addr, admin_addr, state, shutdown, tasks })
@@ -75,6 +76,22 @@ async fn warm_up(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Once a second: records each delegation that has expired, and forgets old ones.
+async fn delegation_janitor(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.changed() => return,
+        }
+        for expired in state.delegations.sweep() {
+            crate::delegation::api::audit_event(
+                &state,
+                serde_json::json!({ "type": "delegation.expired", "delegationId": expired.id, "delegatedBy": expired.chain, "used": expired.used() }),
+            );
+        }
     }
 }
 

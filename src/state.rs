@@ -1,13 +1,14 @@
 //! Shared state: the process-wide parts (client, audit sink, metrics) and the per-config
 //! `Runtime` snapshot that a request reads once and keeps until it ends.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
 use crate::audit::AuditSink;
 use crate::config::Config;
+use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::metrics::Metrics;
@@ -40,16 +41,28 @@ impl Runtime {
     }
 }
 
+/// Everything that outlives a config reload: the client, the audit sink, metrics, delegations
+/// and revocations.
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub forwarder: Forwarder,
     pub audit: Arc<AuditSink>,
     pub metrics: Arc<Metrics>,
+    pub delegations: DelegationStore,
+    /// Agents revoked through the admin API: refused at once, without a restart.
+    pub revoked_agents: ArcSwap<HashSet<String>>,
 }
 
 impl AppState {
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
-        Arc::new(AppState { runtime: ArcSwap::from_pointee(runtime), forwarder, audit, metrics })
+        Arc::new(AppState {
+            runtime: ArcSwap::from_pointee(runtime),
+            forwarder,
+            audit,
+            metrics,
+            delegations: DelegationStore::default(),
+            revoked_agents: ArcSwap::from_pointee(HashSet::new()),
+        })
     }
 }

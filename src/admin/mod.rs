@@ -25,6 +25,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/audit/summary", get(api::summary))
         .route("/admin/report", get(api::report))
         .route("/admin/secrets", get(api::secrets))
+        .route("/admin/delegations", get(crate::delegation::api::admin_list))
+        .route("/admin/delegations/{id}", axum::routing::delete(crate::delegation::api::admin_revoke))
+        .route("/admin/agents/{id}/revoke", axum::routing::post(crate::delegation::api::admin_revoke_agent))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))

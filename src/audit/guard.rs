@@ -73,6 +73,8 @@ impl AuditGuard {
             secret_version: None,
             key_fingerprint: None,
             bytes_sent: None,
+            delegated_by: None,
+            label: None,
         };
         AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false }
     }
@@ -89,6 +91,12 @@ impl AuditGuard {
 
     pub fn agent(&mut self, agent_id: &str) {
         self.record.agent_id = Some(agent_id.to_string());
+    }
+
+    /// The caller is a delegated child key minted down `chain` (parent first).
+    pub fn delegation(&mut self, chain: &[String], label: Option<&str>) {
+        self.record.delegated_by = Some(chain.to_vec());
+        self.record.label = label.map(str::to_string);
     }
 
     pub fn key_fingerprint(&mut self, fingerprint: String) {

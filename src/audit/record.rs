@@ -83,10 +83,16 @@ pub struct AuditRecord {
     pub key_fingerprint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// For a delegated child key: its parent first, up to the root agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegated_by: Option<Vec<String>>,
+    /// The label the parent gave the delegation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 /// The fields a `request.released` record keeps: who is getting which credential, for what.
-pub const RELEASED_FIELDS: [&str; 14] = [
+pub const RELEASED_FIELDS: [&str; 16] = [
     "type",
     "timestamp",
     "requestId",
@@ -101,6 +107,8 @@ pub const RELEASED_FIELDS: [&str; 14] = [
     "decision",
     "secretSource",
     "secretVersion",
+    "delegatedBy",
+    "label",
 ];
 
 impl AuditRecord {

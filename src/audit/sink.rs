@@ -203,6 +203,9 @@ impl Writer {
             if !records.is_empty() {
                 self.write_batch(records);
             }
+            // Rotation (and the pruning it triggers) happens before a flush is acknowledged, so
+            // a caller that flushed sees the files as they will stay.
+            self.rotate_if_due();
             if !flushes.is_empty() {
                 if let Err(error) = self.out.flush() {
                     tracing::error!(%error, "audit buffer could not be flushed");
@@ -211,7 +214,6 @@ impl Writer {
                     let _ = done.send(());
                 }
             }
-            self.rotate_if_due();
         }
         if let Err(error) = self.out.flush() {
             tracing::error!(%error, "audit buffer could not be flushed at exit");

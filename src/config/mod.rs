@@ -195,10 +195,16 @@ pub enum TemplatePart {
     Secret,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RoleConfig {
     pub name: String,
     pub grants: Vec<GrantConfig>,
+    /// May agents of this role mint delegated child keys?
+    pub delegate: bool,
+    /// The longest a child key may live.
+    pub max_delegation_ttl: Duration,
+    /// How many levels of delegation may hang below an agent of this role.
+    pub max_delegation_depth: u32,
 }
 
 #[derive(Debug, Clone)]

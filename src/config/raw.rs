@@ -154,6 +154,10 @@ pub struct RawBasic {
 pub struct RawRole {
     #[serde(default)]
     pub grants: Vec<RawGrant>,
+    #[serde(default)]
+    pub delegate: bool,
+    pub max_delegation_ttl_seconds: Option<u64>,
+    pub max_delegation_depth: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

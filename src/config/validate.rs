@@ -155,9 +155,9 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
 
     let mut roles = BTreeMap::new();
-    for (name, raw_role) in raw.roles {
+    for (name, mut raw_role) in raw.roles {
         let mut grants = Vec::new();
-        for (i, g) in raw_role.grants.into_iter().enumerate() {
+        for (i, g) in std::mem::take(&mut raw_role.grants).into_iter().enumerate() {
             let at = format!("roles.{name}.grants[{i}]");
             if !route_names.contains(g.route.as_str()) {
                 c.problem(format!("{at}.route"), format!("no route named '{}'", g.route));
@@ -180,7 +180,18 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
                 .collect();
             grants.push(GrantConfig { route: g.route, secret: g.secret, methods, paths });
         }
-        roles.insert(name.clone(), RoleConfig { name, grants });
+        let max_delegation_depth = raw_role.max_delegation_depth.unwrap_or(2);
+        if max_delegation_depth == 0 && raw_role.delegate {
+            c.problem(format!("roles.{name}.max_delegation_depth"), "must be at least 1 when delegate = true");
+        }
+        let role = RoleConfig {
+            name: name.clone(),
+            grants,
+            delegate: raw_role.delegate,
+            max_delegation_ttl: Duration::from_secs(raw_role.max_delegation_ttl_seconds.unwrap_or(3600)),
+            max_delegation_depth,
+        };
+        roles.insert(name, role);
     }
 
     let mut agents = Vec::new();
@@ -404,6 +415,9 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
                 && seg != ".."
                 && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
         });
+    if r.prefix == "/v1/delegations" || r.prefix.starts_with("/v1/delegations/") {
+        c.problem(format!("{at}.prefix"), "/v1/delegations is reserved for minting delegated keys");
+    }
     if !prefix_ok {
         c.problem(format!("{at}.prefix"), "must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments");
     }

@@ -71,10 +71,12 @@ mod tests {
                     grant("openai", "OPENAI_API_KEY", &["POST"], &["/v1/chat/completions", "/v1/responses"]),
                     grant("github", "GITHUB_TOKEN", &["GET"], &["/repos/**", "/user"]),
                 ],
+                ..RoleConfig::default()
             },
             RoleConfig {
                 name: "reader".into(),
                 grants: vec![grant("openai", "OPENAI_API_KEY", &["GET"], &["/v1/models", "/v1/models/*"])],
+                ..RoleConfig::default()
             },
             RoleConfig {
                 name: "admin".into(),
@@ -82,8 +84,9 @@ mod tests {
                     grant("github", "GITHUB_TOKEN", &["GET"], &["/**"]),
                     grant("github", "GITHUB_ADMIN_TOKEN", &["*"], &["/orgs/**"]),
                 ],
+                ..RoleConfig::default()
             },
-            RoleConfig { name: "nobody".into(), grants: vec![] },
+            RoleConfig { name: "nobody".into(), ..RoleConfig::default() },
         ]
     }
 

@@ -33,6 +33,15 @@ impl MethodSet {
         Ok(MethodSet::Only(methods))
     }
 
+    /// Whether every method `other` allows is also allowed here.
+    pub fn covers(&self, other: &MethodSet) -> bool {
+        match (self, other) {
+            (MethodSet::Any, _) => true,
+            (MethodSet::Only(_), MethodSet::Any) => false,
+            (MethodSet::Only(mine), MethodSet::Only(theirs)) => theirs.iter().all(|m| mine.contains(m)),
+        }
+    }
+
     pub fn allows(&self, method: &Method) -> bool {
         match self {
             MethodSet::Any => true,
@@ -84,12 +93,34 @@ impl PathPattern {
         &self.text
     }
 
+    /// Whether every path `other` matches is also matched by `self` (for narrowing delegated
+    /// rights). Conservative: when in doubt, it says no.
+    pub fn covers(&self, other: &PathPattern) -> bool {
+        covers(&self.segments, &other.segments)
+    }
+
     /// Matches a validated, decoded path (no dot segments, no empty inner segments).
     pub fn matches(&self, path: &str) -> bool {
         let trimmed = path.strip_prefix('/').unwrap_or(path);
         let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
         let parts: Vec<&str> = if trimmed.is_empty() { Vec::new() } else { trimmed.split('/').collect() };
         match_segments(&self.segments, &parts)
+    }
+}
+
+fn covers(wide: &[Segment], narrow: &[Segment]) -> bool {
+    match wide.split_first() {
+        None => narrow.is_empty(),
+        // `**` may stand for nothing, or absorb the narrow pattern's next segment of any kind.
+        Some((Segment::Any, rest)) => covers(rest, narrow) || (!narrow.is_empty() && covers(wide, &narrow[1..])),
+        Some((Segment::One, rest)) => match narrow.first() {
+            Some(Segment::Literal(_) | Segment::One) => covers(rest, &narrow[1..]),
+            _ => false,
+        },
+        Some((Segment::Literal(lit), rest)) => match narrow.first() {
+            Some(Segment::Literal(other)) if other == lit => covers(rest, &narrow[1..]),
+            _ => false,
+        },
     }
 }
 
@@ -129,6 +160,31 @@ mod tests {
         ];
         for (pattern, path, expect) in cases {
             assert_eq!(PathPattern::parse(pattern).unwrap().matches(path), expect, "{pattern} vs {path}");
+        }
+    }
+
+    #[test]
+    fn coverage_between_patterns() {
+        let cases = [
+            ("/**", "/v1/chat/completions", true),
+            ("/**", "/**", true),
+            ("/repos/**", "/repos/o/*/pulls", true),
+            ("/repos/**", "/repos/**", true),
+            ("/repos/**", "/**", false),
+            ("/repos/*", "/repos/x", true),
+            ("/repos/*", "/repos/*", true),
+            ("/repos/*", "/repos/**", false),
+            ("/repos/*", "/repos/x/y", false),
+            ("/v1/chat/completions", "/v1/chat/completions", true),
+            ("/v1/chat/completions", "/v1/chat/*", false),
+            ("/v1/chat/completions", "/v1/files", false),
+            ("/a/**/c", "/a/b/c", true),
+            ("/a/**/c", "/a/**/c", true),
+            ("/a/**/c", "/a/b/d", false),
+        ];
+        for (wide, narrow, expect) in cases {
+            let (w, n) = (PathPattern::parse(wide).unwrap(), PathPattern::parse(narrow).unwrap());
+            assert_eq!(w.covers(&n), expect, "{wide} covers {narrow}");
         }
     }
 

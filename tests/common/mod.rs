@@ -202,6 +202,17 @@ impl Harness {
         panic!("no matching audit record; have: {:#?}", self.audit());
     }
 
+    /// Waits (bounded) for an audit record of `kind`, for events written by background tasks.
+    pub async fn wait_for_audit_event(&self, kind: &str) -> serde_json::Value {
+        for _ in 0..100 {
+            if let Some(found) = self.audit_all().into_iter().find(|r| r["type"] == kind) {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no {kind} audit record");
+    }
+
     pub async fn metrics(&self) -> String {
         self.client.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }

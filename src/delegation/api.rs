@@ -1,0 +1,198 @@
+//! HTTP handlers: `POST /v1/delegations` and `DELETE /v1/delegations/{id}` on the agent listener
+//! (authenticated by the parent's own key), and the admin views and revocations.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http::HeaderName;
+use serde_json::{Value, json};
+
+use super::{Delegation, DelegationRequest, MintError};
+use crate::config::AgentKeySpec;
+use crate::error::{ProxyError, error_body};
+use crate::principal::{self, Principal};
+use crate::state::AppState;
+
+const MAX_BODY: usize = 64 * 1024;
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, axum::Json(error_body(code, message))).into_response()
+}
+
+fn stamp(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Writes a delegation lifecycle event to the audit trail (scrubbed like every record).
+pub fn audit_event(state: &AppState, mut event: Value) {
+    event["timestamp"] = json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+    state.runtime.load().secrets.scrubber().scrub_json(&mut event);
+    state.audit.record(event);
+}
+
+pub fn describe(d: &Delegation) -> Value {
+    json!({
+        "id": d.id,
+        "delegatedBy": d.chain,
+        "label": d.label,
+        "grants": d.role.grants.iter().map(|g| json!({
+            "route": g.route, "secret": g.secret,
+            "methods": match &g.methods { crate::policy::MethodSet::Any => vec!["*".to_string()], crate::policy::MethodSet::Only(m) => m.iter().map(|m| m.to_string()).collect() },
+            "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "created_at": stamp(d.created),
+        "expires_at": stamp(d.expires),
+        "max_requests": d.max_requests,
+        "used": d.used(),
+        "revoke_on_failure": d.revoke_on_failure,
+        "allow_subdelegation": d.allow_subdelegation,
+        "depth": d.depth,
+    })
+}
+
+/// The parent's key: `Authorization: Bearer|token <key>`, `x-api-key`, or `Proxy-Authorization`.
+fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
+    let bearer = AgentKeySpec { header: http::header::AUTHORIZATION, schemes: vec!["Bearer".into(), "token".into()] };
+    match crate::identity::extract_key(&bearer, headers, "delegations") {
+        Err(ProxyError::MissingAgentKey { .. }) => {
+            let api_key = AgentKeySpec { header: HeaderName::from_static("x-api-key"), schemes: vec![] };
+            crate::identity::extract_key(&api_key, headers, "delegations")
+        }
+        other => other,
+    }
+}
+
+/// Revokes `id` and its descendants, with one audit event each.
+pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> Vec<String> {
+    let revoked = state.delegations.revoke(id);
+    for child in &revoked {
+        audit_event(state, json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
+    }
+    revoked
+}
+
+/// `POST /v1/delegations`: mint a narrowed child key.
+pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let runtime = state.runtime.load_full();
+    let parent = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
+        Ok(parent) => parent,
+        Err(e) => {
+            audit_event(
+                &state,
+                json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
+            );
+            return e.into_response();
+        }
+    };
+    if body.len() > MAX_BODY {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "a delegation request is at most 64 KiB");
+    }
+    let request: DelegationRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_delegation",
+                &format!("the body is not a delegation request: {e}"),
+            );
+        }
+    };
+    for route in &request.routes {
+        if !runtime.config.routes.iter().any(|r| &r.name == route) {
+            return error(StatusCode::BAD_REQUEST, "invalid_delegation", &format!("no route named '{route}'"));
+        }
+    }
+    match state.delegations.mint(&parent.delegator(), &request) {
+        Ok((delegation, key)) => {
+            let mut event = describe(&delegation);
+            event["type"] = json!("delegation.minted");
+            event["delegationId"] = json!(delegation.id);
+            audit_event(&state, event);
+            let mut answer = describe(&delegation);
+            answer["key"] = json!(key);
+            (StatusCode::CREATED, axum::Json(answer)).into_response()
+        }
+        Err(refused) => {
+            let (status, code, message) = match refused {
+                MintError::Excess(m) => (StatusCode::FORBIDDEN, "delegation_exceeds_parent", m),
+                MintError::Invalid(m) => (StatusCode::BAD_REQUEST, "invalid_delegation", m),
+                MintError::Full => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_delegations",
+                    "too many live delegations; try later".to_string(),
+                ),
+            };
+            audit_event(
+                &state,
+                json!({ "type": "delegation.refused", "agentId": parent.id(), "status": status.as_u16(), "errorCode": code, "message": message }),
+            );
+            error(status, code, &message)
+        }
+    }
+}
+
+/// `DELETE /v1/delegations/{id}`: the parent (or any ancestor) revokes a child and its subtree.
+pub async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let runtime = state.runtime.load_full();
+    let caller = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let Some(target) = state.delegations.get(&id) else {
+        return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
+    };
+    if !target.chain.iter().any(|ancestor| ancestor == caller.id()) {
+        return error(StatusCode::FORBIDDEN, "not_your_delegation", &format!("'{}' did not mint '{id}'", caller.id()));
+    }
+    let revoked = revoke_and_audit(&state, &id, "revoked by parent", caller.id());
+    axum::Json(json!({ "revoked": revoked })).into_response()
+}
+
+/// `GET /admin/delegations`: the live ones.
+pub async fn admin_list(State(state): State<Arc<AppState>>) -> Response {
+    let live: Vec<Value> = state.delegations.live().iter().map(|d| describe(d)).collect();
+    axum::Json(json!({ "delegations": live })).into_response()
+}
+
+/// `DELETE /admin/delegations/{id}`
+pub async fn admin_revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if state.delegations.get(&id).is_none() {
+        return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
+    }
+    let revoked = revoke_and_audit(&state, &id, "revoked by admin", "admin");
+    axum::Json(json!({ "revoked": revoked })).into_response()
+}
+
+/// `POST /admin/agents/{id}/revoke`: the agent's key stops working at once, and every
+/// delegation it minted, directly or not, is revoked with it.
+pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if !state.runtime.load().config.agents.iter().any(|a| a.id == id) {
+        return error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
+    }
+    state.revoked_agents.rcu(|set| {
+        let mut set = (**set).clone();
+        set.insert(id.clone());
+        set
+    });
+    audit_event(&state, json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
+    let revoked = state.delegations.revoke_rooted_at(&id);
+    for child in &revoked {
+        audit_event(
+            &state,
+            json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent revoked", "by": "admin" }),
+        );
+    }
+    axum::Json(json!({ "agent": id, "revoked_delegations": revoked })).into_response()
+}
+
+/// Treat a principal as a refusal reason for the pipeline's revoke-on-failure.
+pub fn revoke_on_failure(state: &AppState, principal: &Principal<'_>, why: &str) {
+    if let Some(d) = principal.delegation()
+        && d.revoke_on_failure
+    {
+        revoke_and_audit(state, &d.id, why, "revoke_on_failure");
+    }
+}

@@ -1,0 +1,78 @@
+//! Who is calling: a configured agent, or a child key a parent delegated, with the role whose
+//! grants apply. Revoked agents and revoked or expired child keys are refused here.
+
+use std::sync::Arc;
+
+use crate::config::{AgentConfig, RoleConfig};
+use crate::delegation::{Delegation, Delegator};
+use crate::error::ProxyError;
+use crate::state::{AppState, Runtime};
+
+pub enum Principal<'r> {
+    Agent { agent: &'r AgentConfig, role: &'r RoleConfig },
+    Delegated(Arc<Delegation>),
+}
+
+impl Principal<'_> {
+    pub fn id(&self) -> &str {
+        match self {
+            Principal::Agent { agent, .. } => &agent.id,
+            Principal::Delegated(d) => &d.id,
+        }
+    }
+
+    pub fn role(&self) -> &RoleConfig {
+        match self {
+            Principal::Agent { role, .. } => role,
+            Principal::Delegated(d) => &d.role,
+        }
+    }
+
+    pub fn delegation(&self) -> Option<&Arc<Delegation>> {
+        match self {
+            Principal::Agent { .. } => None,
+            Principal::Delegated(d) => Some(d),
+        }
+    }
+
+    /// As the parent of a new delegation.
+    pub fn delegator(&self) -> Delegator<'_> {
+        match self {
+            Principal::Agent { agent, role } => Delegator {
+                id: &agent.id,
+                role,
+                chain: &[],
+                may_delegate: role.delegate,
+                max_ttl: role.max_delegation_ttl,
+                depth: 0,
+                max_depth: role.max_delegation_depth,
+                expires: None,
+            },
+            Principal::Delegated(d) => d.as_delegator(),
+        }
+    }
+}
+
+/// The principal a key belongs to; `route` names where it was used, for the 401 message.
+pub fn identify<'r>(
+    state: &AppState,
+    runtime: &'r Runtime,
+    key: &str,
+    route: &str,
+) -> Result<Principal<'r>, ProxyError> {
+    match runtime.agents.identify(key, route) {
+        Ok(agent) => {
+            if state.revoked_agents.load().contains(&agent.id) {
+                return Err(ProxyError::AgentRevoked { agent: agent.id.clone() });
+            }
+            let role =
+                runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
+            Ok(Principal::Agent { agent, role })
+        }
+        Err(unknown) => match state.delegations.identify(key) {
+            Some(Ok(delegation)) => Ok(Principal::Delegated(delegation)),
+            Some(Err(refused)) => Err(refused),
+            None => Err(unknown),
+        },
+    }
+}
