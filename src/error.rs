@@ -80,6 +80,20 @@ pub enum ProxyError {
     AgentRevoked {
         agent: String,
     },
+    Quarantined {
+        agent: String,
+    },
+    Throttled {
+        agent: String,
+        route: String,
+        limit: u32,
+        retry_after: std::time::Duration,
+        window: std::time::Duration,
+    },
+    TooManyInFlight {
+        agent: String,
+        max: u32,
+    },
     DelegationRevoked {
         id: String,
     },
@@ -126,6 +140,9 @@ impl ProxyError {
             ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
             ProxyError::AuditUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", Internal),
             ProxyError::AgentRevoked { .. } => (StatusCode::UNAUTHORIZED, "agent_revoked", Downstream),
+            ProxyError::Quarantined { .. } => (StatusCode::FORBIDDEN, "agent_quarantined", Downstream),
+            ProxyError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", Downstream),
+            ProxyError::TooManyInFlight { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_in_flight", Downstream),
             ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
             ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
             ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
@@ -167,6 +184,17 @@ impl ProxyError {
                 "upstream of route '{route}' compressed its answer with an encoding keyward cannot inspect for credentials"
             ),
             ProxyError::AgentRevoked { agent } => format!("agent '{agent}' has been revoked"),
+            ProxyError::Quarantined { agent } => {
+                format!("agent '{agent}' is quarantined after unusual activity; an admin can release it")
+            }
+            ProxyError::Throttled { agent, route, limit, retry_after, window } => format!(
+                "agent '{agent}' is over its quota of {limit} per {} s on route '{route}'; retry in {} s",
+                window.as_secs(),
+                retry_after.as_secs_f64().ceil() as u64
+            ),
+            ProxyError::TooManyInFlight { agent, max } => {
+                format!("agent '{agent}' already has {max} requests in flight")
+            }
             ProxyError::DelegationRevoked { id } => format!("delegated key '{id}' has been revoked"),
             ProxyError::DelegationExpired { id } => format!("delegated key '{id}' has expired"),
             ProxyError::DelegationExhausted { id } => format!("delegated key '{id}' has used all its requests"),
@@ -194,6 +222,25 @@ pub fn error_body(code: &str, message: &str) -> serde_json::Value {
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(error_body(self.code(), &self.message()))).into_response();
+        let retry = |secs: u64| http::HeaderValue::from(secs.max(1));
+        match &self {
+            ProxyError::Throttled { limit, retry_after, window, .. } => {
+                let headers = response.headers_mut();
+                let reset = retry_after.as_secs_f64().ceil() as u64;
+                headers.insert(http::header::RETRY_AFTER, retry(reset));
+                headers.insert("ratelimit-limit", http::HeaderValue::from(*limit));
+                headers.insert("ratelimit-remaining", http::HeaderValue::from(0u32));
+                headers.insert("ratelimit-reset", retry(reset));
+                let policy = format!("{limit};w={}", window.as_secs());
+                if let Ok(value) = http::HeaderValue::from_str(&policy) {
+                    headers.insert("ratelimit-policy", value);
+                }
+            }
+            ProxyError::TooManyInFlight { .. } => {
+                response.headers_mut().insert(http::header::RETRY_AFTER, retry(1));
+            }
+            _ => {}
+        }
         if self.status() == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, HeaderName};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -54,6 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+#[derive(Clone)]
 pub struct Forwarder {
     client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, OutboundBody>,
     read_timeout: Duration,
@@ -97,6 +99,28 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         let body = TimedBody::new(body, self.read_timeout, deadline);
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+impl Forwarder {
+    /// POSTs a JSON notification (anomaly alerts) with the same guarded client; failures are logged.
+    pub async fn notify(&self, url: &str, body: &serde_json::Value) {
+        let request =
+            Request::post(url).header(http::header::CONTENT_TYPE, "application/json").body(UnsyncBoxBody::new(
+                http_body_util::Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}),
+            ));
+        let Ok(request) = request else {
+            tracing::warn!("the notify URL is not a valid URI");
+            return;
+        };
+        match tokio::time::timeout(self.read_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) if response.status().is_success() => {}
+            Ok(Ok(response)) => {
+                tracing::warn!(status = response.status().as_u16(), "the notify webhook refused an alert")
+            }
+            Ok(Err(error)) => tracing::warn!(error = %error_chain(&error), "the notify webhook could not be reached"),
+            Err(_) => tracing::warn!("the notify webhook timed out"),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod fake_upstream;
 pub mod forward;
 pub mod identity;
 pub mod inject;
+pub mod limit;
 pub mod metrics;
 pub mod pipeline;
 pub mod policy;

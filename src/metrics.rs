@@ -26,6 +26,12 @@ pub struct FetchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AnomalyLabels {
+    pub detector: &'static str,
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -37,6 +43,7 @@ pub struct Metrics {
     pub secret_fetches: Family<FetchLabels, Counter>,
     pub secret_cache_hits: Family<SourceLabel, Counter>,
     pub secret_stale_served: Family<SourceLabel, Counter>,
+    pub anomalies: Family<AnomalyLabels, Counter>,
     pub audit_records: Counter,
     pub audit_write_errors: Counter,
 }
@@ -66,6 +73,8 @@ impl Metrics {
             "Expired secrets served because the store was down (stale_if_error_seconds)",
             secret_stale_served.clone(),
         );
+        let anomalies = Family::<AnomalyLabels, Counter>::default();
+        registry.register("anomalies", "Anomaly detector decisions by detector and action", anomalies.clone());
         let audit_records = Counter::default();
         registry.register("audit_records", "Audit records written", audit_records.clone());
         let audit_write_errors = Counter::default();
@@ -77,6 +86,7 @@ impl Metrics {
             secret_fetches,
             secret_cache_hits,
             secret_stale_served,
+            anomalies,
             audit_records,
             audit_write_errors,
         }

@@ -13,7 +13,10 @@ use axum::response::{IntoResponse, Response};
 use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST};
 use http::{HeaderValue, Request, StatusCode, Uri, Version};
 
+use std::time::SystemTime;
+
 use crate::audit::{AuditGuard, AuditedBody};
+use crate::config::AnomalyAction;
 use crate::config::RouteConfig;
 use crate::decode::{self, Coding, DecodedBody};
 use crate::delegation::api as delegation_api;
@@ -21,6 +24,8 @@ use crate::error::ProxyError;
 use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
 use crate::identity;
 use crate::inject;
+use crate::limit::Decision;
+use crate::metrics::AnomalyLabels;
 use crate::policy::{self, Subject};
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
@@ -118,13 +123,31 @@ async fn proxy(
         audit.delegation(&delegation.chain, delegation.label.as_deref());
     }
 
+    let now = SystemTime::now();
+    state.limits.gate(caller.id(), now)?;
+    let detectors = &caller.role().anomaly;
     let subject = Subject { agent: caller.id(), role: caller.role() };
-    let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest)?;
+    let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest).inspect_err(|_| {
+        report_anomalies(state, caller.id(), state.limits.observe_failure(caller.id(), detectors, now));
+    })?;
     audit.credential(&grant.secret);
+
+    // Limits run before the secret store is touched: a throttled call costs it nothing.
+    if let Some(quota) = &grant.quota {
+        state.limits.check_quota(caller.id(), &route.name, quota, now)?;
+    }
+    if let Some(max) = caller.role().max_in_flight {
+        audit.hold(state.limits.enter(caller.id(), max)?);
+    }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
         delegation.admit()?;
     }
+    report_anomalies(
+        state,
+        caller.id(),
+        state.limits.observe_call(caller.id(), detectors, &route.name, &grant.secret, now),
+    );
 
     let limit = runtime.config.forward.max_request_body_bytes;
     if declared_length(&request).is_some_and(|len| len > limit) {
@@ -150,12 +173,40 @@ async fn proxy(
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status.is_server_error() {
         delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
     }
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        report_anomalies(state, caller.id(), state.limits.observe_failure(caller.id(), detectors, SystemTime::now()));
+    }
     let coding = decode::coding(response.headers());
     if coding == Coding::Unsupported {
         tracing::warn!(route = %route.name, "upstream used a content-encoding that cannot be scrubbed; refused");
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
     Ok((response, coding, route.scrub_responses))
+}
+
+/// Audits each detector decision, counts it, and sends it to the notify webhook.
+fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
+    for decision in decisions {
+        let action = match decision.action {
+            AnomalyAction::Alert => "alert",
+            AnomalyAction::Throttle => "throttle",
+            AnomalyAction::Quarantine => "quarantine",
+        };
+        state.metrics.anomalies.get_or_create(&AnomalyLabels { detector: decision.finding.detector, action }).inc();
+        let event = serde_json::json!({
+            "type": format!("anomaly.{}", decision.finding.detector),
+            "agentId": agent,
+            "action": action,
+            "reason": decision.finding.reason,
+            "value": decision.finding.value,
+            "threshold": decision.finding.threshold,
+        });
+        state.audit_event(event.clone());
+        if let Some(url) = state.runtime.load().config.limits.notify.clone() {
+            let forwarder = state.forwarder.clone();
+            tokio::spawn(async move { forwarder.notify(&url, &event).await });
+        }
+    }
 }
 
 fn declared_length(request: &Request<Body>) -> Option<u64> {

@@ -79,16 +79,21 @@ async fn warm_up(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Once a second: records each delegation that has expired, and forgets old ones.
+/// Once a second: records each delegation that has expired, and forgets old ones; once a
+/// minute: bounds the limiters' memory.
 async fn delegation_janitor(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = 0u64;
     loop {
+        ticks += 1;
+        if ticks.is_multiple_of(60) {
+            state.limits.janitor(std::time::SystemTime::now());
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = shutdown.changed() => return,
         }
         for expired in state.delegations.sweep() {
-            crate::delegation::api::audit_event(
-                &state,
+            state.audit_event(
                 serde_json::json!({ "type": "delegation.expired", "delegationId": expired.id, "delegatedBy": expired.chain, "used": expired.used() }),
             );
         }

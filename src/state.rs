@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
+use crate::limit::Limits;
 use crate::metrics::Metrics;
 use crate::policy::RouteTable;
 use crate::secrets::SecretStore;
@@ -49,11 +50,21 @@ pub struct AppState {
     pub audit: Arc<AuditSink>,
     pub metrics: Arc<Metrics>,
     pub delegations: DelegationStore,
+    pub limits: Limits,
     /// Agents revoked through the admin API: refused at once, without a restart.
     pub revoked_agents: ArcSwap<HashSet<String>>,
 }
 
 impl AppState {
+    /// Writes an event (delegation, anomaly, revocation) to the audit trail, scrubbed like every
+    /// record.
+    pub fn audit_event(&self, mut event: serde_json::Value) {
+        event["timestamp"] =
+            serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+        self.runtime.load().secrets.scrubber().scrub_json(&mut event);
+        self.audit.record(event);
+    }
+
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
         Arc::new(AppState {
@@ -62,6 +73,7 @@ impl AppState {
             audit,
             metrics,
             delegations: DelegationStore::default(),
+            limits: Limits::default(),
             revoked_agents: ArcSwap::from_pointee(HashSet::new()),
         })
     }

@@ -78,12 +78,22 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             }
         }
         let recent: Vec<Value> = denials.iter().rev().take(20).cloned().collect();
+        let now = std::time::SystemTime::now();
+        let quarantined: Vec<String> = state
+            .runtime
+            .load()
+            .config
+            .agents
+            .iter()
+            .filter(|a| state.limits.standing(&a.id, now).quarantined_until.is_some())
+            .map(|a| a.id.clone())
+            .collect();
         json!({
             "since": humantime::format_rfc3339_seconds(since).to_string(),
             "heatmap": { "by_agent": by_agent, "by_credential": by_credential },
             "recent_denials": recent,
             "anomalies": anomalies.iter().rev().take(50).collect::<Vec<_>>(),
-            "quarantined": [],
+            "quarantined": quarantined,
         })
     })
     .await;

@@ -2,6 +2,7 @@
 //! scrapers), and the admin API and dashboard under `/admin` (behind the admin token). It is a
 //! separate listener so it can stay on loopback or inside the pod.
 
+mod agents;
 mod api;
 mod ui;
 
@@ -27,6 +28,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/secrets", get(api::secrets))
         .route("/admin/delegations", get(crate::delegation::api::admin_list))
         .route("/admin/delegations/{id}", axum::routing::delete(crate::delegation::api::admin_revoke))
+        .route("/admin/agents", get(agents::list))
+        .route("/admin/agents/{id}/quarantine", axum::routing::post(agents::quarantine))
+        .route("/admin/agents/{id}/release", axum::routing::post(agents::release))
         .route("/admin/agents/{id}/revoke", axum::routing::post(crate::delegation::api::admin_revoke_agent))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

@@ -27,6 +27,8 @@ pub struct AuditGuard {
     started: Instant,
     record: AuditRecord,
     emitted: bool,
+    /// Released with the guard, when the response is done (an in-flight slot).
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// How a proxied response body ended.
@@ -76,7 +78,7 @@ impl AuditGuard {
             delegated_by: None,
             label: None,
         };
-        AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false }
+        AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false, held: None }
     }
 
     pub fn request_id(&self) -> &str {
@@ -91,6 +93,11 @@ impl AuditGuard {
 
     pub fn agent(&mut self, agent_id: &str) {
         self.record.agent_id = Some(agent_id.to_string());
+    }
+
+    /// Keeps `resource` until the request is completely finished.
+    pub fn hold(&mut self, resource: impl std::any::Any + Send + Sync) {
+        self.held = Some(Box::new(resource));
     }
 
     /// The caller is a delegated child key minted down `chain` (parent first).

@@ -31,6 +31,7 @@ pub struct Config {
     pub forward: ForwardConfig,
     pub audit: AuditConfig,
     pub admin: AdminConfig,
+    pub limits: LimitsConfig,
     pub sources: Vec<SourceConfig>,
     pub routes: Vec<RouteConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
@@ -205,14 +206,106 @@ pub struct RoleConfig {
     pub max_delegation_ttl: Duration,
     /// How many levels of delegation may hang below an agent of this role.
     pub max_delegation_depth: u32,
+    /// Most requests one agent of this role may have in flight at once.
+    pub max_in_flight: Option<u32>,
+    pub anomaly: AnomalyConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GrantConfig {
     pub route: String,
     pub secret: String,
     pub methods: MethodSet,
     pub paths: Vec<PathPattern>,
+    /// The grant's quota, or its role's default; keyed by (agent, route).
+    pub quota: Option<Quota>,
+}
+
+/// `count` requests per `period`, with up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+impl Quota {
+    /// `"60/min"`, `"5/s"`, `"1000/h"` (also `/sec`, `/second`, `/m`, `/minute`, `/hour`).
+    pub fn parse(rate: &str, burst: Option<u32>) -> Result<Quota, String> {
+        let (count, unit) = rate.split_once('/').ok_or_else(|| format!("'{rate}' is not a rate like \"60/min\""))?;
+        let count: u32 = count.trim().parse().map_err(|_| format!("'{rate}': the count must be a whole number"))?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => return Err(format!("'{rate}': unknown unit '{other}' (use /s, /min or /h)")),
+        };
+        if count == 0 {
+            return Err(format!("'{rate}': the count must be at least 1"));
+        }
+        let burst = burst.unwrap_or(count);
+        if burst == 0 {
+            return Err("burst must be at least 1".to_string());
+        }
+        Ok(Quota { count, period, burst })
+    }
+
+    /// The time one request's worth of quota takes to come back.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count
+    }
+}
+
+/// What an anomaly detector does when it fires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnomalyAction {
+    /// An audit event and the notify webhook.
+    Alert,
+    /// Alert, and cut the agent's quotas to `throttle_fraction` for the cool-down.
+    Throttle,
+    /// Alert, and refuse every request (`403 agent_quarantined`) until released or cooled down.
+    Quarantine,
+}
+
+#[derive(Debug, Clone)]
+pub struct Detector {
+    pub action: AnomalyAction,
+    /// Rate spike: fire when the 1-minute rate exceeds `factor` × the baseline...
+    pub factor: f64,
+    /// ...and this many requests per minute.
+    pub floor_per_minute: u32,
+    /// Failure burst: fire at this many failures within `window`.
+    pub threshold: u32,
+    pub window: Duration,
+    /// Off-hours: the active window as minutes after local midnight, `[start, end)`.
+    pub active_minutes: Option<(u32, u32)>,
+    /// Off-hours: the time zone as a fixed offset from UTC, in minutes.
+    pub utc_offset_minutes: i32,
+    pub throttle_fraction: f64,
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AnomalyConfig {
+    pub rate_spike: Option<Detector>,
+    pub failure_burst: Option<Detector>,
+    pub off_hours: Option<Detector>,
+    pub first_use: Option<Detector>,
+}
+
+#[derive(Debug, Clone)]
+pub enum LimitsBackend {
+    Local,
+    Redis { url: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub backend: LimitsBackend,
+    /// With Redis unreachable: `true` falls back to local limits (fail open), `false` answers 429.
+    pub fail_open: bool,
+    /// Where anomaly alerts are POSTed as JSON.
+    pub notify: Option<String>,
 }
 
 #[derive(Clone)]

@@ -16,6 +16,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
     pub sources: Vec<RawSource>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
@@ -33,6 +35,41 @@ pub struct RawServer {
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAnomaly {
+    pub rate_spike: Option<RawDetector>,
+    pub failure_burst: Option<RawDetector>,
+    pub off_hours: Option<RawDetector>,
+    pub first_use: Option<RawDetector>,
+}
+
+/// One detector's settings; each detector uses the fields that apply to it.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawDetector {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub action: Option<String>,
+    pub factor: Option<f64>,
+    pub floor_per_minute: Option<u32>,
+    pub threshold: Option<u32>,
+    pub window_seconds: Option<u64>,
+    pub active_hours: Option<String>,
+    pub utc_offset: Option<String>,
+    pub throttle_fraction: Option<f64>,
+    pub cooldown_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub backend: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_failure: Option<String>,
+    pub notify: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -156,6 +193,10 @@ pub struct RawRole {
     pub grants: Vec<RawGrant>,
     #[serde(default)]
     pub delegate: bool,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    pub anomaly: Option<RawAnomaly>,
     pub max_delegation_ttl_seconds: Option<u64>,
     pub max_delegation_depth: Option<u32>,
 }
@@ -167,6 +208,8 @@ pub struct RawGrant {
     pub secret: String,
     pub methods: Vec<String>,
     pub paths: Vec<String>,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

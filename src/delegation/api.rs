@@ -26,13 +26,6 @@ fn stamp(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Writes a delegation lifecycle event to the audit trail (scrubbed like every record).
-pub fn audit_event(state: &AppState, mut event: Value) {
-    event["timestamp"] = json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-    state.runtime.load().secrets.scrubber().scrub_json(&mut event);
-    state.audit.record(event);
-}
-
 pub fn describe(d: &Delegation) -> Value {
     json!({
         "id": d.id,
@@ -69,7 +62,7 @@ fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
 pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke(id);
     for child in &revoked {
-        audit_event(state, json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
+        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
     }
     revoked
 }
@@ -80,8 +73,7 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
     let parent = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
         Ok(parent) => parent,
         Err(e) => {
-            audit_event(
-                &state,
+            state.audit_event(
                 json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
             );
             return e.into_response();
@@ -110,7 +102,7 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
             let mut event = describe(&delegation);
             event["type"] = json!("delegation.minted");
             event["delegationId"] = json!(delegation.id);
-            audit_event(&state, event);
+            state.audit_event(event);
             let mut answer = describe(&delegation);
             answer["key"] = json!(key);
             (StatusCode::CREATED, axum::Json(answer)).into_response()
@@ -125,9 +117,7 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
                     "too many live delegations; try later".to_string(),
                 ),
             };
-            audit_event(
-                &state,
-                json!({ "type": "delegation.refused", "agentId": parent.id(), "status": status.as_u16(), "errorCode": code, "message": message }),
+            state.audit_event(json!({ "type": "delegation.refused", "agentId": parent.id(), "status": status.as_u16(), "errorCode": code, "message": message }),
             );
             error(status, code, &message)
         }
@@ -177,12 +167,10 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
         set.insert(id.clone());
         set
     });
-    audit_event(&state, json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
+    state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
     let revoked = state.delegations.revoke_rooted_at(&id);
     for child in &revoked {
-        audit_event(
-            &state,
-            json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent revoked", "by": "admin" }),
+        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent revoked", "by": "admin" }),
         );
     }
     axum::Json(json!({ "agent": id, "revoked_delegations": revoked })).into_response()

@@ -196,11 +196,14 @@ pub fn narrow(parent: &Delegator<'_>, request: &DelegationRequest) -> Result<Vec
                     }
                 }
             }
+            // The child shares the parent's quota for this grant (keyed by the child's own id).
+            let quota = held.iter().find_map(|g| g.quota);
             grants.push(GrantConfig {
                 route: route.clone(),
                 secret: secret.clone(),
                 methods: methods.clone(),
                 paths: paths.clone(),
+                quota,
             });
         }
     }
@@ -282,6 +285,7 @@ impl DelegationStore {
                 delegate: request.allow_subdelegation,
                 max_delegation_ttl: parent.max_ttl,
                 max_delegation_depth: parent.max_depth,
+                ..RoleConfig::default()
             },
             id: id.clone(),
             key_sha256: identity::hash_key(&key),
@@ -410,6 +414,7 @@ mod tests {
             secret: secret.into(),
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
+            quota: None,
         }
     }
 

@@ -60,6 +60,7 @@ mod tests {
             secret: secret.into(),
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
+            quota: None,
         }
     }
 

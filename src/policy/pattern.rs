@@ -8,6 +8,12 @@ pub enum MethodSet {
     Only(Vec<Method>),
 }
 
+impl Default for MethodSet {
+    fn default() -> Self {
+        MethodSet::none()
+    }
+}
+
 impl MethodSet {
     pub fn none() -> MethodSet {
         MethodSet::Only(Vec::new())

@@ -1,0 +1,78 @@
+//! Admin views and actions on agents: standing (rate, baseline, quarantine, throttle, flags),
+//! quarantine and release. Revocation lives with delegation, which it cascades into.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::admin_error;
+use crate::state::AppState;
+
+/// `GET /admin/agents`
+pub async fn list(State(state): State<Arc<AppState>>) -> Response {
+    let runtime = state.runtime.load();
+    let revoked = state.revoked_agents.load();
+    let now = SystemTime::now();
+    let agents: Vec<Value> = runtime
+        .config
+        .agents
+        .iter()
+        .map(|a| {
+            let standing = state.limits.standing(&a.id, now);
+            let status = if revoked.contains(&a.id) {
+                "revoked"
+            } else if a.disabled {
+                "disabled"
+            } else if standing.quarantined_until.is_some() {
+                "quarantined"
+            } else if standing.throttled_until.is_some() {
+                "throttled"
+            } else {
+                "active"
+            };
+            json!({ "id": a.id, "role": a.role, "status": status, "standing": standing })
+        })
+        .collect();
+    axum::Json(json!({ "agents": agents })).into_response()
+}
+
+fn known(state: &AppState, id: &str) -> bool {
+    state.runtime.load().config.agents.iter().any(|a| a.id == id)
+}
+
+/// `POST /admin/agents/{id}/quarantine`, optionally with `{"minutes": N}`; without it the
+/// quarantine lasts until released.
+pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<String>, body: Bytes) -> Response {
+    if !known(&state, &id) {
+        return admin_error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
+    }
+    let minutes = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("minutes").and_then(Value::as_u64)) {
+            Some(m) => Some(m),
+            None => {
+                return admin_error(StatusCode::BAD_REQUEST, "invalid_request", "the body may only be {\"minutes\": N}");
+            }
+        }
+    };
+    state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now());
+    let revoked = state.delegations.revoke_rooted_at(&id);
+    state.audit_event(json!({ "type": "agent.quarantined", "agentId": id, "by": "admin", "minutes": minutes, "revoked_delegations": revoked }));
+    axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked })).into_response()
+}
+
+/// `POST /admin/agents/{id}/release`
+pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if !known(&state, &id) {
+        return admin_error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
+    }
+    let was = state.limits.release(&id);
+    state.audit_event(json!({ "type": "agent.released", "agentId": id, "by": "admin", "was_limited": was }));
+    axum::Json(json!({ "agent": id, "released": was })).into_response()
+}

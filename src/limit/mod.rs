@@ -1,0 +1,218 @@
+//! Limits, in one place the pipeline asks: is the agent quarantined, is this call within its
+//! quota (halved, quartered... while throttled), may it have another request in flight, and what
+//! did the call tell the anomaly detectors. State survives config reloads.
+
+pub mod anomaly;
+pub mod quota;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::{AnomalyAction, AnomalyConfig, Quota};
+use crate::error::ProxyError;
+use anomaly::{AgentActivity, Finding};
+use quota::Quotas;
+
+/// An agent's standing, as the admin API shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Standing {
+    pub quarantined_until: Option<String>,
+    pub throttled_until: Option<String>,
+    pub throttle_fraction: Option<f64>,
+    pub rate_this_minute: u32,
+    pub baseline_per_minute: f64,
+    pub flags: Vec<Finding>,
+}
+
+#[derive(Default)]
+struct AgentState {
+    activity: AgentActivity,
+    /// `None` inside: quarantined until an admin releases it.
+    quarantined: Option<Option<SystemTime>>,
+    throttled: Option<(SystemTime, f64)>,
+    flags: Vec<Finding>,
+}
+
+/// What a detector decided, for the audit trail and the notify webhook.
+pub struct Decision {
+    pub finding: Finding,
+    pub action: AnomalyAction,
+}
+
+#[derive(Default)]
+pub struct Limits {
+    quotas: Quotas,
+    in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    agents: Mutex<HashMap<String, AgentState>>,
+}
+
+/// One in-flight slot, released when dropped.
+pub struct InFlight(Arc<AtomicU32>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn stamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Limits {
+    /// Refuses a quarantined agent (a quarantine with a cool-down lifts itself).
+    pub fn gate(&self, agent: &str, now: SystemTime) -> Result<(), ProxyError> {
+        let mut agents = self.agents.lock().expect("limits lock");
+        let Some(state) = agents.get_mut(agent) else { return Ok(()) };
+        match state.quarantined {
+            Some(None) => Err(ProxyError::Quarantined { agent: agent.to_string() }),
+            Some(Some(until)) if now < until => Err(ProxyError::Quarantined { agent: agent.to_string() }),
+            Some(Some(_)) => {
+                state.quarantined = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Takes one call from the (agent, route) quota, scaled down while the agent is throttled.
+    pub fn check_quota(&self, agent: &str, route: &str, quota: &Quota, now: SystemTime) -> Result<(), ProxyError> {
+        let fraction = {
+            let mut agents = self.agents.lock().expect("limits lock");
+            match agents.get_mut(agent).and_then(|s| s.throttled) {
+                Some((until, fraction)) if now < until => Some(fraction),
+                Some(_) => {
+                    if let Some(s) = agents.get_mut(agent) {
+                        s.throttled = None;
+                    }
+                    None
+                }
+                None => None,
+            }
+        };
+        let effective = match fraction {
+            Some(f) => Quota {
+                count: ((f64::from(quota.count) * f).ceil() as u32).max(1),
+                burst: ((f64::from(quota.burst) * f).ceil() as u32).max(1),
+                period: quota.period,
+            },
+            None => *quota,
+        };
+        let key = format!("{agent}\u{0}{route}");
+        self.quotas.check(&effective, &key).map(|_| ()).map_err(|t| ProxyError::Throttled {
+            agent: agent.to_string(),
+            route: route.to_string(),
+            limit: t.limit,
+            retry_after: t.retry_after,
+            window: effective.period,
+        })
+    }
+
+    /// Takes an in-flight slot for `agent` if it has fewer than `max`.
+    pub fn enter(&self, agent: &str, max: u32) -> Result<InFlight, ProxyError> {
+        let counter = self.in_flight.lock().expect("limits lock").entry(agent.to_string()).or_default().clone();
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1))
+            .map(|_| InFlight(counter.clone()))
+            .map_err(|_| ProxyError::TooManyInFlight { agent: agent.to_string(), max })
+    }
+
+    fn apply(
+        &self,
+        agent: &str,
+        state: &mut AgentState,
+        fired: Vec<(Finding, crate::config::Detector)>,
+        now: SystemTime,
+    ) -> Vec<Decision> {
+        fired
+            .into_iter()
+            .map(|(finding, detector)| {
+                match detector.action {
+                    AnomalyAction::Alert => {}
+                    AnomalyAction::Throttle => state.throttled = Some((now + detector.cooldown, detector.throttle_fraction)),
+                    AnomalyAction::Quarantine => state.quarantined = Some(Some(now + detector.cooldown)),
+                }
+                tracing::warn!(agent, detector = finding.detector, reason = %finding.reason, action = ?detector.action, "anomaly");
+                state.flags.push(finding.clone());
+                if state.flags.len() > 20 {
+                    state.flags.remove(0);
+                }
+                Decision { finding, action: detector.action }
+            })
+            .collect()
+    }
+
+    /// Feeds one allowed call to the detectors; returns their decisions.
+    pub fn observe_call(
+        &self,
+        agent: &str,
+        config: &AnomalyConfig,
+        route: &str,
+        credential: &str,
+        now: SystemTime,
+    ) -> Vec<Decision> {
+        let mut agents = self.agents.lock().expect("limits lock");
+        let state = agents.entry(agent.to_string()).or_default();
+        let fired = state.activity.observe_call(config, route, credential, now);
+        self.apply(agent, state, fired, now)
+    }
+
+    /// Feeds one failure (upstream 401/403 or a keyward denial) to the detectors.
+    pub fn observe_failure(&self, agent: &str, config: &AnomalyConfig, now: SystemTime) -> Vec<Decision> {
+        let mut agents = self.agents.lock().expect("limits lock");
+        let state = agents.entry(agent.to_string()).or_default();
+        let fired = state.activity.observe_failure(config, now);
+        self.apply(agent, state, fired, now)
+    }
+
+    /// Quarantines `agent` until released (or for `duration`).
+    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
+        let mut agents = self.agents.lock().expect("limits lock");
+        agents.entry(agent.to_string()).or_default().quarantined = Some(duration.map(|d| now + d));
+    }
+
+    /// Lifts a quarantine and a throttle; returns whether there was one.
+    pub fn release(&self, agent: &str) -> bool {
+        let mut agents = self.agents.lock().expect("limits lock");
+        let Some(state) = agents.get_mut(agent) else { return false };
+        let was = state.quarantined.is_some() || state.throttled.is_some();
+        state.quarantined = None;
+        state.throttled = None;
+        was
+    }
+
+    pub fn standing(&self, agent: &str, now: SystemTime) -> Standing {
+        let agents = self.agents.lock().expect("limits lock");
+        let Some(state) = agents.get(agent) else { return Standing::default() };
+        Standing {
+            quarantined_until: match state.quarantined {
+                Some(None) => Some("until released".to_string()),
+                Some(Some(until)) if until > now => Some(stamp(until)),
+                _ => None,
+            },
+            throttled_until: state.throttled.filter(|(u, _)| *u > now).map(|(u, _)| stamp(u)),
+            throttle_fraction: state.throttled.filter(|(u, _)| *u > now).map(|(_, f)| f),
+            rate_this_minute: state.activity.current_rate(),
+            baseline_per_minute: state.activity.baseline(),
+            flags: state.flags.clone(),
+        }
+    }
+
+    /// Bounds memory: forgets full quota buckets, idle in-flight counters, and agents idle for
+    /// two hours that are neither quarantined nor throttled.
+    pub fn janitor(&self, now: SystemTime) {
+        self.quotas.retain_recent();
+        self.in_flight.lock().expect("limits lock").retain(|_, n| n.load(Ordering::SeqCst) > 0);
+        self.agents.lock().expect("limits lock").retain(|_, s| {
+            s.quarantined.is_some()
+                || s.throttled.is_some()
+                || s.activity
+                    .last_seen
+                    .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(7200))
+        });
+    }
+}
