@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs keyward's whole test suite on a fresh machine. It installs what the tests need
-# (moto_server for the AWS Secrets Manager tests, chromium for the dashboard test); the tests
-# start and stop their own servers (moto, fake upstreams, keyward, chromium) on loopback.
+# (moto_server for the AWS Secrets Manager tests, chromium for the dashboard test, redis-server
+# for limits across replicas); the tests start and stop their own servers (moto, redis, fake
+# upstreams, keyward, chromium) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,14 +17,17 @@ if ! command -v moto_server >/dev/null 2>&1; then
 fi
 command -v moto_server >/dev/null 2>&1 || { echo "test.sh: moto_server is still not on PATH" >&2; exit 1; }
 
-# Debian's chromium for the dashboard test (headless; no download of its own).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's chromium (dashboard test, headless) and redis-server (limits across replicas).
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
-    echo "test.sh: installing chromium for the dashboard test"
+    echo "test.sh: installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "test.sh: the dashboard test needs chromium: sudo apt-get install chromium" >&2
+    echo "test.sh: the tests need ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
 fi

@@ -94,6 +94,8 @@ pub enum ProxyError {
         agent: String,
         max: u32,
     },
+    /// The shared limiter (Redis) is down and `redis_failure = "fail_closed"`.
+    LimiterUnavailable,
     DelegationRevoked {
         id: String,
     },
@@ -143,6 +145,7 @@ impl ProxyError {
             ProxyError::Quarantined { .. } => (StatusCode::FORBIDDEN, "agent_quarantined", Downstream),
             ProxyError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", Downstream),
             ProxyError::TooManyInFlight { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_in_flight", Downstream),
+            ProxyError::LimiterUnavailable => (StatusCode::TOO_MANY_REQUESTS, "rate_limiter_unavailable", Downstream),
             ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
             ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
             ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
@@ -192,6 +195,9 @@ impl ProxyError {
                 window.as_secs(),
                 retry_after.as_secs_f64().ceil() as u64
             ),
+            ProxyError::LimiterUnavailable => {
+                "the shared rate limiter cannot be reached and limits fail closed; retry shortly".to_string()
+            }
             ProxyError::TooManyInFlight { agent, max } => {
                 format!("agent '{agent}' already has {max} requests in flight")
             }
@@ -236,7 +242,7 @@ impl IntoResponse for ProxyError {
                     headers.insert("ratelimit-policy", value);
                 }
             }
-            ProxyError::TooManyInFlight { .. } => {
+            ProxyError::TooManyInFlight { .. } | ProxyError::LimiterUnavailable => {
                 response.headers_mut().insert(http::header::RETRY_AFTER, retry(1));
             }
             _ => {}

@@ -32,6 +32,11 @@ pub struct AnomalyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabel {
+    pub to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub secret_cache_hits: Family<SourceLabel, Counter>,
     pub secret_stale_served: Family<SourceLabel, Counter>,
     pub anomalies: Family<AnomalyLabels, Counter>,
+    pub limits_backend_transitions: Family<TransitionLabel, Counter>,
     pub audit_records: Counter,
     pub audit_write_errors: Counter,
 }
@@ -75,6 +81,12 @@ impl Metrics {
         );
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register("anomalies", "Anomaly detector decisions by detector and action", anomalies.clone());
+        let limits_backend_transitions = Family::<TransitionLabel, Counter>::default();
+        registry.register(
+            "limits_backend_transitions",
+            "Times the shared limits backend (Redis) went down or came back",
+            limits_backend_transitions.clone(),
+        );
         let audit_records = Counter::default();
         registry.register("audit_records", "Audit records written", audit_records.clone());
         let audit_write_errors = Counter::default();
@@ -87,6 +99,7 @@ impl Metrics {
             secret_cache_hits,
             secret_stale_served,
             anomalies,
+            limits_backend_transitions,
             audit_records,
             audit_write_errors,
         }

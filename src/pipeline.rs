@@ -134,7 +134,7 @@ async fn proxy(
 
     // Limits run before the secret store is touched: a throttled call costs it nothing.
     if let Some(quota) = &grant.quota {
-        state.limits.check_quota(caller.id(), &route.name, quota, now)?;
+        state.limits.check_quota(caller.id(), &route.name, quota, now).await?;
     }
     if let Some(max) = caller.role().max_in_flight {
         audit.hold(state.limits.enter(caller.id(), max)?);

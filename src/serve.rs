@@ -56,7 +56,8 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         tokio::spawn(server::serve(proxy_listener, crate::app(state.clone()), settings, rx.clone())),
         tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
         tokio::spawn(warm_up(state.clone(), rx.clone())),
-        tokio::spawn(delegation_janitor(state.clone(), rx)),
+        tokio::spawn(delegation_janitor(state.clone(), rx.clone())),
+        tokio::spawn(shared_limits_poller(state.clone(), rx)),
     ];
     tracing::info!(proxy = %format!("http://{proxy_addr}"), admin = %format!("http://{admin_addr}"), "keyward listening");
     Ok(Running { proxy_addr, admin_addr, state, shutdown, tasks })
@@ -96,6 +97,32 @@ async fn delegation_janitor(state: Arc<AppState>, mut shutdown: watch::Receiver<
             state.audit_event(
                 serde_json::json!({ "type": "delegation.expired", "delegationId": expired.id, "delegatedBy": expired.chain, "used": expired.used() }),
             );
+        }
+    }
+}
+
+/// With the Redis backend: twice a second, mirrors quarantines and agent revocations made on
+/// any replica (a revocation also revokes that agent's delegations here).
+async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    let Some(shared) = state.limits.shared.clone() else { return };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Ok(polled) = shared.poll().await else { continue };
+        state.limits.apply_shared(&polled);
+        let known = state.revoked_agents.load();
+        let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
+        if !newly.is_empty() {
+            state.revoked_agents.rcu(|set| {
+                let mut set = (**set).clone();
+                set.extend(newly.iter().cloned());
+                set
+            });
+            for agent in &newly {
+                state.delegations.revoke_rooted_at(agent);
+            }
         }
     }
 }

@@ -67,13 +67,14 @@ impl AppState {
 
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
+        let limits = Limits::new(&runtime.config.limits, metrics.clone());
         Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             forwarder,
             audit,
             metrics,
             delegations: DelegationStore::default(),
-            limits: Limits::default(),
+            limits,
             revoked_agents: ArcSwap::from_pointee(HashSet::new()),
         })
     }

@@ -57,7 +57,11 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
         match serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("minutes").and_then(Value::as_u64)) {
             Some(m) => Some(m),
             None => {
-                return admin_error(StatusCode::BAD_REQUEST, "invalid_request", "the body may only be {\"minutes\": N}");
+                return admin_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "the body may only be {\"minutes\": N}",
+                );
             }
         }
     };

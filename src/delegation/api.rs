@@ -162,6 +162,9 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     if !state.runtime.load().config.agents.iter().any(|a| a.id == id) {
         return error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
     }
+    if let Some(shared) = &state.limits.shared {
+        let _ = shared.revoke(&id).await;
+    }
     state.revoked_agents.rcu(|set| {
         let mut set = (**set).clone();
         set.insert(id.clone());

@@ -4,6 +4,7 @@
 
 pub mod anomaly;
 pub mod quota;
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -12,10 +13,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{AnomalyAction, AnomalyConfig, Quota};
+use crate::config::{AnomalyAction, AnomalyConfig, LimitsBackend, LimitsConfig, Quota};
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use anomaly::{AgentActivity, Finding};
 use quota::Quotas;
+use shared::Shared;
 
 /// An agent's standing, as the admin API shows it.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,6 +51,8 @@ pub struct Limits {
     quotas: Quotas,
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
     agents: Mutex<HashMap<String, AgentState>>,
+    /// The Redis backend, when `limits.backend = "redis"`.
+    pub shared: Option<Arc<Shared>>,
 }
 
 /// One in-flight slot, released when dropped.
@@ -64,6 +69,20 @@ fn stamp(t: SystemTime) -> String {
 }
 
 impl Limits {
+    pub fn new(config: &LimitsConfig, metrics: Arc<Metrics>) -> Limits {
+        let shared = match &config.backend {
+            LimitsBackend::Local => None,
+            LimitsBackend::Redis { url } => match Shared::new(url, config.fail_open, metrics) {
+                Ok(shared) => Some(Arc::new(shared)),
+                Err(error) => {
+                    tracing::error!(%error, "the redis limits backend cannot be used; limits stay local");
+                    None
+                }
+            },
+        };
+        Limits { shared, ..Limits::default() }
+    }
+
     /// Refuses a quarantined agent (a quarantine with a cool-down lifts itself).
     pub fn gate(&self, agent: &str, now: SystemTime) -> Result<(), ProxyError> {
         let mut agents = self.agents.lock().expect("limits lock");
@@ -79,8 +98,15 @@ impl Limits {
         }
     }
 
-    /// Takes one call from the (agent, route) quota, scaled down while the agent is throttled.
-    pub fn check_quota(&self, agent: &str, route: &str, quota: &Quota, now: SystemTime) -> Result<(), ProxyError> {
+    /// Takes one call from the (agent, route) quota, scaled down while the agent is throttled;
+    /// across replicas when Redis is the backend.
+    pub async fn check_quota(
+        &self,
+        agent: &str,
+        route: &str,
+        quota: &Quota,
+        now: SystemTime,
+    ) -> Result<(), ProxyError> {
         let fraction = {
             let mut agents = self.agents.lock().expect("limits lock");
             match agents.get_mut(agent).and_then(|s| s.throttled) {
@@ -102,14 +128,22 @@ impl Limits {
             },
             None => *quota,
         };
-        let key = format!("{agent}\u{0}{route}");
-        self.quotas.check(&effective, &key).map(|_| ()).map_err(|t| ProxyError::Throttled {
+        let throttled = |t: quota::Throttle| ProxyError::Throttled {
             agent: agent.to_string(),
             route: route.to_string(),
             limit: t.limit,
             retry_after: t.retry_after,
             window: effective.period,
-        })
+        };
+        if let Some(shared) = &self.shared {
+            match shared.check(&effective, &format!("{agent}:{route}")).await {
+                Ok(answer) => return answer.map_err(throttled),
+                Err(()) if !shared.fail_open => return Err(ProxyError::LimiterUnavailable),
+                Err(()) => {}
+            }
+        }
+        let key = format!("{agent}\u{0}{route}");
+        self.quotas.check(&effective, &key).map(|_| ()).map_err(throttled)
     }
 
     /// Takes an in-flight slot for `agent` if it has fewer than `max`.
@@ -134,7 +168,10 @@ impl Limits {
                 match detector.action {
                     AnomalyAction::Alert => {}
                     AnomalyAction::Throttle => state.throttled = Some((now + detector.cooldown, detector.throttle_fraction)),
-                    AnomalyAction::Quarantine => state.quarantined = Some(Some(now + detector.cooldown)),
+                    AnomalyAction::Quarantine => {
+                        state.quarantined = Some(Some(now + detector.cooldown));
+                        self.share_quarantine(agent, Some(now + detector.cooldown));
+                    }
                 }
                 tracing::warn!(agent, detector = finding.detector, reason = %finding.reason, action = ?detector.action, "anomaly");
                 state.flags.push(finding.clone());
@@ -169,14 +206,37 @@ impl Limits {
         self.apply(agent, state, fired, now)
     }
 
-    /// Quarantines `agent` until released (or for `duration`).
-    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
-        let mut agents = self.agents.lock().expect("limits lock");
-        agents.entry(agent.to_string()).or_default().quarantined = Some(duration.map(|d| now + d));
+    /// Writes a quarantine through to Redis, for the other replicas.
+    fn share_quarantine(&self, agent: &str, until: Option<SystemTime>) {
+        if let Some(shared) = self.shared.clone() {
+            let agent = agent.to_string();
+            tokio::spawn(async move {
+                let _ = shared.quarantine(&agent, until).await;
+            });
+        }
     }
 
-    /// Lifts a quarantine and a throttle; returns whether there was one.
+    /// Quarantines `agent` until released (or for `duration`), on every replica.
+    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
+        let until = duration.map(|d| now + d);
+        let mut agents = self.agents.lock().expect("limits lock");
+        agents.entry(agent.to_string()).or_default().quarantined = Some(until);
+        drop(agents);
+        self.share_quarantine(agent, until);
+    }
+
+    /// Lifts a quarantine and a throttle, on every replica; returns whether there was one here.
     pub fn release(&self, agent: &str) -> bool {
+        if let Some(shared) = self.shared.clone() {
+            let agent = agent.to_string();
+            tokio::spawn(async move {
+                let _ = shared.release(&agent).await;
+            });
+        }
+        self.release_local(agent)
+    }
+
+    fn release_local(&self, agent: &str) -> bool {
         let mut agents = self.agents.lock().expect("limits lock");
         let Some(state) = agents.get_mut(agent) else { return false };
         let was = state.quarantined.is_some() || state.throttled.is_some();
@@ -199,6 +259,19 @@ impl Limits {
             rate_this_minute: state.activity.current_rate(),
             baseline_per_minute: state.activity.baseline(),
             flags: state.flags.clone(),
+        }
+    }
+
+    /// Mirrors quarantines polled from Redis: adds the ones listed there, lifts the others.
+    pub fn apply_shared(&self, state: &shared::SharedState) {
+        let mut agents = self.agents.lock().expect("limits lock");
+        for (agent, until) in &state.quarantined {
+            agents.entry(agent.clone()).or_default().quarantined = Some(until.map(shared::from_unix_ms));
+        }
+        for (agent, local) in agents.iter_mut() {
+            if local.quarantined.is_some() && !state.quarantined.contains_key(agent) {
+                local.quarantined = None;
+            }
         }
     }
 

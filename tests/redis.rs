@@ -1,0 +1,173 @@
+//! Limits across replicas: two keyward processes share one real redis-server. Their combined
+//! quota holds, a quarantine made on one is enforced by the other within a second, and when
+//! Redis dies each keeps serving under its configured failure policy.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::Spawned;
+use common::*;
+use keyward::fake_upstream::FakeUpstream;
+use serde_json::Value;
+
+const LIMITED_KEY: &str = "kw_testRedisLimitedKey3456789abcdefghijklmnop";
+const ADMIN_TOKEN: &str = "kwadm_redisAdminToken0123456789abcdefghijkl";
+
+struct Redis(Child);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_redis(port: u16) -> Redis {
+    let redis = Redis(Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server not found: ./scripts/test.sh installs it (apt-get install redis-server)"));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let mut pong = [0u8; 7];
+            if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut pong).is_ok() && &pong == b"+PONG\r\n" {
+                return redis;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("redis-server did not start");
+}
+
+fn replica(dir: &std::path::Path, name: &str, upstream: &str, redis_port: u16, failure: &str) -> Spawned {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    write_secrets(&sub);
+    let extra = format!(
+        r#"
+[roles.limited]
+grants = [
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"], rate = "30/min", burst = 5 }},
+]
+[roles.limited.anomaly]
+first_use = {{ enabled = false }}
+
+[[agents]]
+id = "limited-1"
+role = "limited"
+key_sha256 = "{key}"
+
+[limits]
+backend = "redis"
+redis_url = "redis://127.0.0.1:{redis_port}"
+redis_failure = "{failure}"
+
+[admin]
+token_sha256 = "{admin}"
+"#,
+        key = sha(LIMITED_KEY),
+        admin = sha(ADMIN_TOKEN)
+    );
+    let path = sub.join("keyward.toml");
+    std::fs::write(&path, config_text(&sub, upstream, &extra)).unwrap();
+    Spawned::serve(&sub, &["--config", path.to_str().unwrap()], &[])
+}
+
+async fn call(client: &reqwest::Client, base: &str) -> (u16, String) {
+    let r = client
+        .post(format!("{base}/openai/v1/chat/completions"))
+        .bearer_auth(LIMITED_KEY)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let code =
+        r.json::<Value>().await.ok().and_then(|v| v["error"]["code"].as_str().map(str::to_string)).unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let redis = start_redis(redis_port);
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_open");
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    let client = reqwest::Client::new();
+
+    // 40 calls spread over both replicas: the shared bucket allows the burst of 5 (plus at most
+    // one refill at 30/min), where two separate buckets would allow 10.
+    let started = Instant::now();
+    let mut allowed = 0;
+    for i in 0..40 {
+        let base = if i % 2 == 0 { &a.proxy } else { &b.proxy };
+        let (status, code) = call(&client, base).await;
+        match status {
+            200 => allowed += 1,
+            429 => assert_eq!(code, "rate_limited"),
+            other => panic!("unexpected {other} {code}"),
+        }
+    }
+    let refills = (started.elapsed().as_secs_f64() / 2.0).ceil() as usize;
+    assert!(allowed >= 5 && allowed <= 5 + refills, "{allowed} allowed across two replicas (refills {refills})");
+    assert_eq!(upstream.count(), allowed);
+
+    // A quarantine made through replica A's admin API holds on replica B within a second.
+    let r = client
+        .post(format!("{}/admin/agents/limited-1/quarantine", a.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut seen = None;
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        let (status, code) = call(&client, &b.proxy).await;
+        if code == "agent_quarantined" {
+            seen = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, Some(403), "replica B did not see the quarantine within a second");
+    let r = client
+        .post(format!("{}/admin/agents/limited-1/release", b.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, code) = call(&client, &a.proxy).await;
+    assert_ne!(code, "agent_quarantined", "replica A did not see the release");
+
+    // Redis dies: A (fail_open) falls back to its local limits and keeps serving; B
+    // (fail_closed) refuses limited calls with 429. Neither answers 5xx.
+    drop(redis);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut a_statuses = Vec::new();
+    let mut b_codes = Vec::new();
+    for _ in 0..4 {
+        a_statuses.push(call(&client, &a.proxy).await.0);
+        b_codes.push(call(&client, &b.proxy).await);
+    }
+    assert!(a_statuses.contains(&200), "fail_open replica stopped serving: {a_statuses:?}");
+    assert!(a_statuses.iter().all(|s| *s == 200 || *s == 429), "{a_statuses:?}");
+    assert!(b_codes.iter().all(|(s, c)| *s == 429 && c == "rate_limiter_unavailable"), "{b_codes:?}");
+    let health = client.get(format!("{}/healthz", b.admin)).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
+    let a_logs = a.terminate();
+    let b_logs = b.terminate();
+    assert_eq!(a_logs.matches("falling back to local limits").count(), 1, "log once per transition:\n{a_logs}");
+    assert_eq!(b_logs.matches("refusing limited calls").count(), 1, "log once per transition:\n{b_logs}");
+}
