@@ -202,6 +202,12 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
             "threshold": decision.finding.threshold,
         });
         state.audit_event(event.clone());
+        if decision.action == AnomalyAction::Quarantine {
+            // Quarantining a parent revokes every key it delegated, transitively.
+            for child in state.delegations.revoke_rooted_at(agent) {
+                state.audit_event(serde_json::json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent quarantined", "by": "anomaly" }));
+            }
+        }
         if let Some(url) = state.runtime.load().config.limits.notify.clone() {
             let forwarder = state.forwarder.clone();
             tokio::spawn(async move { forwarder.notify(&url, &event).await });
