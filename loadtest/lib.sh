@@ -46,7 +46,7 @@ start_upstream() { # PORT
 BENCH_SECRET="sk-bench-0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
 BENCH_KEY="kw_benchAgentKey0123456789abcdefghijklmnopqrstu"
 
-# keyward_config PORT ADMIN UPSTREAM_PORT SCRUB(true|false) [DURABILITY] > file
+# keyward_config PORT ADMIN UPSTREAM_PORT SCRUB(true|false) [DURABILITY] [GRANT_EXTRA] [LIMITS_TOML] > file
 keyward_config() {
   local hash
   hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
@@ -71,11 +71,12 @@ scrub_responses = $4
 agent_key = { header = "authorization", scheme = "Bearer" }
 inject = { header = "authorization", value = "Bearer {{secret}}" }
 [roles.bench]
-grants = [{ route = "bench", secret = "BENCH_KEY", methods = ["GET", "POST"], paths = ["/**"] }]
+grants = [{ route = "bench", secret = "BENCH_KEY", methods = ["GET", "POST"], paths = ["/**"]${6:-} }]
 [[agents]]
 id = "bench-agent"
 role = "bench"
 key_sha256 = "$hash"
+${7:-}
 TOML
 }
 

@@ -141,7 +141,7 @@ async fn proxy(
     }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
-        delegation.admit()?;
+        delegation_api::admit(state, delegation).await?;
     }
     report_anomalies(
         state,
@@ -204,9 +204,7 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
         state.audit_event(event.clone());
         if decision.action == AnomalyAction::Quarantine {
             // Quarantining a parent revokes every key it delegated, transitively.
-            for child in state.delegations.revoke_rooted_at(agent) {
-                state.audit_event(serde_json::json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent quarantined", "by": "anomaly" }));
-            }
+            delegation_api::revoke_tree_of_agent(state, agent, "parent agent quarantined", "anomaly");
         }
         if let Some(url) = state.runtime.load().config.limits.notify.clone() {
             let forwarder = state.forwarder.clone();

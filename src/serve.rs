@@ -112,6 +112,12 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
         }
         let Ok(polled) = shared.poll().await else { continue };
         state.limits.apply_shared(&polled);
+        state.delegations.import(&polled.delegations);
+        for id in &polled.revoked_delegations {
+            if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
+                state.delegations.revoke(id);
+            }
+        }
         let known = state.revoked_agents.load();
         let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
         if !newly.is_empty() {

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 const LIMITED_KEY: &str = "kw_testRedisLimitedKey3456789abcdefghijklmnop";
 const ADMIN_TOKEN: &str = "kwadm_redisAdminToken0123456789abcdefghijkl";
+const LEAD_KEY: &str = "kw_testRedisLeadKey0123456789abcdefghijklmnop";
 
 struct Redis(Child);
 
@@ -26,12 +27,14 @@ impl Drop for Redis {
 }
 
 fn start_redis(port: u16) -> Redis {
-    let redis = Redis(Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server not found: ./scripts/test.sh installs it (apt-get install redis-server)"));
+    let redis = Redis(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: ./scripts/test.sh installs it (apt-get install redis-server)"),
+    );
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -63,6 +66,15 @@ id = "limited-1"
 role = "limited"
 key_sha256 = "{key}"
 
+[roles.lead]
+delegate = true
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+
+[[agents]]
+id = "lead-1"
+role = "lead"
+key_sha256 = "{lead}"
+
 [limits]
 backend = "redis"
 redis_url = "redis://127.0.0.1:{redis_port}"
@@ -72,6 +84,7 @@ redis_failure = "{failure}"
 token_sha256 = "{admin}"
 "#,
         key = sha(LIMITED_KEY),
+        lead = sha(LEAD_KEY),
         admin = sha(ADMIN_TOKEN)
     );
     let path = sub.join("keyward.toml");
@@ -170,4 +183,94 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
     let b_logs = b.terminate();
     assert_eq!(a_logs.matches("falling back to local limits").count(), 1, "log once per transition:\n{a_logs}");
     assert_eq!(b_logs.matches("refusing limited calls").count(), 1, "log once per transition:\n{b_logs}");
+}
+
+async fn chat_code(client: &reqwest::Client, base: &str, key: &str) -> (u16, String) {
+    let r = client.post(format!("{base}/openai/v1/chat/completions")).bearer_auth(key).body("{}").send().await.unwrap();
+    let status = r.status().as_u16();
+    let code =
+        r.json::<Value>().await.ok().and_then(|v| v["error"]["code"].as_str().map(str::to_string)).unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegations_budgets_and_revocations_reach_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let _redis = start_redis(redis_port);
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    let client = reqwest::Client::new();
+
+    // Minted on A, with a budget of 4 calls.
+    let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                   "paths": ["/v1/chat/completions"], "max_requests": 4 });
+    let minted: Value = client
+        .post(format!("{}/v1/delegations", a.proxy))
+        .bearer_auth(LEAD_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id, key) = (minted["id"].as_str().unwrap(), minted["key"].as_str().unwrap());
+
+    // Usable on B within a second.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut first = (0, String::new());
+    while Instant::now() < deadline {
+        first = chat_code(&client, &b.proxy, key).await;
+        if first.0 == 200 {
+            break;
+        }
+        assert_eq!(first.1, "unknown_agent_key", "{first:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
+
+    // The budget is one budget across both replicas: 4 in all, however the calls are spread.
+    let mut successes = 1;
+    let mut exhausted = 0;
+    for i in 0..6 {
+        let base = if i % 2 == 0 { &a.proxy } else { &b.proxy };
+        match chat_code(&client, base, key).await {
+            (200, _) => successes += 1,
+            (401, code) if code == "delegation_exhausted" => exhausted += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((successes, exhausted), (4, 3));
+
+    // A second child, revoked by its parent on A: refused on B within a second.
+    let minted: Value = client
+        .post(format!("{}/v1/delegations", a.proxy))
+        .bearer_auth(LEAD_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (id2, key2) = (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(chat_code(&client, &b.proxy, &key2).await.0, 200);
+    let r = client.delete(format!("{}/v1/delegations/{id2}", a.proxy)).bearer_auth(LEAD_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut last = (0, String::new());
+    while Instant::now() < deadline {
+        last = chat_code(&client, &b.proxy, &key2).await;
+        if last.1 == "delegation_revoked" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(last, (401, "delegation_revoked".to_string()), "replica B still accepts a revoked key");
+    assert!(!id.is_empty());
+    a.terminate();
+    b.terminate();
 }

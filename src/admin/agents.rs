@@ -66,7 +66,7 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
         }
     };
     state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now());
-    let revoked = state.delegations.revoke_rooted_at(&id);
+    let revoked = crate::delegation::api::revoke_tree_of_agent(&state, &id, "parent agent quarantined", "admin");
     state.audit_event(json!({ "type": "agent.quarantined", "agentId": id, "by": "admin", "minutes": minutes, "revoked_delegations": revoked }));
     axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked })).into_response()
 }

@@ -58,9 +58,51 @@ fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
     }
 }
 
+/// Tells the other replicas (through Redis, when it is the limits backend).
+fn share_revocations(state: &AppState, ids: &[String]) {
+    if let Some(shared) = state.limits.shared.clone()
+        && !ids.is_empty()
+    {
+        let ids = ids.to_vec();
+        tokio::spawn(async move {
+            let _ = shared.revoke_delegations(&ids).await;
+        });
+    }
+}
+
+/// Revokes every delegation an agent minted, transitively, with one audit event each.
+pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &str) -> Vec<String> {
+    let revoked = state.delegations.revoke_rooted_at(agent);
+    for child in &revoked {
+        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
+    }
+    share_revocations(state, &revoked);
+    revoked
+}
+
+/// Counts one use of a child key's budget: exact across replicas with the Redis backend.
+pub async fn admit(state: &AppState, delegation: &Delegation) -> Result<(), ProxyError> {
+    match (&state.limits.shared, delegation.max_requests) {
+        (Some(shared), Some(max)) => {
+            let lifetime = delegation.expires.duration_since(delegation.created).unwrap_or_default();
+            match shared.spend(&delegation.id, max, lifetime).await {
+                Ok(true) => {
+                    delegation.note_use();
+                    Ok(())
+                }
+                Ok(false) => Err(ProxyError::DelegationExhausted { id: delegation.id.clone() }),
+                Err(()) if shared.fail_open => delegation.admit(),
+                Err(()) => Err(ProxyError::LimiterUnavailable),
+            }
+        }
+        _ => delegation.admit(),
+    }
+}
+
 /// Revokes `id` and its descendants, with one audit event each.
 pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke(id);
+    share_revocations(state, &revoked);
     for child in &revoked {
         state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
     }
@@ -99,6 +141,11 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
     }
     match state.delegations.mint(&parent.delegator(), &request) {
         Ok((delegation, key)) => {
+            if let Some(shared) = &state.limits.shared
+                && shared.publish_delegation(&super::export(&delegation)).await.is_err()
+            {
+                tracing::warn!(id = %delegation.id, "the delegation could not be shared through redis; it works on this replica only");
+            }
             let mut event = describe(&delegation);
             event["type"] = json!("delegation.minted");
             event["delegationId"] = json!(delegation.id);
@@ -171,11 +218,7 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
         set
     });
     state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
-    let revoked = state.delegations.revoke_rooted_at(&id);
-    for child in &revoked {
-        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": "parent agent revoked", "by": "admin" }),
-        );
-    }
+    let revoked = revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
     axum::Json(json!({ "agent": id, "revoked_delegations": revoked })).into_response()
 }
 

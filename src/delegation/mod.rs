@@ -121,6 +121,11 @@ impl Delegation {
         }
     }
 
+    /// Notes a use already counted elsewhere (the shared budget in Redis), for display.
+    pub fn note_use(&self) {
+        self.used.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Counts one request against `max_requests`, exactly, however many race for the last one.
     pub fn admit(&self) -> Result<(), ProxyError> {
         let Some(max) = self.max_requests else {
@@ -132,6 +137,91 @@ impl Delegation {
             .map(|_| ())
             .map_err(|_| ProxyError::DelegationExhausted { id: self.id.clone() })
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// A delegation as stored in Redis for other replicas: everything but the key (only its hash).
+pub fn export(d: &Delegation) -> serde_json::Value {
+    let method_list = |m: &MethodSet| match m {
+        MethodSet::Any => vec!["*".to_string()],
+        MethodSet::Only(list) => list.iter().map(|m| m.to_string()).collect(),
+    };
+    serde_json::json!({
+        "id": d.id,
+        "key_sha256": hex::encode(d.key_sha256),
+        "chain": d.chain,
+        "label": d.label,
+        "grants": d.role.grants.iter().map(|g| serde_json::json!({
+            "route": g.route, "secret": g.secret, "methods": method_list(&g.methods),
+            "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
+            "quota": g.quota.map(|q| serde_json::json!({ "count": q.count, "period_ms": q.period.as_millis() as u64, "burst": q.burst })),
+        })).collect::<Vec<_>>(),
+        "created_ms": unix_ms(d.created),
+        "expires_ms": unix_ms(d.expires),
+        "max_requests": d.max_requests,
+        "revoke_on_failure": d.revoke_on_failure,
+        "allow_subdelegation": d.allow_subdelegation,
+        "depth": d.depth,
+        "max_depth": d.max_depth,
+        "max_ttl_s": d.max_ttl.as_secs(),
+    })
+}
+
+/// Rebuilds a delegation another replica minted; `None` if the record is not one.
+fn import(v: &serde_json::Value) -> Option<Delegation> {
+    let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    let strings = |v: &serde_json::Value| -> Option<Vec<String>> {
+        v.as_array()?.iter().map(|s| s.as_str().map(str::to_string)).collect()
+    };
+    let mut key_sha256 = [0u8; 32];
+    hex::decode_to_slice(v["key_sha256"].as_str()?, &mut key_sha256).ok()?;
+    let mut grants = Vec::new();
+    for g in v["grants"].as_array()? {
+        let quota = g.get("quota").filter(|q| !q.is_null()).map(|q| crate::config::Quota {
+            count: q["count"].as_u64().unwrap_or(1) as u32,
+            period: Duration::from_millis(q["period_ms"].as_u64().unwrap_or(1000)),
+            burst: q["burst"].as_u64().unwrap_or(1) as u32,
+        });
+        grants.push(GrantConfig {
+            route: g["route"].as_str()?.to_string(),
+            secret: g["secret"].as_str()?.to_string(),
+            methods: MethodSet::parse(&strings(&g["methods"])?).ok()?,
+            paths: strings(&g["paths"])?.iter().map(|p| PathPattern::parse(p)).collect::<Result<_, _>>().ok()?,
+            quota,
+        });
+    }
+    let id = v["id"].as_str()?.to_string();
+    let allow_subdelegation = v["allow_subdelegation"].as_bool()?;
+    let max_ttl = Duration::from_secs(v["max_ttl_s"].as_u64()?);
+    let max_depth = v["max_depth"].as_u64()? as u32;
+    Some(Delegation {
+        role: RoleConfig {
+            name: format!("delegation:{id}"),
+            grants,
+            delegate: allow_subdelegation,
+            max_delegation_ttl: max_ttl,
+            max_delegation_depth: max_depth,
+            ..RoleConfig::default()
+        },
+        id,
+        key_sha256,
+        chain: strings(&v["chain"])?,
+        label: v["label"].as_str().map(str::to_string),
+        created: at(v["created_ms"].as_u64()?),
+        expires: at(v["expires_ms"].as_u64()?),
+        max_requests: v["max_requests"].as_u64(),
+        used: AtomicU64::new(0),
+        revoked: AtomicBool::new(false),
+        expiry_reported: AtomicBool::new(false),
+        revoke_on_failure: v["revoke_on_failure"].as_bool()?,
+        allow_subdelegation,
+        depth: v["depth"].as_u64()? as u32,
+        max_depth,
+        max_ttl,
+    })
 }
 
 /// Checks that `request` only narrows what `parent` holds, and returns the child's grants.
@@ -319,6 +409,28 @@ impl DelegationStore {
             return Some(Err(ProxyError::DelegationExpired { id: found.id.clone() }));
         }
         Some(Ok(found))
+    }
+
+    /// Adds delegations minted on other replicas (records from Redis); returns how many were new.
+    pub fn import(&self, records: &[serde_json::Value]) -> usize {
+        let mut added = 0;
+        for record in records {
+            let Some(id) = record["id"].as_str() else { continue };
+            if self.by_id.read().expect("delegations lock").contains_key(id) {
+                continue;
+            }
+            let Some(delegation) = import(record).map(Arc::new) else {
+                tracing::warn!(id, "a shared delegation record could not be read; ignored");
+                continue;
+            };
+            if self.clock.now() >= delegation.expires + REMEMBER {
+                continue;
+            }
+            self.by_hash.write().expect("delegations lock").insert(delegation.key_sha256, delegation.clone());
+            self.by_id.write().expect("delegations lock").insert(id.to_string(), delegation);
+            added += 1;
+        }
+        added
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Delegation>> {

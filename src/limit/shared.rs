@@ -36,6 +36,8 @@ return {1, 0}
 
 const QUARANTINE: &str = "keyward:quarantine";
 const REVOKED: &str = "keyward:revoked_agents";
+const DELEGATIONS: &str = "keyward:delegations";
+const REVOKED_DELEGATIONS: &str = "keyward:revoked_delegations";
 
 pub struct Shared {
     manager: ConnectionManager,
@@ -51,6 +53,9 @@ pub struct SharedState {
     /// Agent → quarantined until (unix ms), or `None` for until released.
     pub quarantined: HashMap<String, Option<u64>>,
     pub revoked: HashSet<String>,
+    /// Delegation records minted on any replica (see `delegation::export`).
+    pub delegations: Vec<serde_json::Value>,
+    pub revoked_delegations: HashSet<String>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -126,11 +131,45 @@ impl Shared {
         connection.sadd::<_, _, ()>(REVOKED, agent).await.map_err(|e| self.note(false, Some(&e)))
     }
 
+    pub async fn publish_delegation(&self, record: &serde_json::Value) -> Result<(), ()> {
+        let mut connection = self.manager.clone();
+        let id = record["id"].as_str().unwrap_or_default().to_string();
+        connection
+            .hset::<_, _, _, ()>(DELEGATIONS, id, record.to_string())
+            .await
+            .map_err(|e| self.note(false, Some(&e)))
+    }
+
+    pub async fn revoke_delegations(&self, ids: &[String]) -> Result<(), ()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.manager.clone();
+        connection.sadd::<_, _, ()>(REVOKED_DELEGATIONS, ids).await.map_err(|e| self.note(false, Some(&e)))
+    }
+
+    /// Counts one use of a delegation's budget across replicas: `true` while within `max`.
+    pub async fn spend(&self, id: &str, max: u64, lifetime: Duration) -> Result<bool, ()> {
+        let mut connection = self.manager.clone();
+        let key = format!("keyward:delegation_used:{id}");
+        let used: u64 = connection.incr(&key, 1u64).await.map_err(|e| self.note(false, Some(&e)))?;
+        if used == 1 {
+            let _: Result<(), _> = connection.expire(&key, lifetime.as_secs().max(1) as i64 + 3600).await;
+        }
+        self.note(true, None);
+        Ok(used <= max)
+    }
+
     pub async fn poll(&self) -> Result<SharedState, ()> {
         let mut connection = self.manager.clone();
         let quarantine: HashMap<String, u64> =
             connection.hgetall(QUARANTINE).await.map_err(|e| self.note(false, Some(&e)))?;
         let revoked: HashSet<String> = connection.smembers(REVOKED).await.map_err(|e| self.note(false, Some(&e)))?;
+        let records: HashMap<String, String> =
+            connection.hgetall(DELEGATIONS).await.map_err(|e| self.note(false, Some(&e)))?;
+        let revoked_delegations: HashSet<String> =
+            connection.smembers(REVOKED_DELEGATIONS).await.map_err(|e| self.note(false, Some(&e)))?;
+        let delegations = records.values().filter_map(|r| serde_json::from_str(r).ok()).collect();
         self.note(true, None);
         let now = unix_ms(SystemTime::now());
         let quarantined = quarantine
@@ -138,7 +177,7 @@ impl Shared {
             .filter(|(_, until)| *until == 0 || *until > now)
             .map(|(agent, until)| (agent, (until != 0).then_some(until)))
             .collect();
-        Ok(SharedState { quarantined, revoked })
+        Ok(SharedState { quarantined, revoked, delegations, revoked_delegations })
     }
 }
 
