@@ -92,18 +92,9 @@ token_sha256 = "{admin}"
     Spawned::serve(&sub, &["--config", path.to_str().unwrap()], &[])
 }
 
+/// One chat call as the limited agent: the status and keyward's error code, if any.
 async fn call(client: &reqwest::Client, base: &str) -> (u16, String) {
-    let r = client
-        .post(format!("{base}/openai/v1/chat/completions"))
-        .bearer_auth(LIMITED_KEY)
-        .body("{}")
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let code =
-        r.json::<Value>().await.ok().and_then(|v| v["error"]["code"].as_str().map(str::to_string)).unwrap_or_default();
-    (status, code)
+    chat_code(client, base, LIMITED_KEY).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,6 +176,7 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
     assert_eq!(b_logs.matches("refusing limited calls").count(), 1, "log once per transition:\n{b_logs}");
 }
 
+/// One chat call with `key`: the status and keyward's error code, if any.
 async fn chat_code(client: &reqwest::Client, base: &str, key: &str) -> (u16, String) {
     let r = client.post(format!("{base}/openai/v1/chat/completions")).bearer_auth(key).body("{}").send().await.unwrap();
     let status = r.status().as_u16();
