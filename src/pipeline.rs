@@ -123,31 +123,30 @@ async fn proxy(
         audit.delegation(&delegation.chain, delegation.label.as_deref());
     }
 
+    // Limits, quarantine and detectors belong to the root agent: delegating never escapes them.
     let now = SystemTime::now();
-    state.limits.gate(caller.id(), now)?;
-    let detectors = &caller.role().anomaly;
+    let root = caller.root();
+    state.limits.gate(root, now)?;
+    let limits_role = caller.limits_role(runtime);
+    let detectors = &limits_role.anomaly;
     let subject = Subject { agent: caller.id(), role: caller.role() };
     let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest).inspect_err(|_| {
-        report_anomalies(state, caller.id(), state.limits.observe_failure(caller.id(), detectors, now));
+        report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
     })?;
     audit.credential(&grant.secret);
 
     // Limits run before the secret store is touched: a throttled call costs it nothing.
     if let Some(quota) = &grant.quota {
-        state.limits.check_quota(caller.id(), &route.name, quota, now).await?;
+        state.limits.check_quota(root, &route.name, quota, now).await?;
     }
-    if let Some(max) = caller.role().max_in_flight {
-        audit.hold(state.limits.enter(caller.id(), max)?);
+    if let Some(max) = limits_role.max_in_flight {
+        audit.hold(state.limits.enter(root, max)?);
     }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
         delegation_api::admit(state, delegation).await?;
     }
-    report_anomalies(
-        state,
-        caller.id(),
-        state.limits.observe_call(caller.id(), detectors, &route.name, &grant.secret, now),
-    );
+    report_anomalies(state, root, state.limits.observe_call(root, detectors, &route.name, &grant.secret, now));
 
     let limit = runtime.config.forward.max_request_body_bytes;
     if declared_length(&request).is_some_and(|len| len > limit) {
@@ -174,7 +173,7 @@ async fn proxy(
         delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        report_anomalies(state, caller.id(), state.limits.observe_failure(caller.id(), detectors, SystemTime::now()));
+        report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
     }
     let coding = decode::coding(response.headers());
     if coding == Coding::Unsupported {

@@ -28,6 +28,32 @@ impl Principal<'_> {
         }
     }
 
+    /// The configured agent at the root of the chain: limits, quarantine and anomaly detection
+    /// apply to it, so a parent cannot escape them by delegating.
+    pub fn root(&self) -> &str {
+        match self {
+            Principal::Agent { agent, .. } => &agent.id,
+            Principal::Delegated(d) => d.chain.last().map_or(&d.id, String::as_str),
+        }
+    }
+
+    /// The role whose limits apply: the root agent's.
+    pub fn limits_role<'a>(&'a self, runtime: &'a Runtime) -> &'a RoleConfig {
+        match self {
+            Principal::Agent { role, .. } => role,
+            Principal::Delegated(d) => {
+                let root = self.root();
+                runtime
+                    .config
+                    .agents
+                    .iter()
+                    .find(|a| a.id == root)
+                    .and_then(|a| runtime.config.roles.get(&a.role))
+                    .unwrap_or(&d.role)
+            }
+        }
+    }
+
     pub fn delegation(&self) -> Option<&Arc<Delegation>> {
         match self {
             Principal::Agent { .. } => None,
@@ -47,6 +73,7 @@ impl Principal<'_> {
                 depth: 0,
                 max_depth: role.max_delegation_depth,
                 expires: None,
+                budget_left: None,
             },
             Principal::Delegated(d) => d.as_delegator(),
         }
@@ -70,7 +97,17 @@ pub fn identify<'r>(
             Ok(Principal::Agent { agent, role })
         }
         Err(unknown) => match state.delegations.identify(key) {
-            Some(Ok(delegation)) => Ok(Principal::Delegated(delegation)),
+            Some(Ok(delegation)) => {
+                // A child of a revoked parent (or of a revoked agent) is refused, whatever its own flag.
+                let root_revoked =
+                    delegation.chain.last().is_some_and(|root| state.revoked_agents.load().contains(root));
+                let ancestor_revoked =
+                    delegation.chain.iter().any(|id| state.delegations.get(id).is_some_and(|a| a.is_revoked()));
+                if root_revoked || ancestor_revoked {
+                    return Err(ProxyError::DelegationRevoked { id: delegation.id.clone() });
+                }
+                Ok(Principal::Delegated(delegation))
+            }
             Some(Err(refused)) => Err(refused),
             None => Err(unknown),
         },

@@ -113,6 +113,18 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
         let Ok(polled) = shared.poll().await else { continue };
         state.limits.apply_shared(&polled);
         state.delegations.import(&polled.delegations);
+        let hour_ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis()
+            .saturating_sub(3_600_000) as u64;
+        let expired: Vec<String> = polled
+            .delegations
+            .iter()
+            .filter(|d| d["expires_ms"].as_u64().is_some_and(|ms| ms < hour_ago))
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect();
+        let _ = shared.forget_delegations(&expired).await;
         for id in &polled.revoked_delegations {
             if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
                 state.delegations.revoke(id);

@@ -196,6 +196,29 @@ async fn revocation_is_immediate_and_cascades() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantined_parent_can_neither_mint_nor_use_its_children() {
+    let h = Harness::start_with(&extra()).await;
+    let (_, child) = mint(&h, LEAD_KEY, chat_child(None)).await;
+    let child_key = child["key"].as_str().unwrap().to_string();
+    let r = h
+        .client
+        .post(format!("{}/admin/agents/lead-1/quarantine", h.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, answer) = mint(&h, LEAD_KEY, chat_child(None)).await;
+    assert_eq!(status, 403);
+    assert_eq!(answer["error"]["code"], "agent_quarantined");
+    // Quarantine revoked the existing child too.
+    let r = h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(&child_key).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(code(r).await, "delegation_revoked");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoke_on_failure_fires_on_an_upstream_401_and_on_a_5xx() {
     let h = Harness::start_with(&extra()).await;
     for status in [401, 502] {

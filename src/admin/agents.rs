@@ -55,12 +55,12 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
         None
     } else {
         match serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("minutes").and_then(Value::as_u64)) {
-            Some(m) => Some(m),
-            None => {
+            Some(m) if (1..=525_600).contains(&m) => Some(m),
+            _ => {
                 return admin_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
-                    "the body may only be {\"minutes\": N}",
+                    "the body may only be {\"minutes\": N} with N from 1 to 525600 (a year)",
                 );
             }
         }

@@ -53,7 +53,8 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
     let result = blocking(move || {
         let mut by_agent: BTreeMap<String, [u64; 24]> = BTreeMap::new();
         let mut by_credential: BTreeMap<String, [u64; 24]> = BTreeMap::new();
-        let mut denials: Vec<Value> = Vec::new();
+        // Only the newest denials are kept: unauthenticated traffic can produce any number.
+        let mut denials: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
         let mut anomalies: Vec<Value> = Vec::new();
         for record in read::records(&audit_files(&state)) {
             let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
@@ -73,7 +74,12 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
                     by_agent.entry(text("agentId")).or_insert([0; 24])[hour] += 1;
                     by_credential.entry(text("credential")).or_insert([0; 24])[hour] += 1;
                 }
-                Some("denied") | Some("throttled") => denials.push(record),
+                Some("denied") | Some("throttled") => {
+                    if denials.len() == 20 {
+                        denials.pop_front();
+                    }
+                    denials.push_back(record);
+                }
                 _ => {}
             }
         }

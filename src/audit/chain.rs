@@ -125,6 +125,7 @@ impl Verifier {
         };
         let Some(seq) = seq else { return Err(broken(None, "no seq".to_string())) };
         let prev = map.get("prev_hash").and_then(Value::as_str).unwrap_or_default().to_string();
+        let is_pruning = map.get("type").and_then(Value::as_str) == Some("audit.pruned");
         if map.get("type").and_then(Value::as_str) == Some("audit.pruned")
             && let Some(anchor) = map.get("first_surviving_hash").and_then(Value::as_str)
         {
@@ -135,7 +136,8 @@ impl Verifier {
         }
         match &self.expected {
             None => {
-                if seq != 0 || prev != GENESIS {
+                // A trail may start with its own pruning record (everything older expired).
+                if (seq != 0 || prev != GENESIS) && !is_pruning {
                     self.first = Some((file.to_string(), line_no, seq, claimed.clone()));
                 }
             }
@@ -236,6 +238,16 @@ mod tests {
 
         let b = verify(&lines[2..]).unwrap_err();
         assert!(b.reason.contains("starts mid-way"));
+    }
+
+    #[test]
+    fn a_trail_may_start_with_its_own_pruning_record() {
+        let mut head = ChainHead { seq: 40, prev_hash: "ab".repeat(32) };
+        let lines = vec![
+            head.seal(json!({ "type": "audit.pruned", "first_surviving_hash": null })),
+            head.seal(json!({ "type": "request", "n": 1 })),
+        ];
+        assert_eq!(verify(&lines), Ok(2));
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Writer {
             acks.extend(ack);
         }
         let count = self.head.seq - before.seq;
+        let length_before = self.is_regular().then(|| self.out.file().metadata().map(|m| m.len()).ok()).flatten();
         let result = self.out.write(&bytes, self.durability == Durability::Fsync);
         match &result {
             Ok(()) => {
@@ -240,8 +241,14 @@ impl Writer {
                 }
             }
             Err(error) => {
-                // Unwritten records never joined the chain: the next batch links to the last
-                // record that is really in the file.
+                // Unwritten records never joined the chain: cut off whatever part of the batch
+                // reached the file (a torn line, or lines an fsync could not make durable), so
+                // the next batch links to the last record that is really there.
+                if let Some(length) = length_before
+                    && let Err(cut) = self.out.file().set_len(length)
+                {
+                    tracing::error!(error = %cut, "a failed audit batch could not be cut off; verify will report it");
+                }
                 self.head = before;
                 self.metrics.audit_write_errors.inc_by(count);
                 if !self.failing {

@@ -121,6 +121,9 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
             return e.into_response();
         }
     };
+    if let Err(quarantined) = state.limits.gate(parent.root(), std::time::SystemTime::now()) {
+        return quarantined.into_response();
+    }
     if body.len() > MAX_BODY {
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "a delegation request is at most 64 KiB");
     }
@@ -209,8 +212,13 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     if !state.runtime.load().config.agents.iter().any(|a| a.id == id) {
         return error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
     }
-    if let Some(shared) = &state.limits.shared {
-        let _ = shared.revoke(&id).await;
+    // With Redis, the other replicas learn of it within a second; say so if Redis is down.
+    let all_replicas = match &state.limits.shared {
+        Some(shared) => shared.revoke(&id).await.is_ok(),
+        None => true,
+    };
+    if !all_replicas {
+        tracing::error!(agent = %id, "revoked on this replica only: redis is unreachable");
     }
     state.revoked_agents.rcu(|set| {
         let mut set = (**set).clone();
@@ -219,7 +227,7 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     });
     state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
     let revoked = revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
-    axum::Json(json!({ "agent": id, "revoked_delegations": revoked })).into_response()
+    axum::Json(json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas })).into_response()
 }
 
 /// Treat a principal as a refusal reason for the pipeline's revoke-on-failure.

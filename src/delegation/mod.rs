@@ -69,6 +69,8 @@ pub struct Delegator<'a> {
     pub max_depth: u32,
     /// A delegation's children cannot outlive it.
     pub expires: Option<SystemTime>,
+    /// A delegation's children cannot have more requests than it has left.
+    pub budget_left: Option<u64>,
 }
 
 /// One live child key. Not `Debug`-derived: it holds the key's hash.
@@ -118,6 +120,7 @@ impl Delegation {
             depth: self.depth,
             max_depth: self.max_depth,
             expires: Some(self.expires),
+            budget_left: self.max_requests.map(|max| max.saturating_sub(self.used())),
         }
     }
 
@@ -180,11 +183,20 @@ fn import(v: &serde_json::Value) -> Option<Delegation> {
     hex::decode_to_slice(v["key_sha256"].as_str()?, &mut key_sha256).ok()?;
     let mut grants = Vec::new();
     for g in v["grants"].as_array()? {
-        let quota = g.get("quota").filter(|q| !q.is_null()).map(|q| crate::config::Quota {
-            count: q["count"].as_u64().unwrap_or(1) as u32,
-            period: Duration::from_millis(q["period_ms"].as_u64().unwrap_or(1000)),
-            burst: q["burst"].as_u64().unwrap_or(1) as u32,
-        });
+        let quota = match g.get("quota").filter(|q| !q.is_null()) {
+            None => None,
+            Some(q) => {
+                let (count, period_ms, burst) = (q["count"].as_u64()?, q["period_ms"].as_u64()?, q["burst"].as_u64()?);
+                if count == 0 || burst == 0 || period_ms == 0 {
+                    return None;
+                }
+                Some(crate::config::Quota {
+                    count: u32::try_from(count).ok()?,
+                    period: Duration::from_millis(period_ms),
+                    burst: u32::try_from(burst).ok()?,
+                })
+            }
+        };
         grants.push(GrantConfig {
             route: g["route"].as_str()?.to_string(),
             secret: g["secret"].as_str()?.to_string(),
@@ -286,8 +298,12 @@ pub fn narrow(parent: &Delegator<'_>, request: &DelegationRequest) -> Result<Vec
                     }
                 }
             }
-            // The child shares the parent's quota for this grant (keyed by the child's own id).
-            let quota = held.iter().find_map(|g| g.quota);
+            // The child gets the tightest quota of the parent's grants it draws on; calls are
+            // counted against the root agent's bucket, so delegating never adds allowance.
+            let quota = held
+                .iter()
+                .filter_map(|g| g.quota)
+                .min_by_key(|q| (u128::from(q.count) * 1_000_000_000) / q.period.as_nanos().max(1));
             grants.push(GrantConfig {
                 route: route.clone(),
                 secret: secret.clone(),
@@ -356,6 +372,18 @@ impl DelegationStore {
         if request.max_requests == Some(0) {
             return Err(MintError::Invalid("max_requests must be at least 1".to_string()));
         }
+        let max_requests = match (request.max_requests, parent.budget_left) {
+            (Some(asked), Some(left)) if asked > left => {
+                return Err(MintError::Excess(format!(
+                    "max_requests {asked} exceeds the parent's remaining budget of {left}"
+                )));
+            }
+            (None, Some(0)) => {
+                return Err(MintError::Excess("the parent has no requests left to delegate".to_string()));
+            }
+            (None, Some(left)) => Some(left),
+            (asked, _) => asked,
+        };
         if let Some(label) = &request.label
             && (label.len() > 200 || label.chars().any(char::is_control))
         {
@@ -383,7 +411,7 @@ impl DelegationStore {
             label: request.label.clone(),
             created: now,
             expires,
-            max_requests: request.max_requests,
+            max_requests,
             used: AtomicU64::new(0),
             revoked: AtomicBool::new(false),
             expiry_reported: AtomicBool::new(false),
@@ -551,6 +579,7 @@ mod tests {
             depth: 0,
             max_depth: 2,
             expires: None,
+            budget_left: None,
         }
     }
 
@@ -646,6 +675,24 @@ mod tests {
         assert_eq!(store.identify(&child_key).unwrap().unwrap_err().code(), "delegation_revoked");
         assert!(store.identify("kw_not-a-child").is_none());
         assert!(store.live().is_empty());
+    }
+
+    #[test]
+    fn a_child_budget_fits_inside_the_parents_remaining_budget() {
+        let store = DelegationStore::default();
+        let role = parent_role();
+        let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/responses"]);
+        req.allow_subdelegation = true;
+        req.max_requests = Some(5);
+        let (child, _) = store.mint(&delegator(&role), &req).unwrap();
+        child.admit().unwrap();
+        req.max_requests = Some(5);
+        assert!(
+            matches!(store.mint(&child.as_delegator(), &req), Err(MintError::Excess(e)) if e.contains("remaining budget of 4"))
+        );
+        req.max_requests = None;
+        let (grandchild, _) = store.mint(&child.as_delegator(), &req).unwrap();
+        assert_eq!(grandchild.max_requests, Some(4));
     }
 
     #[test]

@@ -36,6 +36,8 @@ struct AgentState {
     activity: AgentActivity,
     /// `None` inside: quarantined until an admin releases it.
     quarantined: Option<Option<SystemTime>>,
+    /// Redis has confirmed this quarantine (only those may be lifted by a poll).
+    quarantine_confirmed: bool,
     throttled: Option<(SystemTime, f64)>,
     flags: Vec<Finding>,
 }
@@ -136,13 +138,14 @@ impl Limits {
             window: effective.period,
         };
         if let Some(shared) = &self.shared {
-            match shared.check(&effective, &format!("{agent}:{route}")).await {
+            // '|' cannot appear in agent or route names, so no two pairs share a bucket.
+            match shared.check(&effective, &format!("{agent}|{route}")).await {
                 Ok(answer) => return answer.map_err(throttled),
                 Err(()) if !shared.fail_open => return Err(ProxyError::LimiterUnavailable),
                 Err(()) => {}
             }
         }
-        let key = format!("{agent}\u{0}{route}");
+        let key = format!("{agent}|{route}");
         self.quotas.check(&effective, &key).map(|_| ()).map_err(throttled)
     }
 
@@ -170,6 +173,7 @@ impl Limits {
                     AnomalyAction::Throttle => state.throttled = Some((now + detector.cooldown, detector.throttle_fraction)),
                     AnomalyAction::Quarantine => {
                         state.quarantined = Some(Some(now + detector.cooldown));
+                        state.quarantine_confirmed = false;
                         self.share_quarantine(agent, Some(now + detector.cooldown));
                     }
                 }
@@ -220,7 +224,9 @@ impl Limits {
     pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
         let until = duration.map(|d| now + d);
         let mut agents = self.agents.lock().expect("limits lock");
-        agents.entry(agent.to_string()).or_default().quarantined = Some(until);
+        let state = agents.entry(agent.to_string()).or_default();
+        state.quarantined = Some(until);
+        state.quarantine_confirmed = false;
         drop(agents);
         self.share_quarantine(agent, until);
     }
@@ -266,11 +272,16 @@ impl Limits {
     pub fn apply_shared(&self, state: &shared::SharedState) {
         let mut agents = self.agents.lock().expect("limits lock");
         for (agent, until) in &state.quarantined {
-            agents.entry(agent.clone()).or_default().quarantined = Some(until.map(shared::from_unix_ms));
+            let local = agents.entry(agent.clone()).or_default();
+            local.quarantined = Some(until.map(shared::from_unix_ms));
+            local.quarantine_confirmed = true;
         }
+        // Lift only quarantines Redis had confirmed and no longer lists (released elsewhere); one
+        // whose write has not reached Redis yet stays.
         for (agent, local) in agents.iter_mut() {
-            if local.quarantined.is_some() && !state.quarantined.contains_key(agent) {
+            if local.quarantined.is_some() && local.quarantine_confirmed && !state.quarantined.contains_key(agent) {
                 local.quarantined = None;
+                local.quarantine_confirmed = false;
             }
         }
     }

@@ -140,6 +140,17 @@ impl Shared {
             .map_err(|e| self.note(false, Some(&e)))
     }
 
+    /// Drops shared delegation records that expired more than an hour ago, so the hash every
+    /// replica polls stays small.
+    pub async fn forget_delegations(&self, ids: &[String]) -> Result<(), ()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.manager.clone();
+        connection.hdel::<_, _, ()>(DELEGATIONS, ids).await.map_err(|e| self.note(false, Some(&e)))?;
+        connection.srem::<_, _, ()>(REVOKED_DELEGATIONS, ids).await.map_err(|e| self.note(false, Some(&e)))
+    }
+
     pub async fn revoke_delegations(&self, ids: &[String]) -> Result<(), ()> {
         if ids.is_empty() {
             return Ok(());
