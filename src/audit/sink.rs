@@ -3,14 +3,15 @@
 //! fsync), acknowledges records that wait for durability, rotates the file daily or by size,
 //! prunes files past retention, and resumes the chain after a restart.
 //!
-//! A full channel slows the sender instead of dropping a record. A failed write is logged and
+//! A full channel slows the sender (asynchronously, or on a blocking thread) instead of dropping a
+//! record or stalling the async workers. A failed write is logged and
 //! counted, and reported to the requests waiting on it, so they can fail closed.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
@@ -46,6 +47,10 @@ impl AuditSink {
     /// Opens (creating directories as needed) the audit file, resumes its chain, and starts the
     /// writer thread.
     pub fn open(config: &AuditConfig, metrics: Arc<Metrics>) -> std::io::Result<AuditSink> {
+        Self::open_with_capacity(config, metrics, CHANNEL_CAPACITY)
+    }
+
+    fn open_with_capacity(config: &AuditConfig, metrics: Arc<Metrics>, capacity: usize) -> std::io::Result<AuditSink> {
         let path = config.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
@@ -71,7 +76,7 @@ impl AuditSink {
         };
         writer.start_line_clean();
         writer.prune();
-        let (tx, rx) = sync_channel(CHANNEL_CAPACITY);
+        let (tx, rx) = sync_channel(capacity);
         std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || writer.run(rx))?;
         Ok(AuditSink { tx, path, durability: config.durability, on_failure: config.on_failure })
     }
@@ -84,10 +89,27 @@ impl AuditSink {
         self.on_failure
     }
 
-    /// Queues a record; it is written with the next batch.
+    /// Queues a record; it is written with the next batch. Never blocks an async worker: if
+    /// the queue is full (the disk is stalling), a blocking thread waits to hand it over, so no
+    /// record is dropped and the proxy keeps running.
     pub fn record(&self, record: Value) {
-        if self.tx.send(Message::Record { record, ack: None }).is_err() {
-            tracing::error!("audit writer has stopped; record not written");
+        let message = match self.tx.try_send(Message::Record { record, ack: None }) {
+            Ok(()) => return,
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("audit writer has stopped; record not written");
+                return;
+            }
+            Err(TrySendError::Full(message)) => message,
+        };
+        let tx = self.tx.clone();
+        let send = move || {
+            if tx.send(message).is_err() {
+                tracing::error!("audit writer has stopped; record not written");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(send)),
+            Err(_) => send(),
         }
     }
 
@@ -99,10 +121,20 @@ impl AuditSink {
             return Ok(());
         }
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Message::Record { record, ack: Some(ack) })
-            .map_err(|_| WriteFailed("the audit writer has stopped".to_string()))?;
-        done.await.unwrap_or_else(|_| Err(WriteFailed("the audit writer has stopped".to_string())))
+        let stopped = || WriteFailed("the audit writer has stopped".to_string());
+        let mut message = Message::Record { record, ack: Some(ack) };
+        // A full queue (a stalling disk) makes this request wait, asynchronously, not a worker.
+        loop {
+            match self.tx.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    message = back;
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(stopped()),
+            }
+        }
+        done.await.unwrap_or_else(|_| Err(stopped()))
     }
 
     /// Returns once every record queued before this call has been handed to the OS.
@@ -282,6 +314,10 @@ impl Writer {
     /// If the file does not end with a newline (a torn write before a power loss), start the
     /// next record on a fresh line, so the torn fragment stays an isolated, reportable line.
     fn start_line_clean(&mut self) {
+        // Only regular files are read back: opening a FIFO or a device for reading could block.
+        if !std::fs::metadata(&self.path).is_ok_and(|m| m.is_file()) {
+            return;
+        }
         let Ok(mut file) = File::open(&self.path) else { return };
         if !file.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) {
             return;
@@ -410,6 +446,10 @@ fn first_hash(file: &Path) -> Option<String> {
 /// The chain head after the newest record on disk, or genesis for a new trail.
 fn resume_head(active: &Path) -> ChainHead {
     for file in chain_files(active).iter().rev() {
+        // Only regular files are read back: opening a FIFO or a device for reading could block.
+        if !std::fs::metadata(file).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
         let Ok(mut f) = File::open(file) else { continue };
         let Ok(meta) = f.metadata() else { continue };
         if !meta.is_file() || meta.len() == 0 {
@@ -497,6 +537,46 @@ mod tests {
         let text: String = chain_files(&path).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
         assert!(text.contains("\"type\":\"audit.pruned\""), "{text}");
         assert!(verify(&path).is_ok(), "{:?}", verify(&path));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_disk_never_blocks_async_workers_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("audit.fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        // A reader that does not read yet: once the pipe buffer fills, every write(2) blocks,
+        // exactly like a disk that has stalled.
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || File::open(reader_path).unwrap());
+        let sink = Arc::new(AuditSink::open_with_capacity(&config(&fifo), Arc::new(Metrics::new()), 4).unwrap());
+        let mut reader = reader.join().unwrap();
+        let n = 800;
+        let started = std::time::Instant::now();
+        let writer = sink.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                writer.record(json!({ "type": "request", "i": i, "pad": "x".repeat(300) }));
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "record() blocked an async worker: {:?}",
+            started.elapsed()
+        );
+        // Once the disk moves again, every record arrives.
+        let drained = std::thread::spawn(move || {
+            let mut text = String::new();
+            reader.read_to_string(&mut text).unwrap();
+            text
+        });
+        let flusher = sink.clone();
+        tokio::task::spawn_blocking(move || flusher.flush()).await.unwrap();
+        drop(sink);
+        // The writer thread ends once every sender (including the blocking hand-offs) is gone.
+        let text = tokio::task::spawn_blocking(move || drained.join().unwrap()).await.unwrap();
+        assert_eq!(text.lines().count(), n, "records were lost");
     }
 
     #[tokio::test]
