@@ -3,7 +3,7 @@
 
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-RESULTS="$ROOT/loadtest/results"
+RESULTS=${RESULTS:-"$ROOT/loadtest/results"}
 mkdir -p "$RESULTS"
 WORK=$(mktemp -d)
 PIDS=()
@@ -80,15 +80,6 @@ ${7:-}
 TOML
 }
 
-# median_rps NAME ROUNDS: the median requests/s over $WORK/NAME-<round>.json
-median_rps() {
-  python3 - "$WORK" "$1" "$2" <<'PY'
-import json, statistics, sys
-work, name, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-print(statistics.median(json.load(open(f"{work}/{name}-{r}.json"))["summary"]["requestsPerSec"] for r in range(1, rounds + 1)))
-PY
-}
-
 start_keyward() { # CONFIG_FILE ADMIN_PORT
   "$KEYWARD" --log warn serve --config "$1" 2>"$1.log" &
   PIDS+=($!)
@@ -100,6 +91,26 @@ oha_json() {
   local name=$1 url=$2
   shift 2
   oha --no-tui --output-format json "$@" "$url" > "$WORK/$name.json"
+}
+
+# run_rounds PATH MODE=PORT...: ROUNDS interleaved oha runs of PATH against each mode's port.
+run_rounds() {
+  local path=$1
+  shift
+  for round in $(seq "$ROUNDS"); do
+    for pair in "$@"; do
+      echo "round $round/$ROUNDS: ${pair%%=*} (-z $DURATION -c $CONNECTIONS)"
+      oha_json "${pair%%=*}-$round" "http://127.0.0.1:${pair#*=}$path" -z "$DURATION" -c "$CONNECTIONS" \
+        -H "authorization: Bearer $BENCH_KEY"
+    done
+  done
+}
+
+# summarise NAME BASELINE MODE...: medians and ratios into $RESULTS/NAME.{json,md}
+# (SCENARIO and TITLE must be set; TARGET_MODE/TARGET_RATIO optionally).
+summarise() {
+  MACHINE=$(machine_json) WORK="$WORK" ROUNDS="$ROUNDS" DURATION="$DURATION" CONNECTIONS="$CONNECTIONS" \
+    RESULTS="$RESULTS" python3 "$ROOT/loadtest/summarise.py" "$@"
 }
 
 machine_json() {

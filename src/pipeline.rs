@@ -126,7 +126,7 @@ async fn proxy(
     // Limits, quarantine and detectors belong to the root agent: delegating never escapes them.
     let now = SystemTime::now();
     let root = caller.root();
-    state.limits.gate(root, now)?;
+    let throttled = state.limits.gate(root, now)?;
     let limits_role = caller.limits_role(runtime);
     let detectors = &limits_role.anomaly;
     let subject = Subject { agent: caller.id(), role: caller.role() };
@@ -137,7 +137,7 @@ async fn proxy(
 
     // Limits run before the secret store is touched: a throttled call costs it nothing.
     if let Some(quota) = &grant.quota {
-        state.limits.check_quota(root, &route.name, quota, now).await?;
+        state.limits.check_quota(root, &route.name, quota, throttled).await?;
     }
     if let Some(max) = limits_role.max_in_flight {
         audit.hold(state.limits.enter(root, max)?);

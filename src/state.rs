@@ -27,23 +27,18 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> Runtime {
-        let secrets = SecretStore::new(&config.sources, metrics);
-        Self::with_secrets(config, secrets)
-    }
-
-    pub fn with_secrets(config: Config, secrets: SecretStore) -> Runtime {
         Runtime {
             routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
             agents: AgentDirectory::new(&config.agents),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
-            secrets,
+            secrets: SecretStore::new(&config.sources, metrics),
             config,
         }
     }
 }
 
-/// Everything that outlives a config reload: the client, the audit sink, metrics, delegations
-/// and revocations.
+/// Everything that outlives a config reload: the client, the audit sink, metrics, delegations,
+/// limits and revocations.
 pub struct AppState {
     pub runtime: ArcSwap<Runtime>,
     pub forwarder: Forwarder,

@@ -132,17 +132,10 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let mut seen = None;
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    while Instant::now() < deadline {
-        let (status, code) = call(&client, &b.proxy).await;
-        if code == "agent_quarantined" {
-            seen = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, Some(403), "replica B did not see the quarantine within a second");
+    let seen =
+        poll_call(&client, &b.proxy, LIMITED_KEY, Duration::from_millis(1500), |(_, code)| code == "agent_quarantined")
+            .await;
+    assert_eq!(seen, (403, "agent_quarantined".to_string()), "replica B did not see the quarantine within a second");
     let r = client
         .post(format!("{}/admin/agents/limited-1/release", b.admin))
         .bearer_auth(ADMIN_TOKEN)
@@ -176,6 +169,40 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
     assert_eq!(b_logs.matches("refusing limited calls").count(), 1, "log once per transition:\n{b_logs}");
 }
 
+/// Repeats a chat call with `key` on `base` until `done` holds or `within` passes; returns the
+/// last answer.
+async fn poll_call(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    within: Duration,
+    done: impl Fn(&(u16, String)) -> bool,
+) -> (u16, String) {
+    let deadline = Instant::now() + within;
+    loop {
+        let answer = chat_code(client, base, key).await;
+        if done(&answer) || Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Mints a child key as the lead agent on `base`; returns (id, key).
+async fn mint(client: &reqwest::Client, base: &str, body: &Value) -> (String, String) {
+    let minted: Value = client
+        .post(format!("{base}/v1/delegations"))
+        .bearer_auth(LEAD_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string())
+}
+
 /// One chat call with `key`: the status and keyward's error code, if any.
 async fn chat_code(client: &reqwest::Client, base: &str, key: &str) -> (u16, String) {
     let r = client.post(format!("{base}/openai/v1/chat/completions")).bearer_auth(key).body("{}").send().await.unwrap();
@@ -198,37 +225,32 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     // Minted on A, with a budget of 4 calls.
     let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
                                    "paths": ["/v1/chat/completions"], "max_requests": 4 });
-    let minted: Value = client
-        .post(format!("{}/v1/delegations", a.proxy))
-        .bearer_auth(LEAD_KEY)
-        .json(&body)
+    let (id, key) = mint(&client, &a.proxy, &body).await;
+
+    // Usable on B within a second (until then B does not know the key).
+    let first = poll_call(&client, &b.proxy, &key, Duration::from_secs(1), |answer| {
+        assert!(answer.0 == 200 || answer.1 == "unknown_agent_key", "{answer:?}");
+        answer.0 == 200
+    })
+    .await;
+    assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
+    let listed: Value = client
+        .get(format!("{}/admin/delegations", b.admin))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    let (id, key) = (minted["id"].as_str().unwrap(), minted["key"].as_str().unwrap());
-
-    // Usable on B within a second.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut first = (0, String::new());
-    while Instant::now() < deadline {
-        first = chat_code(&client, &b.proxy, key).await;
-        if first.0 == 200 {
-            break;
-        }
-        assert_eq!(first.1, "unknown_agent_key", "{first:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
+    assert!(listed["delegations"].as_array().unwrap().iter().any(|d| d["id"] == id.as_str()), "{listed}");
 
     // The budget is one budget across both replicas: 4 in all, however the calls are spread.
     let mut successes = 1;
     let mut exhausted = 0;
     for i in 0..6 {
         let base = if i % 2 == 0 { &a.proxy } else { &b.proxy };
-        match chat_code(&client, base, key).await {
+        match chat_code(&client, base, &key).await {
             (200, _) => successes += 1,
             (401, code) if code == "delegation_exhausted" => exhausted += 1,
             other => panic!("unexpected {other:?}"),
@@ -237,32 +259,15 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     assert_eq!((successes, exhausted), (4, 3));
 
     // A second child, revoked by its parent on A: refused on B within a second.
-    let minted: Value = client
-        .post(format!("{}/v1/delegations", a.proxy))
-        .bearer_auth(LEAD_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let (id2, key2) = (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string());
+    let (id2, key2) = mint(&client, &a.proxy, &body).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(chat_code(&client, &b.proxy, &key2).await.0, 200);
     let r = client.delete(format!("{}/v1/delegations/{id2}", a.proxy)).bearer_auth(LEAD_KEY).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let deadline = Instant::now() + Duration::from_millis(1500);
-    let mut last = (0, String::new());
-    while Instant::now() < deadline {
-        last = chat_code(&client, &b.proxy, &key2).await;
-        if last.1 == "delegation_revoked" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let last =
+        poll_call(&client, &b.proxy, &key2, Duration::from_millis(1500), |(_, code)| code == "delegation_revoked")
+            .await;
     assert_eq!(last, (401, "delegation_revoked".to_string()), "replica B still accepts a revoked key");
-    assert!(!id.is_empty());
     a.terminate();
     b.terminate();
 }

@@ -86,43 +86,36 @@ impl Limits {
     }
 
     /// Refuses a quarantined agent (a quarantine with a cool-down lifts itself).
-    pub fn gate(&self, agent: &str, now: SystemTime) -> Result<(), ProxyError> {
+    /// Returns the fraction its quotas are cut to while it is throttled (one lock for both).
+    pub fn gate(&self, agent: &str, now: SystemTime) -> Result<Option<f64>, ProxyError> {
         let mut agents = self.agents.lock().expect("limits lock");
-        let Some(state) = agents.get_mut(agent) else { return Ok(()) };
+        let Some(state) = agents.get_mut(agent) else { return Ok(None) };
         match state.quarantined {
-            Some(None) => Err(ProxyError::Quarantined { agent: agent.to_string() }),
-            Some(Some(until)) if now < until => Err(ProxyError::Quarantined { agent: agent.to_string() }),
-            Some(Some(_)) => {
-                state.quarantined = None;
-                Ok(())
+            Some(None) => return Err(ProxyError::Quarantined { agent: agent.to_string() }),
+            Some(Some(until)) if now < until => return Err(ProxyError::Quarantined { agent: agent.to_string() }),
+            Some(Some(_)) => state.quarantined = None,
+            None => {}
+        }
+        match state.throttled {
+            Some((until, fraction)) if now < until => Ok(Some(fraction)),
+            Some(_) => {
+                state.throttled = None;
+                Ok(None)
             }
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
-    /// Takes one call from the (agent, route) quota, scaled down while the agent is throttled;
-    /// across replicas when Redis is the backend.
+    /// Takes one call from the (agent, route) quota, cut to `throttled` (from `gate`) while the
+    /// agent is throttled; across replicas when Redis is the backend.
     pub async fn check_quota(
         &self,
         agent: &str,
         route: &str,
         quota: &Quota,
-        now: SystemTime,
+        throttled: Option<f64>,
     ) -> Result<(), ProxyError> {
-        let fraction = {
-            let mut agents = self.agents.lock().expect("limits lock");
-            match agents.get_mut(agent).and_then(|s| s.throttled) {
-                Some((until, fraction)) if now < until => Some(fraction),
-                Some(_) => {
-                    if let Some(s) = agents.get_mut(agent) {
-                        s.throttled = None;
-                    }
-                    None
-                }
-                None => None,
-            }
-        };
-        let effective = match fraction {
+        let effective = match throttled {
             Some(f) => Quota {
                 count: ((f64::from(quota.count) * f).ceil() as u32).max(1),
                 burst: ((f64::from(quota.burst) * f).ceil() as u32).max(1),
@@ -298,5 +291,51 @@ impl Limits {
                     .last_seen
                     .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(7200))
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Detector;
+
+    fn throttling_burst_detector() -> AnomalyConfig {
+        AnomalyConfig {
+            failure_burst: Some(Detector {
+                action: AnomalyAction::Throttle,
+                factor: 10.0,
+                floor_per_minute: 60,
+                threshold: 2,
+                window: Duration::from_secs(60),
+                active_minutes: None,
+                utc_offset_minutes: 0,
+                throttle_fraction: 0.25,
+                cooldown: Duration::from_secs(300),
+            }),
+            ..AnomalyConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_throttle_cuts_the_quota_for_the_cool_down_only() {
+        let limits = Limits::default();
+        let config = throttling_burst_detector();
+        let quota = Quota::parse("8/min", Some(8)).unwrap();
+        let now = SystemTime::now();
+        assert_eq!(limits.gate("a", now).unwrap(), None);
+        limits.observe_failure("a", &config, now);
+        let decisions = limits.observe_failure("a", &config, now);
+        assert_eq!(decisions.len(), 1);
+        assert_eq!(decisions[0].action, AnomalyAction::Throttle);
+        let throttled = limits.gate("a", now).unwrap();
+        assert_eq!(throttled, Some(0.25));
+        // A quarter of a burst of 8: two calls, then 429.
+        assert!(limits.check_quota("a", "r", &quota, throttled).await.is_ok());
+        assert!(limits.check_quota("a", "r", &quota, throttled).await.is_ok());
+        assert_eq!(limits.check_quota("a", "r", &quota, throttled).await.unwrap_err().code(), "rate_limited");
+        assert!(limits.standing("a", now).throttled_until.is_some());
+        // After the cool-down the full quota applies again.
+        assert_eq!(limits.gate("a", now + Duration::from_secs(301)).unwrap(), None);
+        assert!(limits.standing("a", now + Duration::from_secs(301)).throttled_until.is_none());
     }
 }

@@ -88,10 +88,6 @@ impl Shared {
         }
     }
 
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
-    }
-
     /// One request from the shared bucket: `Ok(Ok)` allowed, `Ok(Err)` throttled, `Err` Redis down.
     pub async fn check(&self, quota: &Quota, key: &str) -> Result<Result<(), Throttle>, ()> {
         let mut connection = self.manager.clone();

@@ -159,11 +159,6 @@ impl SecretStore {
         SecretStore { slots, owner, held }
     }
 
-    /// True once every source has answered at least one fetch.
-    pub fn all_reached(&self) -> bool {
-        self.slots.iter().all(|s| s.reached.load(Ordering::Relaxed))
-    }
-
     /// Names of sources not reached yet, for the readiness message.
     pub fn unreached(&self) -> Vec<String> {
         self.slots.iter().filter(|s| !s.reached.load(Ordering::Relaxed)).map(|s| s.name.clone()).collect()
@@ -404,7 +399,7 @@ mod tests {
             assert_eq!(t.await.unwrap().unwrap(), Some("v1".to_string()));
         }
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
-        assert!(store.all_reached());
+        assert!(store.unreached().is_empty());
         // A cache hit afterwards makes no call.
         assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
         assert_eq!(provider.calls.load(Ordering::SeqCst), 1);
