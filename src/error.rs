@@ -105,6 +105,8 @@ pub enum ProxyError {
     DelegationExhausted {
         id: String,
     },
+    /// The agent's request body broke off before keyward had it all.
+    BadBody,
     Internal(&'static str),
 }
 
@@ -149,6 +151,7 @@ impl ProxyError {
             ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
             ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
             ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
+            ProxyError::BadBody => (StatusCode::BAD_REQUEST, "invalid_body", Downstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -207,6 +210,7 @@ impl ProxyError {
             ProxyError::AuditUnavailable => {
                 "the audit trail cannot be written, so no credential is released; try again later".to_string()
             }
+            ProxyError::BadBody => "the request body could not be read to its end".to_string(),
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }
     }

@@ -160,6 +160,11 @@ impl std::fmt::Display for BodyLimitExceeded {
 impl std::error::Error for BodyLimitExceeded {}
 
 /// Streams the agent's body to the upstream, failing once it passes `limit` bytes.
+/// A request body with nothing in it.
+pub fn empty_body() -> OutboundBody {
+    UnsyncBoxBody::new(http_body_util::Empty::new().map_err(|never| match never {}))
+}
+
 pub fn limited_body<B>(body: B, limit: u64) -> OutboundBody
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,

@@ -163,7 +163,8 @@ fn main() -> ExitCode {
                 tracing::warn!("{} not found; using the embedded default config", config::DEFAULT_CONFIG_PATH);
             }
             tracing::info!(config = %name, "config loaded");
-            run_async(serve(config))
+            let path = (!name.starts_with('<')).then(|| std::path::PathBuf::from(&name));
+            run_async(serve(config, path))
         }
         Command::Audit { command: AuditCommand::Verify { paths, config } } => audit_verify(paths, config.as_deref()),
         Command::Audit { command: AuditCommand::Report { since, format, paths, config } } => {
@@ -206,9 +207,30 @@ fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     let running = keyward::serve::start(config).await?;
-    shutdown_signal().await;
+    if let Some(path) = path {
+        let _ = running.state.config_path.set(path);
+    }
+    // SIGHUP re-reads the config; a bad file is refused and the running config stays.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hangup.recv() => {
+                let state = running.state.clone();
+                match tokio::task::spawn_blocking(move || keyward::reload::reload(&state)).await {
+                    Ok(Err(keyward::reload::ReloadError::NoFile)) => {
+                        tracing::warn!("{}", keyward::reload::ReloadError::NoFile)
+                    }
+                    Ok(_) => {}
+                    Err(_) => tracing::error!("the reload task failed"),
+                }
+            }
+        }
+    }
     tracing::info!("shutting down: finishing in-flight requests");
     running.shutdown().await;
     Ok(())

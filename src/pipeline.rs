@@ -29,7 +29,7 @@ use crate::metrics::AnomalyLabels;
 use crate::policy::{self, Subject};
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
-use crate::secrets::Resolved;
+use crate::secrets::{Rejection, Resolved};
 use crate::state::{AppState, Runtime};
 
 /// Headers that some upstream frameworks use to change the method or path after the fact, which
@@ -155,24 +155,44 @@ async fn proxy(
     let raw_rest = matched.raw_rest.to_string();
 
     let secret = runtime.secrets.resolve(&grant.secret).await?;
-    audit.secret(&secret.source, secret.version.as_deref());
+    audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
 
+    // A small body is kept, so a call refused for a stale credential can be sent once more.
+    let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes).await?;
     let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
     // No credential goes onto the network without a durable record of its release.
     audit.release().await?;
-    let response = match state.forwarder.send(outbound, &route.name).await {
-        Ok(response) => response,
-        Err(error) => {
-            delegation_api::revoke_on_failure(state, &caller, "the upstream could not be reached");
-            return Err(error);
+    let mut response = send(state, &caller, route, outbound).await?;
+    if is_refusal(response.status()) {
+        // The article's automatic invalidation: the refused credential leaves the cache at once.
+        let status = response.status().as_u16();
+        let next = match runtime.secrets.rejected(&secret).await {
+            Rejection::Newer(next) => Some(("new_version", next)),
+            Rejection::Previous(next) => Some(("grace_previous", next)),
+            Rejection::Fallback(next) => Some(("fallback_source", next)),
+            Rejection::Nothing => None,
+        };
+        match (next, replay) {
+            (Some((why, next)), Some(replay)) => {
+                tracing::info!(route = %route.name, secret = %secret.name, retry = why,
+                    "upstream refused the credential; retrying once with another version");
+                audit.invalidated(status, secret.version.as_deref(), why);
+                audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
+                let outbound = outbound_request(replay.into_request(), route, &raw_rest, &next, limit)?;
+                audit.release().await?;
+                drop(response);
+                response = send(state, &caller, route, outbound).await?;
+            }
+            (Some(_), None) => audit.invalidated(status, secret.version.as_deref(), "not_replayable"),
+            (None, _) => audit.invalidated(status, secret.version.as_deref(), "none"),
         }
-    };
+    }
     let status = response.status();
     audit.upstream_status(status.as_u16());
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || status.is_server_error() {
+    if is_refusal(status) || status.is_server_error() {
         delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
     }
-    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+    if is_refusal(status) {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
     }
     let coding = decode::coding(response.headers());
@@ -181,6 +201,66 @@ async fn proxy(
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
     Ok((response, coding, route.scrub_responses))
+}
+
+fn is_refusal(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
+async fn send(
+    state: &AppState,
+    caller: &principal::Principal<'_>,
+    route: &RouteConfig,
+    outbound: Request<forward::OutboundBody>,
+) -> Result<http::Response<TimedBody>, ProxyError> {
+    state.forwarder.send(outbound, &route.name).await.inspect_err(|_| {
+        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached");
+    })
+}
+
+/// A request kept whole, to be sent again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl Replay {
+    fn into_request(self) -> Request<Body> {
+        let mut request = Request::new(Body::from(self.body));
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Reads a body of at most `limit` bytes (declared by Content-Length, or no body at all) so it
+/// can be replayed; larger or chunked bodies stream through untouched and are not replayable.
+async fn keep_for_replay(request: Request<Body>, limit: u64) -> Result<(Request<Body>, Option<Replay>), ProxyError> {
+    use http_body_util::BodyExt;
+    let chunked = request.headers().contains_key(http::header::TRANSFER_ENCODING);
+    let small = match declared_length(&request) {
+        Some(len) => len <= limit,
+        None => !chunked,
+    };
+    if limit == 0 || !small {
+        return Ok((request, None));
+    }
+    let (parts, body) = request.into_parts();
+    let body =
+        http_body_util::Limited::new(body, limit as usize).collect().await.map_err(|_| ProxyError::BadBody)?.to_bytes();
+    let replay = Replay {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+        body: body.clone(),
+    };
+    Ok((Request::from_parts(parts, Body::from(body)), Some(replay)))
 }
 
 /// Audits each detector decision, counts it, and sends it to the notify webhook.

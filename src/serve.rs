@@ -57,6 +57,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
         tokio::spawn(warm_up(state.clone(), rx.clone())),
         tokio::spawn(delegation_janitor(state.clone(), rx.clone())),
+        tokio::spawn(crate::rotation::schedule::run(state.clone(), rx.clone())),
         tokio::spawn(shared_limits_poller(state.clone(), rx)),
     ];
     tracing::info!(proxy = %format!("http://{proxy_addr}"), admin = %format!("http://{admin_addr}"), "keyward listening");

@@ -2,7 +2,8 @@
 //! `Runtime` snapshot that a request reads once and keeps until it ends.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
@@ -14,6 +15,7 @@ use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
 use crate::policy::RouteTable;
+use crate::rotation::RotationLog;
 use crate::secrets::SecretStore;
 
 /// Everything derived from one config, prepared at load so the request path only looks things up.
@@ -27,11 +29,17 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> Runtime {
+        let secrets = SecretStore::new(&config.sources, metrics);
+        Runtime::with_store(config, secrets)
+    }
+
+    /// A runtime over an existing secret store (a reload keeps unchanged sources cached).
+    pub fn with_store(config: Config, secrets: SecretStore) -> Runtime {
         Runtime {
             routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
             agents: AgentDirectory::new(&config.agents),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
-            secrets: SecretStore::new(&config.sources, metrics),
+            secrets,
             config,
         }
     }
@@ -48,6 +56,9 @@ pub struct AppState {
     pub limits: Limits,
     /// Agents revoked through the admin API: refused at once, without a restart.
     pub revoked_agents: ArcSwap<HashSet<String>>,
+    pub rotations: RotationLog,
+    /// The file the config was loaded from, for reloads; unset for the embedded default.
+    pub config_path: OnceLock<PathBuf>,
 }
 
 impl AppState {
@@ -71,6 +82,8 @@ impl AppState {
             delegations: DelegationStore::default(),
             limits,
             revoked_agents: ArcSwap::from_pointee(HashSet::new()),
+            rotations: RotationLog::default(),
+            config_path: OnceLock::new(),
         })
     }
 }

@@ -134,17 +134,31 @@ pub async fn report(State(state): State<Arc<AppState>>, Query(q): Query<Since>) 
     }
 }
 
-/// `GET /admin/secrets`: name, source, version, fetched and expiry times. Never a value.
+/// `GET /admin/secrets`: name, source, version, fetched and expiry times, the last rotation and
+/// the next scheduled one. Never a value.
 pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime.load();
+    let now = chrono::Utc::now();
     let secrets: Vec<Value> = runtime
         .secrets
         .status()
         .into_iter()
         .map(|s| {
+            let policy = runtime.config.sources.iter().find(|c| c.name == s.source).and_then(|c| c.rotation.as_ref());
+            let next = policy
+                .filter(|p| p.enabled)
+                .and_then(|p| p.schedule.as_ref())
+                .and_then(|schedule| schedule.next_after(now))
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let last = state.rotations.last(&s.source);
             let mut v = serde_json::to_value(s).expect("status serializes");
-            v["next_rotation"] = Value::Null;
-            v["rotation"] = json!("no rotation policy configured");
+            v["next_rotation"] = json!(next);
+            v["last_rotation"] = json!(last);
+            v["rotation"] = match policy {
+                None => json!("no rotation policy configured"),
+                Some(p) if !p.enabled => json!("disabled"),
+                Some(p) => json!(p.schedule.as_ref().map_or("manual only".to_string(), |s| s.text.clone())),
+            };
             v
         })
         .collect();

@@ -4,6 +4,7 @@
 
 mod agents;
 mod api;
+mod lifecycle;
 mod ui;
 
 use std::sync::Arc;
@@ -26,6 +27,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/audit/summary", get(api::summary))
         .route("/admin/report", get(api::report))
         .route("/admin/secrets", get(api::secrets))
+        .route("/admin/secrets/{name}/rotate", axum::routing::post(lifecycle::rotate))
+        .route("/admin/reload", axum::routing::post(lifecycle::reload))
         .route("/admin/delegations", get(crate::delegation::api::admin_list))
         .route("/admin/delegations/{id}", axum::routing::delete(crate::delegation::api::admin_revoke))
         .route("/admin/agents", get(agents::list))

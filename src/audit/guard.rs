@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use http::Method;
 use rand::Rng;
 
-use super::record::{AuditRecord, Decision, Outcome, RELEASED_FIELDS};
+use super::record::{AuditRecord, Decision, InvalidatedCredential, Outcome, RELEASED_FIELDS};
 use super::sink::AuditSink;
 use crate::config::OnFailure;
 use crate::error::{Origin, ProxyError};
@@ -77,6 +77,8 @@ impl AuditGuard {
             bytes_sent: None,
             delegated_by: None,
             label: None,
+            fallback_from: None,
+            invalidated: None,
         };
         AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false, held: None }
     }
@@ -114,9 +116,15 @@ impl AuditGuard {
         self.record.credential = Some(name.to_string());
     }
 
-    pub fn secret(&mut self, source: &str, version: Option<&str>) {
+    pub fn secret(&mut self, source: &str, version: Option<&str>, fallback_from: Option<&str>) {
         self.record.secret_source = Some(source.to_string());
         self.record.secret_version = version.map(str::to_string);
+        self.record.fallback_from = fallback_from.map(str::to_string);
+    }
+
+    /// The upstream refused the credential with `status`; `retry` says what keyward did next.
+    pub fn invalidated(&mut self, status: u16, version: Option<&str>, retry: &'static str) {
+        self.record.invalidated = Some(InvalidatedCredential { status, version: version.map(str::to_string), retry });
     }
 
     pub fn upstream_status(&mut self, status: u16) {

@@ -89,10 +89,30 @@ pub struct AuditRecord {
     /// The label the parent gave the delegation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
+    /// The source whose credential `secretSource` stood in for (`fallback_to`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_from: Option<String>,
+    /// The upstream refused the first credential (401/403) and keyward evicted it from the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalidated: Option<InvalidatedCredential>,
+}
+
+/// What happened after the upstream refused an injected credential.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InvalidatedCredential {
+    /// The upstream's status for the refused credential.
+    pub status: u16,
+    /// The refused credential's version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `new_version`, `grace_previous`, `fallback_source`, or `none` (the answer was returned),
+    /// or `not_replayable` (the body was too large to send twice).
+    pub retry: &'static str,
 }
 
 /// The fields a `request.released` record keeps: who is getting which credential, for what.
-pub const RELEASED_FIELDS: [&str; 16] = [
+pub const RELEASED_FIELDS: [&str; 18] = [
     "type",
     "timestamp",
     "requestId",
@@ -109,6 +129,8 @@ pub const RELEASED_FIELDS: [&str; 16] = [
     "secretVersion",
     "delegatedBy",
     "label",
+    "fallbackFrom",
+    "invalidated",
 ];
 
 impl AuditRecord {

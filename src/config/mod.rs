@@ -55,6 +55,9 @@ pub struct ForwardConfig {
     pub max_request_body_bytes: u64,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
+    /// Request bodies up to this size are kept, so a call refused for a stale credential can be
+    /// replayed once with the new one (0: never replay).
+    pub retry_body_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -110,12 +113,84 @@ pub struct SourceConfig {
     /// a mapping gets one entry per key of its file, read when the config is loaded.
     pub mapping: BTreeMap<String, Selector>,
     pub cache: CachePolicy,
+    pub rotation: Option<RotationPolicy>,
+    /// The source to use when this one cannot be fetched or its credential is refused.
+    pub fallback_to: Option<String>,
 }
 
+impl SourceConfig {
+    /// Whether a cache built for `self` can keep serving `other`: same store, same mapping,
+    /// same cache policy. Rotation settings may differ.
+    pub fn same_store(&self, other: &SourceConfig) -> bool {
+        self.name == other.name
+            && self.provider == other.provider
+            && self.mapping == other.mapping
+            && self.cache == other.cache
+    }
+}
+
+/// The article's `rotationPolicy`.
 #[derive(Debug, Clone)]
+pub struct RotationPolicy {
+    pub enabled: bool,
+    /// When scheduled rotation runs (UTC); `None`: only on the manual trigger.
+    pub schedule: Option<Schedule>,
+    /// How long the previous version stays usable where the new one is refused upstream.
+    pub grace_period: Duration,
+    /// Where each phase is POSTed as JSON.
+    pub notify: Option<String>,
+    /// How long before a scheduled run the `rotation.notified` notice goes out.
+    pub notify_ahead: Duration,
+}
+
+/// A cron schedule: 5 fields (minute hour day month weekday), or 6 with seconds first, in UTC.
+#[derive(Clone)]
+pub struct Schedule {
+    pub text: String,
+    pub cron: croner::Cron,
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Schedule {
+    pub fn parse(text: &str) -> Result<Schedule, String> {
+        use croner::parser::{CronParser, Seconds};
+        let fields = text.split_whitespace().count();
+        if !(5..=6).contains(&fields) {
+            return Err(format!("'{text}' has {fields} fields; use 5 (minute hour day month weekday), UTC"));
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .build()
+            .parse(text)
+            .map_err(|e| format!("'{text}' is not a cron schedule: {e}"))?;
+        Ok(Schedule { text: text.to_string(), cron })
+    }
+
+    /// The first time strictly after `after` that the schedule fires.
+    pub fn next_after(&self, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.cron.find_next_occurrence(&after, false).ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProviderConfig {
-    Aws { region: Option<String>, secret_name: String, endpoint_url: Option<String>, version_stage: String },
-    File { path: PathBuf },
+    /// `secret_name` is the default secret; `secret_ids` names the secret of mapping entries
+    /// written `"<secret-id>#{{FIELD}}"`. More than one secret is read with one batch call.
+    Aws {
+        region: Option<String>,
+        secret_name: Option<String>,
+        secret_ids: BTreeMap<String, String>,
+        endpoint_url: Option<String>,
+        version_stage: String,
+    },
+    File {
+        path: PathBuf,
+    },
     Env,
 }
 
@@ -136,7 +211,7 @@ pub enum Selector {
     Field(String),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CachePolicy {
     /// Zero means runtime reveal: fetch for every request.
     pub ttl: Duration,
@@ -154,6 +229,16 @@ pub struct RouteConfig {
     pub inject: InjectSpec,
     /// Scan responses for credentials (default). Off only for benchmarks or trusted binary streams.
     pub scrub_responses: bool,
+    /// The request that tests a candidate credential before rotation promotes it.
+    pub validate: Option<Probe>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub method: http::Method,
+    /// Below the upstream's base path, with an optional query.
+    pub path: String,
+    pub expect: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]

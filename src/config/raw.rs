@@ -19,6 +19,9 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub sources: Vec<RawSource>,
+    /// Files holding the article's `external-secrets` JSON blocks, loaded as sources.
+    #[serde(default)]
+    pub sources_from: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
@@ -87,6 +90,7 @@ pub struct RawForward {
     pub max_request_body_bytes: Option<u64>,
     pub pool_idle_timeout_ms: Option<u64>,
     pub pool_max_idle_per_host: Option<usize>,
+    pub retry_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -110,12 +114,101 @@ pub struct RawSource {
     pub name: String,
     pub provider: String,
     pub region: Option<String>,
+    #[serde(alias = "secretName")]
     pub secret_name: Option<String>,
+    #[serde(alias = "endpointUrl")]
     pub endpoint_url: Option<String>,
+    #[serde(alias = "versionStage")]
     pub version_stage: Option<String>,
     pub path: Option<String>,
     pub mapping: Option<BTreeMap<String, String>>,
     pub cache: Option<RawCache>,
+    #[serde(alias = "rotationPolicy")]
+    pub rotation: Option<RawRotation>,
+    #[serde(alias = "auditTrail")]
+    pub audit_trail: Option<RawAuditTrail>,
+}
+
+/// The article's `rotationPolicy`, with snake_case names and the article's camelCase as aliases.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRotation {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    pub schedule: Option<String>,
+    #[serde(alias = "gracePeriodMinutes")]
+    pub grace_period_minutes: Option<u64>,
+    #[serde(alias = "fallbackTo")]
+    pub fallback_to: Option<String>,
+    #[serde(alias = "notificationChannel")]
+    pub notify: Option<String>,
+    #[serde(alias = "notifyAheadHours")]
+    pub notify_ahead_hours: Option<u64>,
+}
+
+/// The article's `auditTrail`: every use is audited anyway; `retentionDays` raises the retention.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuditTrail {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(alias = "retentionDays")]
+    pub retention_days: Option<u32>,
+}
+
+/// One block of the article's JSON exactly as published: `{"type": "external-secrets", "source":
+/// {...}, "mapping": {...}, "rotationPolicy": {...}, "auditTrail": {...}}`. `name` is optional
+/// (the file's stem by default).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExternal {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: Option<String>,
+    pub source: RawExternalSource,
+    pub mapping: Option<BTreeMap<String, String>>,
+    pub cache: Option<RawCache>,
+    #[serde(alias = "rotation")]
+    #[serde(rename = "rotationPolicy")]
+    pub rotation: Option<RawRotation>,
+    #[serde(alias = "audit_trail")]
+    #[serde(rename = "auditTrail")]
+    pub audit_trail: Option<RawAuditTrail>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExternalSource {
+    pub provider: String,
+    pub region: Option<String>,
+    #[serde(alias = "secret_name")]
+    #[serde(rename = "secretName")]
+    pub secret_name: Option<String>,
+    #[serde(alias = "endpoint_url")]
+    #[serde(rename = "endpointUrl")]
+    pub endpoint_url: Option<String>,
+    #[serde(alias = "version_stage")]
+    #[serde(rename = "versionStage")]
+    pub version_stage: Option<String>,
+    pub path: Option<String>,
+}
+
+impl RawExternal {
+    pub fn into_source(self, default_name: String) -> RawSource {
+        RawSource {
+            name: self.name.unwrap_or(default_name),
+            provider: self.source.provider,
+            region: self.source.region,
+            secret_name: self.source.secret_name,
+            endpoint_url: self.source.endpoint_url,
+            version_stage: self.source.version_stage,
+            path: self.source.path,
+            mapping: self.mapping,
+            cache: self.cache,
+            rotation: self.rotation,
+            audit_trail: self.audit_trail,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,8 +216,11 @@ pub struct RawSource {
 pub struct RawCache {
     #[serde(default = "default_true")]
     pub enabled: bool,
+    #[serde(alias = "ttlSeconds")]
     pub ttl_seconds: Option<u64>,
+    #[serde(alias = "maxSize")]
     pub max_size: Option<usize>,
+    #[serde(alias = "staleIfErrorSeconds")]
     pub stale_if_error_seconds: Option<u64>,
 }
 
@@ -144,6 +240,26 @@ pub struct RawRoute {
     pub scrub_responses: bool,
     pub agent_key: RawAgentKey,
     pub inject: RawInject,
+    pub validate: Option<RawProbe>,
+}
+
+/// A request that tests a candidate credential during rotation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    #[serde(default = "default_probe_method")]
+    pub method: String,
+    pub path: String,
+    #[serde(default = "default_probe_expect")]
+    pub expect: Vec<u16>,
+}
+
+fn default_probe_method() -> String {
+    "GET".to_string()
+}
+
+fn default_probe_expect() -> Vec<u16> {
+    vec![200]
 }
 
 #[derive(Debug, Deserialize)]

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::HeaderName;
@@ -88,6 +88,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         max_request_body_bytes: raw.forward.max_request_body_bytes.unwrap_or(32 * 1024 * 1024),
         pool_idle_timeout: ms(raw.forward.pool_idle_timeout_ms, 90_000),
         pool_max_idle_per_host: raw.forward.pool_max_idle_per_host.unwrap_or(64),
+        retry_body_bytes: raw.forward.retry_body_bytes.unwrap_or(64 * 1024),
     };
     for (field, value) in [
         ("forward.connect_timeout_ms", forward.connect_timeout),
@@ -115,7 +116,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
             OnFailure::Deny
         }
     };
-    let audit = AuditConfig {
+    let mut audit = AuditConfig {
         path: PathBuf::from(raw.audit.path.unwrap_or_else(|| "var/audit/keyward-audit.jsonl".to_string())),
         retention_days: raw.audit.retention_days.unwrap_or(90),
         metadata: raw.audit.metadata,
@@ -137,8 +138,21 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         c.problem("audit.retention_days", "must be at least 1");
     }
 
-    let sources: Vec<SourceConfig> =
-        raw.sources.into_iter().enumerate().filter_map(|(i, s)| source(c, &format!("sources[{i}]"), s)).collect();
+    let mut retention_floor = Vec::new();
+    let mut sources: Vec<SourceConfig> = raw
+        .sources
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, s)| source(c, &format!("sources[{i}]"), s, &mut retention_floor))
+        .collect();
+    for (i, path) in raw.sources_from.iter().enumerate() {
+        sources.extend(external_sources(c, &format!("sources_from[{i}]"), path, &mut retention_floor));
+    }
+    // An `auditTrail.retentionDays` keeps the trail at least that long; the longest one wins.
+    for days in retention_floor {
+        audit.retention_days = audit.retention_days.max(days);
+    }
+    check_fallbacks(c, &sources);
     let secret_owner = secret_names(c, &sources);
     let routes: Vec<RouteConfig> =
         raw.routes.into_iter().enumerate().filter_map(|(i, r)| route(c, &format!("routes[{i}]"), r)).collect();
@@ -384,17 +398,29 @@ fn check_unique(c: &mut Collector<'_>, items: impl Iterator<Item = (String, Stri
     }
 }
 
-/// Secret names are global across sources: maps each to its source, reporting duplicates.
+/// Secret names are global across sources: maps each to the source that serves it, reporting
+/// duplicates. A source's `fallback_to` target may provide the same names: it stands in for them.
 fn secret_names(c: &mut Collector<'_>, sources: &[SourceConfig]) -> HashMap<String, String> {
     check_unique(
         c,
         sources.iter().enumerate().map(|(i, s)| (format!("sources[{i}].name"), s.name.clone())),
         "source name",
     );
+    let fallback_targets: HashSet<&str> = sources.iter().filter_map(|s| s.fallback_to.as_deref()).collect();
+    let linked = |a: &str, b: &str| {
+        let of = |x: &str| sources.iter().find(|s| s.name == x).and_then(|s| s.fallback_to.as_deref());
+        fallback_chain(a, of).contains(&b) || fallback_chain(b, of).contains(&a)
+    };
     let mut owner: HashMap<String, String> = HashMap::new();
     for (i, s) in sources.iter().enumerate() {
         for name in s.mapping.keys() {
             match owner.get(name) {
+                Some(first) if linked(first, &s.name) => {
+                    // The primary serves the name; its fallback only stands in.
+                    if fallback_targets.contains(first.as_str()) && !fallback_targets.contains(s.name.as_str()) {
+                        owner.insert(name.clone(), s.name.clone());
+                    }
+                }
                 Some(first) => c.problem(
                     format!("sources[{i}].mapping.{name}"),
                     format!("secret '{name}' is already provided by source '{first}'; secret names are global"),
@@ -408,6 +434,52 @@ fn secret_names(c: &mut Collector<'_>, sources: &[SourceConfig]) -> HashMap<Stri
     owner
 }
 
+/// The sources `start` falls back to, in order, stopping at a cycle.
+fn fallback_chain<'a>(start: &'a str, next: impl Fn(&str) -> Option<&'a str>) -> Vec<&'a str> {
+    let mut chain = Vec::new();
+    let mut at = start;
+    while let Some(to) = next(at) {
+        if to == start || chain.contains(&to) {
+            break;
+        }
+        chain.push(to);
+        at = to;
+    }
+    chain
+}
+
+/// `fallback_to` names another source, without a cycle, that provides some of the same secrets.
+fn check_fallbacks(c: &mut Collector<'_>, sources: &[SourceConfig]) {
+    for (i, s) in sources.iter().enumerate() {
+        let Some(target) = &s.fallback_to else { continue };
+        let field = format!("sources[{i}].rotation.fallback_to");
+        let Some(other) = sources.iter().find(|o| &o.name == target) else {
+            c.problem(field, format!("no source is named '{target}'"));
+            continue;
+        };
+        if other.name == s.name {
+            c.problem(field, "a source cannot fall back to itself");
+            continue;
+        }
+        let mut seen = vec![s.name.as_str()];
+        let mut at = other;
+        while let Some(next) = &at.fallback_to {
+            if seen.contains(&next.as_str()) {
+                c.problem(field.clone(), format!("falling back from '{}' leads back to '{next}'", s.name));
+                break;
+            }
+            seen.push(at.name.as_str());
+            match sources.iter().find(|o| &o.name == next) {
+                Some(o) => at = o,
+                None => break,
+            }
+        }
+        if !s.mapping.keys().any(|name| other.mapping.contains_key(name)) {
+            c.problem(field, format!("source '{target}' provides none of the secrets of '{}'", s.name));
+        }
+    }
+}
+
 fn selector(text: &str) -> Option<Selector> {
     let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
     match inner {
@@ -418,7 +490,60 @@ fn selector(text: &str) -> Option<Selector> {
     }
 }
 
-fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig> {
+/// Loads a file of the article's `external-secrets` blocks (one object or a list), reporting
+/// problems at that file's own lines.
+fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, retention_floor: &mut Vec<u32>) -> Vec<SourceConfig> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            c.problem(at, format!("cannot read {path}: {e}"));
+            return Vec::new();
+        }
+    };
+    let (value, index) = match super::spans::parse(&text, super::spans::Format::Json) {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            c.problems.push(Problem { file: path.to_string(), line: e.line, field: String::new(), message: e.message });
+            return Vec::new();
+        }
+    };
+    let stem = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or("external").to_string();
+    let blocks = match value {
+        serde_json::Value::Array(items) => items.into_iter().enumerate().map(|(i, v)| (format!("[{i}]"), v)).collect(),
+        other => vec![(String::new(), other)],
+    };
+    let many = blocks.len() > 1;
+    let mut inner = Collector { file: path, index: &index, problems: Vec::new() };
+    let mut out = Vec::new();
+    for (n, (prefix, value)) in blocks.into_iter().enumerate() {
+        let raw: RawExternal = match serde_path_to_error::deserialize(value) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let field = format!("{prefix}{}", e.path()).trim_start_matches('.').to_string();
+                inner.problem(field, e.inner().to_string());
+                continue;
+            }
+        };
+        let here = if prefix.is_empty() { "source".to_string() } else { format!("{prefix}.source") };
+        if raw.kind != "external-secrets" {
+            inner.problem(format!("{prefix}.type").trim_start_matches('.'), "must be \"external-secrets\"");
+            continue;
+        }
+        if many && raw.name.is_none() {
+            inner.problem(
+                format!("{prefix}.name").trim_start_matches('.'),
+                "is required when a file holds several blocks",
+            );
+            continue;
+        }
+        let _ = n;
+        out.extend(source(&mut inner, &here, raw.into_source(stem.clone()), retention_floor));
+    }
+    c.problems.extend(inner.problems);
+    out
+}
+
+fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut Vec<u32>) -> Option<SourceConfig> {
     if !valid_name(&s.name) {
         c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
     }
@@ -427,16 +552,36 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
             c.problem(format!("{at}.{field}"), format!("is not used by provider '{}'", s.provider));
         }
     };
+    let mut mapping_text = s.mapping.clone();
     let provider = match s.provider.as_str() {
         "aws-secrets-manager" => {
             unused(c, "path", s.path.is_some());
-            let Some(secret_name) = s.secret_name.clone() else {
-                c.problem(format!("{at}.secret_name"), "is required for provider 'aws-secrets-manager'");
+            let Some(raw_mapping) = &s.mapping else {
+                c.problem(format!("{at}.mapping"), "is required for provider 'aws-secrets-manager'");
                 return None;
             };
-            if s.mapping.is_none() {
-                c.problem(format!("{at}.mapping"), "is required for provider 'aws-secrets-manager'");
+            // `"<secret-id>#{{FIELD}}"` reads a field of another secret of the same store.
+            let mut secret_ids = BTreeMap::new();
+            let mut plain = BTreeMap::new();
+            for (name, text) in raw_mapping {
+                match text.split_once('#') {
+                    Some((id, rest)) if !id.trim().is_empty() => {
+                        secret_ids.insert(name.clone(), id.trim().to_string());
+                        plain.insert(name.clone(), rest.to_string());
+                    }
+                    _ => {
+                        plain.insert(name.clone(), text.clone());
+                    }
+                }
             }
+            if s.secret_name.is_none() && secret_ids.len() < raw_mapping.len() {
+                c.problem(
+                    format!("{at}.secret_name"),
+                    "is required for provider 'aws-secrets-manager' unless every mapping entry names its secret (\"<secret-id>#{{FIELD}}\")",
+                );
+                return None;
+            }
+            mapping_text = Some(plain);
             if let Some(url) = &s.endpoint_url
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
@@ -444,7 +589,8 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
             }
             ProviderConfig::Aws {
                 region: s.region.clone(),
-                secret_name,
+                secret_name: s.secret_name.clone(),
+                secret_ids,
                 endpoint_url: s.endpoint_url.clone(),
                 version_stage: s.version_stage.clone().unwrap_or_else(|| "AWSCURRENT".to_string()),
             }
@@ -487,7 +633,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
             return None;
         }
     };
-    let mapping = match (s.mapping, &provider) {
+    let mapping = match (mapping_text, &provider) {
         (Some(m), _) => m,
         (None, ProviderConfig::File { path }) => match crate::secrets::discover_names(path) {
             Ok(names) => names.into_iter().map(|n| (n.clone(), format!("{{{{{n}}}}}"))).collect(),
@@ -547,7 +693,66 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
             ),
         );
     }
-    Some(SourceConfig { name: s.name, provider, mapping, cache })
+    if let Some(trail) = s.audit_trail {
+        if !trail.enabled {
+            c.problem(
+                format!("{at}.audit_trail.enabled"),
+                "keyward audits every use of every credential; the audit trail cannot be turned off",
+            );
+        }
+        if let Some(days) = trail.retention_days {
+            if days == 0 {
+                c.problem(format!("{at}.audit_trail.retention_days"), "must be at least 1");
+            }
+            retention_floor.push(days);
+        }
+    }
+    let (rotation, fallback_to) = match s.rotation {
+        Some(raw) => rotation(c, &format!("{at}.rotation"), raw, &provider),
+        None => (None, None),
+    };
+    Some(SourceConfig { name: s.name, provider, mapping, cache, rotation, fallback_to })
+}
+
+fn rotation(
+    c: &mut Collector<'_>,
+    at: &str,
+    raw: RawRotation,
+    provider: &ProviderConfig,
+) -> (Option<RotationPolicy>, Option<String>) {
+    let schedule = raw
+        .schedule
+        .as_deref()
+        .and_then(|text| Schedule::parse(text).map_err(|e| c.problem(format!("{at}.schedule"), e)).ok());
+    if let Some(url) = &raw.notify
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        c.problem(
+            format!("{at}.notify"),
+            format!("'{url}' is not a webhook URL: rotation notices are POSTed as JSON to an http(s):// URL"),
+        );
+    }
+    if raw.enabled {
+        match provider {
+            ProviderConfig::Env => c.problem(
+                format!("{at}.enabled"),
+                "an env source cannot rotate: its values are fixed when keyward starts",
+            ),
+            ProviderConfig::Aws { secret_ids, .. } if !secret_ids.is_empty() => c.problem(
+                format!("{at}.enabled"),
+                "rotation works on one AWS secret per source; move the \"<secret-id>#\" entries to sources of their own",
+            ),
+            _ => {}
+        }
+    }
+    let policy = RotationPolicy {
+        enabled: raw.enabled,
+        schedule,
+        grace_period: Duration::from_secs(raw.grace_period_minutes.unwrap_or(0) * 60),
+        notify: raw.notify,
+        notify_ahead: Duration::from_secs(raw.notify_ahead_hours.unwrap_or(24) * 3600),
+    };
+    (Some(policy), raw.fallback_to)
 }
 
 fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
@@ -584,6 +789,7 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
         }
     }
     let inject = inject(c, &format!("{at}.inject"), r.inject);
+    let validate = r.validate.and_then(|p| probe(c, &format!("{at}.validate"), p));
     Some(RouteConfig {
         name: r.name,
         prefix: r.prefix,
@@ -591,7 +797,23 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
         agent_key: AgentKeySpec { header: header?, schemes },
         inject: inject?,
         scrub_responses: r.scrub_responses,
+        validate,
     })
+}
+
+fn probe(c: &mut Collector<'_>, at: &str, p: RawProbe) -> Option<Probe> {
+    let method = http::Method::from_bytes(p.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| c.problem(format!("{at}.method"), format!("'{}' is not an HTTP method", p.method)))
+        .ok()?;
+    if !p.path.starts_with('/') || p.path.parse::<http::uri::PathAndQuery>().is_err() {
+        c.problem(format!("{at}.path"), format!("'{}' must be a path starting with '/'", p.path));
+        return None;
+    }
+    if p.expect.is_empty() || p.expect.iter().any(|s| !(100..600).contains(s)) {
+        c.problem(format!("{at}.expect"), "must list HTTP status codes, like [200]");
+        return None;
+    }
+    Some(Probe { method, path: p.path, expect: p.expect })
 }
 
 /// Headers whose meaning belongs to the connection or to framing: never an agent key or an

@@ -1,4 +1,5 @@
-//! The secret cache: TTL and size bound per source, single-flight fetches, optional stale serving.
+//! The secret cache: TTL and size bound per source, single-flight fetches, refresh ahead of
+//! expiry, optional stale serving, fallback sources, and the swap and grace window of a rotation.
 //!
 //! The lock guards only map operations and is never held across a fetch: concurrent misses on a
 //! source join one shared in-flight fetch, and the fetch itself stores its result.
@@ -25,6 +26,29 @@ pub struct Resolved {
     pub source: String,
     pub value: SecretString,
     pub version: Option<String>,
+    /// Set when `source` stands in for this source (its `fallback_to`).
+    pub fallback_from: Option<String>,
+}
+
+impl Resolved {
+    fn same_value(&self, other: &Resolved) -> bool {
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            self.value.expose_secret().as_bytes(),
+            other.value.expose_secret().as_bytes(),
+        ))
+    }
+}
+
+/// What to do after the upstream refused a credential (401 or 403).
+pub enum Rejection {
+    /// The store has a newer value: retry with it.
+    Newer(Arc<Resolved>),
+    /// A rotation's previous version, inside its grace period: retry with it.
+    Previous(Arc<Resolved>),
+    /// The source's `fallback_to`: retry with its value.
+    Fallback(Arc<Resolved>),
+    /// Nothing else to try: the upstream's answer stands.
+    Nothing,
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Arc<Fetched>, StoreError>>>;
@@ -53,7 +77,27 @@ struct SlotState {
     entries: HashMap<String, Entry>,
     inflight: Option<(u64, SharedFetch)>,
     generation: u64,
+    /// Bumped by a rotation's swap: fetches started before it do not overwrite its values.
+    epoch: u64,
+    /// The last successful fetch, for rotation to compare a candidate against.
+    last: Option<Arc<Fetched>>,
+    last_fetch_at: Option<Instant>,
+    /// The version a rotation replaced, usable only where the new one is refused, until `until`.
+    previous: Option<Previous>,
 }
+
+struct Previous {
+    values: HashMap<String, Arc<Resolved>>,
+    until: Instant,
+    epoch: u64,
+}
+
+/// Refresh a used entry in the background once this much of its TTL has passed.
+const REFRESH_AHEAD_AT: f64 = 0.9;
+
+/// A refused credential triggers at most one re-fetch per source in this long: an agent cannot
+/// turn upstream 401s into a flood of secret-store calls.
+const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Upper bound on one fetch; providers also have their own, shorter timeouts.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -76,6 +120,7 @@ impl Drop for ClearInflight {
 
 struct Slot {
     name: String,
+    config: SourceConfig,
     provider: Arc<dyn SecretProvider>,
     policy: CachePolicy,
     state: Mutex<SlotState>,
@@ -87,31 +132,58 @@ struct Slot {
 /// Every credential value keyward has fetched, by secret name, and the scrubber built from them.
 /// It keeps the last value of each name even when the cache does not (`ttl_seconds = 0`), so
 /// that an echo of it can still be recognised.
+/// A replaced value stays in the scrubber (an echo of it is still caught) until a rotation's
+/// grace period purges it.
+#[derive(Default)]
+struct HeldValues {
+    current: BTreeMap<String, SecretString>,
+    previous: BTreeMap<String, SecretString>,
+}
+
 struct Held {
-    values: Mutex<BTreeMap<String, SecretString>>,
+    values: Mutex<HeldValues>,
     scrubber: Arc<ArcSwap<Scrubber>>,
 }
 
 impl Held {
     fn update(&self, fetched: &HashMap<String, SecretString>) {
-        let mut values = self.values.lock().expect("held secrets lock poisoned");
+        let mut held = self.values.lock().expect("held secrets lock poisoned");
         let mut changed = false;
         for (name, value) in fetched {
-            if values.get(name).is_none_or(|old| old.expose_secret() != value.expose_secret()) {
+            if held.current.get(name).is_none_or(|old| old.expose_secret() != value.expose_secret()) {
                 if value.expose_secret().len() < MIN_SCRUB_LEN {
                     tracing::warn!(
                         secret = %name,
                         "secret is shorter than {MIN_SCRUB_LEN} characters, so responses are not scrubbed for it"
                     );
                 }
-                values.insert(name.clone(), value.clone());
+                if let Some(old) = held.current.insert(name.clone(), value.clone()) {
+                    held.previous.insert(name.clone(), old);
+                }
                 changed = true;
             }
         }
         if changed {
-            let scrubber = Scrubber::new(values.iter().map(|(name, value)| (name.as_str(), value)));
-            self.scrubber.store(Arc::new(scrubber));
+            self.rebuild(&held);
         }
+    }
+
+    /// Forgets the replaced values of `names`.
+    fn purge(&self, names: impl Iterator<Item = String>) {
+        let mut held = self.values.lock().expect("held secrets lock poisoned");
+        let mut changed = false;
+        for name in names {
+            changed |= held.previous.remove(&name).is_some();
+        }
+        if changed {
+            self.rebuild(&held);
+        }
+    }
+
+    fn rebuild(&self, held: &HeldValues) {
+        let all = held.current.iter().chain(held.previous.iter());
+        let scrubber = Scrubber::new(all.map(|(name, value)| (name.as_str(), value)));
+        self.scrubber.store(Arc::new(scrubber));
     }
 }
 
@@ -119,6 +191,8 @@ impl Held {
 pub struct SecretStore {
     slots: Vec<Arc<Slot>>,
     owner: HashMap<String, usize>,
+    /// Each slot's `fallback_to`, by index.
+    fallback: Vec<Option<usize>>,
     held: Arc<Held>,
 }
 
@@ -134,29 +208,142 @@ impl SecretStore {
         providers: Vec<Arc<dyn SecretProvider>>,
         metrics: Arc<Metrics>,
     ) -> SecretStore {
-        let mut owner = HashMap::new();
         let held =
             Arc::new(Held { values: Mutex::default(), scrubber: Arc::new(ArcSwap::from_pointee(Scrubber::empty())) });
         let slots = sources
             .iter()
             .zip(providers)
-            .enumerate()
-            .map(|(i, (source, provider))| {
-                for name in source.mapping.keys() {
-                    owner.insert(name.clone(), i);
-                }
-                Arc::new(Slot {
-                    name: source.name.clone(),
-                    provider,
-                    policy: source.cache,
-                    state: Mutex::new(SlotState::default()),
-                    reached: AtomicBool::new(false),
-                    metrics: metrics.clone(),
-                    held: held.clone(),
-                })
+            .map(|(source, provider)| Slot::new(source, provider, metrics.clone(), held.clone()))
+            .collect();
+        Self::assemble(sources, slots, held)
+    }
+
+    /// The store for a reloaded config: a source whose store, mapping and cache are unchanged
+    /// keeps its slot, so its cached values, in-flight fetch and rotation grace carry over.
+    pub fn reload(&self, sources: &[SourceConfig], metrics: Arc<Metrics>) -> SecretStore {
+        let slots = sources
+            .iter()
+            .map(|source| match self.slots.iter().find(|slot| slot.config.same_store(source)) {
+                Some(slot) => slot.clone(),
+                None => Slot::new(source, build_provider(source), metrics.clone(), self.held.clone()),
             })
             .collect();
-        SecretStore { slots, owner, held }
+        Self::assemble(sources, slots, self.held.clone())
+    }
+
+    /// How many of `sources` a reload of this store keeps cached.
+    pub fn kept_by_reload(&self, sources: &[SourceConfig]) -> usize {
+        sources.iter().filter(|source| self.slots.iter().any(|slot| slot.config.same_store(source))).count()
+    }
+
+    fn assemble(sources: &[SourceConfig], slots: Vec<Arc<Slot>>, held: Arc<Held>) -> SecretStore {
+        let fallback_targets: Vec<&str> = sources.iter().filter_map(|s| s.fallback_to.as_deref()).collect();
+        let mut owner = HashMap::new();
+        for (i, source) in sources.iter().enumerate() {
+            for name in source.mapping.keys() {
+                // A name a fallback target shares with its primary belongs to the primary.
+                let taken = owner.contains_key(name);
+                if !taken || !fallback_targets.contains(&source.name.as_str()) {
+                    owner.insert(name.clone(), i);
+                }
+            }
+        }
+        let fallback = sources
+            .iter()
+            .map(|s| s.fallback_to.as_ref().and_then(|to| sources.iter().position(|o| &o.name == to)))
+            .collect();
+        SecretStore { slots, owner, fallback, held }
+    }
+
+    fn slot_index(&self, source: &str) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.name == source)
+    }
+
+    /// The source that provides secret `name`.
+    pub fn source_of(&self, name: &str) -> Option<&str> {
+        self.owner.get(name).map(|i| self.slots[*i].name.as_str())
+    }
+
+    /// The names source `source` provides.
+    pub fn names_of(&self, source: &str) -> Vec<String> {
+        self.slot_index(source).map(|i| self.slots[i].config.mapping.keys().cloned().collect()).unwrap_or_default()
+    }
+
+    pub fn provider(&self, source: &str) -> Option<Arc<dyn SecretProvider>> {
+        self.slot_index(source).map(|i| self.slots[i].provider.clone())
+    }
+
+    /// What the source holds now (fetching it if nothing is cached), for rotation to compare to.
+    pub async fn current(&self, source: &str) -> Result<Arc<Fetched>, StoreError> {
+        let Some(i) = self.slot_index(source) else {
+            return Err(StoreError::Unsupported(format!("no source is named '{source}'")));
+        };
+        let slot = &self.slots[i];
+        if let Some(last) = slot.state.lock().expect("secret cache lock poisoned").last.clone() {
+            return Ok(last);
+        }
+        slot.fetch_shared().await
+    }
+
+    /// A rotation's swap: `candidate` becomes what every new request gets, and the values it
+    /// replaces stay usable for `grace` only as a stand-in where the new ones are refused.
+    /// Returns the epoch to hand to `purge_previous`.
+    pub fn install(&self, source: &str, candidate: Fetched, grace: Duration) -> Option<u64> {
+        let slot = &self.slots[self.slot_index(source)?];
+        Some(slot.install(candidate, grace))
+    }
+
+    /// Ends a rotation's grace period: the replaced values are dropped from the cache and the
+    /// scrubber. Returns false when a later rotation already replaced them.
+    pub fn purge_previous(&self, source: &str, epoch: u64) -> bool {
+        let Some(i) = self.slot_index(source) else { return false };
+        let slot = &self.slots[i];
+        let purged = {
+            let mut state = slot.state.lock().expect("secret cache lock poisoned");
+            match &state.previous {
+                Some(previous) if previous.epoch == epoch => state.previous.take(),
+                _ => None,
+            }
+        };
+        match purged {
+            Some(previous) => {
+                self.held.purge(previous.values.into_keys());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The upstream refused `used`: evict its source at once, re-fetch, and say what to retry with.
+    pub async fn rejected(&self, used: &Resolved) -> Rejection {
+        let Some(&i) = self.owner.get(&used.name) else { return Rejection::Nothing };
+        let slot = &self.slots[i];
+        if used.fallback_from.is_none() {
+            if let Ok(fresh) = slot.refetch(&used.name).await
+                && !fresh.same_value(used)
+            {
+                return Rejection::Newer(fresh);
+            }
+            if let Some(previous) = slot.previous(&used.name)
+                && !previous.same_value(used)
+            {
+                return Rejection::Previous(previous);
+            }
+        }
+        let tried = used.fallback_from.is_some();
+        match self.fallback[i] {
+            Some(f) if !tried => match self.slots[f].resolve(&used.name).await {
+                Ok(value) => Rejection::Fallback(Arc::new(Resolved {
+                    name: value.name.clone(),
+                    source: value.source.clone(),
+                    value: value.value.clone(),
+                    version: value.version.clone(),
+                    fallback_from: Some(slot.name.clone()),
+                })),
+                Err(_) => Rejection::Nothing,
+            },
+            _ => Rejection::Nothing,
+        }
     }
 
     /// Names of sources not reached yet, for the readiness message.
@@ -210,17 +397,70 @@ impl SecretStore {
         self.held.scrubber.clone()
     }
 
+    /// The credential for `name`; where its source cannot be fetched, its `fallback_to`'s.
     pub async fn resolve(&self, name: &str) -> Result<Arc<Resolved>, ProxyError> {
-        let Some(slot) = self.owner.get(name).map(|i| &self.slots[*i]) else {
+        let Some(&i) = self.owner.get(name) else {
             return Err(ProxyError::SecretNotFound { secret: name.to_string(), source: "(none)".to_string() });
         };
-        slot.resolve(name).await
+        let mut at = i;
+        let mut hops = 0;
+        loop {
+            let result = self.slots[at].resolve(name).await;
+            match (result, self.fallback[at]) {
+                (Err(ProxyError::SecretStoreUnavailable { .. }), Some(next)) if hops < self.slots.len() => {
+                    tracing::warn!(source = %self.slots[at].name, fallback = %self.slots[next].name, secret = name,
+                        "secret source unavailable; using its fallback");
+                    at = next;
+                    hops += 1;
+                }
+                (Ok(value), _) if at != i => {
+                    return Ok(Arc::new(Resolved {
+                        name: value.name.clone(),
+                        source: value.source.clone(),
+                        value: value.value.clone(),
+                        version: value.version.clone(),
+                        fallback_from: Some(self.slots[i].name.clone()),
+                    }));
+                }
+                (result, _) => return result,
+            }
+        }
     }
 }
 
 impl Slot {
+    fn new(
+        source: &SourceConfig,
+        provider: Arc<dyn SecretProvider>,
+        metrics: Arc<Metrics>,
+        held: Arc<Held>,
+    ) -> Arc<Slot> {
+        Arc::new(Slot {
+            name: source.name.clone(),
+            config: source.clone(),
+            provider,
+            policy: source.cache,
+            state: Mutex::new(SlotState::default()),
+            reached: AtomicBool::new(false),
+            metrics,
+            held,
+        })
+    }
+
     fn label(&self) -> SourceLabel {
         SourceLabel { source: self.name.clone() }
+    }
+
+    fn resolved(&self, name: &str, fetched: &Fetched) -> Option<Arc<Resolved>> {
+        fetched.values.get(name).map(|value| {
+            Arc::new(Resolved {
+                name: name.to_string(),
+                source: self.name.clone(),
+                value: value.clone(),
+                version: fetched.version.clone(),
+                fallback_from: None,
+            })
+        })
     }
 
     async fn resolve(self: &Arc<Self>, name: &str) -> Result<Arc<Resolved>, ProxyError> {
@@ -231,18 +471,21 @@ impl Slot {
             {
                 entry.last_used = Instant::now();
                 self.metrics.secret_cache_hits.get_or_create(&self.label()).inc();
-                return Ok(entry.value.clone());
+                let value = entry.value.clone();
+                // Refresh ahead: a used entry is re-fetched in the background before it expires,
+                // so no reader waits at expiry. The in-flight marker keeps it to one fetch.
+                if entry.fetched_at.elapsed().as_secs_f64() >= self.policy.ttl.as_secs_f64() * REFRESH_AHEAD_AT
+                    && state.inflight.is_none()
+                {
+                    drop(self.join_or_start(&mut state));
+                }
+                return Ok(value);
             }
             self.join_or_start(&mut state)
         };
         match fetch.await {
-            Ok(fetched) => match fetched.values.get(name) {
-                Some(value) => Ok(Arc::new(Resolved {
-                    name: name.to_string(),
-                    source: self.name.clone(),
-                    value: value.clone(),
-                    version: fetched.version.clone(),
-                })),
+            Ok(fetched) => match self.resolved(name, &fetched) {
+                Some(value) => Ok(value),
                 None => Err(ProxyError::SecretNotFound { secret: name.to_string(), source: self.name.clone() }),
             },
             Err(error) => {
@@ -255,6 +498,60 @@ impl Slot {
                 Err(ProxyError::SecretStoreUnavailable { secret: name.to_string(), source: self.name.clone() })
             }
         }
+    }
+
+    /// Evicts the source's entries and fetches again, unless the last fetch is very recent.
+    async fn refetch(self: &Arc<Self>, name: &str) -> Result<Arc<Resolved>, ProxyError> {
+        let fetch = {
+            let mut state = self.state.lock().expect("secret cache lock poisoned");
+            let recent = state.last_fetch_at.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL);
+            if !recent {
+                state.entries.clear();
+            }
+            match (&state.last, recent) {
+                (Some(last), true) => {
+                    let last = last.clone();
+                    drop(state);
+                    return self
+                        .resolved(name, &last)
+                        .ok_or(ProxyError::SecretNotFound { secret: name.to_string(), source: self.name.clone() });
+                }
+                _ => self.join_or_start(&mut state),
+            }
+        };
+        match fetch.await {
+            Ok(fetched) => self
+                .resolved(name, &fetched)
+                .ok_or(ProxyError::SecretNotFound { secret: name.to_string(), source: self.name.clone() }),
+            Err(_) => Err(ProxyError::SecretStoreUnavailable { secret: name.to_string(), source: self.name.clone() }),
+        }
+    }
+
+    /// The value a rotation replaced, while its grace period lasts.
+    fn previous(&self, name: &str) -> Option<Arc<Resolved>> {
+        let state = self.state.lock().expect("secret cache lock poisoned");
+        let previous = state.previous.as_ref().filter(|p| Instant::now() < p.until)?;
+        previous.values.get(name).cloned()
+    }
+
+    fn install(&self, candidate: Fetched, grace: Duration) -> u64 {
+        // Into the scrubber before any request can get the new value.
+        self.held.update(&candidate.values);
+        let candidate = Arc::new(candidate);
+        let mut state = self.state.lock().expect("secret cache lock poisoned");
+        state.epoch += 1;
+        let epoch = state.epoch;
+        let replaced: HashMap<String, Arc<Resolved>> = match &state.last {
+            Some(last) => {
+                last.values.keys().filter_map(|name| Some((name.clone(), self.resolved(name, last)?))).collect()
+            }
+            None => HashMap::new(),
+        };
+        state.previous = Some(Previous { values: replaced, until: Instant::now() + grace, epoch });
+        // A fetch started before the swap may still answer with the old version: drop its marker.
+        state.inflight = None;
+        self.fill(&mut state, &candidate);
+        epoch
     }
 
     /// An expired entry still inside its `stale_if_error` window.
@@ -278,6 +575,7 @@ impl Slot {
         }
         state.generation += 1;
         let generation = state.generation;
+        let epoch = state.epoch;
         let slot = self.clone();
         let task = tokio::spawn(async move {
             let _clear = ClearInflight { slot: slot.clone(), generation };
@@ -285,7 +583,7 @@ impl Slot {
                 Ok(result) => result.map(Arc::new),
                 Err(_) => Err(StoreError::Unreachable(format!("no answer within {} s", FETCH_TIMEOUT.as_secs()))),
             };
-            slot.store(&result);
+            slot.store(&result, epoch);
             result
         });
         let fetch: BoxFuture<'static, _> = Box::pin(async move {
@@ -296,7 +594,7 @@ impl Slot {
         shared
     }
 
-    fn store(&self, result: &Result<Arc<Fetched>, StoreError>) {
+    fn store(&self, result: &Result<Arc<Fetched>, StoreError>, epoch: u64) {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.secret_fetches.get_or_create(&FetchLabels { source: self.name.clone(), result: outcome }).inc();
         let Ok(fetched) = result else { return };
@@ -304,6 +602,16 @@ impl Slot {
         self.held.update(&fetched.values);
         let mut state = self.state.lock().expect("secret cache lock poisoned");
         self.reached.store(true, Ordering::Relaxed);
+        if state.epoch != epoch {
+            // A rotation swapped values in while this fetch ran; they are newer.
+            return;
+        }
+        self.fill(&mut state, fetched);
+    }
+
+    fn fill(&self, state: &mut SlotState, fetched: &Arc<Fetched>) {
+        state.last = Some(fetched.clone());
+        state.last_fetch_at = Some(Instant::now());
         let keeps_values = !self.policy.ttl.is_zero() || !self.policy.stale_if_error.is_zero();
         if !keeps_values {
             return;
@@ -315,6 +623,7 @@ impl Slot {
                 source: self.name.clone(),
                 value: value.clone(),
                 version: fetched.version.clone(),
+                fallback_from: None,
             };
             let last_used = state.entries.get(name).map_or(now, |e| e.last_used);
             let entry =
@@ -374,6 +683,8 @@ mod tests {
             provider: ProviderConfig::Env,
             mapping: [("A".to_string(), Selector::Whole), ("B".to_string(), Selector::Whole)].into(),
             cache: policy,
+            rotation: None,
+            fallback_to: None,
         };
         let store = SecretStore::with_providers(&[source], vec![provider.clone()], Arc::new(Metrics::new()));
         (store, provider)
@@ -472,6 +783,8 @@ mod tests {
             provider: ProviderConfig::Env,
             mapping: [("A".to_string(), Selector::Whole)].into(),
             cache: policy(60_000, 10, 0),
+            rotation: None,
+            fallback_to: None,
         };
         let store = SecretStore::with_providers(&[source], vec![Arc::new(Panicking)], Arc::new(Metrics::new()));
         for _ in 0..2 {
@@ -490,6 +803,86 @@ mod tests {
         // A newer value replaces the old one in the scrubber.
         store.resolve("A").await.unwrap();
         assert_eq!(String::from_utf8_lossy(&store.scrubber().scrub(b"alpha-secret-2")), "[REDACTED:A]**");
+    }
+
+    #[tokio::test]
+    async fn a_used_entry_is_refreshed_ahead_of_expiry() {
+        let (store, provider) = new_store(policy(400, 10, 0));
+        store.resolve("A").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(370)).await;
+        // A hit in the last tenth of the TTL answers at once and starts one background fetch.
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
+        store.resolve("A").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
+        // Past the old expiry the refreshed value is served with no wait.
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-2");
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_credential_is_evicted_and_a_newer_one_offered() {
+        let (store, provider) = new_store(policy(60_000, 10, 0));
+        let used = store.resolve("A").await.unwrap();
+        // The last fetch is too recent to re-fetch: nothing newer is offered.
+        assert!(matches!(store.rejected(&used).await, Rejection::Nothing));
+        tokio::time::sleep(MIN_REFETCH_INTERVAL).await;
+        match store.rejected(&used).await {
+            Rejection::Newer(next) => assert_eq!(next.value.expose_secret(), "alpha-secret-2"),
+            _ => panic!("expected a newer version"),
+        }
+        assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-2");
+    }
+
+    #[tokio::test]
+    async fn a_rotation_swaps_at_once_and_keeps_the_old_value_only_for_its_grace() {
+        let (store, _) = new_store(policy(60_000, 10, 0));
+        let old = store.resolve("A").await.unwrap();
+        let candidate = Fetched {
+            values: [
+                ("A".to_string(), SecretString::from("alpha-rotated")),
+                ("B".to_string(), SecretString::from("beta-rotated")),
+            ]
+            .into(),
+            version: Some("v9".into()),
+        };
+        let epoch = store.install("s", candidate, Duration::from_secs(60)).unwrap();
+        let new = store.resolve("A").await.unwrap();
+        assert_eq!((new.value.expose_secret(), new.version.as_deref()), ("alpha-rotated", Some("v9")));
+        // Both values are scrubbed while the old one may still be in flight.
+        let scrubbed = store.scrubber().scrub(b"alpha-secret-1 alpha-rotated").into_owned();
+        assert!(!String::from_utf8_lossy(&scrubbed).contains("alpha"), "{}", String::from_utf8_lossy(&scrubbed));
+        // Where the new one is refused, the old one stands in during the grace period.
+        match store.rejected(&new).await {
+            Rejection::Previous(previous) => assert!(previous.same_value(&old)),
+            _ => panic!("expected the previous version"),
+        }
+        assert!(store.purge_previous("s", epoch));
+        assert!(!store.purge_previous("s", epoch));
+        assert!(matches!(store.rejected(&new).await, Rejection::Nothing));
+        assert_eq!(String::from_utf8_lossy(&store.scrubber().scrub(b"alpha-secret-1")), "alpha-secret-1");
+    }
+
+    #[tokio::test]
+    async fn a_source_that_cannot_be_fetched_falls_back() {
+        let primary =
+            Arc::new(Counting { calls: AtomicUsize::new(0), fail: AtomicBool::new(true), delay: Duration::ZERO });
+        let backup =
+            Arc::new(Counting { calls: AtomicUsize::new(0), fail: AtomicBool::new(false), delay: Duration::ZERO });
+        let source = |name: &str, fallback: Option<&str>| SourceConfig {
+            name: name.into(),
+            provider: ProviderConfig::Env,
+            mapping: [("A".to_string(), Selector::Whole)].into(),
+            cache: policy(60_000, 10, 0),
+            rotation: None,
+            fallback_to: fallback.map(str::to_string),
+        };
+        let sources = [source("prod", Some("staging")), source("staging", None)];
+        let store = SecretStore::with_providers(&sources, vec![primary, backup], Arc::new(Metrics::new()));
+        let resolved = store.resolve("A").await.unwrap();
+        assert_eq!(resolved.source, "staging");
+        assert_eq!(resolved.fallback_from.as_deref(), Some("prod"));
     }
 
     #[tokio::test]

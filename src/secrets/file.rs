@@ -1,4 +1,5 @@
-//! The `file` provider: a JSON object of NAME → value, re-read on every fetch.
+//! The `file` provider: a JSON object of NAME → value, re-read on every fetch. Rotating it means
+//! re-reading the file, testing the new values, and swapping them in at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::future::BoxFuture;
 
-use super::{Fetched, SecretProvider, StoreError, apply_mapping};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{Fetched, Rotatable, SecretProvider, StoreError, apply_mapping};
 use crate::config::Selector;
 
 pub struct FileProvider {
@@ -35,6 +38,37 @@ impl SecretProvider for FileProvider {
             let values = apply_mapping(&text, &self.mapping)?;
             Ok(Fetched { values, version: None })
         })
+    }
+
+    fn rotation(&self) -> Option<&dyn Rotatable> {
+        Some(self)
+    }
+}
+
+impl Rotatable for FileProvider {
+    fn candidate<'a>(&'a self, current: &'a Fetched) -> BoxFuture<'a, Result<Option<Fetched>, StoreError>> {
+        Box::pin(async move {
+            let read = self.fetch().await?;
+            let same = read.values.len() == current.values.len()
+                && read.values.iter().all(|(name, value)| {
+                    current.values.get(name).is_some_and(|old| old.expose_secret() == value.expose_secret())
+                });
+            Ok((!same).then_some(read))
+        })
+    }
+
+    fn stage<'a>(&'a self, _name: &'a str, _value: &'a SecretString) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            Err(StoreError::Unsupported(format!(
+                "a file source rotates by re-reading {}: write the new value there, then rotate without a body",
+                self.path.display()
+            )))
+        })
+    }
+
+    fn promote<'a>(&'a self, _candidate: &'a Fetched) -> BoxFuture<'a, Result<(), StoreError>> {
+        // The file already holds the new values; promoting is the swap in the cache.
+        Box::pin(async { Ok(()) })
     }
 }
 

@@ -18,7 +18,7 @@ use secrecy::SecretString;
 
 use crate::config::{ProviderConfig, Selector, SourceConfig};
 
-pub use cache::{Resolved, SecretStatus, SecretStore};
+pub use cache::{Rejection, Resolved, SecretStatus, SecretStore};
 pub use file::discover_names;
 
 /// The values one fetch produced, by secret name. Deliberately not `Debug`.
@@ -44,23 +44,46 @@ pub enum StoreError {
     Unreachable(String),
     #[error("secret document is malformed: {0}")]
     Malformed(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub trait SecretProvider: Send + Sync {
     fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>>;
+
+    /// The provider's rotation steps, where it can rotate.
+    fn rotation(&self) -> Option<&dyn Rotatable> {
+        None
+    }
+}
+
+/// The store side of a rotation: find the candidate, stage a new value, make it current.
+pub trait Rotatable: Send + Sync {
+    /// The version waiting to become current (AWS `AWSPENDING`; a file's new contents), or `None`
+    /// when there is nothing newer than `current_version`.
+    fn candidate<'a>(&'a self, current: &'a Fetched) -> BoxFuture<'a, Result<Option<Fetched>, StoreError>>;
+
+    /// Writes `value` for the secret `name` as the pending version, next to the current values.
+    fn stage<'a>(&'a self, name: &'a str, value: &'a SecretString) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Makes `candidate` the current version. A failure leaves the current version as it was.
+    fn promote<'a>(&'a self, candidate: &'a Fetched) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
     let mapping = source.mapping.clone();
     match &source.provider {
         #[cfg(feature = "aws")]
-        ProviderConfig::Aws { region, secret_name, endpoint_url, version_stage } => Arc::new(aws::AwsProvider::new(
-            region.clone(),
-            endpoint_url.clone(),
-            secret_name.clone(),
-            version_stage.clone(),
-            mapping,
-        )),
+        ProviderConfig::Aws { region, secret_name, secret_ids, endpoint_url, version_stage } => {
+            Arc::new(aws::AwsProvider::new(aws::AwsSettings {
+                region: region.clone(),
+                endpoint_url: endpoint_url.clone(),
+                secret_name: secret_name.clone(),
+                secret_ids: secret_ids.clone(),
+                version_stage: version_stage.clone(),
+                mapping,
+            }))
+        }
         #[cfg(not(feature = "aws"))]
         ProviderConfig::Aws { .. } => Arc::new(Unavailable("keyward was built without the `aws` feature")),
         ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),

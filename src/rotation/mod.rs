@@ -1,0 +1,350 @@
+//! Credential rotation, the article's notify → prepare → switch → clean up → verify: find the
+//! pending version, test it with each route's probe, promote it, swap it into the cache, and purge
+//! the old one when the grace period ends. Every phase is an audit event and a notification.
+
+pub mod schedule;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Request, Uri};
+use secrecy::SecretString;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::{RotationPolicy, RouteConfig};
+use crate::forward::OutboundBody;
+use crate::secrets::{Fetched, StoreError};
+use crate::state::{AppState, Runtime};
+
+/// Why a rotation run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Scheduled,
+    Manual,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Scheduled => "scheduled",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// How a rotation run ended, for the admin API and `GET /admin/secrets`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotationRun {
+    pub source: String,
+    pub trigger: &'static str,
+    /// `promoted`, `nothing_to_rotate`, or `failed`.
+    pub outcome: &'static str,
+    pub at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Why a rotation could not start or did not promote.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RotationError {
+    #[error("no secret or source is named '{0}'")]
+    UnknownSecret(String),
+    #[error("source '{0}' cannot rotate: {1}")]
+    Unsupported(String, String),
+    #[error("a rotation of source '{0}' is already running")]
+    AlreadyRunning(String),
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("the candidate failed validation: {0}")]
+    Failed(String),
+}
+
+/// What keyward remembers about rotations across config reloads: the last run of each source
+/// and which sources are rotating right now.
+#[derive(Default)]
+pub struct RotationLog {
+    last: Mutex<BTreeMap<String, RotationRun>>,
+    running: Mutex<HashSet<String>>,
+}
+
+impl RotationLog {
+    pub fn last(&self, source: &str) -> Option<RotationRun> {
+        self.last.lock().expect("rotation log lock poisoned").get(source).cloned()
+    }
+}
+
+/// Releases the per-source run lock however the run ends.
+struct Running<'a> {
+    log: &'a RotationLog,
+    source: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.log.running.lock().expect("rotation log lock poisoned").remove(&self.source);
+    }
+}
+
+/// The source a name refers to: a secret's source, or a source by its own name.
+pub fn source_for(runtime: &Runtime, name: &str) -> Option<String> {
+    if let Some(source) = runtime.secrets.source_of(name) {
+        return Some(source.to_string());
+    }
+    runtime.config.sources.iter().any(|s| s.name == name).then(|| name.to_string())
+}
+
+/// Runs one rotation of `source`. With `new_value`, that value is first staged as the pending
+/// version of secret `name` (AWS `PutSecretValue`).
+pub async fn rotate(
+    state: &Arc<AppState>,
+    source: &str,
+    trigger: Trigger,
+    new_value: Option<(String, SecretString)>,
+) -> Result<RotationRun, RotationError> {
+    let runtime = state.runtime.load_full();
+    let Some(config) = runtime.config.sources.iter().find(|s| s.name == source) else {
+        return Err(RotationError::UnknownSecret(source.to_string()));
+    };
+    let policy = config.rotation.clone().unwrap_or(RotationPolicy {
+        enabled: true,
+        schedule: None,
+        grace_period: Duration::ZERO,
+        notify: None,
+        notify_ahead: Duration::ZERO,
+    });
+    if !policy.enabled {
+        return Err(RotationError::Unsupported(
+            source.to_string(),
+            "its rotation is disabled (enabled = false)".into(),
+        ));
+    }
+    let Some(provider) = runtime.secrets.provider(source) else {
+        return Err(RotationError::UnknownSecret(source.to_string()));
+    };
+    let Some(rotatable) = provider.rotation() else {
+        return Err(RotationError::Unsupported(
+            source.to_string(),
+            format!("provider '{}' has no versions to rotate", config.provider.kind()),
+        ));
+    };
+    if !state.rotations.running.lock().expect("rotation log lock poisoned").insert(source.to_string()) {
+        return Err(RotationError::AlreadyRunning(source.to_string()));
+    }
+    let _running = Running { log: &state.rotations, source: source.to_string() };
+    let phases = Phases { state, policy: &policy, source, trigger };
+    if trigger == Trigger::Manual {
+        phases.event("rotation.notified", json!({ "reason": "manual rotation requested" }));
+    }
+
+    let result: Result<(Option<String>, Option<Fetched>), RotationError> = async {
+        if let Some((name, value)) = &new_value {
+            rotatable.stage(name, value).await.map_err(RotationError::Store)?;
+        }
+        let current = runtime.secrets.current(source).await.map_err(RotationError::Store)?;
+        let Some(candidate) = rotatable.candidate(&current).await.map_err(RotationError::Store)? else {
+            return Ok((current.version.clone(), None));
+        };
+        test(&phases, &runtime, &config.mapping.keys().cloned().collect::<Vec<_>>(), &candidate).await?;
+        rotatable.promote(&candidate).await.map_err(RotationError::Store)?;
+        Ok((current.version.clone(), Some(candidate)))
+    }
+    .await;
+
+    let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let run = match result {
+        Ok((from_version, None)) => {
+            phases.event(
+                "rotation.skipped",
+                json!({ "reason": "nothing to rotate: no pending version is newer than the current one" }),
+            );
+            RotationRun {
+                source: source.to_string(),
+                trigger: trigger.as_str(),
+                outcome: "nothing_to_rotate",
+                at,
+                from_version,
+                to_version: None,
+                reason: Some("no pending version".into()),
+            }
+        }
+        Ok((from_version, Some(candidate))) => {
+            let to_version = candidate.version.clone();
+            let epoch = runtime.secrets.install(source, candidate, policy.grace_period);
+            phases.event(
+                "rotation.promoted",
+                json!({
+                    "fromVersion": from_version,
+                    "toVersion": to_version,
+                    "gracePeriodMinutes": policy.grace_period.as_secs() / 60,
+                }),
+            );
+            if let Some(epoch) = epoch {
+                schedule_purge(
+                    state.clone(),
+                    runtime.clone(),
+                    policy.clone(),
+                    source.to_string(),
+                    trigger,
+                    epoch,
+                    from_version.clone(),
+                );
+            }
+            RotationRun {
+                source: source.to_string(),
+                trigger: trigger.as_str(),
+                outcome: "promoted",
+                at,
+                from_version,
+                to_version,
+                reason: None,
+            }
+        }
+        Err(error) => {
+            phases.event("rotation.failed", json!({ "reason": error.to_string(), "currentUntouched": true }));
+            state.rotations.last.lock().expect("rotation log lock poisoned").insert(
+                source.to_string(),
+                RotationRun {
+                    source: source.to_string(),
+                    trigger: trigger.as_str(),
+                    outcome: "failed",
+                    at,
+                    from_version: None,
+                    to_version: None,
+                    reason: Some(error.to_string()),
+                },
+            );
+            return Err(error);
+        }
+    };
+    state.rotations.last.lock().expect("rotation log lock poisoned").insert(source.to_string(), run.clone());
+    Ok(run)
+}
+
+/// Drops the replaced version once the grace period ends (at once without one).
+fn schedule_purge(
+    state: Arc<AppState>,
+    runtime: Arc<Runtime>,
+    policy: RotationPolicy,
+    source: String,
+    trigger: Trigger,
+    epoch: u64,
+    version: Option<String>,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(policy.grace_period).await;
+        if runtime.secrets.purge_previous(&source, epoch) {
+            let phases = Phases { state: &state, policy: &policy, source: &source, trigger };
+            phases.event("rotation.purged", json!({ "purgedVersion": version }));
+        }
+    });
+}
+
+/// Writes one phase's audit event and sends its notification.
+struct Phases<'a> {
+    state: &'a Arc<AppState>,
+    policy: &'a RotationPolicy,
+    source: &'a str,
+    trigger: Trigger,
+}
+
+impl Phases<'_> {
+    fn event(&self, kind: &str, mut detail: serde_json::Value) {
+        detail["type"] = json!(kind);
+        detail["source"] = json!(self.source);
+        detail["trigger"] = json!(self.trigger.as_str());
+        tracing::info!(source = self.source, event = kind, "rotation");
+        self.state.audit_event(detail.clone());
+        notify(self.state, self.policy, detail);
+    }
+}
+
+pub fn notify(state: &AppState, policy: &RotationPolicy, event: serde_json::Value) {
+    if let Some(url) = policy.notify.clone() {
+        let forwarder = state.forwarder.clone();
+        tokio::spawn(async move { forwarder.notify(&url, &event).await });
+    }
+}
+
+/// Tests `candidate` with the probe of every route that a grant uses one of its secrets on.
+async fn test(
+    phases: &Phases<'_>,
+    runtime: &Runtime,
+    names: &[String],
+    candidate: &Fetched,
+) -> Result<(), RotationError> {
+    if let Some(missing) = names.iter().find(|n| !candidate.values.contains_key(*n)) {
+        return Err(RotationError::Failed(format!("the candidate has no value for '{missing}'")));
+    }
+    let mut pairs: Vec<(&RouteConfig, &String)> = Vec::new();
+    for role in runtime.config.roles.values() {
+        for grant in role.grants.iter().filter(|g| names.contains(&g.secret)) {
+            if let Some(route) = runtime.config.routes.iter().find(|r| r.name == grant.route)
+                && route.validate.is_some()
+                && !pairs.iter().any(|(r, s)| r.name == route.name && **s == grant.secret)
+            {
+                pairs.push((route, &grant.secret));
+            }
+        }
+    }
+    let mut results = Vec::new();
+    let mut passed = true;
+    for (route, name) in pairs {
+        let probe = route.validate.as_ref().expect("filtered above");
+        let status = match probe_request(route, &candidate.values[name]) {
+            Ok(request) => match phases.state.forwarder.send(request, &route.name).await {
+                Ok(response) => Some(response.status().as_u16()),
+                Err(e) => {
+                    tracing::warn!(route = %route.name, error = %e, "rotation probe could not reach the upstream");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        let ok = status.is_some_and(|s| probe.expect.contains(&s));
+        passed &= ok;
+        results.push(json!({ "route": route.name, "secret": name, "status": status, "passed": ok }));
+    }
+    let untested = results.is_empty();
+    phases.event(
+        "rotation.tested",
+        json!({ "toVersion": candidate.version, "passed": passed, "probes": results, "untested": untested }),
+    );
+    if passed {
+        Ok(())
+    } else {
+        Err(RotationError::Failed("a route's validate probe did not get an expected status".into()))
+    }
+}
+
+fn probe_request(route: &RouteConfig, value: &SecretString) -> Result<Request<OutboundBody>, crate::error::ProxyError> {
+    let probe = route.validate.as_ref().expect("probe routes only");
+    let (path, query) = match probe.path.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_string())),
+        None => (probe.path.as_str(), None),
+    };
+    let mut headers = HeaderMap::new();
+    let mut query = query;
+    crate::inject::apply(&route.inject, value, &mut headers, &mut query)?;
+    let mut path_and_query = format!("{}{}", route.upstream.base_path, path);
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(&query);
+    }
+    let uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| crate::error::ProxyError::Internal("could not build the probe URI"))?;
+    let mut request = Request::new(crate::forward::empty_body());
+    *request.method_mut() = probe.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
