@@ -5,6 +5,9 @@
 //! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, and the hostile ones that
 //! try to leak what they received: `/_fake/echo-encoded`, `/_fake/leak-headers`,
 //! `/_fake/gzip-echo`, `/_fake/brotli`, `/_fake/error-echo`.
+//!
+//! Like a real API it can check keys: after `accept_only(keys)`, any other credential gets 401
+//! (OpenAI's `invalid_api_key` shape, without echoing the key), so tests can rotate a key.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -39,8 +42,12 @@ pub struct Recorded {
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     recorded: Arc<Mutex<Vec<Recorded>>>,
+    accepted: Accepted,
     stop: watch::Sender<bool>,
 }
+
+/// The keys the upstream accepts; `None` accepts anything.
+type Accepted = Arc<Mutex<Option<Vec<String>>>>;
 
 impl FakeUpstream {
     pub async fn start() -> std::io::Result<FakeUpstream> {
@@ -49,22 +56,31 @@ impl FakeUpstream {
         let recorded: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let (stop, mut stopped) = watch::channel(false);
         let log = recorded.clone();
+        let accepted: Accepted = Arc::default();
+        let keys = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
                     accepted = listener.accept() => match accepted { Ok(pair) => pair, Err(_) => continue },
                     _ = stopped.changed() => return,
                 };
-                let log = log.clone();
+                let (log, keys) = (log.clone(), keys.clone());
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| respond(request, log.clone()));
+                    let service =
+                        hyper::service::service_fn(move |request| respond(request, log.clone(), keys.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Ok(FakeUpstream { addr, recorded, stop })
+        Ok(FakeUpstream { addr, recorded, accepted, stop })
+    }
+
+    /// From now on, only these credentials are accepted (the key in `authorization: Bearer` or
+    /// `x-api-key`); every other one gets 401.
+    pub fn accept_only(&self, keys: &[&str]) {
+        *self.accepted.lock().expect("fake upstream keys") = Some(keys.iter().map(|k| k.to_string()).collect());
     }
 
     pub fn url(&self) -> String {
@@ -106,7 +122,11 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
 }
 
-async fn respond(request: Request<Incoming>, log: Arc<Mutex<Vec<Recorded>>>) -> Result<Response<FakeBody>, Infallible> {
+async fn respond(
+    request: Request<Incoming>,
+    log: Arc<Mutex<Vec<Recorded>>>,
+    accepted: Accepted,
+) -> Result<Response<FakeBody>, Infallible> {
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let target = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
@@ -124,7 +144,18 @@ async fn respond(request: Request<Incoming>, log: Arc<Mutex<Vec<Recorded>>>) -> 
         .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
     let echo = json!({ "headers": headers, "target": target }).to_string();
-    let response = if path.contains("/_fake/echo-headers") {
+    let refused = accepted.lock().expect("fake upstream keys").as_ref().is_some_and(|keys| {
+        let presented = received_credentials(&parts.headers, "");
+        !presented.iter().any(|p| keys.contains(p))
+    });
+    let response = if refused {
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({ "error": { "message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key" } }),
+        )
+    } else if path.ends_with("/v1/models") {
+        json_response(StatusCode::OK, json!({ "object": "list", "data": [{ "id": "gpt-fake", "object": "model" }] }))
+    } else if path.contains("/_fake/echo-headers") {
         match query_param(query, "chunk").and_then(|v| v.parse::<usize>().ok()) {
             Some(size) => chunked(Bytes::from(echo), size.max(1)),
             None => full(StatusCode::OK, "application/json", echo),

@@ -147,6 +147,22 @@ fn main() -> ExitCode {
                     config.roles.len(),
                     config.agents.len()
                 );
+                for source in config.sources.iter() {
+                    if let Some(policy) = source.rotation.as_ref().filter(|p| p.enabled) {
+                        let when = policy
+                            .schedule
+                            .as_ref()
+                            .map_or("manual only".to_string(), |s| format!("schedule '{}' (UTC)", s.text));
+                        println!(
+                            "  source '{}': rotation {when}, grace {} min",
+                            source.name,
+                            policy.grace_period.as_secs() / 60
+                        );
+                    }
+                }
+                for warning in config.warnings() {
+                    println!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -163,6 +179,9 @@ fn main() -> ExitCode {
                 tracing::warn!("{} not found; using the embedded default config", config::DEFAULT_CONFIG_PATH);
             }
             tracing::info!(config = %name, "config loaded");
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
             let path = (!name.starts_with('<')).then(|| std::path::PathBuf::from(&name));
             run_async(serve(config, path))
         }

@@ -407,6 +407,39 @@ impl fmt::Debug for AgentConfig {
     }
 }
 
+impl Config {
+    /// Advice about a valid config: things that work, but probably not as intended.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for source in &self.sources {
+            let Some(policy) = source.rotation.as_ref().filter(|p| p.enabled) else { continue };
+            let probed = self.roles.values().flat_map(|r| &r.grants).any(|g| {
+                source.mapping.contains_key(&g.secret)
+                    && self.routes.iter().any(|r| r.name == g.route && r.validate.is_some())
+            });
+            if !probed {
+                out.push(format!(
+                    "source '{}' rotates, but no route that uses its secrets has a `validate` probe: candidates are promoted untested",
+                    source.name
+                ));
+            }
+            if policy.schedule.is_none() {
+                out.push(format!(
+                    "source '{}' has no rotation schedule: it rotates only on POST /admin/secrets/NAME/rotate",
+                    source.name
+                ));
+            }
+            if self.admin.token_sha256.is_none() && policy.schedule.is_none() {
+                out.push(format!(
+                    "source '{}' can only rotate manually, but the admin API is off (admin.token_sha256)",
+                    source.name
+                ));
+            }
+        }
+        out
+    }
+}
+
 /// One problem in a config file, located by line and field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -1,6 +1,8 @@
 //! Test harness: a fake upstream, canary secrets, and keyward started in-process on loopback.
 #![allow(dead_code)]
 
+#[cfg(feature = "aws")]
+pub mod moto;
 pub mod process;
 
 use std::path::{Path, PathBuf};
