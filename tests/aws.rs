@@ -173,3 +173,99 @@ async fn an_unreachable_secret_store_fails_closed_with_503() {
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains(r#""outcome":"secret_error""#), "{audit}");
 }
+
+/// The article's external-secrets JSON, unchanged, loaded with `sources_from`: it reads AWS, and
+/// falls back to "staging" while AWS has no such secret (audited as a fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_articles_json_loads_as_is_and_falls_back_to_staging() {
+    let moto = start_moto().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    std::fs::write(dir.path().join("openclaw-prod.json"), include_str!("../config/examples/openclaw-prod.json"))
+        .unwrap();
+    std::fs::write(dir.path().join("staging.json"), format!("{{\"OPENAI_API_KEY\": \"{CANARY_GITHUB}\"}}")).unwrap();
+    let text = config(dir.path(), &upstream.url(), "");
+    let start = text.find("[[sources]]").unwrap();
+    let end = text.find("[[routes]]").unwrap();
+    let sources = "[[sources]]\nname = \"staging\"\nprovider = \"file\"\npath = \"staging.json\"\n\n";
+    let text = format!("sources_from = [\"openclaw-prod.json\"]\n{}{sources}{}", &text[..start], &text[end..]);
+    std::fs::write(dir.path().join("keyward.toml"), text).unwrap();
+    let check = common::process::keyward().args(["check", "--config", "keyward.toml"]).current_dir(dir.path()).output();
+    let check = check.unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    let env = aws_env(Some(&moto.url));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spawned = Spawned::serve(dir.path(), &["--config", "keyward.toml"], &env);
+    let client = reqwest::Client::new();
+    let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
+    let response = client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_GITHUB}").as_str());
+
+    // Once AWS has the secret, new requests use it.
+    sdk_client(&moto.url)
+        .create_secret()
+        .name("openclaw-prod-credentials")
+        .secret_string(serde_json::json!({ "OPENAI_API_KEY": CANARY_OPENAI }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let response = client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_OPENAI}").as_str());
+
+    let logs = spawned.terminate();
+    assert_no_canary("logs", &logs);
+    let records = outcomes(&dir.path().join("audit.jsonl"));
+    assert_eq!(
+        (records[0]["secretSource"].as_str(), records[0]["fallbackFrom"].as_str()),
+        (Some("staging"), Some("openclaw-prod"))
+    );
+    assert_eq!(
+        (records[1]["secretSource"].as_str(), records[1]["fallbackFrom"].as_str()),
+        (Some("openclaw-prod"), None)
+    );
+}
+
+/// A source whose entries name several AWS secrets reads them with one BatchGetSecretValue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_secrets_of_one_source_are_read_in_one_batch() {
+    let moto = start_moto().await;
+    let sdk = sdk_client(&moto.url);
+    sdk.create_secret().name("team/openai").secret_string(CANARY_OPENAI).send().await.unwrap();
+    sdk.create_secret()
+        .name("team/anthropic")
+        .secret_string(serde_json::json!({ "key": CANARY_ANTHROPIC }).to_string())
+        .send()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let text = config(dir.path(), &upstream.url(), "");
+    let start = text.find("[[sources]]").unwrap();
+    let end = text.find("[[routes]]").unwrap();
+    let source = r#"[[sources]]
+name = "team"
+provider = "aws-secrets-manager"
+region = "ap-southeast-1"
+mapping = { OPENAI_API_KEY = "team/openai#{{.}}", ANTHROPIC_API_KEY = "team/anthropic#{{key}}" }
+"#;
+    std::fs::write(dir.path().join("keyward.toml"), format!("{}{source}{}", &text[..start], &text[end..])).unwrap();
+    let env = aws_env(Some(&moto.url));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let spawned = Spawned::serve(dir.path(), &["--config", "keyward.toml"], &env);
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client.post(format!("{}/openai/v1/chat/completions", spawned.proxy)).bearer_auth(WORKER_KEY).send();
+        assert_eq!(r.await.unwrap().status(), 200);
+        assert_eq!(upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_OPENAI}").as_str());
+        let r = client.post(format!("{}/anthropic/v1/messages", spawned.proxy)).header("x-api-key", WORKER_KEY).send();
+        assert_eq!(r.await.unwrap().status(), 200);
+        assert_eq!(upstream.last().unwrap().headers["x-api-key"], CANARY_ANTHROPIC);
+    }
+    let metrics = client.get(format!("{}/metrics", spawned.admin)).send().await.unwrap().text().await.unwrap();
+    assert_eq!(fetch_count(&metrics, "team"), 1, "one batch call served both secrets: {metrics}");
+    let logs = spawned.terminate();
+    assert_no_canary("logs", &logs);
+}

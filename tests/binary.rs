@@ -326,3 +326,60 @@ async fn a_stream_still_open_at_shutdown_is_audited_before_exit() {
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["outcome"], "client_disconnect");
 }
+
+#[test]
+fn every_example_config_passes_check() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(format!("{root}/config/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let output = keyward().arg("check").arg("--config").arg(&path).current_dir(root).output().unwrap();
+            assert!(output.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2);
+}
+
+/// `sources_from` files are the article's JSON: problems in them point at their own lines.
+#[test]
+fn sources_from_reports_problems_at_the_external_files_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let article = include_str!("../config/examples/openclaw-prod.json");
+    let main =
+        format!("sources_from = [\"prod.json\"]\n{}", GOOD.replace("secret = \"A\"", "secret = \"OPENAI_API_KEY\""));
+    let staging =
+        "\n[[sources]]\nname = \"staging\"\nprovider = \"env\"\nmapping = { OPENAI_API_KEY = \"{{STAGING_KEY}}\" }\n";
+    let run = |prod: &str, main: &str| {
+        std::fs::write(dir.path().join("prod.json"), prod).unwrap();
+        std::fs::write(dir.path().join("k.toml"), main).unwrap();
+        let output = keyward().args(["check", "--config", "k.toml"]).current_dir(dir.path()).output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, out) = run(article, &format!("{main}{staging}"));
+    assert!(ok, "{out}");
+    assert!(out.contains("source 'prod': rotation schedule '0 0 * * 0' (UTC)"), "{out}");
+
+    let (ok, out) = run(article, &main);
+    assert!(!ok);
+    assert!(out.contains("sources[1].rotation.fallback_to: no source is named 'staging'"), "{out}");
+    let (ok, out) = run(&article.replace("\"secretName\"", "\"secretNam\""), &format!("{main}{staging}"));
+    assert!(!ok);
+    assert!(out.contains("prod.json:6: source.secretNam: unknown field `secretNam`"), "{out}");
+    let (ok, out) = run(&article.replace("\"0 0 * * 0\"", "\"0 0 * *\""), &format!("{main}{staging}"));
+    assert!(!ok);
+    assert!(out.contains("prod.json:15: rotationPolicy.schedule: '0 0 * *' has 4 fields"), "{out}");
+    let (ok, out) = run(
+        &article.replace("\"enabled\": true,\n\"retentionDays\"", "\"enabled\": false,\n\"retentionDays\""),
+        &format!("{main}{staging}"),
+    );
+    assert!(!ok);
+    assert!(out.contains("the audit trail cannot be turned off"), "{out}");
+    let (ok, out) = run("{ \"type\": \"external-secrets\", ", &format!("{main}{staging}"));
+    assert!(!ok);
+    assert!(out.starts_with("prod.json:"), "{out}");
+}

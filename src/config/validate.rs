@@ -524,7 +524,6 @@ fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, retention_floor
                 continue;
             }
         };
-        let here = if prefix.is_empty() { "source".to_string() } else { format!("{prefix}.source") };
         if raw.kind != "external-secrets" {
             inner.problem(format!("{prefix}.type").trim_start_matches('.'), "must be \"external-secrets\"");
             continue;
@@ -537,10 +536,54 @@ fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, retention_floor
             continue;
         }
         let _ = n;
-        out.extend(source(&mut inner, &here, raw.into_source(stem.clone()), retention_floor));
+        // Validated with keyward's field names, then reported at the article's own names and lines.
+        let empty = SpanIndex::default();
+        let mut scratch = Collector { file: path, index: &empty, problems: Vec::new() };
+        out.extend(source(&mut scratch, "@", raw.into_source(stem.clone()), retention_floor));
+        for problem in scratch.problems {
+            let field = format!("{prefix}.{}", article_field(problem.field.trim_start_matches("@.")));
+            let field = field.trim_start_matches('.').to_string();
+            inner.problems.push(Problem { line: index.line_of(&field), field, ..problem });
+        }
     }
     c.problems.extend(inner.problems);
     out
+}
+
+/// A source field path as the article's JSON spells it: provider fields under `source`, and
+/// camelCase names (`rotation.grace_period_minutes` → `rotationPolicy.gracePeriodMinutes`).
+fn article_field(field: &str) -> String {
+    let camel = |name: &str| {
+        let mut out = String::new();
+        let mut upper = false;
+        for ch in name.chars() {
+            match ch {
+                '_' => upper = true,
+                c if upper => {
+                    out.extend(c.to_uppercase());
+                    upper = false;
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    };
+    let (head, rest) = field.split_once('.').map_or((field, None), |(h, r)| (h, Some(r)));
+    let head = match head {
+        "rotation" => "rotationPolicy".to_string(),
+        "audit_trail" => "auditTrail".to_string(),
+        "mapping" | "cache" | "name" => head.to_string(),
+        other => format!("source.{}", camel(other)),
+    };
+    let rest = rest.map(|r| match r {
+        _ if head == "mapping" => r.to_string(),
+        "notify" => "notificationChannel".to_string(),
+        _ => camel(r),
+    });
+    match rest {
+        Some(rest) => format!("{head}.{rest}"),
+        None => head,
+    }
 }
 
 fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut Vec<u32>) -> Option<SourceConfig> {
