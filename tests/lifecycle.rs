@@ -193,6 +193,16 @@ async fn a_file_source_rotates_by_rereading_its_file() {
     assert_no_canary("the audit file", &audit);
     let logs = rig.keyward.terminate();
     assert!(!logs.contains(rotated));
+    // The compliance report names the rotation.
+    let report = common::process::keyward()
+        .args(["audit", "report", "--config", rig.path.to_str().unwrap()])
+        .current_dir(rig.dir.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&report.stdout);
+    assert!(report.contains("rotations: 8"), "{report}");
+    let line = report.lines().find(|l| l.trim_start().starts_with("OPENAI_API_KEY")).unwrap();
+    assert!(line.contains("last rotated 20"), "{report}");
 }
 
 #[test]

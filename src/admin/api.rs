@@ -144,7 +144,8 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
         .status()
         .into_iter()
         .map(|s| {
-            let policy = runtime.config.sources.iter().find(|c| c.name == s.source).and_then(|c| c.rotation.as_ref());
+            let source = runtime.config.sources.iter().find(|c| c.name == s.source);
+            let policy = source.and_then(|c| c.rotation.as_ref());
             let next = policy
                 .filter(|p| p.enabled)
                 .and_then(|p| p.schedule.as_ref())
@@ -154,11 +155,7 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
             let mut v = serde_json::to_value(s).expect("status serializes");
             v["next_rotation"] = json!(next);
             v["last_rotation"] = json!(last);
-            v["rotation"] = match policy {
-                None => json!("no rotation policy configured"),
-                Some(p) if !p.enabled => json!("disabled"),
-                Some(p) => json!(p.schedule.as_ref().map_or("manual only".to_string(), |s| s.text.clone())),
-            };
+            v["rotation"] = json!(source.map(|c| c.rotation_summary()));
             v
         })
         .collect();

@@ -44,8 +44,9 @@ pub struct CredentialStatus {
     pub name: String,
     pub source: String,
     pub last_used: Option<String>,
-    /// Rotation policies arrive with the rotation feature; until then every credential says so.
+    /// The source's rotation policy, and when it last promoted a new version.
     pub rotation: String,
+    pub last_rotated: Option<String>,
 }
 
 fn count(counts: &mut Counts, record: &Value) {
@@ -113,12 +114,19 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
     }
     if let Some(config) = config {
         for source in &config.sources {
+            let last_rotated = report
+                .rotations
+                .iter()
+                .rev()
+                .find(|e| e["type"] == "rotation.promoted" && e["source"] == source.name.as_str())
+                .and_then(|e| e["timestamp"].as_str().map(str::to_string));
             for name in source.mapping.keys() {
                 report.credentials.push(CredentialStatus {
                     name: name.clone(),
                     source: source.name.clone(),
                     last_used: last_used.get(name).cloned(),
-                    rotation: "no rotation policy configured".to_string(),
+                    rotation: source.rotation_summary(),
+                    last_rotated: last_rotated.clone(),
                 });
             }
         }
@@ -161,7 +169,12 @@ pub fn text(r: &Report) -> String {
         let _ = writeln!(out, "\ncredentials:");
         for c in &r.credentials {
             let used = c.last_used.as_deref().unwrap_or("not used in this period");
-            let _ = writeln!(out, "  {:<24} source {:<12} last used {:<26} {}", c.name, c.source, used, c.rotation);
+            let rotated = c.last_rotated.as_deref().map(|t| format!("; last rotated {t}")).unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {:<24} source {:<12} last used {:<26} {}{rotated}",
+                c.name, c.source, used, c.rotation
+            );
         }
     }
     out
@@ -198,16 +211,17 @@ pub fn html(r: &Report) -> String {
         let _ = write!(rows, "<tr><td>{}</td><td>{n}</td></tr>", escape(code));
     }
     rows.push_str(
-        "</table><h2>Credentials</h2><table><tr><th>name</th><th>source</th><th>last used</th><th>rotation</th></tr>",
+        "</table><h2>Credentials</h2><table><tr><th>name</th><th>source</th><th>last used</th><th>rotation</th><th>last rotated</th></tr>",
     );
     for c in &r.credentials {
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&c.name),
             escape(&c.source),
             escape(c.last_used.as_deref().unwrap_or("-")),
-            escape(&c.rotation)
+            escape(&c.rotation),
+            escape(c.last_rotated.as_deref().unwrap_or("-"))
         );
     }
     rows.push_str("</table>");

@@ -121,6 +121,19 @@ pub struct SourceConfig {
 impl SourceConfig {
     /// Whether a cache built for `self` can keep serving `other`: same store, same mapping,
     /// same cache policy. Rotation settings may differ.
+    /// The rotation policy in words, for reports and the admin API.
+    pub fn rotation_summary(&self) -> String {
+        match &self.rotation {
+            None => "no rotation policy configured".to_string(),
+            Some(p) if !p.enabled => "rotation disabled".to_string(),
+            Some(p) => {
+                let when =
+                    p.schedule.as_ref().map_or("manual only".to_string(), |s| format!("schedule '{}' UTC", s.text));
+                format!("{when}, grace {} min", p.grace_period.as_secs() / 60)
+            }
+        }
+    }
+
     pub fn same_store(&self, other: &SourceConfig) -> bool {
         self.name == other.name
             && self.provider == other.provider
