@@ -201,7 +201,7 @@ async fn a_file_source_rotates_by_rereading_its_file() {
         .unwrap();
     let report = String::from_utf8_lossy(&report.stdout);
     assert!(report.contains("rotations: 8"), "{report}");
-    let line = report.lines().find(|l| l.trim_start().starts_with("OPENAI_API_KEY")).unwrap();
+    let line = report.lines().find(|l| l.trim_start().starts_with("OPENAI_API_KEY") && l.contains("source")).unwrap();
     assert!(line.contains("last rotated 20"), "{report}");
 }
 
