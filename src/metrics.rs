@@ -37,6 +37,12 @@ pub struct TransitionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RotationLabels {
+    pub source: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
 }
@@ -48,6 +54,7 @@ pub struct Metrics {
     pub secret_fetches: Family<FetchLabels, Counter>,
     pub secret_cache_hits: Family<SourceLabel, Counter>,
     pub secret_stale_served: Family<SourceLabel, Counter>,
+    pub rotations: Family<RotationLabels, Counter>,
     pub anomalies: Family<AnomalyLabels, Counter>,
     pub limits_backend_transitions: Family<TransitionLabel, Counter>,
     pub audit_records: Counter,
@@ -79,6 +86,8 @@ impl Metrics {
             "Expired secrets served because the store was down (stale_if_error_seconds)",
             secret_stale_served.clone(),
         );
+        let rotations = Family::<RotationLabels, Counter>::default();
+        registry.register("rotations", "Rotation runs by source and outcome", rotations.clone());
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register("anomalies", "Anomaly detector decisions by detector and action", anomalies.clone());
         let limits_backend_transitions = Family::<TransitionLabel, Counter>::default();
@@ -98,6 +107,7 @@ impl Metrics {
             secret_fetches,
             secret_cache_hits,
             secret_stale_served,
+            rotations,
             anomalies,
             limits_backend_transitions,
             audit_records,

@@ -49,7 +49,14 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     let kept = old.secrets.kept_by_reload(&config.sources);
     let sources = config.sources.len();
     let secrets = old.secrets.reload(&config.sources, state.metrics.clone());
-    state.runtime.store(Arc::new(Runtime::with_store(config, secrets)));
+    let runtime = Arc::new(Runtime::with_store(config, secrets));
+    state.runtime.store(runtime.clone());
+    // Sources new to this config are fetched now, so readiness does not wait for their first use.
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            runtime.secrets.warm_up().await;
+        });
+    }
     for setting in &restart_needed {
         tracing::warn!(setting, "changed in the config, but takes effect only after a restart");
     }

@@ -236,6 +236,8 @@ async fn a_scheduled_rotation_tests_and_promotes_the_pending_version() {
     assert_eq!(entry["last_rotation"]["outcome"], "promoted");
     assert!(entry["next_rotation"].is_string(), "{entry}");
 
+    let metrics = rig.client.get(format!("{}/metrics", rig.keyward.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("keyward_rotations_total{source=\"prod\",outcome=\"promoted\"} 1"), "{metrics}");
     let kinds: Vec<String> = rig.notifications().iter().map(|n| n["type"].as_str().unwrap().to_string()).collect();
     for kind in ["rotation.notified", "rotation.tested", "rotation.promoted", "rotation.purged"] {
         assert!(kinds.iter().any(|k| k == kind), "no {kind} notification in {kinds:?}");

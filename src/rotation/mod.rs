@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::config::{RotationPolicy, RouteConfig};
 use crate::forward::OutboundBody;
+use crate::metrics::RotationLabels;
 use crate::secrets::{Fetched, StoreError};
 use crate::state::{AppState, Runtime};
 
@@ -207,6 +208,11 @@ pub async fn rotate(
         }
         Err(error) => {
             phases.event("rotation.failed", json!({ "reason": error.to_string(), "currentUntouched": true }));
+            state
+                .metrics
+                .rotations
+                .get_or_create(&RotationLabels { source: source.to_string(), outcome: "failed" })
+                .inc();
             state.rotations.last.lock().expect("rotation log lock poisoned").insert(
                 source.to_string(),
                 RotationRun {
@@ -222,6 +228,7 @@ pub async fn rotate(
             return Err(error);
         }
     };
+    state.metrics.rotations.get_or_create(&RotationLabels { source: source.to_string(), outcome: run.outcome }).inc();
     state.rotations.last.lock().expect("rotation log lock poisoned").insert(source.to_string(), run.clone());
     Ok(run)
 }
