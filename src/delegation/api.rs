@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http::HeaderName;
@@ -14,6 +14,7 @@ use super::{Delegation, DelegationRequest, MintError};
 use crate::config::AgentKeySpec;
 use crate::error::{ProxyError, error_body};
 use crate::principal::{self, Principal};
+use crate::server::PeerCred;
 use crate::state::AppState;
 
 const MAX_BODY: usize = 64 * 1024;
@@ -110,17 +111,24 @@ pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> V
 }
 
 /// `POST /v1/delegations`: mint a narrowed child key.
-pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn mint(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<PeerCred>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let runtime = state.runtime.load_full();
-    let parent = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
-        Ok(parent) => parent,
-        Err(e) => {
-            state.audit_event(
-                json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
-            );
-            return e.into_response();
-        }
-    };
+    let uid = peer.map(|p| p.0.uid);
+    let parent =
+        match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations", uid)) {
+            Ok(parent) => parent,
+            Err(e) => {
+                state.audit_event(
+                    json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
+                );
+                return e.into_response();
+            }
+        };
     if let Err(quarantined) = state.limits.gate(parent.root(), std::time::SystemTime::now()) {
         return quarantined.into_response();
     }
@@ -175,12 +183,19 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
 }
 
 /// `DELETE /v1/delegations/{id}`: the parent (or any ancestor) revokes a child and its subtree.
-pub async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    peer: Option<Extension<PeerCred>>,
+    headers: HeaderMap,
+) -> Response {
     let runtime = state.runtime.load_full();
-    let caller = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
-        Ok(caller) => caller,
-        Err(e) => return e.into_response(),
-    };
+    let uid = peer.map(|p| p.0.uid);
+    let caller =
+        match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations", uid)) {
+            Ok(caller) => caller,
+            Err(e) => return e.into_response(),
+        };
     let Some(target) = state.delegations.get(&id) else {
         return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
     };
