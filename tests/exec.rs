@@ -207,7 +207,7 @@ fn exec_config_is_checked() {
     assert!(problems(&src("command = \"resolver\"\nmapping = { A = \"{{a}}\" }")).contains("must be an absolute path"));
     assert!(problems(&src("mapping = { A = \"{{a}}\" }")).contains("sources[3].command: is required"));
     assert!(problems(&src("command = \"/bin/true\"")).contains("sources[3].mapping: is required for provider 'exec'"));
-    assert!(problems(&src("command = \"/bin/true\"\nmapping = { A = \"{{.}}\" }")).contains("not the whole document"));
+    assert!(problems(&src("command = \"/bin/true\"\nmapping = { A = \"{{.}}\" }")).contains("not the whole {{.}}"));
     assert!(
         problems(&src("command = \"/bin/true\"\ntimeout_ms = 0\nmapping = { A = \"{{a}}\" }"))
             .contains("timeout_ms: must be between")

@@ -630,7 +630,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource) -> Option<SourceConfig>
                 }
                 match selector(&text) {
                     Some(Selector::Whole) if env => {
-                        c.problem(format!("{at}.mapping.{name}"), "this source maps each name to \"{{ID}}\", not the whole document");
+                        c.problem(format!("{at}.mapping.{name}"), "must name one variable or id, not the whole {{.}}");
                         None
                     }
                     Some(sel) => Some((name, sel)),
