@@ -31,6 +31,12 @@ if mode == "ok":
 elif mode == "sleep":
     sys.stdout.flush()
     time.sleep(30)
+elif mode == "grandchild":
+    import subprocess
+    helper = subprocess.Popen(["/bin/sleep", "30"])
+    with open(os.path.join(here, "grandchild.pid"), "w") as f:
+        f.write(str(helper.pid))
+    time.sleep(30)
 elif mode == "badjson":
     print("sk-canary-EXEC-LEAK-6b1f0e9d8c7b6a5f {")
 elif mode == "exit":
@@ -52,6 +58,18 @@ fn write_resolver(dir: &Path) -> String {
 
 fn set_mode(dir: &Path, mode: &str) {
     std::fs::write(dir.join("mode"), mode).unwrap();
+}
+
+/// Whether a process is alive (an orphaned zombie awaiting its reaper counts as gone).
+fn running(pid: &str) -> bool {
+    for _ in 0..50 {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return false,
+            Ok(stat) if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) => return false,
+            Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    true
 }
 
 fn exec_extra(script: &str) -> String {
@@ -179,6 +197,13 @@ async fn each_failure_has_a_clear_error_that_quotes_no_output() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("last-request.json")).unwrap()).unwrap();
     let pid = seen["pid"].as_u64().unwrap();
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the resolver {pid} still runs");
+
+    // What the resolver started is killed with it: its whole process group.
+    set_mode(dir.path(), "grandchild");
+    let error = fetch_error(provider.as_ref()).await;
+    assert!(error.contains("it was killed"), "{error}");
+    let helper = std::fs::read_to_string(dir.path().join("grandchild.pid")).unwrap();
+    assert!(!running(helper.trim()), "the resolver's own child {helper} still runs");
 
     // A missing id is left out, so the lookup reports not-found; the rest is served.
     set_mode(dir.path(), "ok");

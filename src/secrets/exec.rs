@@ -50,7 +50,8 @@ impl ExecProvider {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
-            // Its own process group: a Ctrl-C for keyward is not delivered to the resolver.
+            // Its own process group: a Ctrl-C for keyward is not delivered to the resolver, and
+            // on a timeout the whole group is killed.
             .process_group(0);
         for var in &self.config.pass_env {
             if let Some(value) = std::env::var_os(var) {
@@ -60,6 +61,7 @@ impl ExecProvider {
         let mut child = cmd
             .spawn()
             .map_err(|e| StoreError::Unreachable(format!("exec resolver {command} cannot be started: {e}")))?;
+        let group = child.id().and_then(|pid| rustix::process::Pid::from_raw(pid as i32));
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let mut stdout = child.stdout.take().expect("stdout is piped");
         let limit = self.config.max_output_bytes;
@@ -88,7 +90,14 @@ impl ExecProvider {
             Ok((status, output))
         };
         let result = tokio::time::timeout(self.config.timeout, exchange).await;
-        // On timeout or oversized output the child may still run: kill it (kill_on_drop backs this up).
+        if !matches!(result, Ok(Ok(_)))
+            && let Some(group) = group
+        {
+            // Timed out or over the limit: stop the resolver and everything it started (its own
+            // process group), not only the process keyward spawned.
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+        // The child may still run after a failure: kill it (kill_on_drop backs this up), and reap it.
         let _ = child.start_kill();
         let _ = child.wait().await;
         match result {
