@@ -14,12 +14,11 @@ use keyward::fake_upstream::FakeUpstream;
 /// A minimal HTTP/1.1 client over a Unix socket: prints the raw response.
 const CLIENT: &str = r#"
 import socket, sys
-path, method, target = sys.argv[1:4]
-headers = "".join(h + "\r\n" for h in sys.argv[4:])
+path, method, target, body = sys.argv[1:5]
+headers = "".join(h + "\r\n" for h in sys.argv[5:])
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(10)
 s.connect(path)
-body = "{}"
 s.sendall((f"{method} {target} HTTP/1.1\r\nHost: keyward\r\nConnection: close\r\n"
            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{headers}\r\n{body}").encode())
 data = b""
@@ -35,7 +34,7 @@ const BOUND_KEY: &str = "kw_testBoundKey01234567890abcdefghijklmnopqrst";
 
 /// Sends one request over `socket` from a process running as `uid` (or as root with `None`);
 /// returns the status and the raw response text.
-fn call_as(uid: Option<u32>, socket: &Path, method: &str, target: &str, headers: &[&str]) -> (u16, String) {
+fn call_as(uid: Option<u32>, socket: &Path, method: &str, target: &str, body: &str, headers: &[&str]) -> (u16, String) {
     let mut command = Command::new("/usr/bin/python3");
     command
         .arg("-c")
@@ -43,6 +42,7 @@ fn call_as(uid: Option<u32>, socket: &Path, method: &str, target: &str, headers:
         .arg(socket)
         .arg(method)
         .arg(target)
+        .arg(body)
         .args(headers)
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
@@ -61,11 +61,23 @@ fn call_as(uid: Option<u32>, socket: &Path, method: &str, target: &str, headers:
 
 /// `call_as` off the async workers, for the chat path.
 async fn call(uid: Option<u32>, socket: &Path, method: &'static str, headers: &[&str]) -> (u16, String) {
+    call_to(uid, socket, method, CHAT, "{}", headers).await
+}
+
+async fn call_to(
+    uid: Option<u32>,
+    socket: &Path,
+    method: &'static str,
+    target: &'static str,
+    body: &str,
+    headers: &[&str],
+) -> (u16, String) {
     let socket = socket.to_path_buf();
+    let body = body.to_string();
     let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
-        call_as(uid, &socket, method, CHAT, &headers)
+        call_as(uid, &socket, method, target, &body, &headers)
     })
     .await
     .unwrap()
@@ -97,6 +109,15 @@ id = "bound-agent"
 role = "worker"
 peer_uid = 1002
 key_sha256 = "{bound}"
+
+[roles.lead]
+delegate = true
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+
+[[agents]]
+id = "uid-lead"
+role = "lead"
+peer_uid = 1004
 "#,
         bound = sha(BOUND_KEY)
     );
@@ -181,6 +202,25 @@ async fn a_bound_agent_needs_both_its_key_and_its_uid() {
     assert_eq!(status, 200, "{text}");
     let record = h.wait_for_audit(|r| r["agentId"] == "worker-1" && r["ip"] == "unix:uid=1003").await;
     assert_eq!(record["decision"], "allowed");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_known_by_its_uid_can_delegate() {
+    let Setup { harness: h, socket } = start().await;
+    let request = r#"{"secretref":["OPENAI_API_KEY"],"routes":["openai"],"methods":["POST"],"paths":["/v1/chat/completions"],"ttl_seconds":60}"#;
+    let (status, text) = call_to(Some(1004), &socket, "POST", "/v1/delegations", request, &[]).await;
+    assert_eq!(status, 201, "{text}");
+    let minted: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(minted["delegatedBy"], serde_json::json!(["uid-lead"]));
+    let child = minted["key"].as_str().unwrap();
+
+    // The child key works like any key, here over TCP.
+    let r = h.client.post(h.url(CHAT)).bearer_auth(child).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Another uid cannot mint as the lead.
+    let (status, _) = call_to(Some(1003), &socket, "POST", "/v1/delegations", request, &[]).await;
+    assert_eq!(status, 401);
     h.stop().await;
 }
 

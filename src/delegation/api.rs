@@ -59,6 +59,20 @@ fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
     }
 }
 
+/// The caller of the delegation API: by its key, or, with no key on the Unix socket, by its uid.
+fn caller<'r>(
+    state: &AppState,
+    runtime: &'r crate::state::Runtime,
+    headers: &HeaderMap,
+    peer: Option<Extension<PeerCred>>,
+) -> Result<Principal<'r>, ProxyError> {
+    let uid = peer.map(|p| p.0.uid);
+    match (parent_key(headers), uid.and_then(|uid| principal::identify_peer(state, runtime, uid))) {
+        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => by_uid,
+        (key, _) => principal::identify(state, runtime, key?, "delegations", uid),
+    }
+}
+
 /// Tells the other replicas (through Redis, when it is the limits backend).
 fn share_revocations(state: &AppState, ids: &[String]) {
     if let Some(shared) = state.limits.shared.clone()
@@ -118,17 +132,15 @@ pub async fn mint(
     body: Bytes,
 ) -> Response {
     let runtime = state.runtime.load_full();
-    let uid = peer.map(|p| p.0.uid);
-    let parent =
-        match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations", uid)) {
-            Ok(parent) => parent,
-            Err(e) => {
-                state.audit_event(
-                    json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
-                );
-                return e.into_response();
-            }
-        };
+    let parent = match caller(&state, &runtime, &headers, peer) {
+        Ok(parent) => parent,
+        Err(e) => {
+            state.audit_event(
+                json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
+            );
+            return e.into_response();
+        }
+    };
     if let Err(quarantined) = state.limits.gate(parent.root(), std::time::SystemTime::now()) {
         return quarantined.into_response();
     }
@@ -190,12 +202,10 @@ pub async fn revoke(
     headers: HeaderMap,
 ) -> Response {
     let runtime = state.runtime.load_full();
-    let uid = peer.map(|p| p.0.uid);
-    let caller =
-        match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations", uid)) {
-            Ok(caller) => caller,
-            Err(e) => return e.into_response(),
-        };
+    let caller = match caller(&state, &runtime, &headers, peer) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
     let Some(target) = state.delegations.get(&id) else {
         return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
     };
