@@ -5,7 +5,8 @@
 #   docker run --read-only -v "$PWD/keyward.toml:/etc/keyward/keyward.toml:ro" keyward
 #
 # The config is read from /etc/keyward/keyward.toml; audit records go to the volume at
-# /var/lib/keyward/audit; a Unix socket listener, if configured, belongs under /run/keyward.
+# /var/lib/keyward/audit; a Unix socket listener, if configured, belongs under /run/keyward
+# (with --read-only, mount a tmpfs or a volume shared with the agent there).
 
 ARG RUST_VERSION=1.95
 
