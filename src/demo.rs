@@ -71,7 +71,7 @@ key_sha256 = "{hash}"
     let running = crate::serve::start(config).await?;
 
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
-    let url = format!("http://{}/openai/v1/chat/completions", running.proxy_addr);
+    let url = format!("http://{}/openai/v1/chat/completions", running.proxy_addr.expect("the demo listens on TCP"));
     let request = Request::post(&url)
         .header("authorization", format!("Bearer {agent_key}"))
         .header("content-type", "application/json")

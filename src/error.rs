@@ -46,6 +46,10 @@ pub enum ProxyError {
     UnknownAgentKey {
         route: String,
     },
+    /// The key belongs to an agent bound to a Unix-socket uid, and the caller is not that uid.
+    PeerMismatch {
+        agent: String,
+    },
     Forbidden {
         agent: String,
         role: String,
@@ -133,6 +137,7 @@ impl ProxyError {
             ProxyError::MissingAgentKey { .. } => (StatusCode::UNAUTHORIZED, "missing_agent_key", Downstream),
             ProxyError::MalformedAgentKey { .. } => (StatusCode::UNAUTHORIZED, "malformed_agent_key", Downstream),
             ProxyError::UnknownAgentKey { .. } => (StatusCode::UNAUTHORIZED, "unknown_agent_key", Downstream),
+            ProxyError::PeerMismatch { .. } => (StatusCode::UNAUTHORIZED, "peer_mismatch", Downstream),
             ProxyError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", Downstream),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", Downstream),
             ProxyError::SecretStoreUnavailable { .. } => {
@@ -169,6 +174,9 @@ impl ProxyError {
                 format!("agent key for route '{route}' is malformed: {reason}")
             }
             ProxyError::UnknownAgentKey { route } => format!("agent key not recognised on route '{route}'"),
+            ProxyError::PeerMismatch { agent } => {
+                format!("agent '{agent}' must connect through keyward's Unix socket as its configured uid (peer_uid)")
+            }
             ProxyError::Forbidden { agent, role, route, method, path, missing } => {
                 let what = match missing {
                     Missing::Route => format!("has no grant on route '{route}'"),

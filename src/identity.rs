@@ -106,16 +106,30 @@ fn parse_credential<'h>(value: &'h str, schemes: &[String]) -> Result<&'h str, &
 pub struct AgentDirectory {
     agents: Vec<AgentConfig>,
     buckets: HashMap<u64, Vec<usize>>,
+    /// Agents identified by `peer_uid` alone.
+    by_uid: HashMap<u32, usize>,
 }
 
 impl AgentDirectory {
     pub fn new(agents: &[AgentConfig]) -> AgentDirectory {
         let agents: Vec<AgentConfig> = agents.iter().filter(|a| !a.disabled).cloned().collect();
         let mut buckets: HashMap<u64, Vec<usize>> = HashMap::new();
+        let mut by_uid = HashMap::new();
         for (i, agent) in agents.iter().enumerate() {
-            buckets.entry(bucket(&agent.key_sha256)).or_default().push(i);
+            match (&agent.key_sha256, agent.peer_uid) {
+                (Some(hash), _) => buckets.entry(bucket(hash)).or_default().push(i),
+                (None, Some(uid)) => {
+                    by_uid.insert(uid, i);
+                }
+                (None, None) => {}
+            }
         }
-        AgentDirectory { agents, buckets }
+        AgentDirectory { agents, buckets, by_uid }
+    }
+
+    /// The agent identified by a Unix-socket peer's uid alone (one without a key).
+    pub fn identify_uid(&self, uid: u32) -> Option<&AgentConfig> {
+        self.by_uid.get(&uid).map(|i| &self.agents[*i])
     }
 
     pub fn identify(&self, key: &str, route: &str) -> Result<&AgentConfig, ProxyError> {
@@ -125,7 +139,7 @@ impl AgentDirectory {
             .into_iter()
             .flatten()
             .map(|i| &self.agents[*i])
-            .find(|agent| bool::from(agent.key_sha256.ct_eq(&hash)))
+            .find(|agent| agent.key_sha256.is_some_and(|k| bool::from(k.ct_eq(&hash))))
             .ok_or_else(|| ProxyError::UnknownAgentKey { route: route.to_string() })
     }
 }
@@ -202,7 +216,8 @@ mod tests {
         let agent = |id: &str, key: &str, disabled| AgentConfig {
             id: id.into(),
             role: "worker".into(),
-            key_sha256: hash_key(key),
+            key_sha256: Some(hash_key(key)),
+            peer_uid: None,
             disabled,
         };
         let dir = AgentDirectory::new(&[agent("a", "kw_a", false), agent("b", "kw_b", true)]);

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod fake_upstream;
 pub mod forward;
+pub mod health;
 pub mod identity;
 pub mod inject;
 pub mod limit;

@@ -39,6 +39,19 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Exit 0 if a running keyward is ready (its admin /readyz answers 200), 1 if not: for
+    /// container health checks.
+    Health {
+        /// The config whose `server.admin_listen` to ask (default resolution as for `serve`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask this URL instead, e.g. http://127.0.0.1:9090/readyz.
+        #[arg(long, env = "KEYWARD_HEALTH_URL")]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Manage agent identities.
     Agents {
         #[command(subcommand)]
@@ -167,6 +180,22 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Health { config, url, timeout_ms } => {
+            let url = match url {
+                Some(url) => url,
+                None => match load(config.as_deref()) {
+                    Ok((config, _)) => keyward::health::readyz_url(config.server.admin_listen),
+                    Err(code) => return code,
+                },
+            };
+            let timeout = std::time::Duration::from_millis(timeout_ms);
+            run_async(async move {
+                let body =
+                    keyward::health::check(&url, timeout).await.map_err(|e| anyhow::anyhow!("not ready: {e}"))?;
+                println!("{body}");
+                Ok(())
+            })
+        }
         Command::Agents { command: AgentsCommand::New { id, role, config } } => {
             agents_new(&id, &role, config.as_deref())
         }

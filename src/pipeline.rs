@@ -30,6 +30,7 @@ use crate::policy::{self, Subject};
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
+use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
 
 /// Headers that some upstream frameworks use to change the method or path after the fact, which
@@ -112,12 +113,24 @@ async fn proxy(
     let route = &runtime.config.routes[matched.route];
     audit.route(&route.name, &matched.rest);
 
-    let key = identity::extract_key(&route.agent_key, request.headers(), &route.name)?;
-    let caller = principal::identify(state, runtime, key, &route.name).inspect_err(|e| {
-        if matches!(e, ProxyError::UnknownAgentKey { .. }) {
-            audit.key_fingerprint(identity::fingerprint(key));
+    // On the Unix socket the kernel names the caller's uid; an agent may be bound to it.
+    let peer_uid = request.extensions().get::<PeerCred>().map(|cred| cred.uid);
+    if let Some(uid) = peer_uid {
+        audit.unix_peer(uid);
+    }
+    let key = identity::extract_key(&route.agent_key, request.headers(), &route.name);
+    let by_uid = peer_uid.and_then(|uid| principal::identify_peer(state, runtime, uid));
+    let caller = match (key, by_uid) {
+        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => by_uid?,
+        (key, _) => {
+            let key = key?;
+            principal::identify(state, runtime, key, &route.name, peer_uid).inspect_err(|e| {
+                if matches!(e, ProxyError::UnknownAgentKey { .. }) {
+                    audit.key_fingerprint(identity::fingerprint(key));
+                }
+            })?
         }
-    })?;
+    };
     audit.agent(caller.id());
     if let Some(delegation) = caller.delegation() {
         audit.delegation(&delegation.chain, delegation.label.as_deref());

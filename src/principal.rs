@@ -80,21 +80,44 @@ impl Principal<'_> {
     }
 }
 
+/// The configured agent as a principal, unless it was revoked.
+fn agent_principal<'r>(
+    state: &AppState,
+    runtime: &'r Runtime,
+    agent: &'r AgentConfig,
+) -> Result<Principal<'r>, ProxyError> {
+    if state.revoked_agents.load().contains(&agent.id) {
+        return Err(ProxyError::AgentRevoked { agent: agent.id.clone() });
+    }
+    let role = runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
+    Ok(Principal::Agent { agent, role })
+}
+
+/// On the Unix socket, for a request without a key: the agent identified by the caller's uid
+/// alone (`peer_uid` without `key_sha256`), if there is one.
+pub fn identify_peer<'r>(
+    state: &AppState,
+    runtime: &'r Runtime,
+    uid: u32,
+) -> Option<Result<Principal<'r>, ProxyError>> {
+    runtime.agents.identify_uid(uid).map(|agent| agent_principal(state, runtime, agent))
+}
+
 /// The principal a key belongs to; `route` names where it was used, for the 401 message.
+/// `peer_uid` is the caller's uid on the Unix socket: an agent bound to a uid must match it.
 pub fn identify<'r>(
     state: &AppState,
     runtime: &'r Runtime,
     key: &str,
     route: &str,
+    peer_uid: Option<u32>,
 ) -> Result<Principal<'r>, ProxyError> {
     match runtime.agents.identify(key, route) {
         Ok(agent) => {
-            if state.revoked_agents.load().contains(&agent.id) {
-                return Err(ProxyError::AgentRevoked { agent: agent.id.clone() });
+            if agent.peer_uid.is_some() && agent.peer_uid != peer_uid {
+                return Err(ProxyError::PeerMismatch { agent: agent.id.clone() });
             }
-            let role =
-                runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
-            Ok(Principal::Agent { agent, role })
+            agent_principal(state, runtime, agent)
         }
         Err(unknown) => match state.delegations.identify(key) {
             Some(Ok(delegation)) => {

@@ -1,6 +1,7 @@
 //! Starting and stopping a keyward instance: audit sink, runtime, listeners, secret warm-up.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,10 @@ use crate::state::{AppState, Runtime};
 
 /// A started instance: where it listens, its state, and the handle to stop it.
 pub struct Running {
-    pub proxy_addr: SocketAddr,
+    /// The agent listener on TCP, unless the config named only a Unix socket.
+    pub proxy_addr: Option<SocketAddr>,
+    /// The agent listener's Unix socket, if any; removed again at shutdown.
+    pub proxy_unix: Option<PathBuf>,
     pub admin_addr: SocketAddr,
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
@@ -41,27 +45,71 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         max_header_bytes: server_config.max_header_bytes,
         shutdown_grace: server_config.shutdown_grace,
     };
-    let proxy_listener = TcpListener::bind(server_config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (server.listen)", server_config.listen))?;
+    let proxy_listener = match server_config.listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (server.listen)"))?)
+        }
+        None => None,
+    };
+    let unix_listener = match &server_config.listen_unix {
+        Some(path) => Some(bind_unix(path, server_config.unix_socket_mode)?),
+        None => None,
+    };
     let admin_listener = TcpListener::bind(server_config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.admin_listen)", server_config.admin_listen))?;
-    let proxy_addr = proxy_listener.local_addr()?;
+    let proxy_addr = proxy_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_addr = admin_listener.local_addr()?;
     let state = AppState::new(runtime, audit, metrics);
     let (shutdown, rx) = watch::channel(false);
 
-    let tasks = vec![
-        tokio::spawn(server::serve(proxy_listener, crate::app(state.clone()), settings, rx.clone())),
+    let mut tasks = vec![
         tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
         tokio::spawn(warm_up(state.clone(), rx.clone())),
         tokio::spawn(delegation_janitor(state.clone(), rx.clone())),
         tokio::spawn(crate::rotation::schedule::run(state.clone(), rx.clone())),
-        tokio::spawn(shared_limits_poller(state.clone(), rx)),
+        tokio::spawn(shared_limits_poller(state.clone(), rx.clone())),
     ];
-    tracing::info!(proxy = %format!("http://{proxy_addr}"), admin = %format!("http://{admin_addr}"), "keyward listening");
-    Ok(Running { proxy_addr, admin_addr, state, shutdown, tasks })
+    if let Some(listener) = proxy_listener {
+        tasks.push(tokio::spawn(server::serve(listener, crate::app(state.clone()), settings, rx.clone())));
+    }
+    if let Some(listener) = unix_listener {
+        tasks.push(tokio::spawn(server::serve(
+            server::Listener::Unix(listener),
+            crate::app(state.clone()),
+            settings,
+            rx.clone(),
+        )));
+    }
+    let proxy_unix = server_config.listen_unix.clone();
+    let proxy = match (proxy_addr, &proxy_unix) {
+        (Some(addr), Some(path)) => format!("http://{addr} unix:{}", path.display()),
+        (Some(addr), None) => format!("http://{addr}"),
+        (None, Some(path)) => format!("unix:{}", path.display()),
+        (None, None) => "none".to_string(),
+    };
+    tracing::info!(proxy = %proxy, admin = %format!("http://{admin_addr}"), "keyward listening");
+    Ok(Running { proxy_addr, proxy_unix, admin_addr, state, shutdown, tasks })
+}
+
+/// Binds the agent Unix socket with `mode`. A socket file left by an earlier run is replaced;
+/// any other file at the path is an error.
+fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot replace the old socket {} (server.listen)", path.display()))?,
+        Ok(_) => anyhow::bail!("{} exists and is not a socket (server.listen)", path.display()),
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on unix:{} (server.listen)", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(listener)
 }
 
 /// Fetches every secret source until all have answered once, backing off between rounds.
@@ -152,6 +200,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some(path) = &self.proxy_unix {
+            let _ = std::fs::remove_file(path);
         }
         let audit = self.state.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;

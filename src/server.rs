@@ -1,5 +1,6 @@
-//! Listeners: the accept loop (header-read timeout, header size limit, HTTP/1.1 and h2c), peer
-//! address injection, and graceful shutdown that lets in-flight requests finish.
+//! Listeners: the accept loop over TCP or a Unix socket (header-read timeout, header size limit,
+//! HTTP/1.1 and h2c), peer address or uid injection, and graceful shutdown that lets in-flight
+//! requests finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,7 +13,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
@@ -25,9 +27,64 @@ pub struct ConnSettings {
     pub shutdown_grace: Duration,
 }
 
+/// The credentials of a process connected over the Unix socket (SO_PEERCRED), as the kernel
+/// reported them at connect time: a request extension, so identity can match `peer_uid`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    Tcp(SocketAddr),
+    Unix(Option<PeerCred>),
+}
+
+/// A listener the accept loop can serve: TCP or a Unix socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Listener {
+        Listener::Tcp(listener)
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, Peer)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Ok((Box::new(stream), Peer::Tcp(peer)))
+            }
+            Listener::Unix(listener) => {
+                let (stream, _) = listener.accept().await?;
+                // Without credentials the connection can still use agent keys, never peer_uid.
+                let cred = stream.peer_cred().ok().map(|c| PeerCred { uid: c.uid(), gid: c.gid(), pid: c.pid() });
+                Ok((Box::new(stream), Peer::Unix(cred)))
+            }
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true, then waits up to the grace period
 /// for open connections to finish.
-pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: impl Into<Listener>,
+    router: Router,
+    settings: ConnSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let listener = listener.into();
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -52,13 +109,12 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings
             },
             _ = shutdown.changed() => break,
         };
-        let _ = stream.set_nodelay(true);
         let service = connection_service(router.clone(), peer);
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
         let watched = graceful.watch(connection);
         connections.spawn(async move {
             if let Err(error) = watched.await {
-                tracing::debug!(%peer, error = %error, "connection ended with an error");
+                tracing::debug!(?peer, error = %error, "connection ended with an error");
             }
         });
     }
@@ -74,7 +130,7 @@ pub async fn serve(listener: TcpListener, router: Router, settings: ConnSettings
 
 fn connection_service(
     router: Router,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> TowerToHyperService<
     impl tower::Service<
         http::Request<Incoming>,
@@ -84,7 +140,15 @@ fn connection_service(
     > + Clone,
 > {
     let service = tower::service_fn(move |mut request: http::Request<Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
+        match peer {
+            Peer::Tcp(addr) => {
+                request.extensions_mut().insert(ConnectInfo(addr));
+            }
+            Peer::Unix(Some(cred)) => {
+                request.extensions_mut().insert(cred);
+            }
+            Peer::Unix(None) => {}
+        }
         router.clone().oneshot(request.map(axum::body::Body::new))
     });
     TowerToHyperService::new(service)

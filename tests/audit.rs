@@ -118,7 +118,7 @@ async fn an_unwritable_trail_fails_closed_or_is_counted() {
         let running = keyward::serve::start(config).await.unwrap();
         let client = reqwest::Client::new();
         let r = client
-            .post(format!("http://{}/openai/v1/chat/completions", running.proxy_addr))
+            .post(format!("http://{}/openai/v1/chat/completions", running.proxy_addr.unwrap()))
             .bearer_auth(WORKER_KEY)
             .body("{}")
             .send()

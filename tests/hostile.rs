@@ -151,7 +151,7 @@ async fn raw_async(addr: SocketAddr, request: Vec<u8>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_tricks_are_refused_or_reframed_never_smuggled() {
     let h = Harness::start().await;
-    let addr = h.running.as_ref().unwrap().proxy_addr;
+    let addr = h.running.as_ref().unwrap().proxy_addr.unwrap();
     let auth = format!("Authorization: Bearer {WORKER_KEY}\r\n");
 
     // CL + TE: the chunked body wins, the connection is not reused, and what follows the body is
@@ -214,7 +214,7 @@ async fn framing_tricks_are_refused_or_reframed_never_smuggled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_cut_off() {
     let h = Harness::start().await;
-    let addr = h.running.as_ref().unwrap().proxy_addr;
+    let addr = h.running.as_ref().unwrap().proxy_addr.unwrap();
     let started = Instant::now();
     let outcome = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(addr).unwrap();

@@ -175,7 +175,7 @@ fn raw_request(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traversal_absolute_form_and_connect_are_400() {
     let h = Harness::start().await;
-    let addr = h.running.as_ref().unwrap().proxy_addr;
+    let addr = h.running.as_ref().unwrap().proxy_addr.unwrap();
     let auth = format!("Authorization: Bearer {WORKER_KEY}\r\n");
     let targets = [
         "/openai/../github/user",

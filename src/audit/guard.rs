@@ -93,6 +93,11 @@ impl AuditGuard {
         self.record.path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
     }
 
+    /// The caller came over the Unix socket as `uid`: recorded as its address, `unix:uid=N`.
+    pub fn unix_peer(&mut self, uid: u32) {
+        self.record.ip = format!("unix:uid={uid}");
+    }
+
     pub fn agent(&mut self, agent_id: &str) {
         self.record.agent_id = Some(agent_id.to_string());
     }

@@ -40,7 +40,13 @@ pub struct Config {
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    /// The agent listener on TCP; `None` when `listen` names only a Unix socket.
+    pub listen: Option<SocketAddr>,
+    /// The agent listener on a Unix socket (`listen = "unix:/path"`), where agents may be
+    /// identified by the connecting process's uid.
+    pub listen_unix: Option<PathBuf>,
+    /// The Unix socket's file mode (default 0o660).
+    pub unix_socket_mode: u32,
     pub admin_listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
@@ -205,6 +211,47 @@ pub enum ProviderConfig {
         path: PathBuf,
     },
     Env,
+    Vault(VaultConfig),
+    Exec(ExecConfig),
+}
+
+/// A HashiCorp Vault or OpenBao KV v2 secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultConfig {
+    /// The server's base URL, e.g. `https://vault.internal:8200`.
+    pub address: String,
+    /// The KV v2 mount (default `secret`).
+    pub mount: String,
+    /// The secret's path below the mount.
+    pub path: String,
+    pub namespace: Option<String>,
+    pub auth: VaultAuth,
+}
+
+/// Where keyward's Vault credentials come from: never written in the config itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    Token { from: SecretRef },
+    AppRole { mount: String, role_id: String, secret_id: SecretRef },
+}
+
+/// A credential keyward itself needs, named by where it is read from at fetch time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+/// An OpenClaw-compatible exec resolver: run without a shell, ids on stdin, values on stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// An absolute path; never looked up in PATH, never run through a shell.
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    /// Environment variables passed through; everything else is cleared.
+    pub pass_env: Vec<String>,
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
 }
 
 impl ProviderConfig {
@@ -213,6 +260,8 @@ impl ProviderConfig {
             ProviderConfig::Aws { .. } => "aws-secrets-manager",
             ProviderConfig::File { .. } => "file",
             ProviderConfig::Env => "env",
+            ProviderConfig::Vault(_) => "vault",
+            ProviderConfig::Exec(_) => "exec",
         }
     }
 }
@@ -410,13 +459,21 @@ pub struct LimitsConfig {
 pub struct AgentConfig {
     pub id: String,
     pub role: String,
-    pub key_sha256: [u8; 32],
+    /// SHA-256 of the agent key; `None` for an agent identified by `peer_uid` alone.
+    pub key_sha256: Option<[u8; 32]>,
+    /// On the Unix-socket listener: the uid the connecting process must run as. Alone, the uid
+    /// identifies the agent; with a key, both must match.
+    pub peer_uid: Option<u32>,
     pub disabled: bool,
 }
 
 impl fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AgentConfig").field("id", &self.id).field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("AgentConfig")
+            .field("id", &self.id)
+            .field("role", &self.role)
+            .field("peer_uid", &self.peer_uid)
+            .finish_non_exhaustive()
     }
 }
 

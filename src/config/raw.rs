@@ -33,7 +33,9 @@ pub struct RawConfig {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
-    pub listen: Option<String>,
+    /// `"host:port"`, `"unix:/path"`, or a list of one of each.
+    pub listen: Option<OneOrMany>,
+    pub unix_socket_mode: Option<String>,
     pub admin_listen: Option<String>,
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
@@ -127,6 +129,31 @@ pub struct RawSource {
     pub rotation: Option<RawRotation>,
     #[serde(alias = "auditTrail")]
     pub audit_trail: Option<RawAuditTrail>,
+    /// vault: the server's base URL, KV v2 mount, secret path, auth.
+    pub address: Option<String>,
+    pub mount: Option<String>,
+    pub namespace: Option<String>,
+    pub auth: Option<RawVaultAuth>,
+    /// exec: an absolute command path, its arguments, and its limits.
+    pub command: Option<String>,
+    pub args: Option<Vec<String>>,
+    pub pass_env: Option<Vec<String>>,
+    pub timeout_ms: Option<u64>,
+    pub max_output_bytes: Option<usize>,
+}
+
+/// How keyward logs in to Vault/OpenBao: a token, or an AppRole. Secrets are named by the
+/// environment variable or file that holds them, never written in the config.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultAuth {
+    pub method: String,
+    pub token_env: Option<String>,
+    pub token_file: Option<String>,
+    pub role_id: Option<String>,
+    pub secret_id_env: Option<String>,
+    pub secret_id_file: Option<String>,
+    pub approle_mount: Option<String>,
 }
 
 /// The article's `rotationPolicy`, with snake_case names and the article's camelCase as aliases.
@@ -207,6 +234,15 @@ impl RawExternal {
             cache: self.cache,
             rotation: self.rotation,
             audit_trail: self.audit_trail,
+            address: None,
+            mount: None,
+            namespace: None,
+            auth: None,
+            command: None,
+            args: None,
+            pass_env: None,
+            timeout_ms: None,
+            max_output_bytes: None,
         }
     }
 }
@@ -333,7 +369,8 @@ pub struct RawGrant {
 pub struct RawAgent {
     pub id: String,
     pub role: String,
-    pub key_sha256: String,
+    pub key_sha256: Option<String>,
+    pub peer_uid: Option<u32>,
     #[serde(default)]
     pub disabled: bool,
 }

@@ -67,9 +67,52 @@ fn socket_addr(c: &mut Collector<'_>, field: &str, value: Option<String>, defaul
     })
 }
 
+/// `listen`: a TCP address, `unix:/path`, or a list with at most one of each.
+fn listeners(c: &mut Collector<'_>, raw: Option<OneOrMany>) -> (Option<SocketAddr>, Option<PathBuf>) {
+    let entries = raw.map(OneOrMany::into_vec).unwrap_or_else(|| vec!["127.0.0.1:8080".to_string()]);
+    let (mut tcp, mut unix) = (None, None);
+    if entries.is_empty() {
+        c.problem("server.listen", "needs at least one address");
+    }
+    for text in entries {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                c.problem(
+                    "server.listen",
+                    format!("'{text}': the socket path must be absolute, like unix:/run/keyward/keyward.sock"),
+                );
+            } else if unix.replace(PathBuf::from(path)).is_some() {
+                c.problem("server.listen", "at most one unix: socket");
+            }
+        } else {
+            let addr = socket_addr(c, "server.listen", Some(text), "");
+            if tcp.replace(addr).is_some() {
+                c.problem("server.listen", "at most one TCP address");
+            }
+        }
+    }
+    (tcp, unix)
+}
+
 fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
+    let (listen, listen_unix) = listeners(c, raw.server.listen);
+    let unix_socket_mode = match raw.server.unix_socket_mode.as_deref() {
+        None => 0o660,
+        Some(text) => match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+            Ok(mode) if mode <= 0o777 => mode,
+            _ => {
+                c.problem("server.unix_socket_mode", format!("'{text}' is not an octal file mode like \"0660\""));
+                0o660
+            }
+        },
+    };
+    if raw.server.unix_socket_mode.is_some() && listen_unix.is_none() {
+        c.problem("server.unix_socket_mode", "is only used with listen = \"unix:/path\"");
+    }
     let server = ServerConfig {
-        listen: socket_addr(c, "server.listen", raw.server.listen, "127.0.0.1:8080"),
+        listen,
+        listen_unix,
+        unix_socket_mode,
         admin_listen: socket_addr(c, "server.admin_listen", raw.server.admin_listen, "127.0.0.1:9090"),
         header_read_timeout: ms(raw.server.header_read_timeout_ms, 10_000),
         max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
@@ -243,17 +286,44 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         if !valid_name(&a.id) {
             c.problem(format!("{at}.id"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
         }
-        let mut key_sha256 = [0u8; 32];
-        if a.key_sha256.len() != 64 || hex::decode_to_slice(&a.key_sha256, &mut key_sha256).is_err() {
-            c.problem(format!("{at}.key_sha256"), "must be 64 hex characters (see `keyward agents new`)");
+        let key_sha256 = a.key_sha256.as_ref().map(|text| {
+            let mut hash = [0u8; 32];
+            if text.len() != 64 || hex::decode_to_slice(text, &mut hash).is_err() {
+                c.problem(format!("{at}.key_sha256"), "must be 64 hex characters (see `keyward agents new`)");
+            }
+            hash
+        });
+        match (&key_sha256, a.peer_uid) {
+            (None, None) => c.problem(
+                format!("{at}.key_sha256"),
+                "is required unless the agent is identified by peer_uid on a Unix socket",
+            ),
+            (_, Some(_)) if server.listen_unix.is_none() => c.problem(
+                format!("{at}.peer_uid"),
+                "needs a Unix-socket listener (server.listen = \"unix:/path\"): TCP peers have no uid",
+            ),
+            _ => {}
         }
-        agents.push(AgentConfig { id: a.id, role: a.role, key_sha256, disabled: a.disabled });
+        agents.push(AgentConfig { id: a.id, role: a.role, key_sha256, peer_uid: a.peer_uid, disabled: a.disabled });
     }
     check_unique(c, agents.iter().enumerate().map(|(i, a)| (format!("agents[{i}].id"), a.id.clone())), "agent id");
     check_unique(
         c,
-        agents.iter().enumerate().map(|(i, a)| (format!("agents[{i}].key_sha256"), hex::encode(a.key_sha256))),
+        agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.key_sha256.map(|k| (format!("agents[{i}].key_sha256"), hex::encode(k)))),
         "agent key hash",
+    );
+    // A uid alone must name one agent; uid-bound agents with keys may share a uid.
+    check_unique(
+        c,
+        agents
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.key_sha256.is_none() && !a.disabled)
+            .filter_map(|(i, a)| a.peer_uid.map(|uid| (format!("agents[{i}].peer_uid"), uid.to_string()))),
+        "peer_uid for an agent without a key",
     );
 
     let backend = match raw.limits.backend.as_deref().unwrap_or("local") {
@@ -596,7 +666,51 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
         }
     };
     let mut mapping_text = s.mapping.clone();
+    let newer_fields = [
+        ("address", s.address.is_some()),
+        ("mount", s.mount.is_some()),
+        ("namespace", s.namespace.is_some()),
+        ("auth", s.auth.is_some()),
+        ("command", s.command.is_some()),
+        ("args", s.args.is_some()),
+        ("pass_env", s.pass_env.is_some()),
+        ("timeout_ms", s.timeout_ms.is_some()),
+        ("max_output_bytes", s.max_output_bytes.is_some()),
+    ];
+    let uses: &[&str] = match s.provider.as_str() {
+        "vault" => &["address", "mount", "namespace", "auth"],
+        "exec" => &["command", "args", "pass_env", "timeout_ms", "max_output_bytes"],
+        _ => &[],
+    };
+    for (field, present) in newer_fields {
+        if !uses.contains(&field) {
+            unused(c, field, present);
+        }
+    }
     let provider = match s.provider.as_str() {
+        "vault" => {
+            for (field, present) in [
+                ("region", s.region.is_some()),
+                ("secret_name", s.secret_name.is_some()),
+                ("endpoint_url", s.endpoint_url.is_some()),
+                ("version_stage", s.version_stage.is_some()),
+            ] {
+                unused(c, field, present);
+            }
+            ProviderConfig::Vault(vault_config(c, at, &s)?)
+        }
+        "exec" => {
+            for (field, present) in [
+                ("region", s.region.is_some()),
+                ("secret_name", s.secret_name.is_some()),
+                ("endpoint_url", s.endpoint_url.is_some()),
+                ("version_stage", s.version_stage.is_some()),
+                ("path", s.path.is_some()),
+            ] {
+                unused(c, field, present);
+            }
+            ProviderConfig::Exec(exec_config(c, at, &s)?)
+        }
         "aws-secrets-manager" => {
             unused(c, "path", s.path.is_some());
             let Some(raw_mapping) = &s.mapping else {
@@ -671,7 +785,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
         other => {
             c.problem(
                 format!("{at}.provider"),
-                format!("unknown provider '{other}': expected 'aws-secrets-manager', 'file' or 'env'"),
+                format!("unknown provider '{other}': expected 'aws-secrets-manager', 'file', 'env', 'vault' or 'exec'"),
             );
             return None;
         }
@@ -690,7 +804,13 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
         },
         (None, _) => BTreeMap::new(),
     };
-    let env = matches!(provider, ProviderConfig::Env);
+    if matches!(provider, ProviderConfig::Vault(_) | ProviderConfig::Exec(_)) && mapping.is_empty() {
+        c.problem(
+            format!("{at}.mapping"),
+            format!("is required for provider '{}' (secret name = \"{{{{FIELD}}}}\")", provider.kind()),
+        );
+    }
+    let env = matches!(provider, ProviderConfig::Env | ProviderConfig::Exec(_));
     let mapping: BTreeMap<String, Selector> = {
         mapping.into_iter()
             .filter_map(|(name, text)| {
@@ -699,7 +819,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
                 }
                 match selector(&text) {
                     Some(Selector::Whole) if env => {
-                        c.problem(format!("{at}.mapping.{name}"), "an env source maps each name to \"{{VAR_NAME}}\"");
+                        c.problem(format!("{at}.mapping.{name}"), "must name one variable or id, not the whole {{.}}");
                         None
                     }
                     Some(sel) => Some((name, sel)),
@@ -796,6 +916,170 @@ fn rotation(
         notify_ahead: Duration::from_secs(raw.notify_ahead_hours.unwrap_or(24) * 3600),
     };
     (Some(policy), raw.fallback_to)
+}
+
+/// A credential keyward itself reads: exactly one of an environment variable or a file.
+fn secret_ref(c: &mut Collector<'_>, field: &str, env: Option<&String>, file: Option<&String>) -> Option<SecretRef> {
+    match (env, file) {
+        (Some(var), None) if !var.is_empty() => Some(SecretRef::Env(var.clone())),
+        (None, Some(path)) if path.starts_with('/') => Some(SecretRef::File(PathBuf::from(path))),
+        (None, Some(_)) => {
+            c.problem(format!("{field}_file"), "must be an absolute path");
+            None
+        }
+        _ => {
+            c.problem(format!("{field}_env"), format!("set exactly one of {field}_env or {field}_file"));
+            None
+        }
+    }
+}
+
+fn vault_config(c: &mut Collector<'_>, at: &str, s: &RawSource) -> Option<VaultConfig> {
+    let address = s.address.clone().unwrap_or_default();
+    let address_ok = match address.parse::<http::Uri>() {
+        Ok(uri) => {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+                && uri.query().is_none()
+        }
+        Err(_) => false,
+    };
+    if !address_ok {
+        c.problem(
+            format!("{at}.address"),
+            "is required for provider 'vault': an http:// or https:// URL without user info",
+        );
+    } else if address.starts_with("http://")
+        && !address.parse::<http::Uri>().is_ok_and(|u| u.host().is_some_and(is_loopback_host))
+    {
+        c.problem(
+            format!("{at}.address"),
+            "would send the Vault token in cleartext; use https (http:// only on loopback)",
+        );
+    }
+    let segment_ok = |text: &str| {
+        !text.is_empty()
+            && text.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@+=:".contains(ch))
+            })
+    };
+    let mount = s.mount.clone().unwrap_or_else(|| "secret".to_string());
+    if !segment_ok(&mount) {
+        c.problem(format!("{at}.mount"), format!("'{mount}' is not a mount path like \"secret\""));
+    }
+    let path = s.path.clone().unwrap_or_default();
+    if !segment_ok(&path) {
+        c.problem(
+            format!("{at}.path"),
+            "is required for provider 'vault': the secret's path below the mount, like \"agents/openai\"",
+        );
+    }
+    if let Some(ns) = &s.namespace
+        && !segment_ok(ns)
+    {
+        c.problem(format!("{at}.namespace"), format!("'{ns}' is not a namespace path"));
+    }
+    let Some(auth) = &s.auth else {
+        c.problem(
+            format!("{at}.auth"),
+            "is required for provider 'vault': { method = \"token\" } or { method = \"approle\", ... }",
+        );
+        return None;
+    };
+    let field = format!("{at}.auth");
+    let unused_auth = |c: &mut Collector<'_>, fields: &[(&str, bool)]| {
+        for (name, present) in fields {
+            if *present {
+                c.problem(format!("{field}.{name}"), format!("is not used by auth method '{}'", auth.method));
+            }
+        }
+    };
+    let auth = match auth.method.as_str() {
+        "token" => {
+            unused_auth(
+                c,
+                &[
+                    ("role_id", auth.role_id.is_some()),
+                    ("secret_id_env", auth.secret_id_env.is_some()),
+                    ("secret_id_file", auth.secret_id_file.is_some()),
+                    ("approle_mount", auth.approle_mount.is_some()),
+                ],
+            );
+            let default_env = "VAULT_TOKEN".to_string();
+            let env = if auth.token_file.is_none() {
+                Some(auth.token_env.as_ref().unwrap_or(&default_env))
+            } else {
+                auth.token_env.as_ref()
+            };
+            VaultAuth::Token { from: secret_ref(c, &format!("{field}.token"), env, auth.token_file.as_ref())? }
+        }
+        "approle" => {
+            unused_auth(c, &[("token_env", auth.token_env.is_some()), ("token_file", auth.token_file.is_some())]);
+            let Some(role_id) = auth.role_id.clone().filter(|r| !r.is_empty()) else {
+                c.problem(format!("{field}.role_id"), "is required for auth method 'approle'");
+                return None;
+            };
+            let mount = auth.approle_mount.clone().unwrap_or_else(|| "approle".to_string());
+            if !segment_ok(&mount) {
+                c.problem(format!("{field}.approle_mount"), format!("'{mount}' is not a mount path"));
+            }
+            let secret_id = secret_ref(
+                c,
+                &format!("{field}.secret_id"),
+                auth.secret_id_env.as_ref(),
+                auth.secret_id_file.as_ref(),
+            )?;
+            VaultAuth::AppRole { mount, role_id, secret_id }
+        }
+        other => {
+            c.problem(format!("{field}.method"), format!("'{other}' is not \"token\" or \"approle\""));
+            return None;
+        }
+    };
+    Some(VaultConfig {
+        address: address.trim_end_matches('/').to_string(),
+        mount,
+        path,
+        namespace: s.namespace.clone(),
+        auth,
+    })
+}
+
+fn exec_config(c: &mut Collector<'_>, at: &str, s: &RawSource) -> Option<ExecConfig> {
+    let Some(command) = s.command.clone() else {
+        c.problem(format!("{at}.command"), "is required for provider 'exec': an absolute path to the resolver");
+        return None;
+    };
+    if !command.starts_with('/') {
+        c.problem(
+            format!("{at}.command"),
+            "must be an absolute path (it is never looked up in PATH or run by a shell)",
+        );
+    }
+    let pass_env = s.pass_env.clone().unwrap_or_default();
+    for (i, var) in pass_env.iter().enumerate() {
+        if var.is_empty() || !var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+            c.problem(format!("{at}.pass_env[{i}]"), format!("'{var}' is not an environment variable name"));
+        }
+    }
+    let timeout = Duration::from_millis(s.timeout_ms.unwrap_or(5_000));
+    if timeout.is_zero() || timeout > Duration::from_secs(300) {
+        c.problem(format!("{at}.timeout_ms"), "must be between 1 and 300000");
+    }
+    let max_output_bytes = s.max_output_bytes.unwrap_or(1024 * 1024);
+    if max_output_bytes == 0 || max_output_bytes > 16 * 1024 * 1024 {
+        c.problem(format!("{at}.max_output_bytes"), "must be between 1 and 16777216");
+    }
+    Some(ExecConfig {
+        command: PathBuf::from(command),
+        args: s.args.clone().unwrap_or_default(),
+        pass_env,
+        timeout,
+        max_output_bytes,
+    })
 }
 
 fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {

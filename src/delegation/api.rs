@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http::HeaderName;
@@ -14,6 +14,7 @@ use super::{Delegation, DelegationRequest, MintError};
 use crate::config::AgentKeySpec;
 use crate::error::{ProxyError, error_body};
 use crate::principal::{self, Principal};
+use crate::server::PeerCred;
 use crate::state::AppState;
 
 const MAX_BODY: usize = 64 * 1024;
@@ -55,6 +56,20 @@ fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
             crate::identity::extract_key(&api_key, headers, "delegations")
         }
         other => other,
+    }
+}
+
+/// The caller of the delegation API: by its key, or, with no key on the Unix socket, by its uid.
+fn caller<'r>(
+    state: &AppState,
+    runtime: &'r crate::state::Runtime,
+    headers: &HeaderMap,
+    peer: Option<Extension<PeerCred>>,
+) -> Result<Principal<'r>, ProxyError> {
+    let uid = peer.map(|p| p.0.uid);
+    match (parent_key(headers), uid.and_then(|uid| principal::identify_peer(state, runtime, uid))) {
+        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => by_uid,
+        (key, _) => principal::identify(state, runtime, key?, "delegations", uid),
     }
 }
 
@@ -110,9 +125,14 @@ pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> V
 }
 
 /// `POST /v1/delegations`: mint a narrowed child key.
-pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn mint(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<PeerCred>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let runtime = state.runtime.load_full();
-    let parent = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
+    let parent = match caller(&state, &runtime, &headers, peer) {
         Ok(parent) => parent,
         Err(e) => {
             state.audit_event(
@@ -175,9 +195,14 @@ pub async fn mint(State(state): State<Arc<AppState>>, headers: HeaderMap, body: 
 }
 
 /// `DELETE /v1/delegations/{id}`: the parent (or any ancestor) revokes a child and its subtree.
-pub async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+pub async fn revoke(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    peer: Option<Extension<PeerCred>>,
+    headers: HeaderMap,
+) -> Response {
     let runtime = state.runtime.load_full();
-    let caller = match parent_key(&headers).and_then(|key| principal::identify(&state, &runtime, key, "delegations")) {
+    let caller = match caller(&state, &runtime, &headers, peer) {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
     };

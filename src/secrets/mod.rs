@@ -7,7 +7,9 @@
 mod aws;
 mod cache;
 mod env;
+mod exec;
 mod file;
+mod vault;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -88,6 +90,8 @@ pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
         ProviderConfig::Aws { .. } => Arc::new(Unavailable("keyward was built without the `aws` feature")),
         ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),
         ProviderConfig::Env => Arc::new(env::EnvProvider::new(mapping)),
+        ProviderConfig::Vault(config) => Arc::new(vault::VaultProvider::new(config.clone(), mapping)),
+        ProviderConfig::Exec(config) => Arc::new(exec::ExecProvider::new(source.name.clone(), config.clone(), mapping)),
     }
 }
 

@@ -166,7 +166,7 @@ impl Harness {
         let text = config_text(dir.path(), &upstream.url(), extra);
         let config = keyward::config::load_str(&text, "test.toml", false).unwrap_or_else(|e| panic!("{e}"));
         let running = keyward::serve::start(config).await.unwrap();
-        let base = format!("http://{}", running.proxy_addr);
+        let base = format!("http://{}", running.proxy_addr.expect("the test config listens on TCP"));
         let admin = format!("http://{}", running.admin_addr);
         let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
         Harness { upstream, running: Some(running), dir, base, admin, client }
