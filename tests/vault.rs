@@ -312,3 +312,50 @@ fn vault_config_is_checked() {
             .contains("sources[3].command: is not used by provider 'vault'")
     );
 }
+
+/// Rotation by re-reading a newer KV version: the manual trigger swaps it in without waiting for
+/// the cache TTL; with nothing newer there is nothing to rotate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_takes_the_newer_kv_version_at_once() {
+    const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
+    let bao = Bao::start().await;
+    bao.put_secret("agents/openai", serde_json::json!({ "api_key": V1 })).await;
+    let keydir = tempfile::tempdir().unwrap();
+    let token_file = write_private(&keydir.path().join("token"), &format!("{ROOT_TOKEN}\n"));
+    let auth = format!("{{ method = \"token\", token_file = \"{token_file}\" }}");
+    let extra = vault_extra(&bao.url, "agents/openai", &auth, "{ ttl_seconds = 300 }")
+        + &format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN));
+    let h = Harness::start_with(&extra).await;
+    assert_eq!(chat(&h).await.status(), 200);
+    assert_eq!(injected(&h), format!("Bearer {V1}"));
+    let rotate = |body: Option<serde_json::Value>| {
+        let mut request =
+            h.client.post(format!("{}/admin/secrets/VAULT_OPENAI/rotate", h.admin)).bearer_auth(ADMIN_TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, body) = rotate(None).await;
+    assert_eq!((status, body["rotation"]["outcome"].as_str()), (200, Some("nothing_to_rotate")), "{body}");
+
+    bao.put_secret("agents/openai", serde_json::json!({ "api_key": V2 })).await;
+    let (status, body) = rotate(None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["rotation"]["outcome"].as_str(), body["rotation"]["to_version"].as_str()),
+        (Some("promoted"), Some("2"))
+    );
+    assert_eq!(chat(&h).await.status(), 200);
+    assert_eq!(injected(&h), format!("Bearer {V2}"), "the new version is used at once, not after the TTL");
+    let (status, body) = rotate(Some(serde_json::json!({ "value": "sk-staged" }))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("rotation_unsupported")), "{body}");
+    let dir = h.stop().await;
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    for secret in [V1, V2, ROOT_TOKEN] {
+        assert!(!audit.contains(secret));
+    }
+}

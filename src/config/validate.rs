@@ -901,6 +901,10 @@ fn rotation(
                 format!("{at}.enabled"),
                 "an env source cannot rotate: its values are fixed when keyward starts",
             ),
+            ProviderConfig::Exec(_) => c.problem(
+                format!("{at}.enabled"),
+                "an exec source cannot rotate: its resolver has no versions (rotate in the store it reads)",
+            ),
             ProviderConfig::Aws { secret_ids, .. } if !secret_ids.is_empty() => c.problem(
                 format!("{at}.enabled"),
                 "rotation works on one AWS secret per source; move the \"<secret-id>#\" entries to sources of their own",

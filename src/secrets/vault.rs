@@ -174,6 +174,34 @@ impl SecretProvider for VaultProvider {
             Ok(Fetched { values, version })
         })
     }
+
+    fn rotation(&self) -> Option<&dyn super::Rotatable> {
+        Some(self)
+    }
+}
+
+/// KV v2 has no pending stage: rotating means re-reading, and taking a newer version only once
+/// the routes' probes accept it.
+impl super::Rotatable for VaultProvider {
+    fn candidate<'a>(&'a self, current: &'a Fetched) -> BoxFuture<'a, Result<Option<Fetched>, StoreError>> {
+        Box::pin(async move {
+            let latest = self.fetch().await?;
+            Ok((latest.version != current.version).then_some(latest))
+        })
+    }
+
+    fn stage<'a>(&'a self, _name: &'a str, _value: &'a secrecy::SecretString) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async {
+            Err(StoreError::Unsupported(
+                "Vault KV v2 has no pending stage: write the new version to Vault, then rotate without a body".into(),
+            ))
+        })
+    }
+
+    fn promote<'a>(&'a self, _candidate: &'a Fetched) -> BoxFuture<'a, Result<(), StoreError>> {
+        // The newest KV version is already the one Vault serves; promoting is the swap in the cache.
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Reads one of keyward's own credentials from where the config points, trimmed.
