@@ -179,7 +179,7 @@ async fn proxy(
     if is_refusal(response.status()) {
         // The article's automatic invalidation: the refused credential leaves the cache at once.
         let status = response.status().as_u16();
-        let next = match runtime.secrets.rejected(&secret).await {
+        let next = match runtime.secrets.rejected(&secret, status).await {
             Rejection::Newer(next) => Some(("new_version", next)),
             Rejection::Previous(next) => Some(("grace_previous", next)),
             Rejection::Fallback(next) => Some(("fallback_source", next)),
@@ -255,10 +255,10 @@ impl Replay {
 /// can be replayed; larger or chunked bodies stream through untouched and are not replayable.
 async fn keep_for_replay(request: Request<Body>, limit: u64) -> Result<(Request<Body>, Option<Replay>), ProxyError> {
     use http_body_util::BodyExt;
-    let chunked = request.headers().contains_key(http::header::TRANSFER_ENCODING);
+    // Without a Content-Length (chunked HTTP/1.1, most HTTP/2 bodies) only an empty body is kept.
     let small = match declared_length(&request) {
         Some(len) => len <= limit,
-        None => !chunked,
+        None => http_body::Body::is_end_stream(request.body()),
     };
     if limit == 0 || !small {
         return Ok((request, None));

@@ -31,6 +31,7 @@ pub enum ReloadError {
 /// Re-reads the config file and swaps it in, or keeps the running config and says why.
 pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     let Some(path) = state.config_path.get() else { return Err(ReloadError::NoFile) };
+    let _one_at_a_time = state.reload_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let name = path.display().to_string();
     let config = match config::load_file(path) {
         Ok(config) => config,
@@ -39,7 +40,7 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
             state.audit_event(json!({
                 "type": "config.rejected",
                 "path": name,
-                "problems": errors.0.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "problems": errors.0.iter().map(|p| p.redacted()).collect::<Vec<_>>(),
             }));
             return Err(ReloadError::Invalid(errors));
         }
@@ -51,10 +52,16 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     let secrets = old.secrets.reload(&config.sources, state.metrics.clone());
     let runtime = Arc::new(Runtime::with_store(config, secrets));
     state.runtime.store(runtime.clone());
-    // Sources new to this config are fetched now, so readiness does not wait for their first use.
+    // Sources new to this config are fetched now, and retried with back-off until each has
+    // answered (or a later reload replaces this config), so readiness does not depend on use.
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        let state = state.clone();
         handle.spawn(async move {
-            runtime.secrets.warm_up().await;
+            let mut delay = std::time::Duration::from_millis(500);
+            while Arc::ptr_eq(&state.runtime.load_full(), &runtime) && runtime.secrets.warm_up().await > 0 {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
         });
     }
     for setting in &restart_needed {

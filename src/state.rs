@@ -57,6 +57,8 @@ pub struct AppState {
     /// Agents revoked through the admin API: refused at once, without a restart.
     pub revoked_agents: ArcSwap<HashSet<String>>,
     pub rotations: RotationLog,
+    /// One reload at a time: the file read last is the one that stays.
+    pub reload_lock: std::sync::Mutex<()>,
     /// The file the config was loaded from, for reloads; unset for the embedded default.
     pub config_path: OnceLock<PathBuf>,
 }
@@ -71,6 +73,19 @@ impl AppState {
         self.audit.record(event);
     }
 
+    /// Writes an event and waits until it is durable, for events that precede a credential going
+    /// onto the network. `Err` when it could not be written and `audit.on_failure = "deny"`.
+    pub async fn audit_event_durably(&self, mut event: serde_json::Value) -> Result<(), ()> {
+        event["timestamp"] =
+            serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
+        self.runtime.load().secrets.scrubber().scrub_json(&mut event);
+        match self.audit.record_durably(event).await {
+            Ok(()) => Ok(()),
+            Err(_) if self.audit.on_failure() == crate::config::OnFailure::Allow => Ok(()),
+            Err(_) => Err(()),
+        }
+    }
+
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
         let limits = Limits::new(&runtime.config.limits, metrics.clone());
@@ -83,6 +98,7 @@ impl AppState {
             limits,
             revoked_agents: ArcSwap::from_pointee(HashSet::new()),
             rotations: RotationLog::default(),
+            reload_lock: std::sync::Mutex::new(()),
             config_path: OnceLock::new(),
         })
     }

@@ -141,7 +141,7 @@ fn check_reports_file_line_and_field_for_every_problem() {
             GOOD.replace("provider = \"env\"", "provider = \"vault9\""),
             "bad.toml:7: sources[0].provider: unknown provider 'vault9'",
         ),
-        (GOOD.replace("{{A_VAR}}", "A_VAR"), "bad.toml:8: sources[0].mapping.A: 'A_VAR' must be"),
+        (GOOD.replace("{{A_VAR}}", "A_VAR"), "bad.toml:8: sources[0].mapping.A: is not a selector"),
         (GOOD.replace("https://example.com", "ftp://example.com"), "bad.toml:13: routes[0].upstream"),
         (GOOD.replace("0000000000", "zz"), "bad.toml:23: agents[0].key_sha256: must be 64 hex characters"),
         (GOOD.replace("prefix = \"/r\"", "prefix = \"/r/\""), "bad.toml:12: routes[0].prefix"),

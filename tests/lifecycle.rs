@@ -27,11 +27,15 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        Rig::start_with(|text| text).await
+    }
+
+    async fn start_with(edit: impl Fn(String) -> String) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let upstream = FakeUpstream::start().await.unwrap();
         write_secrets(dir.path());
         let path = dir.path().join("keyward.toml");
-        std::fs::write(&path, config_text(dir.path(), &upstream.url(), &admin_block())).unwrap();
+        std::fs::write(&path, edit(config_text(dir.path(), &upstream.url(), &admin_block()))).unwrap();
         let keyward = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &[]);
         Rig { upstream, dir, path, keyward, client: reqwest::Client::new() }
     }
@@ -203,6 +207,43 @@ async fn a_file_source_rotates_by_rereading_its_file() {
     assert!(report.contains("rotations: 8"), "{report}");
     let line = report.lines().find(|l| l.trim_start().starts_with("OPENAI_API_KEY") && l.contains("source")).unwrap();
     assert!(line.contains("last rotated 20"), "{report}");
+}
+
+/// A rotating file source is pinned: a changed file is not taken by a cache refresh, only by a
+/// rotation that tests it, so a value that fails its probe never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotating_file_source_keeps_its_tested_value_until_a_rotation() {
+    let rig = Rig::start_with(|text| {
+        text.replacen(
+            "secrets.json\"\n",
+            "secrets.json\"\ncache = { ttl_seconds = 1, max_size = 10 }\nrotation = { grace_period_minutes = 0 }\n",
+            1,
+        )
+    })
+    .await;
+    let chat = || rig.call(WORKER_KEY, reqwest::Method::POST, "/openai/v1/chat/completions");
+    assert_eq!(chat().await.0, 200);
+    let rotated = "sk-canary-OPENAI-pinned-until-rotated-02";
+    let path = rig.dir.path().join("secrets.json");
+    let mut doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    doc["OPENAI_API_KEY"] = json!(rotated);
+    std::fs::write(&path, doc.to_string()).unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(chat().await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(chat().await.0, 200);
+    let header = |rig: &Rig| rig.upstream.last().unwrap().headers["authorization"].to_str().unwrap().to_string();
+    assert_eq!(header(&rig), format!("Bearer {CANARY_OPENAI}"), "the untested value is not used");
+    let (status, body) = rig.admin_post("/admin/secrets/OPENAI_API_KEY/rotate", None).await;
+    assert_eq!((status, body["rotation"]["outcome"].as_str()), (200, Some("promoted")), "{body}");
+    assert_eq!(chat().await.0, 200);
+    assert_eq!(header(&rig), format!("Bearer {rotated}"));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(chat().await.0, 200);
+    assert_eq!(header(&rig), format!("Bearer {rotated}"), "the promoted value survives a refresh");
+    let logs = rig.keyward.terminate();
+    assert!(logs.contains("used once a rotation has tested and promoted them"), "{logs}");
+    assert!(!logs.contains(rotated));
 }
 
 #[test]

@@ -95,7 +95,7 @@ pub async fn reload(State(state): State<Arc<AppState>>) -> Response {
                 "error": {
                     "code": "invalid_config",
                     "message": "the new config is invalid; keyward keeps serving the last good one",
-                    "problems": errors.0.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                    "problems": errors.0.iter().map(|p| p.redacted()).collect::<Vec<_>>(),
                 }
             })),
         )

@@ -519,6 +519,35 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// The problem without the text it quotes, for audit records and API answers: a value pasted
+    /// into the wrong field could be a credential. Quoted spans of 8 or more characters are masked.
+    pub fn redacted(&self) -> String {
+        let text = self.to_string();
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(open) = rest.find(['\'', '"', '`']) {
+            let quote = rest[open..].chars().next().expect("found above");
+            out.push_str(&rest[..=open]);
+            rest = &rest[open + 1..];
+            match rest.find(quote) {
+                Some(close) if rest[..close].chars().count() >= 8 => {
+                    out.push('…');
+                    out.push(quote);
+                    rest = &rest[close + 1..];
+                }
+                Some(close) => {
+                    out.push_str(&rest[..=close]);
+                    rest = &rest[close + 1..];
+                }
+                None => break,
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
@@ -591,4 +620,43 @@ pub fn load_str(text: &str, name: &str, json: bool) -> Result<Config, ConfigErro
         ConfigErrors(vec![Problem { file: name.to_string(), line: e.line, field: String::new(), message: e.message }])
     })?;
     validate::validate(value, &index, name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacted_problems_mask_quoted_text() {
+        let problem = Problem {
+            file: "k.toml".into(),
+            line: Some(3),
+            field: "sources[0].mapping.K".into(),
+            message: "invalid type: string \"sk-live-pasted-by-mistake\", expected a map; `id` ok".into(),
+        };
+        assert_eq!(
+            problem.redacted(),
+            "k.toml:3: sources[0].mapping.K: invalid type: string \"…\", expected a map; `id` ok"
+        );
+    }
+
+    #[test]
+    fn rotation_bounds_and_stages_are_checked() {
+        let base = r#"
+[[sources]]
+name = "s"
+provider = "aws-secrets-manager"
+secret_name = "x"
+version_stage = "AWSPREVIOUS"
+mapping = { K = "{{K}}" }
+rotation = { grace_period_minutes = 99999999, notify_ahead_hours = 99999999, schedule = "0 0 * * 0" }
+"#;
+        let errors = load_str(base, "k.toml", false).unwrap_err().to_string();
+        assert!(errors.contains("grace_period_minutes: must be at most 10080"), "{errors}");
+        assert!(errors.contains("notify_ahead_hours: must be at most 8784"), "{errors}");
+        assert!(errors.contains("reads version_stage 'AWSPREVIOUS'"), "{errors}");
+        let exec = "[[sources]]\nname = \"e\"\nprovider = \"exec\"\ncommand = \"/bin/true\"\nmapping = { K = \"{{K}}\" }\nrotation = { enabled = true }\n";
+        let errors = load_str(exec, "k.toml", false).unwrap_err().to_string();
+        assert!(errors.contains("an exec source cannot rotate"), "{errors}");
+    }
 }

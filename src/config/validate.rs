@@ -739,6 +739,20 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
                 return None;
             }
             mapping_text = Some(plain);
+            let ids: std::collections::BTreeSet<&str> =
+                secret_ids.values().map(String::as_str).chain(s.secret_name.as_deref()).collect();
+            if ids.len() > 1 && s.version_stage.as_deref().is_some_and(|v| v != "AWSCURRENT") {
+                c.problem(
+                    format!("{at}.version_stage"),
+                    "a source that reads several secrets reads each one's AWSCURRENT (BatchGetSecretValue has no stage)",
+                );
+            }
+            if ids.len() > 20 {
+                c.problem(
+                    format!("{at}.mapping"),
+                    "one source reads at most 20 AWS secrets (one BatchGetSecretValue call)",
+                );
+            }
             if let Some(url) = &s.endpoint_url
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
@@ -826,7 +840,8 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
                     None => {
                         c.problem(
                             format!("{at}.mapping.{name}"),
-                            format!("'{text}' must be \"{{{{FIELD}}}}\" (a field of the secret) or \"{{{{.}}}}\" (the whole value)"),
+                            // The text is not quoted: a credential pasted here must not reach a log.
+                            "is not a selector: write \"{{FIELD}}\" (a field of the secret) or \"{{.}}\" (the whole value)",
                         );
                         None
                     }
@@ -912,12 +927,31 @@ fn rotation(
             _ => {}
         }
     }
+    if let ProviderConfig::Aws { version_stage, .. } = provider
+        && raw.enabled
+        && version_stage != "AWSCURRENT"
+    {
+        c.problem(
+            format!("{at}.enabled"),
+            format!("rotation promotes to AWSCURRENT, but this source reads version_stage '{version_stage}'; read AWSCURRENT or turn rotation off"),
+        );
+    }
+    const MAX_GRACE_MINUTES: u64 = 7 * 24 * 60;
+    const MAX_AHEAD_HOURS: u64 = 366 * 24;
+    let grace = raw.grace_period_minutes.unwrap_or(0);
+    if grace > MAX_GRACE_MINUTES {
+        c.problem(format!("{at}.grace_period_minutes"), format!("must be at most {MAX_GRACE_MINUTES} (a week)"));
+    }
+    let ahead = raw.notify_ahead_hours.unwrap_or(24);
+    if ahead > MAX_AHEAD_HOURS {
+        c.problem(format!("{at}.notify_ahead_hours"), format!("must be at most {MAX_AHEAD_HOURS} (a year)"));
+    }
     let policy = RotationPolicy {
         enabled: raw.enabled,
         schedule,
-        grace_period: Duration::from_secs(raw.grace_period_minutes.unwrap_or(0) * 60),
+        grace_period: Duration::from_secs(grace.min(MAX_GRACE_MINUTES) * 60),
         notify: raw.notify,
-        notify_ahead: Duration::from_secs(raw.notify_ahead_hours.unwrap_or(24) * 3600),
+        notify_ahead: Duration::from_secs(ahead.min(MAX_AHEAD_HOURS) * 3600),
     };
     (Some(policy), raw.fallback_to)
 }

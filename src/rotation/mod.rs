@@ -176,7 +176,9 @@ pub async fn rotate(
         }
         Ok((from_version, Some(candidate))) => {
             let to_version = candidate.version.clone();
-            let epoch = runtime.secrets.install(source, candidate, policy.grace_period);
+            // The store serving now: a reload during the run may have replaced the one it began on.
+            let serving = state.runtime.load_full();
+            let epoch = serving.secrets.install(source, candidate, policy.grace_period);
             phases.event(
                 "rotation.promoted",
                 json!({
@@ -186,15 +188,7 @@ pub async fn rotate(
                 }),
             );
             if let Some(epoch) = epoch {
-                schedule_purge(
-                    state.clone(),
-                    runtime.clone(),
-                    policy.clone(),
-                    source.to_string(),
-                    trigger,
-                    epoch,
-                    from_version.clone(),
-                );
+                schedule_purge(state.clone(), policy.clone(), source.to_string(), trigger, epoch, from_version.clone());
             }
             RotationRun {
                 source: source.to_string(),
@@ -236,7 +230,6 @@ pub async fn rotate(
 /// Drops the replaced version once the grace period ends (at once without one).
 fn schedule_purge(
     state: Arc<AppState>,
-    runtime: Arc<Runtime>,
     policy: RotationPolicy,
     source: String,
     trigger: Trigger,
@@ -245,7 +238,7 @@ fn schedule_purge(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(policy.grace_period).await;
-        if runtime.secrets.purge_previous(&source, epoch) {
+        if state.runtime.load().secrets.purge_previous(&source, epoch) {
             let phases = Phases { state: &state, policy: &policy, source: &source, trigger };
             phases.event("rotation.purged", json!({ "purgedVersion": version }));
         }
@@ -303,6 +296,12 @@ async fn test(
     let mut passed = true;
     for (route, name) in pairs {
         let probe = route.validate.as_ref().expect("filtered above");
+        // Like every credential keyward sends, the candidate goes out only after a durable record.
+        let released = json!({ "type": "rotation.probe.released", "source": phases.source, "route": route.name,
+                               "credential": name, "toVersion": candidate.version });
+        if phases.state.audit_event_durably(released).await.is_err() {
+            return Err(RotationError::Failed("the audit trail cannot be written, so no probe was sent".into()));
+        }
         let status = match probe_request(route, &candidate.values[name]) {
             Ok(request) => match phases.state.forwarder.send(request, &route.name).await {
                 Ok(response) => Some(response.status().as_u16()),

@@ -45,7 +45,7 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
                 };
             }
             let ahead = chrono::Duration::from_std(policy.notify_ahead).unwrap_or_default();
-            if !plan.notified && now >= plan.at - ahead {
+            if !plan.notified && now >= plan.at.checked_sub_signed(ahead).unwrap_or(DateTime::<Utc>::MIN_UTC) {
                 plan.notified = true;
                 let event = json!({
                     "type": "rotation.notified",

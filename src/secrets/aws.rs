@@ -44,6 +44,8 @@ pub struct AwsProvider {
 struct Document {
     text: String,
     version: Option<String>,
+    stages: Vec<String>,
+    created: Option<aws_sdk_secretsmanager::primitives::DateTime>,
 }
 
 impl AwsProvider {
@@ -98,7 +100,12 @@ impl AwsProvider {
             Err(e) => return Err(StoreError::Unreachable(format!("GetSecretValue: {}", DisplayErrorContext(&e)))),
         };
         let text = document_text(output.secret_string(), output.secret_binary().map(|b| b.as_ref()))?;
-        Ok(Some(Document { text, version: output.version_id().map(str::to_string) }))
+        Ok(Some(Document {
+            text,
+            version: output.version_id().map(str::to_string),
+            stages: output.version_stages().to_vec(),
+            created: output.created_date().copied(),
+        }))
     }
 
     async fn get_many(&self) -> Result<HashMap<String, Document>, StoreError> {
@@ -121,7 +128,12 @@ impl AwsProvider {
         let mut documents = HashMap::new();
         for entry in output.secret_values() {
             let text = document_text(entry.secret_string(), entry.secret_binary().map(|b| b.as_ref()))?;
-            let document = Document { text, version: entry.version_id().map(str::to_string) };
+            let document = Document {
+                text,
+                version: entry.version_id().map(str::to_string),
+                stages: entry.version_stages().to_vec(),
+                created: entry.created_date().copied(),
+            };
             // The answer names secrets by name and ARN; match either to what was asked.
             if let Some(id) =
                 ids.iter().find(|id| Some(id.as_str()) == entry.name() || Some(id.as_str()) == entry.arn())
@@ -186,13 +198,32 @@ impl SecretProvider for AwsProvider {
 }
 
 impl Rotatable for AwsProvider {
+    /// AWSCURRENT only ever holds a promoted version.
+    fn pins(&self) -> bool {
+        false
+    }
+
     fn candidate<'a>(&'a self, current: &'a Fetched) -> BoxFuture<'a, Result<Option<Fetched>, StoreError>> {
         Box::pin(async move {
             let (id, mapping) = self.rotating_secret()?;
             let Some(pending) = self.get(id, PENDING).await? else { return Ok(None) };
-            if pending.version.is_some() && pending.version == current.version {
+            // Compared with AWSCURRENT as the store has it now, not as keyward cached it.
+            let actual = self.get(id, CURRENT).await?;
+            let current_version = actual.as_ref().map_or(current.version.clone(), |d| d.version.clone());
+            if pending.version.is_some() && pending.version == current_version {
                 // A finished rotation leaves AWSPENDING on the current version: nothing new.
                 return Ok(None);
+            }
+            let older = match (pending.created, actual.as_ref().and_then(|d| d.created)) {
+                (Some(p), Some(c)) => p.secs() < c.secs(),
+                _ => false,
+            };
+            if older || pending.stages.iter().any(|s| s == "AWSPREVIOUS") {
+                // Promoting it would roll the store back to a version it has already replaced.
+                return Err(StoreError::Unsupported(format!(
+                    "AWSPENDING of {id} is older than AWSCURRENT (a stage left from an earlier rotation); \
+                     clear it or stage a new version"
+                )));
             }
             Ok(Some(Fetched { values: apply_mapping(&pending.text, mapping)?, version: pending.version }))
         })

@@ -4,7 +4,7 @@
 //! The lock guards only map operations and is never held across a fetch: concurrent misses on a
 //! source join one shared in-flight fetch, and the fetch itself stores its result.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -14,11 +14,12 @@ use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
 use secrecy::{ExposeSecret, SecretString};
 
+use super::held::{Adopt, Held};
 use super::{Fetched, SecretProvider, StoreError, build_provider};
 use crate::config::{CachePolicy, SourceConfig};
 use crate::error::ProxyError;
 use crate::metrics::{FetchLabels, Metrics, SourceLabel};
-use crate::scrub::{MIN_SCRUB_LEN, Scrubber};
+use crate::scrub::Scrubber;
 
 /// A resolved credential, ready to inject. Deliberately not `Debug`.
 pub struct Resolved {
@@ -84,6 +85,13 @@ struct SlotState {
     last_fetch_at: Option<Instant>,
     /// The version a rotation replaced, usable only where the new one is refused, until `until`.
     previous: Option<Previous>,
+    /// A pinned source's change was logged (once per change).
+    change_noticed: bool,
+}
+
+fn same_values(a: &Fetched, b: &Fetched) -> bool {
+    a.values.len() == b.values.len()
+        && a.values.iter().all(|(name, v)| b.values.get(name).is_some_and(|w| w.expose_secret() == v.expose_secret()))
 }
 
 struct Previous {
@@ -121,70 +129,15 @@ impl Drop for ClearInflight {
 struct Slot {
     name: String,
     config: SourceConfig,
+    /// A rotating source without version stages (file, vault): a changed value is taken only by
+    /// a rotation, after its probes pass, never by a plain re-fetch.
+    pinned: bool,
     provider: Arc<dyn SecretProvider>,
     policy: CachePolicy,
     state: Mutex<SlotState>,
     reached: AtomicBool,
     metrics: Arc<Metrics>,
     held: Arc<Held>,
-}
-
-/// Every credential value keyward has fetched, by secret name, and the scrubber built from them.
-/// It keeps the last value of each name even when the cache does not (`ttl_seconds = 0`), so
-/// that an echo of it can still be recognised.
-/// A replaced value stays in the scrubber (an echo of it is still caught) until a rotation's
-/// grace period purges it.
-#[derive(Default)]
-struct HeldValues {
-    current: BTreeMap<String, SecretString>,
-    previous: BTreeMap<String, SecretString>,
-}
-
-struct Held {
-    values: Mutex<HeldValues>,
-    scrubber: Arc<ArcSwap<Scrubber>>,
-}
-
-impl Held {
-    fn update(&self, fetched: &HashMap<String, SecretString>) {
-        let mut held = self.values.lock().expect("held secrets lock poisoned");
-        let mut changed = false;
-        for (name, value) in fetched {
-            if held.current.get(name).is_none_or(|old| old.expose_secret() != value.expose_secret()) {
-                if value.expose_secret().len() < MIN_SCRUB_LEN {
-                    tracing::warn!(
-                        secret = %name,
-                        "secret is shorter than {MIN_SCRUB_LEN} characters, so responses are not scrubbed for it"
-                    );
-                }
-                if let Some(old) = held.current.insert(name.clone(), value.clone()) {
-                    held.previous.insert(name.clone(), old);
-                }
-                changed = true;
-            }
-        }
-        if changed {
-            self.rebuild(&held);
-        }
-    }
-
-    /// Forgets the replaced values of `names`.
-    fn purge(&self, names: impl Iterator<Item = String>) {
-        let mut held = self.values.lock().expect("held secrets lock poisoned");
-        let mut changed = false;
-        for name in names {
-            changed |= held.previous.remove(&name).is_some();
-        }
-        if changed {
-            self.rebuild(&held);
-        }
-    }
-
-    fn rebuild(&self, held: &HeldValues) {
-        let all = held.current.iter().chain(held.previous.iter());
-        let scrubber = Scrubber::new(all.map(|(name, value)| (name.as_str(), value)));
-        self.scrubber.store(Arc::new(scrubber));
-    }
 }
 
 /// Every configured source, and which source provides each secret name.
@@ -208,8 +161,7 @@ impl SecretStore {
         providers: Vec<Arc<dyn SecretProvider>>,
         metrics: Arc<Metrics>,
     ) -> SecretStore {
-        let held =
-            Arc::new(Held { values: Mutex::default(), scrubber: Arc::new(ArcSwap::from_pointee(Scrubber::empty())) });
+        let held = Arc::new(Held::new());
         let slots = sources
             .iter()
             .zip(providers)
@@ -296,35 +248,33 @@ impl SecretStore {
     /// Ends a rotation's grace period: the replaced values are dropped from the cache and the
     /// scrubber. Returns false when a later rotation already replaced them.
     pub fn purge_previous(&self, source: &str, epoch: u64) -> bool {
+        self.held.purge(source, epoch);
         let Some(i) = self.slot_index(source) else { return false };
-        let slot = &self.slots[i];
-        let purged = {
-            let mut state = slot.state.lock().expect("secret cache lock poisoned");
-            match &state.previous {
-                Some(previous) if previous.epoch == epoch => state.previous.take(),
-                _ => None,
-            }
-        };
-        match purged {
-            Some(previous) => {
-                self.held.purge(previous.values.into_keys());
+        let mut state = self.slots[i].state.lock().expect("secret cache lock poisoned");
+        match &state.previous {
+            Some(previous) if previous.epoch == epoch => {
+                state.previous = None;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
-    /// The upstream refused `used`: evict its source at once, re-fetch, and say what to retry with.
-    pub async fn rejected(&self, used: &Resolved) -> Rejection {
+    /// The upstream refused `used` with `status`: evict its source at once, re-fetch, and say
+    /// what to retry with. Only a 401 (the credential itself is bad) may fall back to the previous
+    /// version or another source; a 403 can be about the resource, and an agent could provoke it.
+    pub async fn rejected(&self, used: &Resolved, status: u16) -> Rejection {
         let Some(&i) = self.owner.get(&used.name) else { return Rejection::Nothing };
         let slot = &self.slots[i];
+        let unauthorized = status == 401;
         if used.fallback_from.is_none() {
             if let Ok(fresh) = slot.refetch(&used.name).await
                 && !fresh.same_value(used)
             {
                 return Rejection::Newer(fresh);
             }
-            if let Some(previous) = slot.previous(&used.name)
+            if unauthorized
+                && let Some(previous) = slot.previous(&used.name)
                 && !previous.same_value(used)
             {
                 return Rejection::Previous(previous);
@@ -332,7 +282,7 @@ impl SecretStore {
         }
         let tried = used.fallback_from.is_some();
         match self.fallback[i] {
-            Some(f) if !tried => match self.slots[f].resolve(&used.name).await {
+            Some(f) if !tried && unauthorized => match self.slots[f].resolve(&used.name).await {
                 Ok(value) => Rejection::Fallback(Arc::new(Resolved {
                     name: value.name.clone(),
                     source: value.source.clone(),
@@ -389,12 +339,12 @@ impl SecretStore {
 
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
-        self.held.scrubber.load_full()
+        self.held.scrubber().load_full()
     }
 
     /// The cell the scrubber is replaced in, for readers that must see values fetched later.
     pub fn scrubber_cell(&self) -> Arc<ArcSwap<Scrubber>> {
-        self.held.scrubber.clone()
+        self.held.scrubber().clone()
     }
 
     /// The credential for `name`; where its source cannot be fetched, its `fallback_to`'s.
@@ -435,9 +385,12 @@ impl Slot {
         metrics: Arc<Metrics>,
         held: Arc<Held>,
     ) -> Arc<Slot> {
+        let rotating = source.rotation.as_ref().is_some_and(|p| p.enabled);
+        let pinned = rotating && provider.rotation().is_some_and(|r| r.pins());
         Arc::new(Slot {
             name: source.name.clone(),
             config: source.clone(),
+            pinned,
             provider,
             policy: source.cache,
             state: Mutex::new(SlotState::default()),
@@ -506,7 +459,17 @@ impl Slot {
             let mut state = self.state.lock().expect("secret cache lock poisoned");
             let recent = state.last_fetch_at.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL);
             if !recent {
-                state.entries.clear();
+                // Expired, not removed: while the store is down, `stale_if_error` still has them.
+                let ttl = self.policy.ttl;
+                for entry in state.entries.values_mut() {
+                    match Instant::now().checked_sub(ttl) {
+                        Some(expired) => entry.fetched_at = expired.min(entry.fetched_at),
+                        None => entry.fetched_at = Instant::now(),
+                    }
+                }
+                if ttl.is_zero() || Instant::now().checked_sub(ttl).is_none() {
+                    state.entries.clear();
+                }
             }
             match (&state.last, recent) {
                 (Some(last), true) => {
@@ -535,19 +498,23 @@ impl Slot {
     }
 
     fn install(&self, candidate: Fetched, grace: Duration) -> u64 {
+        let epoch = {
+            let mut state = self.state.lock().expect("secret cache lock poisoned");
+            state.epoch += 1;
+            state.epoch
+        };
         // Into the scrubber before any request can get the new value.
-        self.held.update(&candidate.values);
+        self.held.update(&self.name, &candidate.values, Adopt::Rotation { epoch });
+        let until = Instant::now().checked_add(grace).unwrap_or_else(Instant::now);
         let candidate = Arc::new(candidate);
         let mut state = self.state.lock().expect("secret cache lock poisoned");
-        state.epoch += 1;
-        let epoch = state.epoch;
         let replaced: HashMap<String, Arc<Resolved>> = match &state.last {
             Some(last) => {
                 last.values.keys().filter_map(|name| Some((name.clone(), self.resolved(name, last)?))).collect()
             }
             None => HashMap::new(),
         };
-        state.previous = Some(Previous { values: replaced, until: Instant::now() + grace, epoch });
+        state.previous = Some(Previous { values: replaced, until, epoch });
         // A fetch started before the swap may still answer with the old version: drop its marker.
         state.inflight = None;
         self.fill(&mut state, &candidate);
@@ -583,8 +550,7 @@ impl Slot {
                 Ok(result) => result.map(Arc::new),
                 Err(_) => Err(StoreError::Unreachable(format!("no answer within {} s", FETCH_TIMEOUT.as_secs()))),
             };
-            slot.store(&result, epoch);
-            result
+            slot.store(result, epoch)
         });
         let fetch: BoxFuture<'static, _> = Box::pin(async move {
             task.await.unwrap_or_else(|_| Err(StoreError::Unreachable("the fetch task failed".to_string())))
@@ -594,19 +560,37 @@ impl Slot {
         shared
     }
 
-    fn store(&self, result: &Result<Arc<Fetched>, StoreError>, epoch: u64) {
+    /// Records a fetch's result and returns what its waiters get: the fetched values, or for a
+    /// pinned source whose values changed outside a rotation, the values it already serves.
+    fn store(&self, result: Result<Arc<Fetched>, StoreError>, epoch: u64) -> Result<Arc<Fetched>, StoreError> {
         let outcome = if result.is_ok() { "ok" } else { "error" };
         self.metrics.secret_fetches.get_or_create(&FetchLabels { source: self.name.clone(), result: outcome }).inc();
-        let Ok(fetched) = result else { return };
-        // Before any waiter sees the value, so no response can outrun its scrubber.
-        self.held.update(&fetched.values);
+        let fetched = result?;
         let mut state = self.state.lock().expect("secret cache lock poisoned");
         self.reached.store(true, Ordering::Relaxed);
         if state.epoch != epoch {
-            // A rotation swapped values in while this fetch ran; they are newer.
-            return;
+            // A rotation swapped values in while this fetch ran; they are newer. Its waiters may
+            // still send these, so they are scrubbed until that rotation's purge.
+            drop(state);
+            self.held.update(&self.name, &fetched.values, Adopt::Stale { epoch });
+            return Ok(fetched);
         }
-        self.fill(&mut state, fetched);
+        if self.pinned
+            && let Some(last) = state.last.clone()
+            && !same_values(&last, &fetched)
+        {
+            if !std::mem::replace(&mut state.change_noticed, true) {
+                tracing::warn!(source = %self.name,
+                    "the source's values changed; they are used once a rotation has tested and promoted them");
+            }
+            self.fill(&mut state, &last);
+            return Ok(last);
+        }
+        state.change_noticed = false;
+        // Before any waiter sees the value, so no response can outrun its scrubber.
+        self.held.update(&self.name, &fetched.values, Adopt::Current);
+        self.fill(&mut state, &fetched);
+        Ok(fetched)
     }
 
     fn fill(&self, state: &mut SlotState, fetched: &Arc<Fetched>) {
@@ -825,9 +809,9 @@ mod tests {
         let (store, provider) = new_store(policy(60_000, 10, 0));
         let used = store.resolve("A").await.unwrap();
         // The last fetch is too recent to re-fetch: nothing newer is offered.
-        assert!(matches!(store.rejected(&used).await, Rejection::Nothing));
+        assert!(matches!(store.rejected(&used, 401).await, Rejection::Nothing));
         tokio::time::sleep(MIN_REFETCH_INTERVAL).await;
-        match store.rejected(&used).await {
+        match store.rejected(&used, 401).await {
             Rejection::Newer(next) => assert_eq!(next.value.expose_secret(), "alpha-secret-2"),
             _ => panic!("expected a newer version"),
         }
@@ -854,13 +838,14 @@ mod tests {
         let scrubbed = store.scrubber().scrub(b"alpha-secret-1 alpha-rotated").into_owned();
         assert!(!String::from_utf8_lossy(&scrubbed).contains("alpha"), "{}", String::from_utf8_lossy(&scrubbed));
         // Where the new one is refused, the old one stands in during the grace period.
-        match store.rejected(&new).await {
+        match store.rejected(&new, 401).await {
             Rejection::Previous(previous) => assert!(previous.same_value(&old)),
             _ => panic!("expected the previous version"),
         }
+        assert!(matches!(store.rejected(&new, 403).await, Rejection::Nothing), "a 403 never downgrades");
         assert!(store.purge_previous("s", epoch));
         assert!(!store.purge_previous("s", epoch));
-        assert!(matches!(store.rejected(&new).await, Rejection::Nothing));
+        assert!(matches!(store.rejected(&new, 401).await, Rejection::Nothing));
         assert_eq!(String::from_utf8_lossy(&store.scrubber().scrub(b"alpha-secret-1")), "alpha-secret-1");
     }
 

@@ -9,6 +9,7 @@ mod cache;
 mod env;
 mod exec;
 mod file;
+mod held;
 mod vault;
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +71,12 @@ pub trait Rotatable: Send + Sync {
 
     /// Makes `candidate` the current version. A failure leaves the current version as it was.
     fn promote<'a>(&'a self, candidate: &'a Fetched) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Whether a plain fetch may return an untested new value (no version stages), so a rotating
+    /// source must keep serving its promoted values until a rotation takes the new ones.
+    fn pins(&self) -> bool {
+        true
+    }
 }
 
 pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
