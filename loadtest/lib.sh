@@ -37,9 +37,12 @@ need_tool() {
   command -v "$1" >/dev/null 2>&1
 }
 
+# NO_BUILD=1 uses the release binaries already in target/ (for example while cargo is busy).
 build_release() {
-  echo "building keyward and bench_upstream (release)"
-  (cd "$ROOT" && cargo build --release --locked --bin keyward --example bench_upstream)
+  if [ -z "${NO_BUILD:-}" ]; then
+    echo "building keyward and bench_upstream (release)"
+    (cd "$ROOT" && nice cargo build --release --locked --bin keyward --example bench_upstream)
+  fi
   KEYWARD="$ROOT/target/release/keyward"
   UPSTREAM="$ROOT/target/release/examples/bench_upstream"
 }

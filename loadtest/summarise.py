@@ -6,9 +6,14 @@ usage:
   summarise.py NAME --bench DIRECT KEYWARD PROXY...
                                        saturation req/s and, from the fixed-rate runs (rate-MODE-ROUND),
                                        p50/p99/p99.9; ratios to DIRECT and KEYWARD's to the best PROXY
+  summarise.py NAME --samples FILE     FILE (JSON) holds {"metrics": {NAME: {"unit", "samples", "target"?}},
+                                       "added": {NAME: [A, B, target?]}?, "notes": [..]?}: median, p90, min and
+                                       max of each metric, median(A) - median(B) for each added one, and
+                                       whether each target ("<= X" or "== X" on the median) is met
 
 env: WORK, ROUNDS, DURATION, CONNECTIONS, RESULTS, MACHINE, SCENARIO, TITLE; optional TARGET_MODE and
-TARGET_RATIO (first form) and RATE (--bench). Reads WORK/[TAG]MODE-ROUND.json.
+TARGET_RATIO (first form) and RATE (--bench). Reads WORK/[TAG]MODE-ROUND.json. --samples needs only RESULTS,
+MACHINE, SCENARIO and TITLE.
 """
 import json
 import os
@@ -16,8 +21,8 @@ import statistics
 import sys
 
 env = os.environ
-work, rounds = env["WORK"], int(env["ROUNDS"])
 machine = json.loads(env["MACHINE"])
+work, rounds = env.get("WORK", ""), int(env.get("ROUNDS", "1"))
 
 
 def run(mode, r):
@@ -49,6 +54,56 @@ def header():
         "rounds": rounds,
         "machine": machine,
     }
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def meets(value, target):
+    op, bound = target.split()
+    return value <= float(bound) if op == "<=" else value == float(bound) if op == "==" else value >= float(bound)
+
+
+def samples(name, path):
+    data = json.load(open(path))
+    stats, rows, checks = {}, [], []
+    for metric, m in data["metrics"].items():
+        v = m["samples"]
+        st = {"unit": m["unit"], "n": len(v), "median": statistics.median(v), "p90": percentile(v, 0.9),
+              "min": min(v), "max": max(v), "samples": v}
+        if "target" in m:
+            st["target"], st["target_met"] = m["target"], meets(st["median"], m["target"])
+            checks.append(f"- {metric}: median {st['median']:.3f} {m['unit']}, target {m['target']}: "
+                          f"**{'met' if st['target_met'] else 'missed'}**")
+        stats[metric] = st
+        rows.append(f"| {metric} | {st['n']} | {st['median']:.3f} | {st['p90']:.3f} | {st['min']:.3f} | "
+                    f"{st['max']:.3f} | {m['unit']} |")
+    added = {}
+    for metric, (a, b, *target) in data.get("added", {}).items():
+        value = stats[a]["median"] - stats[b]["median"]
+        added[metric] = {"value": value, "unit": stats[a]["unit"], "of": [a, b]}
+        line = f"- {metric} (median {a} − median {b}): {value:+.3f} {stats[a]['unit']}"
+        if target:
+            added[metric] |= {"target": target[0], "target_met": meets(value, target[0])}
+            line += f", target {target[0]}: **{'met' if added[metric]['target_met'] else 'missed'}**"
+        checks.append(line)
+    notes = "".join(f"\n{n}\n" for n in data.get("notes", []))
+    result = {"scenario": env["SCENARIO"], "metrics": stats, "added": added, "notes": data.get("notes", []),
+              "machine": machine}
+    table = "\n".join(rows)
+    write(name, result, f"""# {env['TITLE']}
+
+{env['SCENARIO']}.
+
+| metric | n | median | p90 | min | max | unit |
+|---|---|---|---|---|---|---|
+{table}
+
+{chr(10).join(checks)}
+{notes}
+{footer()}""")
 
 
 def footer():
@@ -155,7 +210,9 @@ Status codes over all saturation runs: {result['status_codes']}.
 
 
 if __name__ == "__main__":
-    if sys.argv[2] == "--bench":
+    if sys.argv[2] == "--samples":
+        samples(sys.argv[1], sys.argv[3])
+    elif sys.argv[2] == "--bench":
         bench(sys.argv[1], sys.argv[3], sys.argv[4], sys.argv[5:])
     else:
         ratios(sys.argv[1], sys.argv[2], sys.argv[3:])
