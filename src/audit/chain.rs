@@ -36,19 +36,23 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 
 /// An object with its keys sorted, plus `extra` (a key the map does not have) in its sorted place.
 fn write_object(map: &Map<String, Value>, extra: Option<(&str, &str)>, out: &mut Vec<u8>) {
-    let mut keys: Vec<&str> = map.keys().map(String::as_str).chain(extra.map(|(key, _)| key)).collect();
-    keys.sort_unstable();
+    enum Field<'a> {
+        Value(&'a Value),
+        Text(&'a str),
+    }
+    let mut fields: Vec<(&str, Field)> = map.iter().map(|(key, value)| (key.as_str(), Field::Value(value))).collect();
+    fields.extend(extra.map(|(key, text)| (key, Field::Text(text))));
+    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    for (i, key) in keys.into_iter().enumerate() {
+    for (i, (key, field)) in fields.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
         serde_json::to_writer(&mut *out, key).expect("strings serialize");
         out.push(b':');
-        match (map.get(key), extra) {
-            (Some(value), _) => write_canonical(value, out),
-            (None, Some((_, text))) => serde_json::to_writer(&mut *out, text).expect("strings serialize"),
-            (None, None) => unreachable!("every key comes from the map or is the extra one"),
+        match field {
+            Field::Value(value) => write_canonical(value, out),
+            Field::Text(text) => serde_json::to_writer(&mut *out, text).expect("strings serialize"),
         }
     }
     out.push(b'}');
