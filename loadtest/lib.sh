@@ -34,6 +34,7 @@ need_tool() {
     *) echo "do not know how to install $1" >&2 && return 1 ;;
   esac
   hash -r
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
   command -v "$1" >/dev/null 2>&1
 }
 
