@@ -19,7 +19,9 @@ pub fn canonical(value: &Value) -> String {
 /// the audit writer's thread).
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => write_object(map, None, out),
+        Value::Object(map) => {
+            write_object(map, None, out);
+        }
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -34,28 +36,26 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// An object with its keys sorted, plus `extra` (a key the map does not have) in its sorted place.
-fn write_object(map: &Map<String, Value>, extra: Option<(&str, &str)>, out: &mut Vec<u8>) {
-    enum Field<'a> {
-        Value(&'a Value),
-        Text(&'a str),
-    }
-    let mut fields: Vec<(&str, Field)> = map.iter().map(|(key, value)| (key.as_str(), Field::Value(value))).collect();
-    fields.extend(extra.map(|(key, text)| (key, Field::Text(text))));
+/// An object with its keys sorted. Returns where a field named `slot` (a key the map does not
+/// have) would start, if some key sorts after it: the offset of the first such key.
+fn write_object(map: &Map<String, Value>, slot: Option<&str>, out: &mut Vec<u8>) -> Option<usize> {
+    let mut fields: Vec<(&String, &Value)> = map.iter().collect();
     fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    for (i, (key, field)) in fields.into_iter().enumerate() {
+    let mut at = None;
+    for (i, (key, value)) in fields.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
+        if at.is_none() && slot.is_some_and(|slot| key.as_str() > slot) {
+            at = Some(out.len());
+        }
         serde_json::to_writer(&mut *out, key).expect("strings serialize");
         out.push(b':');
-        match field {
-            Field::Value(value) => write_canonical(value, out),
-            Field::Text(text) => serde_json::to_writer(&mut *out, text).expect("strings serialize"),
-        }
+        write_canonical(value, out);
     }
     out.push(b'}');
+    at
 }
 
 fn into_string(bytes: Vec<u8>) -> String {
@@ -86,10 +86,10 @@ impl ChainHead {
         map.insert("seq".to_string(), Value::from(self.seq));
         map.insert("prev_hash".to_string(), Value::from(std::mem::take(&mut self.prev_hash)));
         let mut out = Vec::with_capacity(1024);
-        write_object(map, None, &mut out);
+        let at = write_object(map, Some("hash"), &mut out).expect("prev_hash and seq sort after hash");
         let hash = hex::encode(Sha256::digest(&out));
-        out.clear();
-        write_object(map, Some(("hash", &hash)), &mut out);
+        // The same bytes with `"hash":"…",` in its sorted place (hex needs no escaping).
+        out.splice(at..at, format!("\"hash\":\"{hash}\",").into_bytes());
         self.seq += 1;
         self.prev_hash = hash;
         into_string(out)
