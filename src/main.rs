@@ -8,6 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keyward::config::{self, Config};
 use keyward::identity;
 
+/// mimalloc rather than glibc's malloc: the proxy allocates many small, short-lived objects, and
+/// audit records are built on the async workers but freed on the audit writer's thread, which with
+/// glibc contends on the workers' arena locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "keyward", version, about = "A credential-injecting reverse proxy for AI agents")]
 struct Cli {

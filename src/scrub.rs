@@ -122,9 +122,14 @@ impl Scrubber {
             first_bytes[pattern[0].to_ascii_uppercase() as usize] = true;
         }
         let automaton = (!patterns.is_empty()).then(|| {
+            // No prefilter: the patterns' case-insensitive first bytes are common letters and digits,
+            // so on text (JSON, SSE, prose) the prefilter stops at almost every byte and restarts
+            // the automaton, about 5x slower than scanning every byte with it (measured on 16 KiB
+            // of English text: ~155 us against ~31 us).
             AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostLongest)
                 .ascii_case_insensitive(true)
+                .prefilter(false)
                 .build(&patterns)
                 .expect("literal patterns always compile")
         });

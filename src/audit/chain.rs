@@ -2,7 +2,7 @@
 //! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace).
 //! Verification is pure: it reads lines and reports the first place the chain breaks.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// `prev_hash` of the very first record.
@@ -10,39 +10,56 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// Serializes with object keys sorted at every level, whatever map type serde_json uses.
 pub fn canonical(value: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(512);
     write_canonical(value, &mut out);
-    out
+    into_string(out)
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+/// Writes straight into one buffer: no string per key or scalar (this runs twice per request on
+/// the audit writer's thread).
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&serde_json::to_string(key).expect("strings serialize"));
-                out.push(':');
-                write_canonical(&map[key], out);
-            }
-            out.push('}');
+            write_object(map, None, out);
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => out.push_str(&serde_json::to_string(scalar).expect("scalars serialize")),
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("scalars serialize"),
     }
+}
+
+/// An object with its keys sorted. Returns where a field named `slot` (a key the map does not
+/// have) would start, if some key sorts after it: the offset of the first such key.
+fn write_object(map: &Map<String, Value>, slot: Option<&str>, out: &mut Vec<u8>) -> Option<usize> {
+    let mut fields: Vec<(&String, &Value)> = map.iter().collect();
+    fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    let mut at = None;
+    for (i, (key, value)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        if at.is_none() && slot.is_some_and(|slot| key.as_str() > slot) {
+            at = Some(out.len());
+        }
+        serde_json::to_writer(&mut *out, key).expect("strings serialize");
+        out.push(b':');
+        write_canonical(value, out);
+    }
+    out.push(b'}');
+    at
+}
+
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).expect("serde_json writes UTF-8")
 }
 
 pub fn hash_of(record_without_hash: &Value) -> String {
@@ -61,17 +78,21 @@ impl ChainHead {
         ChainHead { seq: 0, prev_hash: GENESIS.to_string() }
     }
 
-    /// Adds `seq`, `prev_hash` and `hash` to `record`, advances the head, and returns the line.
+    /// Adds `seq`, `prev_hash` and `hash` to `record`, advances the head, and returns the line:
+    /// the canonical JSON of the record with its hash, whose hash is that of the same JSON without it.
     pub fn seal(&mut self, mut record: Value) -> String {
         let map = record.as_object_mut().expect("audit records are JSON objects");
         map.remove("hash");
         map.insert("seq".to_string(), Value::from(self.seq));
-        map.insert("prev_hash".to_string(), Value::from(self.prev_hash.clone()));
-        let hash = hash_of(&record);
-        record.as_object_mut().expect("object").insert("hash".to_string(), Value::from(hash.clone()));
+        map.insert("prev_hash".to_string(), Value::from(std::mem::take(&mut self.prev_hash)));
+        let mut out = Vec::with_capacity(1024);
+        let at = write_object(map, Some("hash"), &mut out).expect("prev_hash and seq sort after hash");
+        let hash = hex::encode(Sha256::digest(&out));
+        // The same bytes with `"hash":"…",` in its sorted place (hex needs no escaping).
+        out.splice(at..at, format!("\"hash\":\"{hash}\",").into_bytes());
         self.seq += 1;
         self.prev_hash = hash;
-        canonical(&record)
+        into_string(out)
     }
 
     /// The head after an existing sealed line (for resuming the chain at start-up).
@@ -201,6 +222,20 @@ mod tests {
             canonical(&json!({ "b": 1, "a": { "d": [3, { "y": 1, "x": 2 }], "c": null } })),
             r#"{"a":{"c":null,"d":[3,{"x":2,"y":1}]},"b":1}"#
         );
+    }
+
+    #[test]
+    fn a_sealed_line_is_canonical_and_hashed_without_its_hash() {
+        let mut head = ChainHead { seq: 7, prev_hash: "cd".repeat(32) };
+        let line =
+            head.seal(json!({ "type": "request", "z": "\u{e9}\"", "hash": "stale", "a": [{ "y": 1, "x": null }] }));
+        let mut value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(canonical(&value), line);
+        let hash = value.as_object_mut().unwrap().remove("hash").unwrap();
+        assert_eq!(hash.as_str().unwrap(), hash_of(&value));
+        assert_eq!(value["seq"], 7);
+        assert_eq!(value["prev_hash"], "cd".repeat(32));
+        assert_eq!((head.seq, head.prev_hash.as_str()), (8, hash.as_str().unwrap()));
     }
 
     #[test]

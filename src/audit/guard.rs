@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use http::Method;
 use rand::Rng;
 
-use super::record::{AuditRecord, Decision, InvalidatedCredential, Outcome, RELEASED_FIELDS};
+use super::record::{AuditRecord, Decision, InvalidatedCredential, Outcome};
 use super::sink::AuditSink;
 use crate::config::OnFailure;
 use crate::error::{Origin, ProxyError};
@@ -140,15 +140,8 @@ impl AuditGuard {
     /// goes onto the network. If the audit file cannot be written and `on_failure = "deny"`, the
     /// credential is withheld.
     pub async fn release(&mut self) -> Result<(), ProxyError> {
-        let mut record = self.record.clone();
-        record.kind = "request.released";
-        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        record.operation = operation(&record);
-        record.decision = Decision::Allowed;
-        let mut value = record.to_json();
-        if let Some(map) = value.as_object_mut() {
-            map.retain(|key, _| RELEASED_FIELDS.contains(&key.as_str()));
-        }
+        let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut value = self.record.released_json(&timestamp, &operation(&self.record));
         self.scrubber.load().scrub_json(&mut value);
         match self.sink.record_durably(value).await {
             Ok(()) => Ok(()),

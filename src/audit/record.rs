@@ -111,30 +111,142 @@ pub struct InvalidatedCredential {
     pub retry: &'static str,
 }
 
-/// The fields a `request.released` record keeps: who is getting which credential, for what.
-pub const RELEASED_FIELDS: [&str; 18] = [
-    "type",
-    "timestamp",
-    "requestId",
-    "agentId",
-    "operation",
-    "credential",
-    "ip",
-    "metadata",
-    "route",
-    "method",
-    "path",
-    "decision",
-    "secretSource",
-    "secretVersion",
-    "delegatedBy",
-    "label",
-    "fallbackFrom",
-    "invalidated",
-];
+/// The `request.released` record: who is getting which credential, for what. Borrowed from the
+/// request's record, so writing it copies nothing but the JSON it becomes.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Released<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: &'a str,
+    request_id: &'a str,
+    agent_id: Option<&'a str>,
+    operation: &'a str,
+    credential: Option<&'a str>,
+    ip: &'a str,
+    metadata: &'a BTreeMap<String, String>,
+    route: Option<&'a str>,
+    method: &'a str,
+    path: &'a str,
+    decision: Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delegated_by: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback_from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalidated: Option<&'a InvalidatedCredential>,
+}
 
 impl AuditRecord {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::to_value(self).expect("audit records always serialize")
+    }
+
+    /// The `request.released` record for this request, written at `timestamp` for `operation`.
+    pub fn released_json(&self, timestamp: &str, operation: &str) -> serde_json::Value {
+        let released = Released {
+            kind: "request.released",
+            timestamp,
+            request_id: &self.request_id,
+            agent_id: self.agent_id.as_deref(),
+            operation,
+            credential: self.credential.as_deref(),
+            ip: &self.ip,
+            metadata: &self.metadata,
+            route: self.route.as_deref(),
+            method: &self.method,
+            path: &self.path,
+            decision: Decision::Allowed,
+            secret_source: self.secret_source.as_deref(),
+            secret_version: self.secret_version.as_deref(),
+            delegated_by: self.delegated_by.as_deref(),
+            label: self.label.as_deref(),
+            fallback_from: self.fallback_from.as_deref(),
+            invalidated: self.invalidated.as_ref(),
+        };
+        serde_json::to_value(released).expect("audit records always serialize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields a `request.released` record keeps: who is getting which credential, for what.
+    const RELEASED_FIELDS: [&str; 18] = [
+        "type",
+        "timestamp",
+        "requestId",
+        "agentId",
+        "operation",
+        "credential",
+        "ip",
+        "metadata",
+        "route",
+        "method",
+        "path",
+        "decision",
+        "secretSource",
+        "secretVersion",
+        "delegatedBy",
+        "label",
+        "fallbackFrom",
+        "invalidated",
+    ];
+
+    fn record(filled: bool) -> AuditRecord {
+        let some = |s: &str| filled.then(|| s.to_string());
+        AuditRecord {
+            kind: "request",
+            timestamp: "2026-01-01T00:00:00.000Z".into(),
+            request_id: "00ff".into(),
+            agent_id: some("agent-1"),
+            operation: String::new(),
+            credential: some("OPENAI"),
+            success: false,
+            duration_ms: 3,
+            ip: "127.0.0.1".into(),
+            metadata: Arc::new([("team".to_string(), "x".to_string())].into()),
+            route: some("openai"),
+            method: "POST".into(),
+            path: "/v1/chat".into(),
+            status: 0,
+            decision: Decision::Denied,
+            outcome: Outcome::Denied,
+            error_code: filled.then_some("forbidden"),
+            secret_source: some("aws"),
+            secret_version: some("v1"),
+            key_fingerprint: some("abc"),
+            bytes_sent: filled.then_some(9),
+            delegated_by: filled.then(|| vec!["parent".to_string()]),
+            label: some("job"),
+            fallback_from: some("prod"),
+            invalidated: filled.then(|| InvalidatedCredential {
+                status: 401,
+                version: some("v0"),
+                retry: "new_version",
+            }),
+        }
+    }
+
+    #[test]
+    fn the_released_record_is_the_full_record_cut_to_its_fields() {
+        for filled in [true, false] {
+            let record = record(filled);
+            let mut full = record.clone();
+            full.kind = "request.released";
+            full.timestamp = "2026-01-01T00:00:01.000Z".into();
+            full.operation = "openai POST /v1/chat".into();
+            full.decision = Decision::Allowed;
+            let mut expected = full.to_json();
+            expected.as_object_mut().unwrap().retain(|key, _| RELEASED_FIELDS.contains(&key.as_str()));
+            assert_eq!(record.released_json("2026-01-01T00:00:01.000Z", "openai POST /v1/chat"), expected);
+        }
     }
 }

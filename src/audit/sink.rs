@@ -232,12 +232,10 @@ impl Writer {
                 }
                 next = rx.try_recv().ok();
             }
-            if !records.is_empty() {
-                self.write_batch(records);
-            }
+            let size = if records.is_empty() { None } else { self.write_batch(records) };
             // Rotation (and the pruning it triggers) happens before a flush is acknowledged, so
             // a caller that flushed sees the files as they will stay.
-            self.rotate_if_due();
+            self.rotate_if_due(size.or_else(|| self.regular_len()));
             if !flushes.is_empty() {
                 if let Err(error) = self.out.flush() {
                     tracing::error!(%error, "audit buffer could not be flushed");
@@ -252,7 +250,9 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, records: Vec<(Value, Option<Ack>)>) {
+    /// Writes and acknowledges a batch; returns the file's length after it (regular files only),
+    /// so a batch costs one `stat`, not one per check.
+    fn write_batch(&mut self, records: Vec<(Value, Option<Ack>)>) -> Option<u64> {
         let before = self.head.clone();
         let mut bytes = Vec::with_capacity(records.len() * 512);
         let mut acks = Vec::new();
@@ -262,8 +262,9 @@ impl Writer {
             acks.extend(ack);
         }
         let count = self.head.seq - before.seq;
-        let length_before = self.is_regular().then(|| self.out.file().metadata().map(|m| m.len()).ok()).flatten();
+        let length_before = self.regular_len();
         let result = self.out.write(&bytes, self.durability == Durability::Fsync);
+        let length_after = if result.is_ok() { length_before.map(|n| n + bytes.len() as u64) } else { length_before };
         match &result {
             Ok(()) => {
                 self.metrics.audit_records.inc_by(count);
@@ -293,22 +294,24 @@ impl Writer {
         for ack in acks {
             let _ = ack.send(outcome.clone());
         }
+        length_after
     }
 
     /// Writes one record the writer produces itself (rotation and pruning events).
     fn write_event(&mut self, event: Value) {
-        self.write_batch(vec![(event, None)]);
+        let _ = self.write_batch(vec![(event, None)]);
     }
 
     fn tick(&mut self) {
         if let Err(error) = self.out.flush() {
             tracing::error!(%error, "audit buffer could not be flushed");
         }
-        self.rotate_if_due();
+        self.rotate_if_due(self.regular_len());
     }
 
-    fn is_regular(&self) -> bool {
-        self.out.file().metadata().is_ok_and(|m| m.is_file())
+    /// The audit file's length, if it is a regular file (not a FIFO or a device).
+    fn regular_len(&self) -> Option<u64> {
+        self.out.file().metadata().ok().filter(|m| m.is_file()).map(|m| m.len())
     }
 
     /// If the file does not end with a newline (a torn write before a power loss), start the
@@ -328,11 +331,9 @@ impl Writer {
         }
     }
 
-    fn rotate_if_due(&mut self) {
-        if !self.is_regular() {
-            return;
-        }
-        let size = self.out.file().metadata().map(|m| m.len()).unwrap_or(0);
+    /// `size`: the file's length if it is a regular file (only those rotate).
+    fn rotate_if_due(&mut self, size: Option<u64>) {
+        let Some(size) = size else { return };
         let new_day = self.rotate_daily && today() != self.date;
         let too_big = self.rotate_bytes > 0 && size >= self.rotate_bytes;
         if size > 0 && (new_day || too_big) {

@@ -190,7 +190,7 @@ impl Limits {
         now: SystemTime,
     ) -> Vec<Decision> {
         let mut agents = self.agents.lock().expect("limits lock");
-        let state = agents.entry(agent.to_string()).or_default();
+        let state = state_of(&mut agents, agent);
         let fired = state.activity.observe_call(config, route, credential, now);
         self.apply(agent, state, fired, now)
     }
@@ -198,7 +198,7 @@ impl Limits {
     /// Feeds one failure (upstream 401/403 or a keyward denial) to the detectors.
     pub fn observe_failure(&self, agent: &str, config: &AnomalyConfig, now: SystemTime) -> Vec<Decision> {
         let mut agents = self.agents.lock().expect("limits lock");
-        let state = agents.entry(agent.to_string()).or_default();
+        let state = state_of(&mut agents, agent);
         let fired = state.activity.observe_failure(config, now);
         self.apply(agent, state, fired, now)
     }
@@ -217,7 +217,7 @@ impl Limits {
     pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
         let until = duration.map(|d| now + d);
         let mut agents = self.agents.lock().expect("limits lock");
-        let state = agents.entry(agent.to_string()).or_default();
+        let state = state_of(&mut agents, agent);
         state.quarantined = Some(until);
         state.quarantine_confirmed = false;
         drop(agents);
@@ -292,6 +292,14 @@ impl Limits {
                     .is_some_and(|t| now.duration_since(t).unwrap_or_default() < Duration::from_secs(7200))
         });
     }
+}
+
+/// The agent's state, created on first use; the id is copied only then, not on every call.
+fn state_of<'a>(agents: &'a mut HashMap<String, AgentState>, agent: &str) -> &'a mut AgentState {
+    if !agents.contains_key(agent) {
+        agents.insert(agent.to_string(), AgentState::default());
+    }
+    agents.get_mut(agent).expect("just inserted")
 }
 
 #[cfg(test)]

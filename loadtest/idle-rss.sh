@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Memory: keyward's RSS with CONNECTIONS (10,000) idle keep-alive agent connections, each of
+# which made one call through the full pipeline first. Target: at most 64 MiB.
+# Writes loadtest/results/idle-rss.{json,md}.
+source "$(dirname "$0")/lib.sh"
+CONNECTIONS=${CONNECTIONS:-10000}
+
+build_release
+ulimit -n "$(ulimit -Hn)"
+start_upstream 18881
+keyward_config 18880 18890 18881 true os > "$WORK/keyward.toml"
+start_keyward "$WORK/keyward.toml" 18890
+python3 "$ROOT/loadtest/idle_conns.py" "$WORK/samples.json" "${PIDS[-1]}" 18880 /bench/json1k "$BENCH_KEY" "$CONNECTIONS"
+export TITLE="Memory with idle connections" SCENARIO="keyward RSS (VmRSS) before and with $CONNECTIONS idle keep-alive agent connections, each after one 1 KiB call through the full pipeline; five readings a second apart"
+MACHINE=$(machine_json) RESULTS="$RESULTS" python3 "$ROOT/loadtest/summarise.py" idle-rss --samples "$WORK/samples.json"
