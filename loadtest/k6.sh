@@ -54,8 +54,15 @@ start_keyward "$WORK/keyward.toml" 19090
 status=0
 scripts=("$@")
 [ ${#scripts[@]} -gt 0 ] || scripts=($(cd "$ROOT/loadtest/k6" && ls *.js | sed 's/\.js$//'))
+rotated_secrets() {
+  printf '{"OPENAI_KEY": "sk-k6-%s", "GITHUB_TOKEN": "ghp_k6%s"}\n' "$(printf 'r%.0s' {1..40})" "$(printf 'g%.0s' {1..36})"
+}
 for name in "${scripts[@]}"; do
   echo "k6: $name"
+  # The mix rotates OPENAI_KEY at 15 s: the file gets its new value just before (written aside,
+  # then renamed, as the README advises), so the rotation has something to test and promote.
+  (sleep 13 && rotated_secrets >"$WORK/secrets.json.new" && chmod 600 "$WORK/secrets.json.new" \
+    && mv "$WORK/secrets.json.new" "$WORK/secrets.json") &
   k6 run --no-color --quiet --summary-export "$RESULTS/k6-$name.json" \
     -e CHAT1_KEY="$CHAT1_KEY" -e CHAT2_KEY="$CHAT2_KEY" -e READER_KEY="$READER_KEY" -e BATCH_KEY="$BATCH_KEY" \
     -e ADMIN_TOKEN="$ADMIN_TOKEN" "$ROOT/loadtest/k6/$name.js" 2>&1 | tee "$RESULTS/k6-$name.txt" || status=1
