@@ -660,59 +660,36 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
     if !valid_name(&s.name) {
         c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
     }
-    let unused = |c: &mut Collector<'_>, field: &str, present: bool| {
-        if present {
-            c.problem(format!("{at}.{field}"), format!("is not used by provider '{}'", s.provider));
-        }
-    };
-    let mut mapping_text = s.mapping.clone();
-    let newer_fields = [
-        ("address", s.address.is_some()),
-        ("mount", s.mount.is_some()),
-        ("namespace", s.namespace.is_some()),
-        ("auth", s.auth.is_some()),
-        ("command", s.command.is_some()),
-        ("args", s.args.is_some()),
-        ("pass_env", s.pass_env.is_some()),
-        ("timeout_ms", s.timeout_ms.is_some()),
-        ("max_output_bytes", s.max_output_bytes.is_some()),
+    // Each provider-specific field, and the providers that read it: any other one set is a mistake.
+    const AWS: &str = "aws-secrets-manager";
+    let specific: [(&str, bool, &[&str]); 14] = [
+        ("region", s.region.is_some(), &[AWS]),
+        ("secret_name", s.secret_name.is_some(), &[AWS]),
+        ("endpoint_url", s.endpoint_url.is_some(), &[AWS]),
+        ("version_stage", s.version_stage.is_some(), &[AWS]),
+        ("path", s.path.is_some(), &["file", "vault"]),
+        ("address", s.address.is_some(), &["vault"]),
+        ("mount", s.mount.is_some(), &["vault"]),
+        ("namespace", s.namespace.is_some(), &["vault"]),
+        ("auth", s.auth.is_some(), &["vault"]),
+        ("command", s.command.is_some(), &["exec"]),
+        ("args", s.args.is_some(), &["exec"]),
+        ("pass_env", s.pass_env.is_some(), &["exec"]),
+        ("timeout_ms", s.timeout_ms.is_some(), &["exec"]),
+        ("max_output_bytes", s.max_output_bytes.is_some(), &["exec"]),
     ];
-    let uses: &[&str] = match s.provider.as_str() {
-        "vault" => &["address", "mount", "namespace", "auth"],
-        "exec" => &["command", "args", "pass_env", "timeout_ms", "max_output_bytes"],
-        _ => &[],
-    };
-    for (field, present) in newer_fields {
-        if !uses.contains(&field) {
-            unused(c, field, present);
+    if [AWS, "file", "env", "vault", "exec"].contains(&s.provider.as_str()) {
+        for (field, present, readers) in specific {
+            if present && !readers.contains(&s.provider.as_str()) {
+                c.problem(format!("{at}.{field}"), format!("is not used by provider '{}'", s.provider));
+            }
         }
     }
+    let mut mapping_text = s.mapping.clone();
     let provider = match s.provider.as_str() {
-        "vault" => {
-            for (field, present) in [
-                ("region", s.region.is_some()),
-                ("secret_name", s.secret_name.is_some()),
-                ("endpoint_url", s.endpoint_url.is_some()),
-                ("version_stage", s.version_stage.is_some()),
-            ] {
-                unused(c, field, present);
-            }
-            ProviderConfig::Vault(vault_config(c, at, &s)?)
-        }
-        "exec" => {
-            for (field, present) in [
-                ("region", s.region.is_some()),
-                ("secret_name", s.secret_name.is_some()),
-                ("endpoint_url", s.endpoint_url.is_some()),
-                ("version_stage", s.version_stage.is_some()),
-                ("path", s.path.is_some()),
-            ] {
-                unused(c, field, present);
-            }
-            ProviderConfig::Exec(exec_config(c, at, &s)?)
-        }
+        "vault" => ProviderConfig::Vault(vault_config(c, at, &s)?),
+        "exec" => ProviderConfig::Exec(exec_config(c, at, &s)?),
         "aws-secrets-manager" => {
-            unused(c, "path", s.path.is_some());
             let Some(raw_mapping) = &s.mapping else {
                 c.problem(format!("{at}.mapping"), "is required for provider 'aws-secrets-manager'");
                 return None;
@@ -767,14 +744,6 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
             }
         }
         "file" => {
-            for (field, present) in [
-                ("region", s.region.is_some()),
-                ("secret_name", s.secret_name.is_some()),
-                ("endpoint_url", s.endpoint_url.is_some()),
-                ("version_stage", s.version_stage.is_some()),
-            ] {
-                unused(c, field, present);
-            }
             let Some(path) = s.path.clone() else {
                 c.problem(format!("{at}.path"), "is required for provider 'file'");
                 return None;
@@ -782,15 +751,6 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
             ProviderConfig::File { path: PathBuf::from(path) }
         }
         "env" => {
-            for (field, present) in [
-                ("region", s.region.is_some()),
-                ("secret_name", s.secret_name.is_some()),
-                ("endpoint_url", s.endpoint_url.is_some()),
-                ("version_stage", s.version_stage.is_some()),
-                ("path", s.path.is_some()),
-            ] {
-                unused(c, field, present);
-            }
             if s.mapping.is_none() {
                 c.problem(format!("{at}.mapping"), "is required for provider 'env' (secret name = \"{{ENV_VAR}}\")");
             }
