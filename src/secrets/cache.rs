@@ -460,15 +460,13 @@ impl Slot {
             let recent = state.last_fetch_at.is_some_and(|at| at.elapsed() < MIN_REFETCH_INTERVAL);
             if !recent {
                 // Expired, not removed: while the store is down, `stale_if_error` still has them.
-                let ttl = self.policy.ttl;
-                for entry in state.entries.values_mut() {
-                    match Instant::now().checked_sub(ttl) {
-                        Some(expired) => entry.fetched_at = expired.min(entry.fetched_at),
-                        None => entry.fetched_at = Instant::now(),
+                match Instant::now().checked_sub(self.policy.ttl) {
+                    Some(expired) if !self.policy.ttl.is_zero() => {
+                        for entry in state.entries.values_mut() {
+                            entry.fetched_at = expired.min(entry.fetched_at);
+                        }
                     }
-                }
-                if ttl.is_zero() || Instant::now().checked_sub(ttl).is_none() {
-                    state.entries.clear();
+                    _ => state.entries.clear(),
                 }
             }
             match (&state.last, recent) {
@@ -817,6 +815,18 @@ mod tests {
         }
         assert_eq!(provider.calls.load(Ordering::SeqCst), 2);
         assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-2");
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_while_the_store_is_down_keeps_stale_if_error() {
+        let (store, provider) = new_store(policy(60_000, 10, 60_000));
+        let used = store.resolve("A").await.unwrap();
+        provider.fail.store(true, Ordering::SeqCst);
+        tokio::time::sleep(MIN_REFETCH_INTERVAL).await;
+        assert!(matches!(store.rejected(&used, 401).await, Rejection::Nothing));
+        // Expired by the invalidation, but still inside the stale window: served, not a 503.
+        assert_eq!(store.resolve("A").await.unwrap().value.expose_secret(), "alpha-secret-1");
+        assert!(provider.calls.load(Ordering::SeqCst) >= 3, "the expired entry was re-fetched first");
     }
 
     #[tokio::test]
