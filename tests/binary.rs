@@ -379,6 +379,18 @@ fn sources_from_reports_problems_at_the_external_files_lines() {
     );
     assert!(!ok);
     assert!(out.contains("the audit trail cannot be turned off"), "{out}");
+    // The article's fuller rotationPolicy names a channel: it resolves through [notifications].
+    let telegram = article.replace(
+        "\"fallbackTo\": \"staging\"",
+        "\"fallbackTo\": \"staging\",\n\"gracePeriodMinutes\": 30,\n\"notificationChannel\": \"telegram\"",
+    );
+    let (ok, out) = run(&telegram, &format!("{main}{staging}"));
+    assert!(!ok);
+    assert!(out.contains("prod.json:18: rotationPolicy.notificationChannel: 'telegram' is neither"), "{out}");
+    let channels = "\n[notifications]\ntelegram = \"https://hooks.example.com/telegram\"\n";
+    let (ok, out) = run(&telegram, &format!("{main}{staging}{channels}"));
+    assert!(ok, "{out}");
+    assert!(out.contains("grace 30 min"), "{out}");
     let (ok, out) = run("{ \"type\": \"external-secrets\", ", &format!("{main}{staging}"));
     assert!(!ok);
     assert!(out.starts_with("prod.json:"), "{out}");

@@ -22,6 +22,9 @@ pub struct RawConfig {
     /// Files holding the article's `external-secrets` JSON blocks, loaded as sources.
     #[serde(default)]
     pub sources_from: Vec<String>,
+    /// Named notification channels (name → webhook URL) for `notificationChannel = "name"`.
+    #[serde(default)]
+    pub notifications: BTreeMap<String, String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]

@@ -181,18 +181,23 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         c.problem("audit.retention_days", "must be at least 1");
     }
 
-    let mut retention_floor = Vec::new();
+    for (name, url) in &raw.notifications {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            c.problem(format!("notifications.{name}"), "must be a webhook URL (http:// or https://)");
+        }
+    }
+    let mut cx = SourceContext { retention_floor: Vec::new(), channels: &raw.notifications };
     let mut sources: Vec<SourceConfig> = raw
         .sources
         .into_iter()
         .enumerate()
-        .filter_map(|(i, s)| source(c, &format!("sources[{i}]"), s, &mut retention_floor))
+        .filter_map(|(i, s)| source(c, &format!("sources[{i}]"), s, &mut cx))
         .collect();
     for (i, path) in raw.sources_from.iter().enumerate() {
-        sources.extend(external_sources(c, &format!("sources_from[{i}]"), path, &mut retention_floor));
+        sources.extend(external_sources(c, &format!("sources_from[{i}]"), path, &mut cx));
     }
     // An `auditTrail.retentionDays` keeps the trail at least that long; the longest one wins.
-    for days in retention_floor {
+    for days in cx.retention_floor {
         audit.retention_days = audit.retention_days.max(days);
     }
     check_fallbacks(c, &sources);
@@ -562,7 +567,15 @@ fn selector(text: &str) -> Option<Selector> {
 
 /// Loads a file of the article's `external-secrets` blocks (one object or a list), reporting
 /// problems at that file's own lines.
-fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, retention_floor: &mut Vec<u32>) -> Vec<SourceConfig> {
+/// What validating a source needs beyond the source itself.
+struct SourceContext<'a> {
+    /// Every `auditTrail.retentionDays`, to raise the audit retention to the largest.
+    retention_floor: Vec<u32>,
+    /// `[notifications]`: channel name → webhook URL, for `notificationChannel = "name"`.
+    channels: &'a BTreeMap<String, String>,
+}
+
+fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, cx: &mut SourceContext<'_>) -> Vec<SourceConfig> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
@@ -609,7 +622,7 @@ fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, retention_floor
         // Validated with keyward's field names, then reported at the article's own names and lines.
         let empty = SpanIndex::default();
         let mut scratch = Collector { file: path, index: &empty, problems: Vec::new() };
-        out.extend(source(&mut scratch, "@", raw.into_source(stem.clone()), retention_floor));
+        out.extend(source(&mut scratch, "@", raw.into_source(stem.clone()), cx));
         for problem in scratch.problems {
             let field = format!("{prefix}.{}", article_field(problem.field.trim_start_matches("@.")));
             let field = field.trim_start_matches('.').to_string();
@@ -656,7 +669,7 @@ fn article_field(field: &str) -> String {
     }
 }
 
-fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut Vec<u32>) -> Option<SourceConfig> {
+fn source(c: &mut Collector<'_>, at: &str, s: RawSource, cx: &mut SourceContext<'_>) -> Option<SourceConfig> {
     if !valid_name(&s.name) {
         c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
     }
@@ -842,11 +855,11 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, retention_floor: &mut V
             if days == 0 {
                 c.problem(format!("{at}.audit_trail.retention_days"), "must be at least 1");
             }
-            retention_floor.push(days);
+            cx.retention_floor.push(days);
         }
     }
     let (rotation, fallback_to) = match s.rotation {
-        Some(raw) => rotation(c, &format!("{at}.rotation"), raw, &provider),
+        Some(raw) => rotation(c, &format!("{at}.rotation"), raw, &provider, cx.channels),
         None => (None, None),
     };
     Some(SourceConfig { name: s.name, provider, mapping, cache, rotation, fallback_to })
@@ -857,19 +870,29 @@ fn rotation(
     at: &str,
     raw: RawRotation,
     provider: &ProviderConfig,
+    channels: &BTreeMap<String, String>,
 ) -> (Option<RotationPolicy>, Option<String>) {
     let schedule = raw
         .schedule
         .as_deref()
         .and_then(|text| Schedule::parse(text).map_err(|e| c.problem(format!("{at}.schedule"), e)).ok());
-    if let Some(url) = &raw.notify
-        && !(url.starts_with("http://") || url.starts_with("https://"))
-    {
-        c.problem(
-            format!("{at}.notify"),
-            format!("'{url}' is not a webhook URL: rotation notices are POSTed as JSON to an http(s):// URL"),
-        );
-    }
+    // A webhook URL, or the name of a channel under `[notifications]` (the article's "telegram").
+    let notify = match raw.notify {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+        Some(name) => match channels.get(&name) {
+            Some(url) => Some(url.clone()),
+            None => {
+                c.problem(
+                    format!("{at}.notify"),
+                    format!(
+                        "'{name}' is neither a webhook URL nor a channel under [notifications]; add `{name} = \"https://…\"` there"
+                    ),
+                );
+                None
+            }
+        },
+        None => None,
+    };
     if raw.enabled {
         match provider {
             ProviderConfig::Env => c.problem(
@@ -910,7 +933,7 @@ fn rotation(
         enabled: raw.enabled,
         schedule,
         grace_period: Duration::from_secs(grace.min(MAX_GRACE_MINUTES) * 60),
-        notify: raw.notify,
+        notify,
         notify_ahead: Duration::from_secs(ahead.min(MAX_AHEAD_HOURS) * 3600),
     };
     (Some(policy), raw.fallback_to)
