@@ -13,16 +13,10 @@ use common::*;
 use keyward::fake_upstream::FakeUpstream;
 use serde_json::Value;
 
-const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
-
-fn admin_section() -> String {
-    format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))
-}
-
 /// Writes a config with `[audit]` settings replaced by `audit`.
 fn write_config(dir: &Path, upstream: &str, audit: &str) -> std::path::PathBuf {
     write_secrets(dir);
-    let text = config_text(dir, upstream, &admin_section()).replace(
+    let text = config_text(dir, upstream, &admin_block()).replace(
         &format!("[audit]\npath = \"{}/audit.jsonl\"", dir.display()),
         &format!("[audit]\npath = \"{}\"\n{audit}", dir.join("audit.jsonl").display()),
     );
@@ -215,7 +209,7 @@ async fn verify_catches_every_kind_of_tampering_on_a_real_trail() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_and_admin_api_read_the_trail_without_secrets() {
-    let h = Harness::start_with(&admin_section()).await;
+    let h = Harness::start_with(&admin_block()).await;
     for (key, path) in
         [(WORKER_KEY, "/openai/v1/chat/completions"), (WORKER_KEY, "/openai/v1/files"), (READER_KEY, "/github/user")]
     {

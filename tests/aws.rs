@@ -61,11 +61,6 @@ key_sha256 = "{hash}"
     )
 }
 
-fn fetch_count(metrics: &str, source: &str) -> u64 {
-    let prefix = format!("keyward_secret_fetches_total{{source=\"{source}\",result=\"ok\"}} ");
-    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
     let moto = start_moto().await;

@@ -11,12 +11,6 @@ use common::*;
 use keyward::fake_upstream::FakeUpstream;
 use serde_json::{Value, json};
 
-const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
-
-fn admin_block() -> String {
-    format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))
-}
-
 struct Rig {
     upstream: FakeUpstream,
     dir: tempfile::TempDir,
@@ -73,8 +67,7 @@ impl Rig {
 
     async fn fetches(&self, source: &str) -> u64 {
         let metrics = self.client.get(format!("{}/metrics", self.keyward.admin)).send().await.unwrap().text().await;
-        let prefix = format!("keyward_secret_fetches_total{{source=\"{source}\",result=\"ok\"}} ");
-        metrics.unwrap().lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+        fetch_count(&metrics.unwrap(), source)
     }
 
     fn events(&self, kind: &str) -> Vec<Value> {

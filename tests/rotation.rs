@@ -14,7 +14,6 @@ use common::*;
 use keyward::fake_upstream::FakeUpstream;
 use serde_json::{Value, json};
 
-const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
 const OLD_KEY: &str = "sk-canary-ROTATE-OLD-5c1d9e2f7a3b8c4d6e0f";
 const NEW_KEY: &str = "sk-canary-ROTATE-NEW-0a9b8c7d6e5f4a3b2c1d";
 const BAD_KEY: &str = "sk-canary-ROTATE-BAD-1f2e3d4c5b6a79880796";
@@ -282,6 +281,13 @@ async fn a_failed_validation_leaves_awscurrent_untouched_and_notifies() {
         .unwrap();
     let (status, body) = rig.rotate(None).await;
     assert_eq!((status, body["rotation"]["outcome"].as_str()), (200, Some("nothing_to_rotate")), "{body}");
+    let metrics = rig.client.get(format!("{}/metrics", rig.keyward.admin)).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "keyward_rotations_total{source=\"prod\",outcome=\"failed\"} 2",
+        "keyward_rotations_total{source=\"prod\",outcome=\"nothing_to_rotate\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{metrics}");
+    }
     rig.assert_no_key_leaked(&[chat, body.to_string()]);
 }
 

@@ -317,14 +317,12 @@ fn vault_config_is_checked() {
 /// the cache TTL; with nothing newer there is nothing to rotate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_takes_the_newer_kv_version_at_once() {
-    const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
     let bao = Bao::start().await;
     bao.put_secret("agents/openai", serde_json::json!({ "api_key": V1 })).await;
     let keydir = tempfile::tempdir().unwrap();
     let token_file = write_private(&keydir.path().join("token"), &format!("{ROOT_TOKEN}\n"));
     let auth = format!("{{ method = \"token\", token_file = \"{token_file}\" }}");
-    let extra = vault_extra(&bao.url, "agents/openai", &auth, "{ ttl_seconds = 300 }")
-        + &format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN));
+    let extra = vault_extra(&bao.url, "agents/openai", &auth, "{ ttl_seconds = 300 }") + &admin_block();
     let h = Harness::start_with(&extra).await;
     assert_eq!(chat(&h).await.status(), 200);
     assert_eq!(injected(&h), format!("Bearer {V1}"));

@@ -157,22 +157,25 @@ pub async fn rotate(
     }
     .await;
 
-    let at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    let run = match result {
+    let mut run = RotationRun {
+        source: source.to_string(),
+        trigger: trigger.as_str(),
+        outcome: "failed",
+        at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        from_version: None,
+        to_version: None,
+        reason: None,
+    };
+    let failure = match result {
         Ok((from_version, None)) => {
             phases.event(
                 "rotation.skipped",
                 json!({ "reason": "nothing to rotate: no pending version is newer than the current one" }),
             );
-            RotationRun {
-                source: source.to_string(),
-                trigger: trigger.as_str(),
-                outcome: "nothing_to_rotate",
-                at,
-                from_version,
-                to_version: None,
-                reason: Some("no pending version".into()),
-            }
+            run.outcome = "nothing_to_rotate";
+            run.from_version = from_version;
+            run.reason = Some("no pending version".into());
+            None
         }
         Ok((from_version, Some(candidate))) => {
             let to_version = candidate.version.clone();
@@ -190,41 +193,23 @@ pub async fn rotate(
             if let Some(epoch) = epoch {
                 schedule_purge(state.clone(), policy.clone(), source.to_string(), trigger, epoch, from_version.clone());
             }
-            RotationRun {
-                source: source.to_string(),
-                trigger: trigger.as_str(),
-                outcome: "promoted",
-                at,
-                from_version,
-                to_version,
-                reason: None,
-            }
+            run.outcome = "promoted";
+            run.from_version = from_version;
+            run.to_version = to_version;
+            None
         }
         Err(error) => {
             phases.event("rotation.failed", json!({ "reason": error.to_string(), "currentUntouched": true }));
-            state
-                .metrics
-                .rotations
-                .get_or_create(&RotationLabels { source: source.to_string(), outcome: "failed" })
-                .inc();
-            state.rotations.last.lock().expect("rotation log lock poisoned").insert(
-                source.to_string(),
-                RotationRun {
-                    source: source.to_string(),
-                    trigger: trigger.as_str(),
-                    outcome: "failed",
-                    at,
-                    from_version: None,
-                    to_version: None,
-                    reason: Some(error.to_string()),
-                },
-            );
-            return Err(error);
+            run.reason = Some(error.to_string());
+            Some(error)
         }
     };
     state.metrics.rotations.get_or_create(&RotationLabels { source: source.to_string(), outcome: run.outcome }).inc();
     state.rotations.last.lock().expect("rotation log lock poisoned").insert(source.to_string(), run.clone());
-    Ok(run)
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(run),
+    }
 }
 
 /// Drops the replaced version once the grace period ends (at once without one).
@@ -264,7 +249,7 @@ impl Phases<'_> {
     }
 }
 
-pub fn notify(state: &AppState, policy: &RotationPolicy, event: serde_json::Value) {
+fn notify(state: &AppState, policy: &RotationPolicy, event: serde_json::Value) {
     if let Some(url) = policy.notify.clone() {
         let forwarder = state.forwarder.clone();
         tokio::spawn(async move { forwarder.notify(&url, &event).await });

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{Trigger, rotate};
+use super::{Phases, Trigger, rotate};
 use crate::state::AppState;
 
 const TICK: Duration = Duration::from_millis(250);
@@ -47,15 +47,11 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             let ahead = chrono::Duration::from_std(policy.notify_ahead).unwrap_or_default();
             if !plan.notified && now >= plan.at.checked_sub_signed(ahead).unwrap_or(DateTime::<Utc>::MIN_UTC) {
                 plan.notified = true;
-                let event = json!({
-                    "type": "rotation.notified",
-                    "source": source.name,
-                    "trigger": "scheduled",
-                    "scheduledAt": plan.at.to_rfc3339(),
-                    "reason": "scheduled rotation coming up",
-                });
-                state.audit_event(event.clone());
-                super::notify(&state, policy, event);
+                let phases = Phases { state: &state, policy, source: &source.name, trigger: Trigger::Scheduled };
+                phases.event(
+                    "rotation.notified",
+                    json!({ "scheduledAt": plan.at.to_rfc3339(), "reason": "scheduled rotation coming up" }),
+                );
             }
             if now >= plan.at {
                 plan.at = schedule.next_after(now).unwrap_or(DateTime::<Utc>::MAX_UTC);

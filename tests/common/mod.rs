@@ -21,6 +21,19 @@ pub const WORKER_KEY: &str = "kw_testWorkerKey0123456789abcdefghijklmnopqrs";
 pub const READER_KEY: &str = "kw_testReaderKey0123456789abcdefghijklmnopqrs";
 pub const DISABLED_KEY: &str = "kw_testDisabledKey23456789abcdefghijklmnopqrs";
 
+/// The admin API token of the tests that use one, and the config block that enables it.
+pub const ADMIN_TOKEN: &str = "kwadm_testAdminToken0123456789abcdefghijklmnop";
+
+pub fn admin_block() -> String {
+    format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))
+}
+
+/// Successful secret-store fetches of `source`, from a /metrics text.
+pub fn fetch_count(metrics: &str, source: &str) -> u64 {
+    let prefix = format!("keyward_secret_fetches_total{{source=\"{source}\",result=\"ok\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
 pub fn sha(key: &str) -> String {
     hex::encode(keyward::identity::hash_key(key))
 }
