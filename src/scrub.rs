@@ -30,6 +30,9 @@ pub const MIN_SCRUB_LEN: usize = 8;
 /// A compiled set of credential patterns. Deliberately not `Debug`: it holds secret bytes.
 pub struct Scrubber {
     automaton: Option<AhoCorasick>,
+    /// Finds every pattern and its JSON-escaped form: if it finds nothing in a serialized JSON
+    /// document, no string in that document holds a pattern.
+    in_json: Option<AhoCorasick>,
     patterns: Vec<Vec<u8>>,
     masks: Vec<Vec<u8>>,
     first_bytes: [bool; 256],
@@ -133,8 +136,24 @@ impl Scrubber {
                 .build(&patterns)
                 .expect("literal patterns always compile")
         });
+        let in_json = (!patterns.is_empty()).then(|| {
+            let mut escaped: Vec<Vec<u8>> = patterns.clone();
+            for pattern in &patterns {
+                if let Ok(text) = std::str::from_utf8(pattern) {
+                    let json = serde_json::to_string(text).expect("strings serialize");
+                    escaped.push(json.as_bytes()[1..json.len() - 1].to_vec());
+                }
+            }
+            let built = AhoCorasickBuilder::new()
+                .ascii_case_insensitive(true)
+                .prefilter(false)
+                .build(&escaped)
+                .expect("literal patterns always compile");
+            escaped.iter_mut().for_each(|p| p.zeroize());
+            built
+        });
         let longest = patterns.iter().map(Vec::len).max().unwrap_or(0);
-        Scrubber { automaton, patterns, masks, first_bytes, longest }
+        Scrubber { automaton, in_json, patterns, masks, first_bytes, longest }
     }
 
     pub fn empty() -> Scrubber {
@@ -157,6 +176,12 @@ impl Scrubber {
             out[m.start()..m.end()].copy_from_slice(&self.masks[m.pattern().as_usize()]);
         }
         Cow::Owned(out)
+    }
+
+    /// Whether the serialized JSON `document` may hold a credential in one of its strings (in
+    /// any form `scrub_json` removes). `false` means `scrub_json` would change nothing.
+    pub fn may_appear_in_json(&self, document: &[u8]) -> bool {
+        self.in_json.as_ref().is_some_and(|in_json| in_json.is_match(document))
     }
 
     /// Scrubs every string inside a JSON value in place.
@@ -347,6 +372,33 @@ mod tests {
             serde_json::to_string(SECRET).unwrap(),
             serde_json::to_string(SECRET).unwrap().replace('/', "\\/"),
         ]
+    }
+
+    #[test]
+    fn a_json_document_is_flagged_whenever_scrub_json_would_change_it() {
+        // A secret with characters JSON escapes, so its escaped forms differ from its forms.
+        let tricky = SecretString::from("sk-\"quoted\\back/slash-0123456789");
+        let scrubbers = [scrubber(), Arc::new(Scrubber::new([("TRICKY", &tricky)]))];
+        for (s, secret) in scrubbers.iter().zip([SECRET, tricky.expose_secret()]) {
+            let mut forms = vec![
+                secret.to_string(),
+                serde_json::to_string(secret).unwrap(),
+                serde_json::to_string(secret).unwrap().replace('/', "\\/"),
+                utf8_percent_encode(secret, NON_ALPHANUMERIC).to_string(),
+                base64::engine::general_purpose::STANDARD.encode(secret),
+            ];
+            forms.push(forms[0].to_uppercase());
+            for form in forms {
+                let document = serde_json::json!({ "path": format!("/v1/{form}/x"), "n": [1, { "s": form }] });
+                let mut scrubbed = document.clone();
+                s.scrub_json(&mut scrubbed);
+                assert_ne!(scrubbed, document, "scrub_json missed {form}");
+                assert!(s.may_appear_in_json(&serde_json::to_vec(&document).unwrap()), "not flagged: {form}");
+            }
+            let clean = serde_json::json!({ "path": "/v1/chat/completions", "agentId": "a" });
+            assert!(!s.may_appear_in_json(&serde_json::to_vec(&clean).unwrap()));
+        }
+        assert!(!Scrubber::empty().may_appear_in_json(SECRET.as_bytes()));
     }
 
     #[test]

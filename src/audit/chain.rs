@@ -19,9 +19,7 @@ pub fn canonical(value: &Value) -> String {
 /// the audit writer's thread).
 fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            write_object(map, None, out);
-        }
+        Value::Object(map) => write_object(map, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -36,26 +34,20 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// An object with its keys sorted. Returns where a field named `slot` (a key the map does not
-/// have) would start, if some key sorts after it: the offset of the first such key.
-fn write_object(map: &Map<String, Value>, slot: Option<&str>, out: &mut Vec<u8>) -> Option<usize> {
+/// An object with its keys sorted.
+fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
     let mut fields: Vec<(&String, &Value)> = map.iter().collect();
     fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
-    let mut at = None;
     for (i, (key, value)) in fields.into_iter().enumerate() {
         if i > 0 {
             out.push(b',');
-        }
-        if at.is_none() && slot.is_some_and(|slot| key.as_str() > slot) {
-            at = Some(out.len());
         }
         serde_json::to_writer(&mut *out, key).expect("strings serialize");
         out.push(b':');
         write_canonical(value, out);
     }
     out.push(b'}');
-    at
 }
 
 fn into_string(bytes: Vec<u8>) -> String {
@@ -64,6 +56,114 @@ fn into_string(bytes: Vec<u8>) -> String {
 
 pub fn hash_of(record_without_hash: &Value) -> String {
     hex::encode(Sha256::digest(canonical(record_without_hash).as_bytes()))
+}
+
+/// The keys the chain adds to every record, in their sorted order.
+const CHAIN_KEYS: [&str; 3] = ["hash", "prev_hash", "seq"];
+
+/// A record ready to be sealed: its canonical JSON object (keys sorted at every level, no chain
+/// keys), and where each chain key goes among its top-level keys. Built on the request's own
+/// thread, so the writer only hashes and appends.
+pub struct Line {
+    bytes: Vec<u8>,
+    /// For `hash`, `prev_hash`, `seq`: the offset of the first top-level key that sorts after
+    /// it, or of the closing brace.
+    slots: [usize; 3],
+}
+
+impl Line {
+    /// `bytes` must be a canonical JSON object without chain keys (checked in debug builds).
+    pub fn from_canonical(bytes: Vec<u8>) -> Line {
+        let slots = chain_slots(&bytes);
+        debug_assert!(serde_json::from_slice::<Value>(&bytes).is_ok_and(|v| canonical(&v).as_bytes() == bytes));
+        Line { bytes, slots }
+    }
+
+    /// Any JSON object; chain keys it carries are dropped (the chain sets them).
+    pub fn from_value(mut value: Value) -> Line {
+        if let Some(map) = value.as_object_mut() {
+            for key in CHAIN_KEYS {
+                map.remove(key);
+            }
+        }
+        Line::from_canonical(canonical(&value).into_bytes())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl From<Value> for Line {
+    fn from(value: Value) -> Line {
+        Line::from_value(value)
+    }
+}
+
+/// For each chain key, the offset where it belongs among the object's top-level keys.
+fn chain_slots(object: &[u8]) -> [usize; 3] {
+    let end = object.len().saturating_sub(1);
+    let mut slots = [end; 3];
+    let mut found = 0;
+    let mut i = 1; // past '{'
+    while i < end && found < CHAIN_KEYS.len() {
+        // At a key's opening quote; canonical keys hold no escaped quote before their end.
+        let key_end = string_end(object, i);
+        let key = &object[i + 1..key_end - 1];
+        while found < CHAIN_KEYS.len() && key > CHAIN_KEYS[found].as_bytes() {
+            slots[found] = i;
+            found += 1;
+        }
+        i = value_end(object, key_end + 1); // past ':'
+        if object.get(i) == Some(&b',') {
+            i += 1;
+        }
+    }
+    slots
+}
+
+/// `at` is an opening quote; returns the offset just past the closing one.
+fn string_end(bytes: &[u8], at: usize) -> usize {
+    let mut i = at + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return i + 1,
+            _ => i += 1,
+        }
+    }
+    bytes.len()
+}
+
+/// The offset just past the JSON value that starts at `at`.
+fn value_end(bytes: &[u8], at: usize) -> usize {
+    let mut depth = 0usize;
+    let mut i = at;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i = string_end(bytes, i);
+                if depth == 0 {
+                    return i;
+                }
+                continue;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                if depth == 0 {
+                    return i;
+                }
+                depth -= 1;
+                if depth == 0 {
+                    return i + 1;
+                }
+            }
+            b',' if depth == 0 => return i,
+            _ => {}
+        }
+        i += 1;
+    }
+    i
 }
 
 /// The chain's position: the next record gets `seq` and links to `prev_hash`.
@@ -80,19 +180,49 @@ impl ChainHead {
 
     /// Adds `seq`, `prev_hash` and `hash` to `record`, advances the head, and returns the line:
     /// the canonical JSON of the record with its hash, whose hash is that of the same JSON without it.
-    pub fn seal(&mut self, mut record: Value) -> String {
-        let map = record.as_object_mut().expect("audit records are JSON objects");
-        map.remove("hash");
-        map.insert("seq".to_string(), Value::from(self.seq));
-        map.insert("prev_hash".to_string(), Value::from(std::mem::take(&mut self.prev_hash)));
+    pub fn seal(&mut self, record: Value) -> String {
         let mut out = Vec::with_capacity(1024);
-        let at = write_object(map, Some("hash"), &mut out).expect("prev_hash and seq sort after hash");
-        let hash = hex::encode(Sha256::digest(&out));
-        // The same bytes with `"hash":"…",` in its sorted place (hex needs no escaping).
-        out.splice(at..at, format!("\"hash\":\"{hash}\",").into_bytes());
+        self.seal_into(&Line::from_value(record), &mut out);
+        into_string(out)
+    }
+
+    /// Appends the sealed `line` (without a newline) to `out` and advances the head.
+    pub fn seal_into(&mut self, line: &Line, out: &mut Vec<u8>) {
+        let [at_hash, at_prev, at_seq] = line.slots;
+        let bytes = &line.bytes;
+        let brace = bytes.len() - 1;
+        let has_members = bytes.len() > 2;
+        // Before a key a member is `"k":v,`; at the closing brace it is `,"k":v`, unless
+        // nothing precedes it in the object.
+        let member = |name: &str, value: &str, at: usize, preceded: bool| {
+            if at < brace {
+                format!("\"{name}\":{value},")
+            } else if preceded {
+                format!(",\"{name}\":{value}")
+            } else {
+                format!("\"{name}\":{value}")
+            }
+        };
+        let prev_value = format!("\"{}\"", self.prev_hash);
+        let seq_value = self.seq.to_string();
+        let seq = member("seq", &seq_value, at_seq, has_members || at_prev == brace);
+        let mut hasher = Sha256::new();
+        hasher.update(&bytes[..at_prev]);
+        hasher.update(member("prev_hash", &prev_value, at_prev, has_members).as_bytes());
+        hasher.update(&bytes[at_prev..at_seq]);
+        hasher.update(seq.as_bytes());
+        hasher.update(&bytes[at_seq..]);
+        let hash = hex::encode(hasher.finalize());
+        out.reserve(bytes.len() + 192);
+        out.extend_from_slice(&bytes[..at_hash]);
+        out.extend_from_slice(member("hash", &format!("\"{hash}\""), at_hash, has_members).as_bytes());
+        out.extend_from_slice(&bytes[at_hash..at_prev]);
+        out.extend_from_slice(member("prev_hash", &prev_value, at_prev, has_members || at_hash == brace).as_bytes());
+        out.extend_from_slice(&bytes[at_prev..at_seq]);
+        out.extend_from_slice(seq.as_bytes());
+        out.extend_from_slice(&bytes[at_seq..]);
         self.seq += 1;
         self.prev_hash = hash;
-        into_string(out)
     }
 
     /// The head after an existing sealed line (for resuming the chain at start-up).
@@ -236,6 +366,29 @@ mod tests {
         assert_eq!(value["seq"], 7);
         assert_eq!(value["prev_hash"], "cd".repeat(32));
         assert_eq!((head.seq, head.prev_hash.as_str()), (8, hash.as_str().unwrap()));
+    }
+
+    #[test]
+    fn chain_keys_land_in_sorted_place_whatever_the_record_holds() {
+        let records = [
+            json!({}),
+            json!({ "a": 1 }),
+            json!({ "z": 1 }),
+            json!({ "a": { "q": [1, { "seq": "}" }] }, "i": "x\\\"y", "r": [], "t": { "hash": 2 } }),
+            json!({ "hash": "stale", "prev_hash": "x", "seq": 9 }),
+            json!({ "path": "a,b", "s": "q", "type": "request" }),
+            json!({ "h": null, "q": true }),
+        ];
+        for record in records {
+            let mut head = ChainHead { seq: 3, prev_hash: "ab".repeat(32) };
+            let line = head.seal(record.clone());
+            let mut value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(canonical(&value), line);
+            let hash = value.as_object_mut().unwrap().remove("hash").unwrap();
+            assert_eq!(hash.as_str().unwrap(), hash_of(&value), "{line}");
+            assert_eq!(value["seq"], 3);
+            assert_eq!(head.prev_hash, hash.as_str().unwrap());
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use http::Method;
 use rand::Rng;
 
+use super::chain::Line;
 use super::record::{AuditRecord, Decision, InvalidatedCredential, Outcome};
 use super::sink::AuditSink;
 use crate::config::OnFailure;
@@ -141,9 +142,9 @@ impl AuditGuard {
     /// credential is withheld.
     pub async fn release(&mut self) -> Result<(), ProxyError> {
         let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let mut value = self.record.released_json(&timestamp, &operation(&self.record));
-        self.scrubber.load().scrub_json(&mut value);
-        match self.sink.record_durably(value).await {
+        let line =
+            scrubbed(&self.scrubber.load(), self.record.released_canonical(&timestamp, &operation(&self.record)));
+        match self.sink.record_durably(line).await {
             Ok(()) => Ok(()),
             Err(failure) if self.sink.on_failure() == OnFailure::Allow => {
                 tracing::error!(request_id = %self.record.request_id, error = %failure.0,
@@ -216,10 +217,19 @@ impl AuditGuard {
             outcome = ?outcome,
             "request finished"
         );
-        let mut value = record.to_json();
-        self.scrubber.load().scrub_json(&mut value);
-        self.sink.record(value);
+        self.sink.record(scrubbed(&self.scrubber.load(), record.to_canonical()));
     }
+}
+
+/// The record as a chain line, scrubbed: an agent that knows a credential could put it in the
+/// path. A record that may hold one is scrubbed string by string, like any event.
+fn scrubbed(scrubber: &Scrubber, canonical: Vec<u8>) -> Line {
+    if !scrubber.may_appear_in_json(&canonical) {
+        return Line::from_canonical(canonical);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(&canonical).expect("records serialize to JSON");
+    scrubber.scrub_json(&mut value);
+    Line::from_value(value)
 }
 
 fn operation(record: &AuditRecord) -> String {

@@ -45,70 +45,72 @@ pub enum Outcome {
     ClientDisconnect,
 }
 
+/// Fields are declared in the sorted order of their JSON names, so serde writes the canonical
+/// form (sorted keys) directly, without building a `serde_json::Value` first.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
-    /// `request` for the outcome of an attempt, `request.released` for the record written before
-    /// a credential goes onto the network.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub timestamp: String,
-    pub request_id: String,
     pub agent_id: Option<String>,
-    /// `<route> <METHOD> <path>`, the path below the route prefix, without the query.
-    pub operation: String,
-    /// The secret's name, never its value.
-    pub credential: Option<String>,
-    pub success: bool,
-    pub duration_ms: u64,
-    /// The connecting peer's address; client-supplied forwarding headers are not trusted.
-    pub ip: String,
-    pub metadata: Arc<BTreeMap<String, String>>,
-    pub route: Option<String>,
-    pub method: String,
-    pub path: String,
-    /// The status the agent received (499 when it disconnected first).
-    pub status: u16,
-    pub decision: Decision,
-    pub outcome: Outcome,
-    /// keyward's error code when keyward produced the response.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error_code: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub secret_source: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub secret_version: Option<String>,
-    /// For unknown keys: 12 hex chars of the key's SHA-256, to group probes without storing keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_fingerprint: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// The secret's name, never its value.
+    pub credential: Option<String>,
+    pub decision: Decision,
     /// For a delegated child key: its parent first, up to the root agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delegated_by: Option<Vec<String>>,
-    /// The label the parent gave the delegation.
+    pub duration_ms: u64,
+    /// keyward's error code when keyward produced the response.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub label: Option<String>,
+    pub error_code: Option<&'static str>,
     /// The source whose credential `secretSource` stood in for (`fallback_to`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback_from: Option<String>,
     /// The upstream refused the first credential (401/403) and keyward evicted it from the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalidated: Option<InvalidatedCredential>,
+    /// The connecting peer's address; client-supplied forwarding headers are not trusted.
+    pub ip: String,
+    /// For unknown keys: 12 hex chars of the key's SHA-256, to group probes without storing keys.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
+    /// The label the parent gave the delegation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub metadata: Arc<BTreeMap<String, String>>,
+    pub method: String,
+    /// `<route> <METHOD> <path>`, the path below the route prefix, without the query.
+    pub operation: String,
+    pub outcome: Outcome,
+    pub path: String,
+    pub request_id: String,
+    pub route: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_version: Option<String>,
+    /// The status the agent received (499 when it disconnected first).
+    pub status: u16,
+    pub success: bool,
+    pub timestamp: String,
+    /// `request` for the outcome of an attempt, `request.released` for the record written before
+    /// a credential goes onto the network.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
 }
 
-/// What happened after the upstream refused an injected credential.
+/// What happened after the upstream refused an injected credential (fields in sorted order).
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InvalidatedCredential {
+    /// `new_version`, `grace_previous`, `fallback_source`, or `none` (the answer was returned),
+    /// or `not_replayable` (the body was too large to send twice).
+    pub retry: &'static str,
     /// The upstream's status for the refused credential.
     pub status: u16,
     /// The refused credential's version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// `new_version`, `grace_previous`, `fallback_source`, or `none` (the answer was returned),
-    /// or `not_replayable` (the body was too large to send twice).
-    pub retry: &'static str,
 }
 
 /// The `request.released` record: who is getting which credential, for what. Borrowed from the
@@ -116,31 +118,31 @@ pub struct InvalidatedCredential {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Released<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    timestamp: &'a str,
-    request_id: &'a str,
     agent_id: Option<&'a str>,
-    operation: &'a str,
     credential: Option<&'a str>,
-    ip: &'a str,
-    metadata: &'a BTreeMap<String, String>,
-    route: Option<&'a str>,
-    method: &'a str,
-    path: &'a str,
     decision: Decision,
     #[serde(skip_serializing_if = "Option::is_none")]
-    secret_source: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    secret_version: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     delegated_by: Option<&'a [String]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    label: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback_from: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     invalidated: Option<&'a InvalidatedCredential>,
+    ip: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<&'a str>,
+    metadata: &'a BTreeMap<String, String>,
+    method: &'a str,
+    operation: &'a str,
+    path: &'a str,
+    request_id: &'a str,
+    route: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_version: Option<&'a str>,
+    timestamp: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
 }
 
 impl AuditRecord {
@@ -148,9 +150,28 @@ impl AuditRecord {
         serde_json::to_value(self).expect("audit records always serialize")
     }
 
+    /// The record's canonical JSON (sorted keys, no whitespace), written straight from the struct.
+    pub fn to_canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(768);
+        serde_json::to_writer(&mut out, self).expect("audit records always serialize");
+        out
+    }
+
+    /// The canonical JSON of the `request.released` record for this request, written at
+    /// `timestamp` for `operation`.
+    pub fn released_canonical(&self, timestamp: &str, operation: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(640);
+        serde_json::to_writer(&mut out, &self.released(timestamp, operation)).expect("audit records always serialize");
+        out
+    }
+
     /// The `request.released` record for this request, written at `timestamp` for `operation`.
     pub fn released_json(&self, timestamp: &str, operation: &str) -> serde_json::Value {
-        let released = Released {
+        serde_json::to_value(self.released(timestamp, operation)).expect("audit records always serialize")
+    }
+
+    fn released<'a>(&'a self, timestamp: &'a str, operation: &'a str) -> Released<'a> {
+        Released {
             kind: "request.released",
             timestamp,
             request_id: &self.request_id,
@@ -169,14 +190,14 @@ impl AuditRecord {
             label: self.label.as_deref(),
             fallback_from: self.fallback_from.as_deref(),
             invalidated: self.invalidated.as_ref(),
-        };
-        serde_json::to_value(released).expect("audit records always serialize")
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::chain::canonical;
 
     /// The fields a `request.released` record keeps: who is getting which credential, for what.
     const RELEASED_FIELDS: [&str; 18] = [
@@ -247,6 +268,17 @@ mod tests {
             let mut expected = full.to_json();
             expected.as_object_mut().unwrap().retain(|key, _| RELEASED_FIELDS.contains(&key.as_str()));
             assert_eq!(record.released_json("2026-01-01T00:00:01.000Z", "openai POST /v1/chat"), expected);
+        }
+    }
+
+    #[test]
+    fn records_serialize_straight_to_their_canonical_form() {
+        for filled in [true, false] {
+            let record = record(filled);
+            assert_eq!(String::from_utf8(record.to_canonical()).unwrap(), canonical(&record.to_json()));
+            let released = record.released_canonical("2026-01-01T00:00:01.000Z", "openai POST /v1/chat");
+            let expected = canonical(&record.released_json("2026-01-01T00:00:01.000Z", "openai POST /v1/chat"));
+            assert_eq!(String::from_utf8(released).unwrap(), expected);
         }
     }
 }

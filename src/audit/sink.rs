@@ -1,29 +1,46 @@
-//! The audit file writer: one thread fed by a bounded channel. It seals each record into the hash
-//! chain, writes a batch of concurrent records with one `write(2)` (and, in `fsync` mode, one
-//! fsync), acknowledges records that wait for durability, rotates the file daily or by size,
-//! prunes files past retention, and resumes the chain after a restart.
+//! The audit file writer. Records arrive as canonical JSON lines built on the request's thread;
+//! sealing them into the hash chain and appending them happens under one lock, in chain order.
+//!
+//! With `durability = "os"` (or `"none"`) on a regular file, a request writes its own
+//! `request.released` record: it seals it, and with the same `write(2)` also appends any outcome
+//! records queued since the last write; no thread hand-off, no wake-up. Outcome records are only
+//! queued (sealed, in memory) and reach the file with the next write, or within `POLL` from the
+//! writer thread. `fsync` mode, files that are not regular (a FIFO, a device), and a lock held
+//! too long (a stalling disk) go through the writer thread instead: a bounded channel, batches,
+//! one `write(2)` (and in `fsync` mode one fsync) per batch, then acknowledgements. The writer
+//! thread also rotates the file daily or by size, prunes files past retention, and the chain
+//! resumes after a restart.
 //!
 //! A full channel slows the sender (asynchronously, or on a blocking thread) instead of dropping a
-//! record or stalling the async workers. A failed write is logged and
-//! counted, and reported to the requests waiting on it, so they can fail closed.
+//! record or stalling the async workers. A failed write is logged and counted, and reported to
+//! the requests waiting on it, so they can fail closed.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use super::chain::ChainHead;
+use super::chain::{ChainHead, Line};
 use crate::config::{AuditConfig, Durability, OnFailure};
 use crate::metrics::Metrics;
 
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 const MAX_BATCH: usize = 512;
 const TICK: Duration = Duration::from_secs(1);
+/// While records are queued, the writer thread writes them out this often.
+const POLL: Duration = Duration::from_millis(5);
+/// Polls without anything queued before the writer thread goes back to sleeping a `TICK`.
+const IDLE_POLLS: u32 = 200;
+/// `durability = "none"`: queued bytes that make the next record write them out at once.
+const QUEUE_LIMIT: usize = 256 * 1024;
+/// How often a request tries the writer's lock before handing its record to the writer thread.
+const LOCK_ATTEMPTS: u32 = 64;
 
 /// The audit file could not be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,15 +49,47 @@ pub struct WriteFailed(pub String);
 type Ack = oneshot::Sender<Result<(), WriteFailed>>;
 
 enum Message {
-    Record { record: Value, ack: Option<Ack> },
+    Record {
+        line: Line,
+        ack: Option<Ack>,
+    },
     Flush(std::sync::mpsc::Sender<()>),
+    /// Records were queued while the writer thread slept: poll again.
+    Wake,
 }
 
 pub struct AuditSink {
     tx: SyncSender<Message>,
+    shared: Arc<Shared>,
     path: PathBuf,
     durability: Durability,
     on_failure: OnFailure,
+}
+
+struct Shared {
+    writer: Mutex<Writer>,
+    /// Requests may write under the lock themselves (a regular file, not `fsync` mode).
+    direct: bool,
+    /// The writer thread is polling the queue, so queuing a record needs no wake-up.
+    polling: AtomicBool,
+}
+
+impl Shared {
+    /// The writer, if it can be had at once: a request never waits behind a stalling write.
+    fn try_lock(&self) -> Option<MutexGuard<'_, Writer>> {
+        for _ in 0..LOCK_ATTEMPTS {
+            match self.writer.try_lock() {
+                Ok(writer) => return Some(writer),
+                Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
+        }
+        None
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl AuditSink {
@@ -62,10 +111,13 @@ impl AuditSink {
                 "audit.durability = \"none\": records are buffered in memory and lost on a crash; use only for benchmarks"
             );
         }
+        let regular = file.metadata().is_ok_and(|m| m.is_file());
         let mut writer = Writer {
-            out: Output::new(file, config.durability),
+            len: file.metadata().ok().filter(|m| m.is_file()).map(|m| m.len()),
+            file,
             path: path.clone(),
             head,
+            queued: Queued::default(),
             durability: config.durability,
             rotate_bytes: config.rotate_bytes,
             rotate_daily: config.rotate_daily,
@@ -76,9 +128,15 @@ impl AuditSink {
         };
         writer.start_line_clean();
         writer.prune();
+        let shared = Arc::new(Shared {
+            writer: Mutex::new(writer),
+            direct: regular && config.durability != Durability::Fsync,
+            polling: AtomicBool::new(false),
+        });
         let (tx, rx) = sync_channel(capacity);
-        std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || writer.run(rx))?;
-        Ok(AuditSink { tx, path, durability: config.durability, on_failure: config.on_failure })
+        let thread_shared = shared.clone();
+        std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || run(&thread_shared, rx))?;
+        Ok(AuditSink { tx, shared, path, durability: config.durability, on_failure: config.on_failure })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,11 +147,23 @@ impl AuditSink {
         self.on_failure
     }
 
-    /// Queues a record; it is written with the next batch. Never blocks an async worker: if
-    /// the queue is full (the disk is stalling), a blocking thread waits to hand it over, so no
-    /// record is dropped and the proxy keeps running.
-    pub fn record(&self, record: Value) {
-        let message = match self.tx.try_send(Message::Record { record, ack: None }) {
+    /// Queues a record; it is written with the next write. Never blocks an async worker: if
+    /// the writer is busy and the channel is full (the disk is stalling), a blocking thread waits
+    /// to hand it over, so no record is dropped and the proxy keeps running.
+    pub fn record(&self, line: impl Into<Line>) {
+        let line = line.into();
+        if self.shared.direct
+            && let Some(mut writer) = self.shared.try_lock()
+        {
+            writer.queue(&line);
+            if writer.queued.bytes.len() >= QUEUE_LIMIT {
+                let _ = writer.write_queued();
+            }
+            drop(writer);
+            self.wake_writer();
+            return;
+        }
+        let message = match self.tx.try_send(Message::Record { line, ack: None }) {
             Ok(()) => return,
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("audit writer has stopped; record not written");
@@ -113,16 +183,32 @@ impl AuditSink {
         }
     }
 
-    /// Queues a record and waits until it has been written (handed to the OS, and fsync'd in
-    /// `fsync` mode). With `durability = "none"` it returns at once.
-    pub async fn record_durably(&self, record: Value) -> Result<(), WriteFailed> {
+    /// Records were queued: unless the writer thread is already polling, wake it, so they reach
+    /// the file within `POLL` even if no other request writes.
+    fn wake_writer(&self) {
+        // Checked after queuing: the writer stops polling only after a last look at the queue.
+        if !self.shared.polling.load(Ordering::SeqCst) && !self.shared.polling.swap(true, Ordering::SeqCst) {
+            let _ = self.tx.try_send(Message::Wake);
+        }
+    }
+
+    /// Writes a record and returns once it has been written (handed to the OS, and fsync'd in
+    /// `fsync` mode). With `durability = "none"` it only queues it.
+    pub async fn record_durably(&self, line: impl Into<Line>) -> Result<(), WriteFailed> {
+        let line = line.into();
         if self.durability == Durability::None {
-            self.record(record);
+            self.record(line);
             return Ok(());
+        }
+        if self.shared.direct
+            && let Some(mut writer) = self.shared.try_lock()
+        {
+            writer.queue(&line);
+            return writer.write_queued();
         }
         let (ack, done) = oneshot::channel();
         let stopped = || WriteFailed("the audit writer has stopped".to_string());
-        let mut message = Message::Record { record, ack: Some(ack) };
+        let mut message = Message::Record { line, ack: Some(ack) };
         // A full queue (a stalling disk) makes this request wait, asynchronously, not a worker.
         loop {
             match self.tx.try_send(message) {
@@ -146,51 +232,76 @@ impl AuditSink {
     }
 }
 
-enum Output {
-    Direct(File),
-    Buffered(BufWriter<File>),
+/// The writer thread: writes what the channel brings and what requests queued, rotates, prunes.
+fn run(shared: &Shared, rx: Receiver<Message>) {
+    let mut idle_polls = 0;
+    loop {
+        let polling = shared.polling.load(Ordering::SeqCst);
+        let first = match rx.recv_timeout(if polling { POLL } else { TICK }) {
+            Ok(message) => Some(message),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let mut records = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = first;
+        while let Some(message) = next.take() {
+            match message {
+                Message::Record { line, ack } => records.push((line, ack)),
+                Message::Flush(done) => flushes.push(done),
+                Message::Wake => {}
+            }
+            if records.len() >= MAX_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        let mut writer = shared.lock();
+        let busy = !records.is_empty() || !writer.queued.bytes.is_empty();
+        let mut acks = Vec::new();
+        for (line, ack) in records {
+            writer.queue(&line);
+            acks.extend(ack);
+        }
+        let outcome = writer.write_queued();
+        for ack in acks {
+            let _ = ack.send(outcome.clone());
+        }
+        // Rotation (and the pruning it triggers) happens before a flush is acknowledged, so
+        // a caller that flushed sees the files as they will stay.
+        let size = writer.len;
+        writer.rotate_if_due(size);
+        drop(writer);
+        for done in flushes {
+            let _ = done.send(());
+        }
+        idle_polls = if busy { 0 } else { idle_polls + 1 };
+        if polling && idle_polls >= IDLE_POLLS {
+            shared.polling.store(false, Ordering::SeqCst);
+            // A record queued before this store was seen by no wake-up: write it now.
+            let _ = shared.lock().write_queued();
+        }
+    }
+    let _ = shared.lock().write_queued();
 }
 
-impl Output {
-    fn new(file: File, durability: Durability) -> Output {
-        match durability {
-            Durability::None => Output::Buffered(BufWriter::with_capacity(256 * 1024, file)),
-            _ => Output::Direct(file),
-        }
-    }
-
-    fn write(&mut self, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
-        match self {
-            Output::Direct(file) => {
-                file.write_all(bytes)?;
-                if fsync {
-                    file.sync_data()?;
-                }
-                Ok(())
-            }
-            Output::Buffered(buffer) => buffer.write_all(bytes),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Output::Direct(_) => Ok(()),
-            Output::Buffered(buffer) => buffer.flush(),
-        }
-    }
-
-    fn file(&self) -> &File {
-        match self {
-            Output::Direct(file) => file,
-            Output::Buffered(buffer) => buffer.get_ref(),
-        }
-    }
+/// Sealed lines not yet written, and the chain head before the first of them (restored if the
+/// write fails: unwritten records never join the chain).
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    head_before: Option<ChainHead>,
+    count: u64,
 }
 
 struct Writer {
-    out: Output,
+    file: File,
+    /// The file's length when it is a regular file, kept here: a `stat` per write would cost a
+    /// syscall and make the kernel keep fine-grained timestamps (an inode update per write).
+    len: Option<u64>,
     path: PathBuf,
     head: ChainHead,
+    queued: Queued,
     durability: Durability,
     rotate_bytes: u64,
     rotate_daily: bool,
@@ -209,62 +320,23 @@ fn now() -> String {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Message>) {
-        loop {
-            let first = match rx.recv_timeout(TICK) {
-                Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.tick();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-            };
-            let mut records = Vec::new();
-            let mut flushes = Vec::new();
-            let mut next = Some(first);
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Record { record, ack } => records.push((record, ack)),
-                    Message::Flush(done) => flushes.push(done),
-                }
-                if records.len() >= MAX_BATCH {
-                    break;
-                }
-                next = rx.try_recv().ok();
-            }
-            let size = if records.is_empty() { None } else { self.write_batch(records) };
-            // Rotation (and the pruning it triggers) happens before a flush is acknowledged, so
-            // a caller that flushed sees the files as they will stay.
-            self.rotate_if_due(size.or_else(|| self.regular_len()));
-            if !flushes.is_empty() {
-                if let Err(error) = self.out.flush() {
-                    tracing::error!(%error, "audit buffer could not be flushed");
-                }
-                for done in flushes {
-                    let _ = done.send(());
-                }
-            }
+    /// Seals `line` into the chain and queues it behind the lines already queued.
+    fn queue(&mut self, line: &Line) {
+        if self.queued.head_before.is_none() {
+            self.queued.head_before = Some(self.head.clone());
         }
-        if let Err(error) = self.out.flush() {
-            tracing::error!(%error, "audit buffer could not be flushed at exit");
-        }
+        self.head.seal_into(line, &mut self.queued.bytes);
+        self.queued.bytes.push(b'\n');
+        self.queued.count += 1;
     }
 
-    /// Writes and acknowledges a batch; returns the file's length after it (regular files only),
-    /// so a batch costs one `stat`, not one per check.
-    fn write_batch(&mut self, records: Vec<(Value, Option<Ack>)>) -> Option<u64> {
-        let before = self.head.clone();
-        let mut bytes = Vec::with_capacity(records.len() * 512);
-        let mut acks = Vec::new();
-        for (record, ack) in records {
-            bytes.extend_from_slice(self.head.seal(record).as_bytes());
-            bytes.push(b'\n');
-            acks.extend(ack);
-        }
-        let count = self.head.seq - before.seq;
-        let length_before = self.regular_len();
-        let result = self.out.write(&bytes, self.durability == Durability::Fsync);
-        let length_after = if result.is_ok() { length_before.map(|n| n + bytes.len() as u64) } else { length_before };
+    /// Writes every queued line with one `write(2)` (and an fsync in `fsync` mode).
+    fn write_queued(&mut self) -> Result<(), WriteFailed> {
+        let Some(head_before) = self.queued.head_before.take() else { return Ok(()) };
+        let bytes = std::mem::take(&mut self.queued.bytes);
+        let count = std::mem::take(&mut self.queued.count);
+        let length_before = self.len;
+        let result = self.write(&bytes);
         match &result {
             Ok(()) => {
                 self.metrics.audit_records.inc_by(count);
@@ -278,11 +350,11 @@ impl Writer {
                 // reached the file (a torn line, or lines an fsync could not make durable), so
                 // the next batch links to the last record that is really there.
                 if let Some(length) = length_before
-                    && let Err(cut) = self.out.file().set_len(length)
+                    && let Err(cut) = self.file.set_len(length)
                 {
                     tracing::error!(error = %cut, "a failed audit batch could not be cut off; verify will report it");
                 }
-                self.head = before;
+                self.head = head_before;
                 self.metrics.audit_write_errors.inc_by(count);
                 if !self.failing {
                     tracing::error!(path = %self.path.display(), %error, "audit records cannot be written");
@@ -290,28 +362,33 @@ impl Writer {
                 }
             }
         }
-        let outcome = result.map_err(|e| WriteFailed(e.to_string()));
-        for ack in acks {
-            let _ = ack.send(outcome.clone());
+        let length_after = length_before.map(|n| if result.is_ok() { n + bytes.len() as u64 } else { n });
+        self.len = length_after;
+        // Keep the allocation for the next lines, unless one burst made it large.
+        if bytes.capacity() <= QUEUE_LIMIT {
+            let mut bytes = bytes;
+            bytes.clear();
+            self.queued.bytes = bytes;
         }
-        length_after
+        if result.is_ok() && length_after.is_some_and(|n| self.rotate_bytes > 0 && n >= self.rotate_bytes) {
+            self.rotate();
+            self.prune();
+        }
+        result.map_err(|e| WriteFailed(e.to_string()))
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)?;
+        if self.durability == Durability::Fsync {
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Writes one record the writer produces itself (rotation and pruning events).
     fn write_event(&mut self, event: Value) {
-        let _ = self.write_batch(vec![(event, None)]);
-    }
-
-    fn tick(&mut self) {
-        if let Err(error) = self.out.flush() {
-            tracing::error!(%error, "audit buffer could not be flushed");
-        }
-        self.rotate_if_due(self.regular_len());
-    }
-
-    /// The audit file's length, if it is a regular file (not a FIFO or a device).
-    fn regular_len(&self) -> Option<u64> {
-        self.out.file().metadata().ok().filter(|m| m.is_file()).map(|m| m.len())
+        self.queue(&Line::from_value(event));
+        let _ = self.write_queued();
     }
 
     /// If the file does not end with a newline (a torn write before a power loss), start the
@@ -326,8 +403,12 @@ impl Writer {
             return;
         }
         let mut last = [0u8; 1];
-        if file.seek(SeekFrom::End(-1)).is_ok() && file.read_exact(&mut last).is_ok() && last[0] != b'\n' {
-            let _ = self.out.write(b"\n", false);
+        if file.seek(SeekFrom::End(-1)).is_ok()
+            && file.read_exact(&mut last).is_ok()
+            && last[0] != b'\n'
+            && self.file.write_all(b"\n").is_ok()
+        {
+            self.len = self.len.map(|n| n + 1);
         }
     }
 
@@ -344,9 +425,8 @@ impl Writer {
     }
 
     fn rotate(&mut self) {
-        if let Err(error) = self.out.flush() {
-            tracing::error!(%error, "audit buffer could not be flushed before rotation");
-            return;
+        if let Err(error) = self.write_queued() {
+            tracing::error!(error = %error.0, "queued audit records could not be written before rotation");
         }
         let mut rotated = rotated_name(&self.path, &now());
         while rotated.exists() {
@@ -360,7 +440,8 @@ impl Writer {
         }
         match OpenOptions::new().create(true).append(true).open(&self.path) {
             Ok(file) => {
-                self.out = Output::new(file, self.durability);
+                self.len = file.metadata().ok().filter(|m| m.is_file()).map(|m| m.len());
+                self.file = file;
                 tracing::info!(rotated = %rotated.display(), "audit file rotated; the chain continues in the new file");
             }
             Err(error) => tracing::error!(%error, "a new audit file could not be opened after rotation"),
@@ -511,6 +592,44 @@ mod tests {
         assert_eq!(verify(&path), Ok(4));
         let last = std::fs::read_to_string(&path).unwrap().lines().last().unwrap().to_string();
         assert_eq!(ChainHead::after(&last).unwrap().seq, 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_direct_writes_and_queued_outcomes_form_one_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = Arc::new(AuditSink::open(&config(&path), Arc::new(Metrics::new())).unwrap());
+        assert!(sink.shared.direct, "a regular file in os mode is written directly");
+        let tasks: Vec<_> = (0..8)
+            .map(|t| {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        sink.record_durably(json!({ "type": "request.released", "t": t, "i": i })).await.unwrap();
+                        sink.record(json!({ "type": "request", "t": t, "i": i }));
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        sink.flush();
+        assert_eq!(verify(&path), Ok(1600));
+    }
+
+    #[tokio::test]
+    async fn a_queued_outcome_reaches_the_file_without_another_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let sink = AuditSink::open(&config(&path), Arc::new(Metrics::new())).unwrap();
+        sink.record(json!({ "type": "request", "n": 1 }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::fs::read_to_string(&path).unwrap().lines().count() < 1 {
+            assert!(std::time::Instant::now() < deadline, "the outcome record stayed queued");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(verify(&path), Ok(1));
     }
 
     #[tokio::test]
