@@ -218,11 +218,15 @@ where
 }
 
 /// The upstream's response body with an idle timeout between frames and an overall deadline.
+/// The timer is armed only while the body waits: a body that is ready (a small answer that came
+/// with its head) costs no timer at all.
 pub struct TimedBody {
     inner: Incoming,
     read_timeout: Duration,
     deadline: Instant,
-    idle: Pin<Box<Sleep>>,
+    /// When the last frame arrived (or the head).
+    progress: Instant,
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
 /// Why a response body stopped early.
@@ -239,8 +243,7 @@ impl std::error::Error for UpstreamStalled {}
 
 impl TimedBody {
     fn new(inner: Incoming, read_timeout: Duration, deadline: Instant) -> TimedBody {
-        let idle = Box::pin(tokio::time::sleep_until(deadline.min(Instant::now() + read_timeout)));
-        TimedBody { inner, read_timeout, deadline, idle }
+        TimedBody { inner, read_timeout, deadline, progress: Instant::now(), idle: None }
     }
 }
 
@@ -252,14 +255,25 @@ impl Body for TimedBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(result) => {
-                let next = this.deadline.min(Instant::now() + this.read_timeout);
-                this.idle.as_mut().reset(next);
+                this.progress = Instant::now();
                 Poll::Ready(result.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamStalled)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let due = this.deadline.min(this.progress + this.read_timeout);
+                let idle = match &mut this.idle {
+                    Some(idle) => {
+                        if idle.deadline() != due {
+                            idle.as_mut().reset(due);
+                        }
+                        idle
+                    }
+                    none => none.insert(Box::pin(tokio::time::sleep_until(due))),
+                };
+                match idle.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(UpstreamStalled)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 

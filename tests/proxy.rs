@@ -459,3 +459,26 @@ async fn http2_cleartext_clients_are_served() {
     assert_eq!(h.upstream.last().unwrap().headers["authorization"], format!("Bearer {CANARY_OPENAI}").as_str());
     h.stop().await;
 }
+
+/// `forward.read_timeout_ms` (1.5 s here) bounds the wait between two frames of an answer, not
+/// the whole answer: a stream with shorter gaps runs to its end, one that stalls is cut off and
+/// audited as an upstream error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_timeout_is_per_frame_and_a_stalled_stream_is_cut_off() {
+    let h = Harness::start().await;
+    let get = |path: &'static str| h.client.get(h.url(path)).header("authorization", bearer(WORKER_KEY)).send();
+    let started = Instant::now();
+    let body = get("/openai/_fake/sse?events=4&interval_ms=700").await.unwrap().text().await.unwrap();
+    assert_eq!(body.matches("chat.completion.chunk").count(), 4, "{body}");
+    assert!(started.elapsed() > Duration::from_millis(2000), "the stream ran longer than one read timeout");
+
+    let response = get("/openai/_fake/sse?events=3&interval_ms=2500").await.unwrap();
+    assert_eq!(response.status(), 200);
+    let started = Instant::now();
+    assert!(response.text().await.is_err(), "a stalled body must end in an error, not a clean end");
+    assert!(started.elapsed() < Duration::from_millis(2400), "cut off after the read timeout: {:?}", started.elapsed());
+    let record =
+        h.wait_for_audit(|r| r["type"] == "request" && r["path"] == "/_fake/sse" && r["outcome"] != "success").await;
+    assert_eq!(record["outcome"], "upstream_error");
+    h.stop().await;
+}
