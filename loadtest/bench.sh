@@ -2,7 +2,9 @@
 # The side-by-side benchmark, in one run on loopback: the fake upstream's 1 KiB JSON answered
 # (a) directly, (b) through keyward with the whole pipeline on (identity, authorization, a quota,
 # cache-hit secret resolution, injection, scrubbing, audit durability "os"), and through (c) nginx,
-# (d) HAProxy and (e) Envoy doing only the header injection with upstream keep-alive.
+# (d) HAProxy and (e) Envoy doing only the header injection with upstream keep-alive; plus, as a
+# reference row, (f) `examples/bare_proxy.rs`: the same injection on keyward's own stack (tokio,
+# hyper-util server and client, mimalloc) with nothing else, the floor under keyward's figures.
 # Each round measures every target twice with identical oha settings, in a rotating order:
 # saturation (-c CONNECTIONS, as fast as possible) and latency at a fixed RATE (-q, with latency
 # correction). Figures are medians over ROUNDS; every run is bounded by -z DURATION.
@@ -23,7 +25,8 @@ start_keyward "$WORK/keyward.toml" 18490
 start_nginx 18482 18481
 start_haproxy 18483 18481
 start_envoy 18484 18481
-MODES=(direct=18481 keyward=18480 nginx=18482 haproxy=18483 envoy=18484)
+start_bare_proxy 18485 18481
+MODES=(direct=18481 keyward=18480 nginx=18482 haproxy=18483 envoy=18484 hyper=18485)
 
 echo "warm-up"
 (ROUNDS=1 DURATION=1s run_round 0 /bench/json1k "${MODES[@]}") >/dev/null
@@ -40,4 +43,4 @@ done
 
 export TITLE="keyward against direct, nginx, HAProxy and Envoy" RATE
 export SCENARIO="1 KiB JSON from a hyper upstream on loopback; keyward with identity, authorization, a (never throttling) quota, cached secret, injection, scrubbing and audit durability os; nginx, HAProxy and Envoy with proxy_set_header-style injection and upstream keep-alive; 2 workers each"
-summarise bench --bench direct keyward nginx haproxy envoy
+REFERENCE=hyper summarise bench --bench direct keyward nginx haproxy envoy

@@ -42,10 +42,11 @@ need_tool() {
 build_release() {
   if [ -z "${NO_BUILD:-}" ]; then
     echo "building keyward and bench_upstream (release)"
-    (cd "$ROOT" && nice cargo build --release --locked --bin keyward --example bench_upstream)
+    (cd "$ROOT" && nice cargo build --release --locked --bin keyward --example bench_upstream --example bare_proxy)
   fi
   KEYWARD="$ROOT/target/release/keyward"
   UPSTREAM="$ROOT/target/release/examples/bench_upstream"
+  BARE_PROXY="$ROOT/target/release/examples/bare_proxy"
 }
 
 # wait_http URL: up to 30 s for a 200.
@@ -160,6 +161,13 @@ CONF
   haproxy -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
   PIDS+=($!)
   wait_http "http://127.0.0.1:$1/json1k"
+}
+
+# The floor: keyward's stack (tokio, hyper-util, mimalloc) doing only the injection.
+start_bare_proxy() { # PORT UPSTREAM_PORT
+  "$BARE_PROXY" "127.0.0.1:$1" "127.0.0.1:$2" /bench "Bearer $BENCH_SECRET" 2>"$WORK/bare-proxy.log" &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$1/bench/json1k"
 }
 
 start_envoy() { # PORT UPSTREAM_PORT

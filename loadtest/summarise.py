@@ -151,7 +151,9 @@ Status codes over all rounds: {result['status_codes']}.
 
 
 def bench(name, direct, keyward, proxies):
-    modes = [direct, keyward, *proxies]
+    # REFERENCE: rows measured like the rest but not competitors (keyward's own stack, bare).
+    references = env.get("REFERENCE", "").split()
+    modes = [direct, keyward, *proxies, *references]
     rate = int(env["RATE"])
     sat = {m: rps(m) for m in modes}
     sat_med = {m: statistics.median(v) for m, v in sat.items()}
@@ -175,6 +177,7 @@ def bench(name, direct, keyward, proxies):
         "saturation_ratio_to_direct": {m: sat_med[m] / sat_med[direct] for m in modes},
         "best_proxy": best,
         "keyward_ratio_to_best_proxy": sat_med[keyward] / sat_med[best],
+        "references": references,
         "latency_ms_at_rate": lat,
         "achieved_rps_at_rate": achieved,
         "added_p99_ms": added_p99,
@@ -189,6 +192,13 @@ def bench(name, direct, keyward, proxies):
         for m in modes
     )
     checks = "\n".join(f"- {t}: **{'met' if ok else 'missed'}**" for t, ok in targets.items())
+    reference_text = "".join(
+        f"\nReference row `{r}` (not a competitor): `examples/bare_proxy.rs`, the same header injection on "
+        f"keyward's own stack (tokio, hyper-util server and pooled client, mimalloc) with nothing else: "
+        f"{sat_med[r] / sat_med[direct]:.3f} × direct, {sat_med[r] / sat_med[best]:.3f} × {best}, added p99 "
+        f"{added_p99[r]:+.3f} ms. keyward reaches {sat_med[keyward] / sat_med[r]:.3f} × it.\n"
+        for r in references
+    )
     write(name, result, f"""# {env['TITLE']}
 
 {env['SCENARIO']}. {rounds} rounds, targets in a rotating order each round; each run {env['DURATION']} at
@@ -201,7 +211,7 @@ corrected). Medians over the rounds.
 
 keyward: {sat_med[keyward] / sat_med[direct]:.3f} × direct, {sat_med[keyward] / sat_med[best]:.3f} × the best of
 {', '.join(proxies)} ({best}).
-
+{reference_text}
 {checks}
 
 Status codes over all saturation runs: {result['status_codes']}.
