@@ -1,6 +1,7 @@
 //! Regression guards for the per-request work that involves no network: finding the route,
 //! identifying the agent, authorizing the call, injecting the credential, scrubbing a 16 KiB
-//! streamed body, and building, serialising and hash-chaining the audit records.
+//! streamed body, and building, serialising, checking for secrets and hash-chaining the audit
+//! records.
 //!
 //! `cargo bench --bench hot_path`; under `cargo test --all-targets` each runs once, as a smoke test.
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method};
-use keyward::audit::chain::ChainHead;
+use keyward::audit::chain::{ChainHead, Line};
 use keyward::audit::{AuditRecord, Decision, Outcome};
 use keyward::config::{Config, load_str};
 use keyward::identity::{self, AgentDirectory};
@@ -182,9 +183,22 @@ fn audit(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("audit");
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&record).to_json())));
+    group.bench_function("to_canonical", |b| b.iter(|| black_box(black_box(&record).to_canonical())));
+    let scrubber = Scrubber::new([("OPENAI", &SecretString::from(SECRET))]);
+    let canonical = record.to_canonical();
+    group.bench_function("json_may_hold_a_secret", |b| b.iter(|| black_box(scrubber.may_appear_in_json(&canonical))));
     let mut head = ChainHead::genesis();
-    group.bench_function("seal", |b| {
+    group.bench_function("seal_value", |b| {
         b.iter_batched(|| record.to_json(), |value| black_box(head.seal(value)), criterion::BatchSize::SmallInput)
+    });
+    let line = Line::from_canonical(record.to_canonical());
+    let mut out = Vec::with_capacity(2048);
+    group.bench_function("seal_line", |b| {
+        b.iter(|| {
+            out.clear();
+            head.seal_into(black_box(&line), &mut out);
+            black_box(out.len())
+        })
     });
     group.finish();
 }
