@@ -2,6 +2,8 @@
 //! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace).
 //! Verification is pure: it reads lines and reports the first place the chain breaks.
 
+use std::io::Write;
+
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -100,6 +102,36 @@ impl From<Value> for Line {
     }
 }
 
+/// Appends one object member to `buf` and returns where it is: before a key it reads `"k":v,`;
+/// at the closing brace `,"k":v`, or `"k":v` when nothing precedes it in the object.
+fn push_member(
+    buf: &mut Vec<u8>,
+    name: &str,
+    value: &[u8],
+    quoted: bool,
+    before_key: bool,
+    preceded: bool,
+) -> std::ops::Range<usize> {
+    let start = buf.len();
+    if !before_key && preceded {
+        buf.push(b',');
+    }
+    buf.push(b'"');
+    buf.extend_from_slice(name.as_bytes());
+    buf.extend_from_slice(b"\":");
+    if quoted {
+        buf.push(b'"');
+    }
+    buf.extend_from_slice(value);
+    if quoted {
+        buf.push(b'"');
+    }
+    if before_key {
+        buf.push(b',');
+    }
+    start..buf.len()
+}
+
 /// For each chain key, the offset where it belongs among the object's top-level keys.
 fn chain_slots(object: &[u8]) -> [usize; 3] {
     let end = object.len().saturating_sub(1);
@@ -192,37 +224,38 @@ impl ChainHead {
         let bytes = &line.bytes;
         let brace = bytes.len() - 1;
         let has_members = bytes.len() > 2;
-        // Before a key a member is `"k":v,`; at the closing brace it is `,"k":v`, unless
-        // nothing precedes it in the object.
-        let member = |name: &str, value: &str, at: usize, preceded: bool| {
-            if at < brace {
-                format!("\"{name}\":{value},")
-            } else if preceded {
-                format!(",\"{name}\":{value}")
-            } else {
-                format!("\"{name}\":{value}")
-            }
-        };
-        let prev_value = format!("\"{}\"", self.prev_hash);
-        let seq_value = self.seq.to_string();
-        let seq = member("seq", &seq_value, at_seq, has_members || at_prev == brace);
+        let mut seq_digits = Vec::with_capacity(20);
+        write!(seq_digits, "{}", self.seq).expect("writing to a Vec cannot fail");
+        // Each chain member, as it reads in the line: the one `prev_hash` and `seq` text serves
+        // both the hash (computed without `hash`) and the line, except when all three sit at the
+        // closing brace of an empty object, where only the line has `hash` before `prev_hash`.
+        let mut members = Vec::with_capacity(192);
+        let prev = push_member(&mut members, "prev_hash", self.prev_hash.as_bytes(), true, at_prev < brace, has_members);
+        let seq = push_member(&mut members, "seq", &seq_digits, false, at_seq < brace, has_members || at_prev == brace);
         let mut hasher = Sha256::new();
         hasher.update(&bytes[..at_prev]);
-        hasher.update(member("prev_hash", &prev_value, at_prev, has_members).as_bytes());
+        hasher.update(&members[prev.clone()]);
         hasher.update(&bytes[at_prev..at_seq]);
-        hasher.update(seq.as_bytes());
+        hasher.update(&members[seq.clone()]);
         hasher.update(&bytes[at_seq..]);
-        let hash = hex::encode(hasher.finalize());
-        out.reserve(bytes.len() + 192);
+        let mut hash = [0u8; 64];
+        hex::encode_to_slice(hasher.finalize(), &mut hash).expect("64 hex digits for 32 bytes");
+        let hash_member = push_member(&mut members, "hash", &hash, true, at_hash < brace, has_members);
+        let prev = if !has_members && at_hash == brace {
+            push_member(&mut members, "prev_hash", self.prev_hash.as_bytes(), true, false, true)
+        } else {
+            prev
+        };
+        out.reserve(bytes.len() + members.len());
         out.extend_from_slice(&bytes[..at_hash]);
-        out.extend_from_slice(member("hash", &format!("\"{hash}\""), at_hash, has_members).as_bytes());
+        out.extend_from_slice(&members[hash_member]);
         out.extend_from_slice(&bytes[at_hash..at_prev]);
-        out.extend_from_slice(member("prev_hash", &prev_value, at_prev, has_members || at_hash == brace).as_bytes());
+        out.extend_from_slice(&members[prev]);
         out.extend_from_slice(&bytes[at_prev..at_seq]);
-        out.extend_from_slice(seq.as_bytes());
+        out.extend_from_slice(&members[seq]);
         out.extend_from_slice(&bytes[at_seq..]);
         self.seq += 1;
-        self.prev_hash = hash;
+        self.prev_hash = String::from_utf8(hash.to_vec()).expect("hex is ASCII");
     }
 
     /// The head after an existing sealed line (for resuming the chain at start-up).
