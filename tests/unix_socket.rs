@@ -314,7 +314,7 @@ async fn the_peer_uid_still_identifies_requests_after_the_connection_was_parked(
             .arg(TWO_CALLS)
             .arg(&path)
             .arg(CHAT)
-            .arg("1.0")
+            .arg("1.5")
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .uid(1001)
@@ -330,7 +330,7 @@ async fn the_peer_uid_still_identifies_requests_after_the_connection_was_parked(
         if text.lines().any(|l| l == "keyward_connections_parked 1") {
             break;
         }
-        assert!(started.elapsed() < std::time::Duration::from_secs(1), "the connection was not parked");
+        assert!(started.elapsed() < std::time::Duration::from_millis(1400), "the connection was not parked");
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     let output = client.await.unwrap();
