@@ -1,8 +1,11 @@
 //! The keyward binary: parse the command line, set up logging, load config, run the command.
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: `return_freed_memory` makes the one allocator call that needs `unsafe`.
+#![deny(unsafe_code)]
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use keyward::config::{self, Config};
@@ -13,6 +16,26 @@ use keyward::identity;
 /// glibc contends on the workers' arena locks.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Run by each async worker as it runs out of work (at most once per 10 ms per worker): hands
+/// the pages freed on this thread back to the OS. mimalloc frees and purges a thread's empty
+/// pages only while that thread keeps allocating, so a worker that goes quiet after a burst (for
+/// example after parking thousands of idle connections) would keep that memory resident: with
+/// 10,000 parked connections `loadtest/idle-rss.sh` measured 183 MiB RSS without this and 48 MiB
+/// with it. One call costs tens of microseconds (walking this thread's pages, purging the empty
+/// ones), and a worker only parks when it has nothing to run.
+#[allow(unsafe_code)]
+fn return_freed_memory() {
+    thread_local! { static LAST: Cell<Option<Instant>> = const { Cell::new(None) }; }
+    let now = Instant::now();
+    if LAST.get().is_some_and(|last| now.duration_since(last) < Duration::from_millis(10)) {
+        return;
+    }
+    // SAFETY: mi_collect has no preconditions; it only walks and releases the calling thread's
+    // own free pages.
+    unsafe { libmimalloc_sys::mi_collect(false) };
+    LAST.set(Some(now));
+}
 
 #[derive(Parser)]
 #[command(name = "keyward", version, about = "A credential-injecting reverse proxy for AI agents")]
@@ -245,13 +268,14 @@ fn main() -> ExitCode {
 }
 
 fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("keyward: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_park(return_freed_memory).build() {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("keyward: cannot start the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     match runtime.block_on(future) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -59,6 +60,7 @@ pub struct Metrics {
     pub limits_backend_transitions: Family<TransitionLabel, Counter>,
     pub audit_records: Counter,
     pub audit_write_errors: Counter,
+    pub connections_parked: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,6 +102,12 @@ impl Metrics {
         registry.register("audit_records", "Audit records written", audit_records.clone());
         let audit_write_errors = Counter::default();
         registry.register("audit_write_errors", "Audit records that could not be written", audit_write_errors.clone());
+        let connections_parked = Gauge::default();
+        registry.register(
+            "connections_parked",
+            "Idle HTTP/1 keep-alive connections parked now (their buffers released until the next request)",
+            connections_parked.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -112,6 +120,7 @@ impl Metrics {
             limits_backend_transitions,
             audit_records,
             audit_write_errors,
+            connections_parked,
         }
     }
 

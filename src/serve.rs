@@ -44,6 +44,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         header_read_timeout: server_config.header_read_timeout,
         max_header_bytes: server_config.max_header_bytes,
         shutdown_grace: server_config.shutdown_grace,
+        park_idle_after: server_config.park_idle_after,
     };
     let proxy_listener = match server_config.listen {
         Some(addr) => {
@@ -62,22 +63,36 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     let admin_addr = admin_listener.local_addr()?;
     let state = AppState::new(runtime, audit, metrics);
     let (shutdown, rx) = watch::channel(false);
+    let parked = state.metrics.connections_parked.clone();
 
     let mut tasks = vec![
-        tokio::spawn(server::serve(admin_listener, crate::admin::router(state.clone()), settings, rx.clone())),
+        tokio::spawn(server::serve(
+            admin_listener,
+            crate::admin::router(state.clone()),
+            settings,
+            parked.clone(),
+            rx.clone(),
+        )),
         tokio::spawn(warm_up(state.clone(), rx.clone())),
         tokio::spawn(delegation_janitor(state.clone(), rx.clone())),
         tokio::spawn(crate::rotation::schedule::run(state.clone(), rx.clone())),
         tokio::spawn(shared_limits_poller(state.clone(), rx.clone())),
     ];
     if let Some(listener) = proxy_listener {
-        tasks.push(tokio::spawn(server::serve(listener, crate::app(state.clone()), settings, rx.clone())));
+        tasks.push(tokio::spawn(server::serve(
+            listener,
+            crate::app(state.clone()),
+            settings,
+            parked.clone(),
+            rx.clone(),
+        )));
     }
     if let Some(listener) = unix_listener {
         tasks.push(tokio::spawn(server::serve(
             server::Listener::Unix(listener),
             crate::app(state.clone()),
             settings,
+            parked.clone(),
             rx.clone(),
         )));
     }

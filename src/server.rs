@@ -1,23 +1,21 @@
-//! Listeners: the accept loop over TCP or a Unix socket (header-read timeout, header size limit,
-//! HTTP/1.1 and h2c), peer address or uid injection, and graceful shutdown that lets in-flight
-//! requests finish.
+//! Listeners: the accept loop over TCP or a Unix socket, one task per connection (see `conn`),
+//! and graceful shutdown that lets in-flight requests finish.
 
-use std::convert::Infallible;
+mod conn;
+
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tower::ServiceExt;
 
 /// Connection settings shared by both listeners.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +23,8 @@ pub struct ConnSettings {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// An idle HTTP/1 keep-alive connection is parked after this long (see `conn`).
+    pub park_idle_after: Duration,
 }
 
 /// The credentials of a process connected over the Unix socket (SO_PEERCRED), as the kernel
@@ -55,45 +55,102 @@ impl From<TcpListener> for Listener {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+/// An accepted connection's socket.
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(Box<dyn Io>, Peer)> {
+    async fn accept(&self) -> io::Result<(Stream, Peer)> {
         match self {
             Listener::Tcp(listener) => {
                 let (stream, peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                Ok((Box::new(stream), Peer::Tcp(peer)))
+                Ok((Stream::Tcp(stream), Peer::Tcp(peer)))
             }
             Listener::Unix(listener) => {
                 let (stream, _) = listener.accept().await?;
                 // Without credentials the connection can still use agent keys, never peer_uid.
                 let cred = stream.peer_cred().ok().map(|c| PeerCred { uid: c.uid(), gid: c.gid(), pid: c.pid() });
-                Ok((Box::new(stream), Peer::Unix(cred)))
+                Ok((Stream::Unix(stream), Peer::Unix(cred)))
             }
         }
     }
 }
 
+impl Stream {
+    /// Waits until the socket has something to read (data, end of stream or an error).
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => stream.readable().await,
+            Stream::Unix(stream) => stream.readable().await,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Unix(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
+            Stream::Unix(stream) => Pin::new(stream).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Stream::Unix(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(stream) => stream.is_write_vectored(),
+            Stream::Unix(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Unix(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Unix(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true, then waits up to the grace period
-/// for open connections to finish.
+/// for open connections to finish: parked and idle ones close at once, in-flight requests run on.
+/// `parked` counts the connections parked at any moment.
 pub async fn serve(
     listener: impl Into<Listener>,
     router: Router,
     settings: ConnSettings,
+    parked: Gauge,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = listener.into();
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes as u32);
-    let graceful = GracefulShutdown::new();
+    let server = Arc::new(conn::Server::new(router, settings, parked));
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -109,47 +166,15 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let service = connection_service(router.clone(), peer);
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let watched = graceful.watch(connection);
-        connections.spawn(async move {
-            if let Err(error) = watched.await {
-                tracing::debug!(?peer, error = %error, "connection ended with an error");
-            }
-        });
+        connections.spawn(conn::run(server.clone(), stream, peer, shutdown.clone()));
     }
     drop(listener);
-    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(settings.shutdown_grace, drained).await.is_err() {
         tracing::warn!(open = connections.len(), "shutdown grace period ended; closing the remaining connections");
     }
     // Aborting drops each connection's request futures and bodies, so their audit guards record
     // the disconnect now, before the caller flushes the audit file.
     connections.abort_all();
     while connections.join_next().await.is_some() {}
-}
-
-fn connection_service(
-    router: Router,
-    peer: Peer,
-) -> TowerToHyperService<
-    impl tower::Service<
-        http::Request<Incoming>,
-        Response = axum::response::Response,
-        Error = Infallible,
-        Future = impl Send + 'static,
-    > + Clone,
-> {
-    let service = tower::service_fn(move |mut request: http::Request<Incoming>| {
-        match peer {
-            Peer::Tcp(addr) => {
-                request.extensions_mut().insert(ConnectInfo(addr));
-            }
-            Peer::Unix(Some(cred)) => {
-                request.extensions_mut().insert(cred);
-            }
-            Peer::Unix(None) => {}
-        }
-        router.clone().oneshot(request.map(axum::body::Body::new))
-    });
-    TowerToHyperService::new(service)
 }

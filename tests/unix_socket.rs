@@ -30,6 +30,29 @@ while True:
 sys.stdout.write(data.decode("utf-8", "replace"))
 "#;
 
+/// Two requests on one connection with a pause between them (long enough to be parked), then
+/// everything the server sent until it closed.
+const TWO_CALLS: &str = r#"
+import socket, sys, time
+path, target, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+def request(close):
+    return (f"POST {target} HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 2\r\n{'Connection: close' if close else 'X-First: 1'}\r\n\r\n{{}}").encode()
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(path)
+s.sendall(request(False))
+time.sleep(pause)
+s.sendall(request(True))
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode("utf-8", "replace"))
+"#;
+
 const BOUND_KEY: &str = "kw_testBoundKey01234567890abcdefghijklmnopqrst";
 
 /// Sends one request over `socket` from a process running as `uid` (or as root with `None`);
@@ -121,11 +144,13 @@ peer_uid = 1004
 "#,
         bound = sha(BOUND_KEY)
     );
-    let text = config_text(dir.path(), &upstream.url(), &extra).replacen(
-        "\nlisten = \"127.0.0.1:0\"",
-        &format!("\nlisten = [\"127.0.0.1:0\", \"unix:{}\"]\nunix_socket_mode = \"0666\"", socket.display()),
-        1,
-    );
+    let text = config_text(dir.path(), &upstream.url(), &extra)
+        .replace("header_read_timeout_ms = 2000", "header_read_timeout_ms = 2000\npark_idle_after_ms = 200")
+        .replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = [\"127.0.0.1:0\", \"unix:{}\"]\nunix_socket_mode = \"0666\"", socket.display()),
+            1,
+        );
     let config = keyward::config::load_str(&text, "unix.toml", false).unwrap_or_else(|e| panic!("{e}"));
     let running = keyward::serve::start(config).await.unwrap();
     assert_eq!(running.proxy_unix.as_deref(), Some(socket.as_path()));
@@ -277,4 +302,52 @@ fn peer_uid_config_is_checked() {
     assert!(problems(&twice, "\"unix:/run/k.sock\"").contains("duplicate peer_uid"));
     assert!(problems("", "\"unix:run/k.sock\"").contains("must be absolute"));
     assert!(problems("", "[\"127.0.0.1:0\", \"127.0.0.1:1\"]").contains("at most one TCP address"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_uid_still_identifies_requests_after_the_connection_was_parked() {
+    let Setup { harness: h, socket } = start().await;
+    let path = socket.clone();
+    let client = tokio::task::spawn_blocking(move || {
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(TWO_CALLS)
+            .arg(&path)
+            .arg(CHAT)
+            .arg("1.5")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .uid(1001)
+            .gid(1001)
+            .output()
+            .expect("/usr/bin/python3 runs")
+    });
+    // While the client pauses, its connection is parked.
+    let metrics = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let text = metrics.get(format!("{}/metrics", h.admin)).send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l == "keyward_connections_parked 1") {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_millis(1400), "the connection was not parked");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    let output = client.await.unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    for _ in 0..100 {
+        if h.audit().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let records = h.audit();
+    assert_eq!(records.len(), 2);
+    for record in &records {
+        assert_eq!(record["agentId"], "uid-agent");
+        assert_eq!(record["ip"], "unix:uid=1001");
+    }
+    h.stop().await;
 }

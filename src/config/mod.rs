@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
+    /// An HTTP/1 keep-alive connection idle this long is parked: its buffers and connection
+    /// state are dropped until the socket is readable again.
+    pub park_idle_after: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,7 @@ pub struct RawServer {
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,
+    pub park_idle_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -117,9 +117,13 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         header_read_timeout: ms(raw.server.header_read_timeout_ms, 10_000),
         max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
         shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
+        park_idle_after: ms(raw.server.park_idle_after_ms, 1_000),
     };
     if server.header_read_timeout.is_zero() {
         c.problem("server.header_read_timeout_ms", "must be greater than 0");
+    }
+    if server.park_idle_after.is_zero() {
+        c.problem("server.park_idle_after_ms", "must be greater than 0");
     }
     if server.max_header_bytes < 8192 {
         c.problem("server.max_header_bytes", "must be at least 8192");

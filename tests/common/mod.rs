@@ -173,10 +173,15 @@ impl Harness {
     }
 
     pub async fn start_with(extra: &str) -> Harness {
+        Self::start_edited(extra, |text| text).await
+    }
+
+    /// `start_with`, with `edit` applied to the whole config text (for `[server]` settings).
+    pub async fn start_edited(extra: &str, edit: impl Fn(String) -> String) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let upstream = FakeUpstream::start().await.unwrap();
         write_secrets(dir.path());
-        let text = config_text(dir.path(), &upstream.url(), extra);
+        let text = edit(config_text(dir.path(), &upstream.url(), extra));
         let config = keyward::config::load_str(&text, "test.toml", false).unwrap_or_else(|e| panic!("{e}"));
         let running = keyward::serve::start(config).await.unwrap();
         let base = format!("http://{}", running.proxy_addr.expect("the test config listens on TCP"));
