@@ -230,7 +230,8 @@ impl ChainHead {
         // both the hash (computed without `hash`) and the line, except when all three sit at the
         // closing brace of an empty object, where only the line has `hash` before `prev_hash`.
         let mut members = Vec::with_capacity(192);
-        let prev = push_member(&mut members, "prev_hash", self.prev_hash.as_bytes(), true, at_prev < brace, has_members);
+        let prev =
+            push_member(&mut members, "prev_hash", self.prev_hash.as_bytes(), true, at_prev < brace, has_members);
         let seq = push_member(&mut members, "seq", &seq_digits, false, at_seq < brace, has_members || at_prev == brace);
         let mut hasher = Sha256::new();
         hasher.update(&bytes[..at_prev]);
