@@ -2,7 +2,7 @@
 //! what it receives and answers like the real APIs, including slow SSE streams.
 //!
 //! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M`,
-//! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, and the hostile ones that
+//! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, `/_fake/bytes?n=N`, and the hostile ones that
 //! try to leak what they received: `/_fake/echo-encoded`, `/_fake/leak-headers`,
 //! `/_fake/gzip-echo`, `/_fake/brotli`, `/_fake/error-echo`.
 //!
@@ -221,6 +221,9 @@ async fn respond(
     } else if let Some(code) = path.split("/_fake/status/").nth(1) {
         let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::IM_A_TEAPOT);
         json_response(status, json!({ "error": { "message": "fake upstream status", "type": "fake" } }))
+    } else if path.contains("/_fake/bytes") {
+        let n = query_param(query, "n").and_then(|v| v.parse().ok()).unwrap_or(1024).min(64 << 20);
+        full(StatusCode::OK, "application/octet-stream", vec![b'k'; n])
     } else if path.contains("/_fake/slow") {
         let ms = query_param(query, "ms").and_then(|v| v.parse().ok()).unwrap_or(1000);
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -316,6 +316,41 @@ async fn connections_that_ask_to_close_are_closed_not_parked() {
     h.stop().await;
 }
 
+/// A closing connection still delivers its whole response to a client that reads slowly: what
+/// hyper holds when the exchange ends is flushed before the socket is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_response_reaches_a_slow_reader_whole() {
+    let h = start().await;
+    let size = 8 << 20;
+    let mut raw = Raw::connect(&h).await;
+    raw.send(
+        format!(
+            "GET /openai/_fake/bytes?n={size} HTTP/1.1\r\nHost: keyward\r\nAuthorization: Bearer {WORKER_KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    // Reading slower than keyward writes: the socket stays full, so the end of the response is
+    // still in keyward's buffer when the exchange is over.
+    let mut received = Vec::with_capacity(size + 1024);
+    let reading = async {
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            let n = raw.stream.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            received.extend_from_slice(&chunk[..n]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), reading).await.expect("the response ends");
+    let head_end = received.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    assert!(received.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&received[..head_end]));
+    assert_eq!(received.len() - head_end, size, "the response was cut off");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_read_timeout_still_closes_a_parked_connection() {
     let h = start().await;

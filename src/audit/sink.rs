@@ -5,8 +5,9 @@
 //! `request.released` record: it seals it, and with the same `write(2)` also appends any outcome
 //! records queued since the last write; no thread hand-off, no wake-up. Outcome records are only
 //! queued (sealed, in memory) and reach the file with the next write, or within `POLL` from the
-//! writer thread. `fsync` mode, files that are not regular (a FIFO, a device), and a lock held
-//! too long (a stalling disk) go through the writer thread instead: a bounded channel, batches,
+//! writer thread. `fsync` mode, files that are not regular (a FIFO, a device), a lock held too
+//! long, and the 5 s after a write on a request's thread was slow (a stalling disk) go through the
+//! writer thread instead: a bounded channel, batches,
 //! one `write(2)` (and in `fsync` mode one fsync) per batch, then acknowledgements. The writer
 //! thread also rotates the file daily or by size, prunes files past retention, and the chain
 //! resumes after a restart.
@@ -18,10 +19,10 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -41,6 +42,10 @@ const IDLE_POLLS: u32 = 200;
 const QUEUE_LIMIT: usize = 256 * 1024;
 /// How often a request tries the writer's lock before handing its record to the writer thread.
 const LOCK_ATTEMPTS: u32 = 64;
+/// A write on a request's thread that took this long sends every record through the writer
+/// thread for `SLOW_BACKOFF`.
+const SLOW_WRITE: Duration = Duration::from_millis(20);
+const SLOW_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The audit file could not be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,9 +77,38 @@ struct Shared {
     direct: bool,
     /// The writer thread is polling the queue, so queuing a record needs no wake-up.
     polling: AtomicBool,
+    /// Until when (ms since `started`) requests leave writing to the writer thread, after a
+    /// write on a request's thread was slow: a stalling disk then blocks the writer thread, not
+    /// the async workers.
+    slow_until_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Shared {
+    /// Whether a request may write its record itself now.
+    fn writes_directly(&self) -> bool {
+        self.direct && self.elapsed_ms() >= self.slow_until_ms.load(Ordering::Relaxed)
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Writes what is queued on a request's thread, and steps aside for a while if that was slow.
+    fn write_here(&self, writer: &mut Writer) -> Result<(), WriteFailed> {
+        let started = Instant::now();
+        let result = writer.write_queued();
+        let took = started.elapsed();
+        if took >= SLOW_WRITE {
+            self.slow_until_ms.store(self.elapsed_ms() + SLOW_BACKOFF.as_millis() as u64, Ordering::Relaxed);
+            tracing::warn!(
+                took_ms = took.as_millis() as u64,
+                "an audit write was slow; the audit thread writes alone for a while"
+            );
+        }
+        result
+    }
+
     /// The writer, if it can be had at once: a request never waits behind a stalling write.
     fn try_lock(&self) -> Option<MutexGuard<'_, Writer>> {
         for _ in 0..LOCK_ATTEMPTS {
@@ -125,6 +159,7 @@ impl AuditSink {
             date: today(),
             metrics,
             failing: false,
+            torn: false,
         };
         writer.start_line_clean();
         writer.prune();
@@ -132,6 +167,8 @@ impl AuditSink {
             writer: Mutex::new(writer),
             direct: regular && config.durability != Durability::Fsync,
             polling: AtomicBool::new(false),
+            slow_until_ms: AtomicU64::new(0),
+            started: Instant::now(),
         });
         let (tx, rx) = sync_channel(capacity);
         let thread_shared = shared.clone();
@@ -152,12 +189,12 @@ impl AuditSink {
     /// to hand it over, so no record is dropped and the proxy keeps running.
     pub fn record(&self, line: impl Into<Line>) {
         let line = line.into();
-        if self.shared.direct
+        if self.shared.writes_directly()
             && let Some(mut writer) = self.shared.try_lock()
         {
             writer.queue(&line);
             if writer.queued.bytes.len() >= QUEUE_LIMIT {
-                let _ = writer.write_queued();
+                let _ = self.shared.write_here(&mut writer);
             }
             drop(writer);
             self.wake_writer();
@@ -200,11 +237,18 @@ impl AuditSink {
             self.record(line);
             return Ok(());
         }
-        if self.shared.direct
+        if self.shared.writes_directly()
             && let Some(mut writer) = self.shared.try_lock()
         {
             writer.queue(&line);
-            return writer.write_queued();
+            let result = self.shared.write_here(&mut writer);
+            let rotate = writer.rotation_due();
+            drop(writer);
+            if rotate {
+                // Rotation renames and prunes files: the writer thread's work, not a request's.
+                let _ = self.tx.try_send(Message::Wake);
+            }
+            return result;
         }
         let (ack, done) = oneshot::channel();
         let stopped = || WriteFailed("the audit writer has stopped".to_string());
@@ -309,6 +353,8 @@ struct Writer {
     date: String,
     metrics: Arc<Metrics>,
     failing: bool,
+    /// A failed write left a fragment that could not be cut off.
+    torn: bool,
 }
 
 fn today() -> String {
@@ -336,7 +382,14 @@ impl Writer {
         let bytes = std::mem::take(&mut self.queued.bytes);
         let count = std::mem::take(&mut self.queued.count);
         let length_before = self.len;
+        let mut bytes = bytes;
+        if self.torn {
+            bytes.insert(0, b'\n');
+        }
         let result = self.write(&bytes);
+        if result.is_ok() {
+            self.torn = false;
+        }
         match &result {
             Ok(()) => {
                 self.metrics.audit_records.inc_by(count);
@@ -353,6 +406,8 @@ impl Writer {
                     && let Err(cut) = self.file.set_len(length)
                 {
                     tracing::error!(error = %cut, "a failed audit batch could not be cut off; verify will report it");
+                    // The torn fragment stays on its own line: the next record starts a new one.
+                    self.torn = true;
                 }
                 self.head = head_before;
                 self.metrics.audit_write_errors.inc_by(count);
@@ -369,10 +424,6 @@ impl Writer {
             let mut bytes = bytes;
             bytes.clear();
             self.queued.bytes = bytes;
-        }
-        if result.is_ok() && length_after.is_some_and(|n| self.rotate_bytes > 0 && n >= self.rotate_bytes) {
-            self.rotate();
-            self.prune();
         }
         result.map_err(|e| WriteFailed(e.to_string()))
     }
@@ -410,6 +461,11 @@ impl Writer {
         {
             self.len = self.len.map(|n| n + 1);
         }
+    }
+
+    /// Whether the file has reached `rotate_bytes`.
+    fn rotation_due(&self) -> bool {
+        self.len.is_some_and(|n| self.rotate_bytes > 0 && n >= self.rotate_bytes)
     }
 
     /// `size`: the file's length if it is a regular file (only those rotate).
@@ -641,6 +697,8 @@ mod tests {
         let sink = AuditSink::open(&cfg, Arc::new(Metrics::new())).unwrap();
         for i in 0..6 {
             sink.record_durably(json!({ "type": "request", "i": i, "pad": "x".repeat(200) })).await.unwrap();
+            // Rotation is the audit thread's work; a flush waits for its pass.
+            sink.flush();
         }
         sink.flush();
         drop(sink);

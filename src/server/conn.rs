@@ -34,7 +34,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -163,8 +163,9 @@ async fn serve_h1(
             match driven {
                 End::Park => {}
                 End::Closed => {
-                    let mut io = connection.into_parts().io.into_inner();
-                    let _ = io.shutdown().await;
+                    // Polled as a future again, hyper flushes what it still buffers (the end of a
+                    // closing response to a slow reader) before it shuts the socket down.
+                    let _ = (&mut *connection).await;
                     return;
                 }
                 End::Dropped => return,
@@ -182,6 +183,10 @@ async fn serve_h1(
         };
         deadline = Some(due);
         tracing::trace!(?peer, buffered = prefix.len(), "idle connection parked");
+        if !prefix.is_empty() && prefix.windows(4).any(|w| w == b"\r\n\r\n") {
+            // A whole request head is already here: serve it without waiting for more bytes.
+            continue;
+        }
         let _parked = Parked::new(&server.parked);
         let readable = tokio::select! {
             ready = stream.readable() => ready.is_ok(),
