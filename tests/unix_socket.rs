@@ -11,6 +11,17 @@ use std::process::{Command, Stdio};
 use common::*;
 use keyward::fake_upstream::FakeUpstream;
 
+/// Reads what the server sends until it closes, and prints it: the end of each client script.
+const READ_ALL: &str = r#"
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode("utf-8", "replace"))
+"#;
+
 /// A minimal HTTP/1.1 client over a Unix socket: prints the raw response.
 const CLIENT: &str = r#"
 import socket, sys
@@ -21,13 +32,6 @@ s.settimeout(10)
 s.connect(path)
 s.sendall((f"{method} {target} HTTP/1.1\r\nHost: keyward\r\nConnection: close\r\n"
            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{headers}\r\n{body}").encode())
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-sys.stdout.write(data.decode("utf-8", "replace"))
 "#;
 
 /// Two requests on one connection with a pause between them (long enough to be parked), then
@@ -44,13 +48,6 @@ s.connect(path)
 s.sendall(request(False))
 time.sleep(pause)
 s.sendall(request(True))
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-sys.stdout.write(data.decode("utf-8", "replace"))
 "#;
 
 const BOUND_KEY: &str = "kw_testBoundKey01234567890abcdefghijklmnopqrst";
@@ -61,7 +58,7 @@ fn call_as(uid: Option<u32>, socket: &Path, method: &str, target: &str, body: &s
     let mut command = Command::new("/usr/bin/python3");
     command
         .arg("-c")
-        .arg(CLIENT)
+        .arg(format!("{CLIENT}{READ_ALL}"))
         .arg(socket)
         .arg(method)
         .arg(target)
@@ -311,7 +308,7 @@ async fn the_peer_uid_still_identifies_requests_after_the_connection_was_parked(
     let client = tokio::task::spawn_blocking(move || {
         Command::new("/usr/bin/python3")
             .arg("-c")
-            .arg(TWO_CALLS)
+            .arg(format!("{TWO_CALLS}{READ_ALL}"))
             .arg(&path)
             .arg(CHAT)
             .arg("1.5")

@@ -90,10 +90,6 @@ impl Line {
         }
         Line::from_canonical(canonical(&value).into_bytes())
     }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
 }
 
 impl From<Value> for Line {

@@ -165,8 +165,9 @@ impl AuditRecord {
         out
     }
 
-    /// The `request.released` record for this request, written at `timestamp` for `operation`.
-    pub fn released_json(&self, timestamp: &str, operation: &str) -> serde_json::Value {
+    /// The `request.released` record as a `Value`, to compare with the full record in tests.
+    #[cfg(test)]
+    fn released_json(&self, timestamp: &str, operation: &str) -> serde_json::Value {
         serde_json::to_value(self.released(timestamp, operation)).expect("audit records always serialize")
     }
 

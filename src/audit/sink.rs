@@ -87,7 +87,9 @@ struct Shared {
 impl Shared {
     /// Whether a request may write its record itself now.
     fn writes_directly(&self) -> bool {
-        self.direct && self.elapsed_ms() >= self.slow_until_ms.load(Ordering::Relaxed)
+        // No clock read unless a slow write ever happened.
+        let slow_until = self.slow_until_ms.load(Ordering::Relaxed);
+        self.direct && (slow_until == 0 || self.elapsed_ms() >= slow_until)
     }
 
     fn elapsed_ms(&self) -> u64 {
