@@ -2,7 +2,7 @@
 //! flow and nowhere else, budgets are exact under concurrency, and revocation (by the parent,
 //! by cascade, by an admin, on failure) and expiry take effect at once.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! secret store or upstream is touched, in-flight caps, quarantine and release through the admin
 //! API, and an anomaly detector that quarantines and notifies a webhook.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

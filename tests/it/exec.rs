@@ -3,7 +3,7 @@
 //! non-zero exit, oversized output, missing id) as a clear error that quotes no output, with 503
 //! for the agent.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The real binary: env provider end to end with TRACE logs checked for canaries, `check`
 //! errors with file:line and field, every shipped config, `demo`, `agents new`, embedded default.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -350,7 +350,7 @@ fn every_example_config_passes_check() {
 #[test]
 fn sources_from_reports_problems_at_the_external_files_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let article = include_str!("../config/examples/openclaw-prod.json");
+    let article = include_str!("../../config/examples/openclaw-prod.json");
     let main =
         format!("sources_from = [\"prod.json\"]\n{}", GOOD.replace("secret = \"A\"", "secret = \"OPENAI_API_KEY\""));
     let staging =

@@ -2,7 +2,7 @@
 //! the heat map and the secrets table must render real data, a screenshot is kept as an
 //! artifact, and Chromium's net log must show no request outside the admin listener.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

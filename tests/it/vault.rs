@@ -2,7 +2,7 @@
 //! and AppRole auth, KV v2 field mapping, a newer KV version picked up after the cache TTL, and
 //! failures that give the agent 503 without naming the token.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -2,7 +2,7 @@
 //! gives back hyper's buffers and is served again on its next request, on the same socket,
 //! without losing or cutting off a byte; closing, timeouts and shutdown behave as before.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

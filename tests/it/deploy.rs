@@ -2,7 +2,7 @@
 //! config there (files, and the ConfigMap's embedded one) passes `keyward check`, the examples
 //! keep the sidecar's promises, and `keyward health` answers for a running keyward.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

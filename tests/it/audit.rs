@@ -2,7 +2,7 @@
 //! kill -9), fail-closed on an unwritable trail, `keyward audit verify` against each kind of
 //! tampering, `report`, and the admin API.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The Unix-socket listener with peer identity: real sockets, and real client processes that run
 //! as other uids (the tests run as root), so SO_PEERCRED reports a uid the kernel vouches for.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::process::CommandExt;

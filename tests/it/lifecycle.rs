@@ -2,7 +2,7 @@
 //! config is swapped in, an invalid one is refused while the last good one keeps serving,
 //! in-flight requests finish on the config they started with, and cached secrets carry over.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Hostile upstreams and hostile agents: echoed credentials in every encoding are scrubbed,
 //! framing tricks are not smuggled upstream, and malformed requests get a clear 4xx.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,8 +1,7 @@
-#![cfg(feature = "aws")]
 //! The AWS Secrets Manager provider through the real `aws-sdk-secretsmanager` against a real
 //! `moto_server` on loopback, with keyward run as its own process using the standard chain.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -176,7 +175,7 @@ async fn the_articles_json_loads_as_is_and_falls_back_to_staging() {
     let moto = start_moto().await;
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start().await.unwrap();
-    std::fs::write(dir.path().join("openclaw-prod.json"), include_str!("../config/examples/openclaw-prod.json"))
+    std::fs::write(dir.path().join("openclaw-prod.json"), include_str!("../../config/examples/openclaw-prod.json"))
         .unwrap();
     std::fs::write(dir.path().join("staging.json"), format!("{{\"OPENAI_API_KEY\": \"{CANARY_GITHUB}\"}}")).unwrap();
     let text = config(dir.path(), &upstream.url(), "");

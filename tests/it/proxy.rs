@@ -1,7 +1,7 @@
 //! End-to-end behaviour of the proxy on loopback: injection, identity, authorization, request
 //! hygiene, streaming, and one audit record for every outcome.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

@@ -1,9 +1,8 @@
-#![cfg(feature = "aws")]
 //! Credential rotation against a real `moto_server`: scheduled and manual runs, validation
 //! probes against a fake upstream whose accepted key changes, the grace period, invalidation on
 //! 401 with one retry, and rotation under load. keyward runs as its own process.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //!
 //! The seed is printed; rerun one with `KEYWARD_CANARY_SEED=<seed> cargo test --test canary`.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

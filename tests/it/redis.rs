@@ -2,7 +2,7 @@
 //! quota holds, a quarantine made on one is enforced by the other within a second, and when
 //! Redis dies each keeps serving under its configured failure policy.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,24 @@
+//! keyward's integration tests, in one binary (it links the crate and the AWS SDK once):
+//! a module per area, shared helpers in `common`.
+
+mod common;
+
+mod audit;
+#[cfg(feature = "aws")]
+mod aws;
+mod binary;
+mod canary;
+mod dashboard;
+mod delegation;
+mod deploy;
+mod exec;
+mod hostile;
+mod lifecycle;
+mod limits;
+mod parking;
+mod proxy;
+mod redis;
+#[cfg(feature = "aws")]
+mod rotation;
+mod unix_socket;
+mod vault;
