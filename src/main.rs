@@ -59,10 +59,18 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy. Without --config: config/keyward.toml, else the embedded default.
+    /// Run the proxy. Without --config: config/keyward.toml, else the embedded default (which
+    /// keeps its files in $KEYWARD_STATE_DIR, default ~/.local/state/keyward).
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Serve agents on this TCP address instead of the config's `server.listen`
+        /// (port 0 picks a free port; the chosen one is logged).
+        #[arg(long, env = "KEYWARD_LISTEN")]
+        listen: Option<std::net::SocketAddr>,
+        /// Serve /healthz, /readyz, /metrics and the admin API here instead of `server.admin_listen`.
+        #[arg(long, env = "KEYWARD_ADMIN_LISTEN")]
+        admin_listen: Option<std::net::SocketAddr>,
     },
     /// Validate a config without serving; prints every problem as file:line: field: message.
     Check {
@@ -229,13 +237,24 @@ fn main() -> ExitCode {
         Command::Agents { command: AgentsCommand::New { id, role, config } } => {
             agents_new(&id, &role, config.as_deref())
         }
-        Command::Serve { config } => {
-            let (config, name) = match load(config.as_deref()) {
+        Command::Serve { config, listen, admin_listen } => {
+            let (mut config, name) = match load(config.as_deref()) {
                 Ok(loaded) => loaded,
                 Err(code) => return code,
             };
             if name.starts_with('<') {
-                tracing::warn!("{} not found; using the embedded default config", config::DEFAULT_CONFIG_PATH);
+                let home = config::embedded_home().map(|h| h.display().to_string()).unwrap_or_default();
+                tracing::warn!(
+                    state_dir = %home,
+                    "{} not found; using the embedded default config (its demo secrets, audit trail and state live in state_dir)",
+                    config::DEFAULT_CONFIG_PATH
+                );
+            }
+            if let Some(listen) = listen {
+                config.server.listen = Some(listen);
+            }
+            if let Some(admin_listen) = admin_listen {
+                config.server.admin_listen = admin_listen;
             }
             tracing::info!(config = %name, "config loaded");
             for warning in config.warnings() {

@@ -25,6 +25,53 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/keyward.toml";
 /// The default config compiled into the binary, used when `config/keyward.toml` does not exist.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../config/keyward.toml");
 
+/// The demo secrets the embedded default reads, compiled in with it.
+pub const EMBEDDED_SECRETS: &str = include_str!("../../config/secrets.example.json");
+
+/// The name problems and logs give the embedded default.
+pub const EMBEDDED_NAME: &str = "<embedded config/keyward.toml>";
+
+/// Where keyward keeps the files of its embedded default (its demo secrets, audit trail and
+/// runtime state): `$KEYWARD_STATE_DIR`, else `$XDG_STATE_HOME/keyward`, else
+/// `~/.local/state/keyward`. The embedded config behaves as if it were `config/keyward.toml`
+/// in that directory, so its relative paths resolve below it and never in the working directory.
+pub fn embedded_home() -> Result<PathBuf, String> {
+    let non_empty = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(dir) = non_empty("KEYWARD_STATE_DIR") {
+        return Ok(dir);
+    }
+    if let Some(dir) = non_empty("XDG_STATE_HOME") {
+        return Ok(dir.join("keyward"));
+    }
+    match non_empty("HOME") {
+        Some(home) => Ok(home.join(".local/state/keyward")),
+        None => Err("neither KEYWARD_STATE_DIR, XDG_STATE_HOME nor HOME is set: set KEYWARD_STATE_DIR to a \
+                     directory for the embedded default's audit trail and state, or pass --config FILE"
+            .to_string()),
+    }
+}
+
+/// Lays out the embedded default's directory: `config/secrets.example.json` with the demo
+/// secrets (written once; a user may edit it afterwards). Returns the directory the embedded
+/// config's relative paths resolve against.
+fn prepare_embedded_home() -> Result<PathBuf, String> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let config_dir = embedded_home()?.join("config");
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config_dir).map_err(|e| {
+        format!("cannot create {}: {e} (set KEYWARD_STATE_DIR to a writable directory)", config_dir.display())
+    })?;
+    let secrets = config_dir.join("secrets.example.json");
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secrets) {
+        Ok(mut file) => file
+            .write_all(EMBEDDED_SECRETS.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", secrets.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot write {}: {e}", secrets.display())),
+    }
+    Ok(config_dir)
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerConfig,
@@ -597,8 +644,17 @@ pub fn load_for_command(explicit: Option<&Path>) -> Result<(Config, String), Con
         None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
             load_file(Path::new(DEFAULT_CONFIG_PATH)).map(|c| (c, DEFAULT_CONFIG_PATH.to_string()))
         }
-        None => load_str(EMBEDDED_DEFAULT, "<embedded config/keyward.toml>", false)
-            .map(|c| (c, "<embedded config/keyward.toml>".to_string())),
+        None => {
+            let base = prepare_embedded_home().map_err(|message| {
+                ConfigErrors(vec![Problem {
+                    file: EMBEDDED_NAME.to_string(),
+                    line: None,
+                    field: String::new(),
+                    message,
+                }])
+            })?;
+            load_str_at(EMBEDDED_DEFAULT, EMBEDDED_NAME, false, &base).map(|c| (c, EMBEDDED_NAME.to_string()))
+        }
     }
 }
 
@@ -613,16 +669,22 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
         }])
     })?;
     let json = matches!(spans::Format::of_path(&name), spans::Format::Json);
-    load_str(&text, &name, json)
+    load_str_at(&text, &name, json, path.parent().unwrap_or(Path::new("")))
 }
 
-/// Parses and validates config text; `name` is used in problem locations.
+/// Parses and validates config text; `name` is used in problem locations. Relative paths in it
+/// stay relative to the working directory.
 pub fn load_str(text: &str, name: &str, json: bool) -> Result<Config, ConfigErrors> {
+    load_str_at(text, name, json, Path::new(""))
+}
+
+/// Parses and validates config text whose relative paths resolve against `base`.
+pub fn load_str_at(text: &str, name: &str, json: bool, base: &Path) -> Result<Config, ConfigErrors> {
     let format = if json { spans::Format::Json } else { spans::Format::Toml };
     let (value, index) = spans::parse(text, format).map_err(|e| {
         ConfigErrors(vec![Problem { file: name.to_string(), line: e.line, field: String::new(), message: e.message }])
     })?;
-    validate::validate(value, &index, name)
+    validate::validate(value, &index, name, base)
 }
 
 #[cfg(test)]

@@ -15,10 +15,18 @@ use crate::policy::{MethodSet, PathPattern};
 struct Collector<'a> {
     file: &'a str,
     index: &'a SpanIndex,
+    /// The directory relative paths in this file resolve against: the file's own directory.
+    base: &'a Path,
     problems: Vec<Problem>,
 }
 
 impl Collector<'_> {
+    /// A path as written in the config, made relative to the config file's directory, so a
+    /// config behaves the same whatever the working directory.
+    fn path(&self, written: &str) -> PathBuf {
+        self.base.join(written)
+    }
+
     fn problem(&mut self, field: impl Into<String>, message: impl Into<String>) {
         let field = field.into();
         self.problems.push(Problem {
@@ -30,7 +38,7 @@ impl Collector<'_> {
     }
 }
 
-pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str) -> Result<Config, ConfigErrors> {
+pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
         let mut field = e.path().to_string();
         if field == "." {
@@ -50,7 +58,7 @@ pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str) -> Resu
         }
         ConfigErrors(vec![Problem { file: file.to_string(), line: index.line_of(&located), field: located, message }])
     })?;
-    let mut c = Collector { file, index, problems: Vec::new() };
+    let mut c = Collector { file, index, base, problems: Vec::new() };
     let config = build(raw, &mut c);
     if c.problems.is_empty() { Ok(config) } else { Err(ConfigErrors(c.problems)) }
 }
@@ -164,7 +172,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         }
     };
     let mut audit = AuditConfig {
-        path: PathBuf::from(raw.audit.path.unwrap_or_else(|| "var/audit/keyward-audit.jsonl".to_string())),
+        path: c.path(raw.audit.path.as_deref().unwrap_or("var/audit/keyward-audit.jsonl")),
         retention_days: raw.audit.retention_days.unwrap_or(90),
         metadata: raw.audit.metadata,
         durability,
@@ -579,7 +587,9 @@ struct SourceContext<'a> {
     channels: &'a BTreeMap<String, String>,
 }
 
-fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, cx: &mut SourceContext<'_>) -> Vec<SourceConfig> {
+fn external_sources(c: &mut Collector<'_>, at: &str, written: &str, cx: &mut SourceContext<'_>) -> Vec<SourceConfig> {
+    let resolved = c.path(written);
+    let path = &*resolved.to_string_lossy();
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) => {
@@ -600,7 +610,9 @@ fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, cx: &mut Source
         other => vec![(String::new(), other)],
     };
     let many = blocks.len() > 1;
-    let mut inner = Collector { file: path, index: &index, problems: Vec::new() };
+    // Paths inside an external file resolve against that file's own directory.
+    let base = resolved.parent().unwrap_or(Path::new("."));
+    let mut inner = Collector { file: path, index: &index, base, problems: Vec::new() };
     let mut out = Vec::new();
     for (n, (prefix, value)) in blocks.into_iter().enumerate() {
         let raw: RawExternal = match serde_path_to_error::deserialize(value) {
@@ -625,7 +637,7 @@ fn external_sources(c: &mut Collector<'_>, at: &str, path: &str, cx: &mut Source
         let _ = n;
         // Validated with keyward's field names, then reported at the article's own names and lines.
         let empty = SpanIndex::default();
-        let mut scratch = Collector { file: path, index: &empty, problems: Vec::new() };
+        let mut scratch = Collector { file: path, index: &empty, base, problems: Vec::new() };
         out.extend(source(&mut scratch, "@", raw.into_source(stem.clone()), cx));
         for problem in scratch.problems {
             let field = format!("{prefix}.{}", article_field(problem.field.trim_start_matches("@.")));
@@ -765,7 +777,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, cx: &mut SourceContext<
                 c.problem(format!("{at}.path"), "is required for provider 'file'");
                 return None;
             };
-            ProviderConfig::File { path: PathBuf::from(path) }
+            ProviderConfig::File { path: c.path(&path) }
         }
         "env" => {
             if s.mapping.is_none() {

@@ -271,9 +271,98 @@ fn agents_new_prints_a_key_once_and_its_hash() {
 #[test]
 fn without_a_config_file_the_embedded_default_is_used() {
     let dir = tempfile::tempdir().unwrap();
-    let output = keyward().arg("check").current_dir(dir.path()).output().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let output =
+        keyward().arg("check").current_dir(dir.path()).env("KEYWARD_STATE_DIR", state.path()).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("<embedded config/keyward.toml>: OK"));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "check wrote into the working directory");
+}
+
+/// The README's first command from any directory: the embedded default needs nothing from the
+/// working directory (its demo secrets come with it), becomes ready, and keeps its audit trail
+/// in the state directory; `check` agrees with `serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_default_serves_from_any_directory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let spawned = Spawned::serve(
+        cwd.path(),
+        &["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+        &[("KEYWARD_STATE_DIR", state_dir)],
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let ready = reqwest::get(format!("{}/readyz", spawned.admin)).await.unwrap().status();
+        if ready == 200 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "never ready:\n{}", spawned.logs());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // An unknown key is refused and audited in the state directory, not in the working directory.
+    let r = reqwest::Client::new()
+        .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
+        .bearer_auth("kw_notTheDemoKey")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let logs = spawned.terminate();
+    assert!(!logs.contains("cannot read"), "{logs}");
+    assert!(logs.contains(state_dir), "the log names where the state lives:\n{logs}");
+    assert_eq!(std::fs::read_dir(cwd.path()).unwrap().count(), 0, "serve wrote into the working directory");
+    let audit = std::fs::read_to_string(state.path().join("var/audit/keyward-audit.jsonl")).unwrap();
+    assert!(audit.contains("unknown_agent_key"), "{audit}");
+    assert!(state.path().join("config/secrets.example.json").exists());
+    let check = keyward().arg("check").current_dir(cwd.path()).env("KEYWARD_STATE_DIR", state_dir).output().unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
+
+/// Relative paths in a config file resolve against the file's own directory, whatever the
+/// working directory: a file source and `sources_from` are found, and check says where.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("conf")).unwrap();
+    std::fs::write(dir.path().join("conf/secrets.json"), r#"{"A": "v"}"#).unwrap();
+    let text = r#"
+[[sources]]
+name = "s"
+provider = "file"
+path = "secrets.json"
+
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://example.com"
+agent_key = { header = "x-api-key" }
+inject = { header = "x-api-key" }
+
+[roles.worker]
+grants = [{ route = "r", secret = "A", methods = ["GET"], paths = ["/**"] }]
+"#;
+    std::fs::write(dir.path().join("conf/k.toml"), text).unwrap();
+    let output = keyward()
+        .args(["check", "--config"])
+        .arg(dir.path().join("conf/k.toml"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    // Without the file beside the config, the problem names the resolved path.
+    std::fs::remove_file(dir.path().join("conf/secrets.json")).unwrap();
+    let output = keyward()
+        .args(["check", "--config"])
+        .arg(dir.path().join("conf/k.toml"))
+        .current_dir(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("sources[0].path") && stderr.contains("conf/secrets.json"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
