@@ -10,23 +10,27 @@
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-slim-bookworm AS build
+# Fully qualified image names, so podman and buildah build this without a registries.conf.
+FROM docker.io/library/rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 
 # 1. Dependencies only: the manifests with stub sources. This layer is reused until
-#    Cargo.toml or Cargo.lock change.
+#    Cargo.toml or Cargo.lock change. Every target Cargo.toml names explicitly needs a stub, or
+#    cargo refuses the manifest (tests/it/deploy.rs checks this list against Cargo.toml).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src examples \
+RUN mkdir -p src examples benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/hot_path.rs \
     && echo 'fn main() {}' > examples/bench_upstream.rs \
     && cargo build --release --locked --bin keyward \
-    && rm -rf src examples
+    && rm -rf src examples benches
 
 # 2. keyward itself. The embedded default config and the dashboard are compiled in.
 COPY src ./src
 COPY config ./config
 COPY examples ./examples
+COPY benches ./benches
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin keyward \
     && mkdir -p /out/audit /out/run \

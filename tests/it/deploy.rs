@@ -133,6 +133,69 @@ fn the_sidecar_examples_keep_the_agent_credential_free() {
     );
 }
 
+/// `kubectl apply -f deploy/kubernetes/` must never overwrite a Secret the README told the user
+/// to create: no manifest directly in that directory is a Secret, and the example Secrets sit in
+/// a subdirectory that a non-recursive apply skips.
+#[test]
+fn applying_the_kubernetes_directory_creates_no_secret() {
+    let dir = repo_root().join("deploy/kubernetes");
+    let mut manifests = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() && path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            for doc in yaml_documents(&path) {
+                assert_ne!(
+                    doc["kind"],
+                    "Secret",
+                    "{} defines a Secret that `kubectl apply -f` would overwrite",
+                    path.display()
+                );
+                manifests += 1;
+            }
+        }
+    }
+    assert!(manifests >= 3, "only {manifests} manifests found");
+    let examples: Vec<String> = files_under(&dir.join("secrets"), &["yaml"])
+        .iter()
+        .flat_map(|p| yaml_documents(p))
+        .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
+        .collect();
+    assert_eq!(examples, ["Secret/keyward-agent-key", "Secret/keyward-aws"]);
+}
+
+/// The image builds with podman and buildah without a registries.conf (fully qualified base
+/// images), and the dependency layer stubs every target Cargo.toml names explicitly (cargo refuses
+/// a manifest whose bench or binary file is missing), and the build stage copies each of them.
+#[test]
+fn the_dockerfile_names_its_images_fully_and_stubs_every_declared_target() {
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    for line in dockerfile.lines().filter(|l| l.starts_with("FROM ")) {
+        let image = line.split_whitespace().nth(1).unwrap();
+        let registry = image.split('/').next().unwrap();
+        assert!(image.contains('/') && registry.contains('.'), "not a fully qualified image: {line}");
+    }
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(repo_root().join("Cargo.toml")).unwrap()).unwrap();
+    let mut declared = vec![manifest["lib"]["path"].as_str().unwrap().to_string()];
+    for bin in manifest["bin"].as_array().unwrap() {
+        declared.push(bin["path"].as_str().unwrap().to_string());
+    }
+    for bench in manifest.get("bench").and_then(|b| b.as_array()).into_iter().flatten() {
+        let name = bench["name"].as_str().unwrap();
+        declared.push(bench.get("path").and_then(|p| p.as_str()).map_or(format!("benches/{name}.rs"), str::to_string));
+    }
+    let stub_stage = &dockerfile[..dockerfile.find("# 2.").expect("the build stage is marked '# 2.'")];
+    let build_stage = &dockerfile[dockerfile.find("# 2.").unwrap()..];
+    for path in &declared {
+        assert!(
+            stub_stage.contains(&format!("> {path}")) || stub_stage.contains(&format!("touch {path}")),
+            "the dependency layer does not stub {path}"
+        );
+        let dir = path.split('/').next().unwrap();
+        assert!(build_stage.contains(&format!("COPY {dir} ./{dir}")), "the build stage does not copy {dir}/");
+    }
+}
+
 #[test]
 fn keyward_health_reports_readiness() {
     let dir = tempfile::tempdir().unwrap();
