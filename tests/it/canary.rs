@@ -198,6 +198,9 @@ async fn no_canary_escapes_under_random_traffic() {
         .buffer_unordered(CONCURRENCY)
         .collect::<Vec<_>>()
         .await;
+    let client_errors: Vec<&String> =
+        results.iter().map(|(_, t)| t).filter(|t| t.starts_with("client error")).collect();
+    assert!(client_errors.is_empty(), "seed {seed}: requests that never got an answer: {client_errors:?}");
     for (i, text) in &results {
         if let Some(form) = find_leak(text, &forms) {
             let p = &plans[*i];

@@ -186,7 +186,14 @@ impl Harness {
         let running = keyward::serve::start(config).await.unwrap();
         let base = format!("http://{}", running.proxy_addr.expect("the test config listens on TCP"));
         let admin = format!("http://{}", running.admin_addr);
-        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        // Idle pooled connections are dropped well before keyward closes them (header_read_timeout
+        // 2 s): on a loaded machine a request sent on a connection the server is closing would
+        // fail in the client and never reach keyward, so it could have no audit record.
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(std::time::Duration::from_millis(500))
+            .build()
+            .unwrap();
         Harness { upstream, running: Some(running), dir, base, admin, client }
     }
 
