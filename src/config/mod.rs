@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// One INFO line per attempt (target `keyward::access`).
+    pub access_log: bool,
     pub shutdown_grace: Duration,
     /// An HTTP/1 keep-alive connection idle this long is parked: its buffers and connection
     /// state are dropped until the socket is readable again.

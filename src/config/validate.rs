@@ -116,6 +116,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         admin_listen: socket_addr(c, "server.admin_listen", raw.server.admin_listen, "127.0.0.1:9090"),
         header_read_timeout: ms(raw.server.header_read_timeout_ms, 10_000),
         max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
+        access_log: raw.server.access_log.unwrap_or(true),
         shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
         park_idle_after: ms(raw.server.park_idle_after_ms, 1_000),
     };

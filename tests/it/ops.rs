@@ -6,6 +6,7 @@ use crate::common;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use common::process;
 use common::*;
 
 /// Runs `promtool check metrics` (Debian package `prometheus`, installed by scripts/test.sh) on
@@ -61,4 +62,135 @@ async fn metrics_negotiate_the_format_and_pass_promtool() {
     // An explicit text/plain is honoured too.
     let asked_text = h.client.get(&metrics_url).header("accept", "text/plain").send().await.unwrap();
     assert_eq!(asked_text.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+}
+
+/// A config for the real binary: one route whose credential comes from the environment.
+fn binary_config(dir: &std::path::Path, upstream: &str, server_extra: &str) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{server_extra}
+[audit]
+path = "{dir}/audit.jsonl"
+[[sources]]
+name = "environment"
+provider = "env"
+mapping = {{ OPENAI_API_KEY = "{{{{KW_TEST_OPENAI_KEY}}}}" }}
+[[routes]]
+name = "openai"
+prefix = "/openai/v1"
+upstream = "{upstream}/v1"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+[roles.worker]
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/chat/completions"] }}]
+[[agents]]
+id = "subagent-abc123"
+role = "worker"
+key_sha256 = "{hash}"
+"#,
+        dir = dir.display(),
+        hash = sha(WORKER_KEY)
+    );
+    let path = dir.join("keyward.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Four attempts: allowed, not granted, unknown key, and a path carrying the credential and the
+/// agent's own key.
+async fn four_attempts(proxy: &str) {
+    let client = reqwest::Client::new();
+    let chat = format!("{proxy}/openai/v1/chat/completions");
+    assert_eq!(client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap().status(), 200);
+    let files = format!("{proxy}/openai/v1/files");
+    assert_eq!(client.post(&files).bearer_auth(WORKER_KEY).send().await.unwrap().status(), 403);
+    assert_eq!(client.post(&chat).bearer_auth("kw_nobody").send().await.unwrap().status(), 401);
+    let leaky = format!("{proxy}/openai/v1/files/{CANARY_OPENAI}/{WORKER_KEY}");
+    assert_eq!(client.get(&leaky).bearer_auth(WORKER_KEY).send().await.unwrap().status(), 403);
+}
+
+fn access_lines(logs: &str) -> Vec<&str> {
+    logs.lines().filter(|l| l.contains("keyward::access")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_attempt_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keyward::fake_upstream::FakeUpstream::start().await.unwrap();
+    let config = binary_config(dir.path(), &upstream.url(), "");
+    let env = [("KW_TEST_OPENAI_KEY", CANARY_OPENAI)];
+    let spawned = process::Spawned::serve(dir.path(), &["--config", config.to_str().unwrap()], &env);
+    four_attempts(&spawned.proxy).await;
+    let logs = spawned.terminate();
+    let lines = access_lines(&logs);
+    assert_eq!(lines.len(), 4, "{logs}");
+    assert_eq!(outcomes(&dir.path().join("audit.jsonl")).len(), 4);
+    for (line, (status, outcome, agent)) in lines.iter().zip([
+        (200, "success", "subagent-abc123"),
+        (403, "denied", "subagent-abc123"),
+        (401, "denied", "-"),
+        (403, "denied", "subagent-abc123"),
+    ]) {
+        assert!(line.contains(" INFO "), "{line}");
+        assert!(line.contains(&format!("status={status} ")), "{line}");
+        assert!(
+            line.contains(&format!("outcome=\"{outcome}\"")) || line.contains(&format!("outcome={outcome}")),
+            "{line}"
+        );
+        assert!(line.contains(&format!("agent=\"{agent}\"")) || line.contains(&format!("agent={agent}")), "{line}");
+        for field in ["request_id=", "route=", "method=", "path=", "duration_ms="] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
+    assert!(lines[0].contains("method=POST") && lines[0].contains("path=/chat/completions"), "{}", lines[0]);
+    assert!(lines[3].contains("kw_<redacted>"), "{}", lines[3]);
+    assert_no_canary("the logs", &logs);
+    assert!(!logs.contains(WORKER_KEY), "an agent key reached the logs:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_in_json_and_switched_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keyward::fake_upstream::FakeUpstream::start().await.unwrap();
+    let config = binary_config(dir.path(), &upstream.url(), "");
+    let env = [("KW_TEST_OPENAI_KEY", CANARY_OPENAI)];
+    let args = ["--config", config.to_str().unwrap(), "--log-format", "json"];
+    let spawned = process::Spawned::serve(dir.path(), &args, &env);
+    four_attempts(&spawned.proxy).await;
+    let logs = spawned.terminate();
+    let records: Vec<serde_json::Value> = access_lines(&logs)
+        .into_iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(records.len(), 4, "{logs}");
+    let first = &records[0]["fields"];
+    assert_eq!(records[0]["level"], "INFO");
+    assert_eq!(first["agent"], "subagent-abc123");
+    assert_eq!(first["route"], "openai");
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["path"], "/chat/completions");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["outcome"], "success");
+    assert!(first["duration_ms"].is_u64() && first["request_id"].as_str().unwrap().len() == 32, "{first}");
+    let audit = outcomes(&dir.path().join("audit.jsonl"));
+    assert_eq!(first["request_id"], audit[0]["requestId"], "the access line and the audit record agree");
+    let leaky_path = records[3]["fields"]["path"].as_str().unwrap();
+    assert!(
+        leaky_path.starts_with("/files/[REDACTED:OPENAI_API_KEY]") && leaky_path.ends_with("/kw_<redacted>"),
+        "{leaky_path}"
+    );
+    assert_no_canary("the logs", &logs);
+    assert!(!logs.contains(WORKER_KEY), "an agent key reached the logs");
+
+    // access_log = false: nothing per request, the audit trail unchanged.
+    let off_dir = tempfile::tempdir().unwrap();
+    let config = binary_config(off_dir.path(), &upstream.url(), "access_log = false");
+    let spawned = process::Spawned::serve(off_dir.path(), &["--config", config.to_str().unwrap()], &env);
+    four_attempts(&spawned.proxy).await;
+    let logs = spawned.terminate();
+    assert!(access_lines(&logs).is_empty(), "{logs}");
+    assert_eq!(outcomes(&off_dir.path().join("audit.jsonl")).len(), 4);
 }

@@ -40,9 +40,14 @@ impl Spawned {
         loop {
             let text = logs.lock().unwrap().clone();
             if let Some(line) = text.lines().find(|l| l.contains("keyward listening")) {
-                let field = |name: &str| {
-                    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                    line[start..].split_whitespace().next().unwrap().to_string()
+                // `--log-format json` writes the fields as a JSON object.
+                let json: Option<serde_json::Value> = serde_json::from_str(line).ok();
+                let field = |name: &str| match &json {
+                    Some(json) => json["fields"][name].as_str().unwrap().to_string(),
+                    None => {
+                        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+                        line[start..].split_whitespace().next().unwrap().to_string()
+                    }
                 };
                 return Spawned { proxy: field("proxy"), admin: field("admin"), child, logs };
             }
