@@ -20,8 +20,16 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `keyward serve` with `args` and `env`, and waits (bounded) for its listening line.
     pub fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
+        Self::serve_without(cwd, args, env, &[])
+    }
+
+    /// `serve`, with the variables named in `unset` removed from the inherited environment.
+    pub fn serve_without(cwd: &Path, args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> Spawned {
         let mut command = keyward();
         command.arg("serve").args(args).current_dir(cwd).stdout(Stdio::null()).stderr(Stdio::piped());
+        for key in unset {
+            command.env_remove(key);
+        }
         for (key, value) in env {
             command.env(key, value);
         }
