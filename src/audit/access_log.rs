@@ -16,6 +16,10 @@ pub const TARGET: &str = "keyward::access";
 /// of credentials, anything shaped like an agent key is cut out, and control and display
 /// characters (line separators, bidi overrides) are escaped so one attempt stays one line.
 pub fn log(record: &AuditRecord, scrubber: &Scrubber, elapsed: Duration) {
+    // Filtered out (`--log keyward::access=off`, a level above INFO): skip the scrubbing too.
+    if !tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        return;
+    }
     let scrubbed = scrubber.scrub(record.path.as_bytes());
     let scrubbed = String::from_utf8_lossy(&scrubbed);
     let redacted = redact_agent_keys(&scrubbed);

@@ -193,4 +193,14 @@ async fn access_log_in_json_and_switched_off() {
     let logs = spawned.terminate();
     assert!(access_lines(&logs).is_empty(), "{logs}");
     assert_eq!(outcomes(&off_dir.path().join("audit.jsonl")).len(), 4);
+
+    // Or with a log filter, the config left as it is.
+    let filtered_dir = tempfile::tempdir().unwrap();
+    let config = binary_config(filtered_dir.path(), &upstream.url(), "");
+    let args = ["--config", config.to_str().unwrap(), "--log", "keyward=info,keyward::access=off"];
+    let spawned = process::Spawned::serve(filtered_dir.path(), &args, &env);
+    four_attempts(&spawned.proxy).await;
+    let logs = spawned.terminate();
+    assert!(access_lines(&logs).is_empty(), "{logs}");
+    assert!(logs.contains("keyward listening"), "other INFO lines stay: {logs}");
 }
