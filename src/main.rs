@@ -353,12 +353,15 @@ fn agents_new(id: &str, role: &str, config: Option<&std::path::Path>) -> ExitCod
                 );
                 return ExitCode::from(2);
             }
-            Ok(_) => {}
+            Ok(config) => warn_if_agent_exists(&config, id, path),
             Err(errors) => {
                 eprintln!("{errors}");
                 return ExitCode::from(2);
             }
         }
+    } else if let Ok(config) = config::load_file(std::path::Path::new(config::DEFAULT_CONFIG_PATH)) {
+        // No config named: the one `serve` would use, if it is here and loads.
+        warn_if_agent_exists(&config, id, std::path::Path::new(config::DEFAULT_CONFIG_PATH));
     }
     let key = identity::generate_key();
     let hash = hex::encode(identity::hash_key(&key));
@@ -373,6 +376,20 @@ fn agents_new(id: &str, role: &str, config: Option<&std::path::Path>) -> ExitCod
     println!("role = {}", toml_string(role));
     println!("key_sha256 = \"{hash}\"");
     ExitCode::SUCCESS
+}
+
+/// A second `[[agents]]` entry with the same id is refused by `check`; a user may instead mean
+/// to give the existing agent a new key. Say so before the key is printed.
+fn warn_if_agent_exists(config: &Config, id: &str, path: &std::path::Path) {
+    if let Some(existing) = config.agents.iter().find(|a| a.id == id) {
+        eprintln!(
+            "warning: {} already has an agent '{id}' (role '{}'). To give it this new key, replace its \
+             key_sha256 with the one below (its old key stops working once the config is reloaded); \
+             to add another agent, pick a different --id.",
+            path.display(),
+            existing.role
+        );
+    }
 }
 
 /// The audit files to read: those named, or the config's audit.path with its rotated files.

@@ -124,10 +124,163 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// Every metric in the `format` a scraper asked for.
+    pub fn encode(&self, format: Exposition) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        match format {
+            Exposition::OpenMetrics => out,
+            Exposition::Text => openmetrics_to_text(&out),
+        }
+    }
+}
+
+/// The two exposition formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exposition {
+    /// The classic Prometheus text format 0.0.4: the default, read by every scraper and `promtool`.
+    Text,
+    /// OpenMetrics 1.0.0, for a scraper that asks for it in `Accept`.
+    OpenMetrics,
+}
+
+impl Exposition {
+    /// Picks the format from an `Accept` header: OpenMetrics when the client accepts it at least as
+    /// much as anything else it lists (Prometheus itself sends `application/openmetrics-text` first
+    /// with q=1 and `text/plain` at q=0.5), otherwise the classic text format.
+    pub fn negotiate(accept: Option<&str>) -> Exposition {
+        let Some(accept) = accept else { return Exposition::Text };
+        let mut openmetrics = 0.0_f32;
+        let mut other = 0.0_f32;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let quality = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            if media == "application/openmetrics-text" {
+                openmetrics = openmetrics.max(quality);
+            } else {
+                other = other.max(quality);
+            }
+        }
+        if openmetrics > 0.0 && openmetrics >= other { Exposition::OpenMetrics } else { Exposition::Text }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Exposition::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Exposition::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics output (the only format it writes) as Prometheus text
+/// 0.0.4. The formats differ in what matters here: an OpenMetrics counter family `x` has samples
+/// `x_total` (and `x_created`), while in 0.0.4 the HELP and TYPE lines must name the sample itself,
+/// or a parser reads the counter as untyped with no help; 0.0.4 has no `# UNIT`, no `# EOF`, no
+/// exemplars and calls `unknown` `untyped`.
+fn openmetrics_to_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // HELP comes before TYPE; it is held until TYPE says whether the family is a counter.
+    let mut help: Option<(&str, &str)> = None;
+    let mut counter: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+            help = Some((name, text));
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "unknown"));
+            let (sample_name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_string(), "untyped"),
+                kind => (name.to_string(), kind),
+            };
+            counter = (kind == "counter").then_some(name);
+            if let Some((_, text)) = help.take().filter(|(help_name, _)| *help_name == name) {
+                out.push_str(&format!("# HELP {sample_name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {sample_name} {kind}\n"));
+            continue;
+        }
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if counter.is_some_and(|name| line.strip_prefix(name).is_some_and(|rest| rest.starts_with("_created"))) {
+            continue;
+        }
+        // An exemplar follows the value after " # ".
+        let sample = line.split_once(" # ").map_or(line, |(sample, _)| sample);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_picks_the_format() {
+        let cases = [
+            (None, Exposition::Text),
+            (Some("*/*"), Exposition::Text),
+            (Some("text/plain"), Exposition::Text),
+            (Some("text/plain;version=0.0.4;q=1,*/*;q=0.1"), Exposition::Text),
+            (Some("application/openmetrics-text"), Exposition::OpenMetrics),
+            (Some("application/openmetrics-text; version=1.0.0"), Exposition::OpenMetrics),
+            // What Prometheus 2.x sends.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,\
+                     text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                Exposition::OpenMetrics,
+            ),
+            (Some("text/plain;q=1, application/openmetrics-text;q=0.5"), Exposition::Text),
+            (Some("application/openmetrics-text;q=0"), Exposition::Text),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(Exposition::negotiate(accept), expected, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn text_format_names_help_and_type_after_the_samples() {
+        let metrics = Metrics::new();
+        metrics.requests.get_or_create(&RequestLabels { route: "a".into(), status: 200, decision: "allowed" }).inc();
+        metrics.request_duration.get_or_create(&RouteLabel { route: "a".into() }).observe(0.2);
+        let text = metrics.encode(Exposition::Text);
+        assert!(text.contains("# HELP keyward_requests_total Requests by route, status and decision.\n"), "{text}");
+        assert!(text.contains("# TYPE keyward_requests_total counter\n"), "{text}");
+        assert!(text.contains("keyward_requests_total{route=\"a\",status=\"200\",decision=\"allowed\"} 1\n"));
+        assert!(text.contains("# TYPE keyward_request_duration_seconds histogram\n"), "{text}");
+        assert!(text.contains("# TYPE keyward_connections_parked gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        // Every TYPE line has its HELP line just before it.
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(i > 0 && lines[i - 1].starts_with(&format!("# HELP {name} ")), "no help for {name}");
+        }
+        let openmetrics = metrics.encode(Exposition::OpenMetrics);
+        assert!(openmetrics.ends_with("# EOF\n") && openmetrics.contains("# TYPE keyward_requests counter\n"));
+    }
+
+    #[test]
+    fn openmetrics_only_parts_are_dropped() {
+        let openmetrics = "# HELP x_seconds X.\n# TYPE x_seconds counter\n# UNIT x_seconds seconds\n\
+                           x_seconds_total 3 # {trace=\"t\"} 1\nx_seconds_created 17\n\
+                           # HELP u U.\n# TYPE u unknown\nu 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_text(openmetrics),
+            "# HELP x_seconds_total X.\n# TYPE x_seconds_total counter\nx_seconds_total 3\n\
+             # HELP u U.\n# TYPE u untyped\nu 1\n"
+        );
     }
 }

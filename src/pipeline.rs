@@ -62,6 +62,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
         request.method(),
         request.uri().path(),
     );
+    audit.access_log(runtime.config.server.access_log);
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
         Ok((upstream, coding, scrub)) => {

@@ -19,6 +19,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::error::error_body;
+use crate::metrics::Exposition;
 use crate::state::AppState;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -89,7 +90,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+/// Prometheus text 0.0.4 unless the scraper's `Accept` prefers OpenMetrics.
+async fn metrics(State(state): State<Arc<AppState>>, headers: header::HeaderMap) -> Response {
+    let format = Exposition::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
+    ([(header::CONTENT_TYPE, format.content_type()), (header::VARY, "Accept")], state.metrics.encode(format))
         .into_response()
 }

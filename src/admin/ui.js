@@ -1,18 +1,38 @@
 // keyward dashboard: reads the admin API with the admin token and draws the tables.
-// The token comes from the URL fragment (#token=..., never sent to the server) or a prompt,
-// and is kept in sessionStorage for this tab only. All data is inserted as text.
+// The token comes from the URL fragment (#token=..., never sent to the server), from this tab's
+// sessionStorage, or from the sign-in form. A token the API refuses is dropped and the form asks
+// again, so a typo can be corrected. All data is inserted as text.
 "use strict";
 
+const TOKEN_KEY = "keyward-admin-token";
 const fragment = new URLSearchParams(location.hash.slice(1));
-let token = fragment.get("token") || sessionStorage.getItem("keyward-admin-token");
-if (!token) token = prompt("keyward admin token") || "";
-sessionStorage.setItem("keyward-admin-token", token);
+let token = fragment.get("token") || sessionStorage.getItem(TOKEN_KEY) || "";
 if (fragment.has("token")) history.replaceState(null, "", location.pathname);
+
+class HttpError extends Error {
+  constructor(path, status) {
+    super(path + " answered " + status);
+    this.status = status;
+  }
+}
 
 async function get(path) {
   const response = await fetch(path, { headers: { Authorization: "Bearer " + token } });
-  if (!response.ok) throw new Error(path + " answered " + response.status);
+  if (!response.ok) throw new HttpError(path, response.status);
   return response;
+}
+
+// Shows the sign-in form (with `message`, if any) instead of the dashboard.
+function askForToken(message) {
+  token = "";
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.getElementById("dashboard").hidden = true;
+  document.getElementById("login").hidden = false;
+  document.getElementById("login-error").textContent = message || "";
+  const input = document.getElementById("token");
+  input.value = "";
+  input.focus();
+  document.body.dataset.loaded = "login";
 }
 
 function row(table, cells, header) {
@@ -43,16 +63,28 @@ function heat(table, data) {
   if (!names.length) row(table, ["no credential use in this period"]);
 }
 
+// Empties `table`, keeping its header row.
+function clear(table) {
+  while (table.rows.length > 1) table.deleteRow(1);
+}
+
 async function load() {
+  document.body.dataset.loaded = "loading";
   const summary = await (await get("/admin/audit/summary?since=7d")).json();
+  sessionStorage.setItem(TOKEN_KEY, token);
+  document.getElementById("login").hidden = true;
+  document.getElementById("dashboard").hidden = false;
+  document.getElementById("error").textContent = "";
   heat(document.getElementById("heat-agent"), summary.heatmap.by_agent);
   heat(document.getElementById("heat-credential"), summary.heatmap.by_credential);
   const secrets = await (await get("/admin/secrets")).json();
   const table = document.getElementById("secrets");
+  clear(table);
   for (const s of secrets.secrets) {
     row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation]);
   }
   const list = document.getElementById("anomalies");
+  list.textContent = "";
   for (const a of summary.anomalies) {
     const li = document.createElement("li");
     li.textContent = a.timestamp + " " + a.type + " " + (a.agentId || "");
@@ -65,6 +97,7 @@ async function load() {
   }
   if (!list.children.length) list.textContent = "none";
   const denials = document.getElementById("denials");
+  clear(denials);
   for (const d of summary.recent_denials) {
     row(denials, [d.timestamp, d.agentId, d.operation, d.status, d.errorCode]);
   }
@@ -77,7 +110,26 @@ document.getElementById("report").addEventListener("click", async () => {
   window.open(url, "_blank");
 });
 
-load().catch((e) => {
-  document.getElementById("error").textContent = e.message;
-  document.body.dataset.loaded = "error";
+function start() {
+  load().catch((e) => {
+    if (e.status === 401) {
+      askForToken("The admin token was not accepted (401). Check it and enter it again.");
+      return;
+    }
+    document.getElementById("error").textContent = e.message;
+    document.body.dataset.loaded = "error";
+  });
+}
+
+document.getElementById("login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  token = document.getElementById("token").value.trim();
+  if (!token) return;
+  document.getElementById("login-error").textContent = "";
+  start();
 });
+
+document.getElementById("signout").addEventListener("click", () => askForToken(""));
+
+if (token) start();
+else askForToken("");

@@ -28,6 +28,8 @@ pub struct AuditGuard {
     started: Instant,
     record: AuditRecord,
     emitted: bool,
+    /// Write the one-line access log when the outcome is emitted (`server.access_log`).
+    access_log: bool,
     /// Released with the guard, when the response is done (an in-flight slot).
     held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -81,11 +83,25 @@ impl AuditGuard {
             fallback_from: None,
             invalidated: None,
         };
-        AuditGuard { sink, metrics, scrubber, started: Instant::now(), record, emitted: false, held: None }
+        AuditGuard {
+            sink,
+            metrics,
+            scrubber,
+            started: Instant::now(),
+            record,
+            emitted: false,
+            access_log: true,
+            held: None,
+        }
     }
 
     pub fn request_id(&self) -> &str {
         &self.record.request_id
+    }
+
+    /// Whether this attempt gets an access log line (on unless `server.access_log = false`).
+    pub fn access_log(&mut self, enabled: bool) {
+        self.access_log = enabled;
     }
 
     /// The route matched; `rest` is the path below its prefix.
@@ -217,7 +233,11 @@ impl AuditGuard {
             outcome = ?outcome,
             "request finished"
         );
-        self.sink.record(scrubbed(&self.scrubber.load(), record.to_canonical()));
+        let scrubber = self.scrubber.load();
+        if self.access_log {
+            super::access_log::log(record, &scrubber, elapsed);
+        }
+        self.sink.record(scrubbed(&scrubber, record.to_canonical()));
     }
 }
 

@@ -1,5 +1,6 @@
 //! The audit trail: one JSON line per attempt, on every outcome.
 
+pub mod access_log;
 mod body;
 pub mod chain;
 mod guard;

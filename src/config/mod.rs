@@ -5,7 +5,11 @@
 
 mod raw;
 mod spans;
+mod structural;
 mod validate;
+
+#[cfg(test)]
+mod check_tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -97,6 +101,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub max_header_bytes: usize,
+    /// One INFO line per attempt (target `keyward::access`).
+    pub access_log: bool,
     pub shutdown_grace: Duration,
     /// An HTTP/1 keep-alive connection idle this long is parked: its buffers and connection
     /// state are dropped until the socket is readable again.
@@ -232,12 +238,33 @@ impl Schedule {
         if !(5..=6).contains(&fields) {
             return Err(format!("'{text}' has {fields} fields; use 5 (minute hour day month weekday), UTC"));
         }
-        let cron = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .build()
-            .parse(text)
-            .map_err(|e| format!("'{text}' is not a cron schedule: {e}"))?;
+        let parser = CronParser::builder().seconds(Seconds::Optional).build();
+        let cron = parser.parse(text).map_err(|e| Schedule::explain(text, &e.to_string()))?;
         Ok(Schedule { text: text.to_string(), cron })
+    }
+
+    /// Names the field a refused schedule fails on: each field is parsed alone, the others `*`.
+    fn explain(text: &str, error: &str) -> String {
+        use croner::parser::{CronParser, Seconds};
+        const FIELDS: [(&str, &str); 6] = [
+            ("second", "0-59"),
+            ("minute", "0-59"),
+            ("hour", "0-23"),
+            ("day-of-month", "1-31"),
+            ("month", "1-12 or JAN-DEC"),
+            ("day-of-week", "0-7 or SUN-SAT"),
+        ];
+        let parts: Vec<&str> = text.split_whitespace().collect();
+        let names = if parts.len() == 6 { &FIELDS[..] } else { &FIELDS[1..] };
+        let parser = CronParser::builder().seconds(Seconds::Optional).build();
+        for (i, ((name, range), part)) in names.iter().zip(&parts).enumerate() {
+            let alone: Vec<&str> = (0..parts.len()).map(|j| if j == i { *part } else { "*" }).collect();
+            if let Err(e) = parser.parse(&alone.join(" ")) {
+                let why = if e.to_string().contains("out of bounds") { "is out of range" } else { "is not valid" };
+                return format!("'{text}': the {name} field '{part}' {why} (allowed: {range}, with * , - /)");
+            }
+        }
+        format!("'{text}' is not a cron schedule: {error}")
     }
 
     /// The first time strictly after `after` that the schedule fires.
@@ -558,6 +585,18 @@ impl Config {
         }
         out
     }
+}
+
+/// The candidate closest to `word` (ignoring case), if it is near enough to be a likely typo.
+pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, c)| (*distance, *c))
+        .map(|(_, c)| c)
 }
 
 /// One problem in a config file, located by line and field path.

@@ -42,6 +42,7 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
+    pub access_log: Option<bool>,
     pub shutdown_grace_ms: Option<u64>,
     pub park_idle_after_ms: Option<u64>,
 }

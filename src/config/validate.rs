@@ -39,28 +39,22 @@ impl Collector<'_> {
 }
 
 pub fn validate(value: serde_json::Value, index: &SpanIndex, file: &str, base: &Path) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
-        let mut field = e.path().to_string();
-        if field == "." {
-            field.clear();
-        }
-        let mut message = e.inner().to_string();
-        if message.contains("untagged enum OneOrMany") {
-            message = "expected a string or a list of strings".to_string();
-        }
-        // For an unknown field serde names the parent path; point at the field itself.
-        let mut located = field.clone();
-        if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-            let already_named = field == unknown || field.ends_with(&format!(".{unknown}"));
-            if !already_named {
-                located = if field.is_empty() { unknown.to_string() } else { format!("{field}.{unknown}") };
-            }
-        }
-        ConfigErrors(vec![Problem { file: file.to_string(), line: index.line_of(&located), field: located, message }])
-    })?;
+    // Structural problems do not stop the check: the repaired raw config is validated too, so
+    // one run reports everything, minus what only follows from a repair.
+    let mut parsed = super::structural::parse(value, index, file);
+    let Some(raw) = parsed.raw.take() else { return Err(ConfigErrors(parsed.problems)) };
     let mut c = Collector { file, index, base, problems: Vec::new() };
     let config = build(raw, &mut c);
-    if c.problems.is_empty() { Ok(config) } else { Err(ConfigErrors(c.problems)) }
+    let mut problems = parsed.problems.clone();
+    problems.extend(c.problems.into_iter().filter(|p| !parsed.is_consequence(p)));
+    // In file order, as a compiler lists them.
+    problems.sort_by_key(|p| p.line.unwrap_or(0));
+    if problems.is_empty() { Ok(config) } else { Err(ConfigErrors(problems)) }
+}
+
+/// `" (did you mean 'x'?)"` when there is a near name, else nothing.
+fn did_you_mean(near: Option<&str>) -> String {
+    near.map(|n| format!(" (did you mean '{n}'?)")).unwrap_or_default()
 }
 
 fn ms(value: Option<u64>, default_ms: u64) -> Duration {
@@ -124,6 +118,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         admin_listen: socket_addr(c, "server.admin_listen", raw.server.admin_listen, "127.0.0.1:9090"),
         header_read_timeout: ms(raw.server.header_read_timeout_ms, 10_000),
         max_header_bytes: raw.server.max_header_bytes.unwrap_or(64 * 1024),
+        access_log: raw.server.access_log.unwrap_or(true),
         shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
         park_idle_after: ms(raw.server.park_idle_after_ms, 1_000),
     };
@@ -245,7 +240,8 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         for (i, g) in std::mem::take(&mut raw_role.grants).into_iter().enumerate() {
             let at = format!("roles.{name}.grants[{i}]");
             if !route_names.contains(g.route.as_str()) {
-                c.problem(format!("{at}.route"), format!("no route named '{}'", g.route));
+                let near = super::suggest(&g.route, route_names.iter().copied());
+                c.problem(format!("{at}.route"), format!("no route named '{}'{}", g.route, did_you_mean(near)));
             }
             if !secret_owner.contains_key(&g.secret) {
                 c.problem(format!("{at}.secret"), format!("no source provides a secret named '{}'", g.secret));
@@ -298,7 +294,8 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     for (i, a) in raw.agents.into_iter().enumerate() {
         let at = format!("agents[{i}]");
         if !roles.contains_key(&a.role) {
-            c.problem(format!("{at}.role"), format!("no role named '{}'", a.role));
+            let near = super::suggest(&a.role, roles.keys().map(String::as_str));
+            c.problem(format!("{at}.role"), format!("no role named '{}'{}", a.role, did_you_mean(near)));
         }
         if !valid_name(&a.id) {
             c.problem(format!("{at}.id"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");

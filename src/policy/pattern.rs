@@ -2,6 +2,29 @@
 
 use http::Method;
 
+/// The methods a grant may name: the HTTP methods of RFC 9110 and PATCH, and the WebDAV ones in
+/// IANA's method registry (CONNECT and TRACE are refused separately).
+pub const GRANTABLE_METHODS: [&str; 18] = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "PATCH",
+    "OPTIONS",
+    "QUERY",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "REPORT",
+    "SEARCH",
+    "MERGE",
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MethodSet {
     Any,
@@ -32,6 +55,14 @@ impl MethodSet {
             let upper = item.to_ascii_uppercase();
             if matches!(upper.as_str(), "CONNECT" | "TRACE" | "TRACK") {
                 return Err(format!("{upper} cannot be granted: keyward is not a tunnel and does not echo requests"));
+            }
+            if !GRANTABLE_METHODS.contains(&upper.as_str()) {
+                // Any token is a valid method to `http`, so a typo like "GTE" would grant nothing.
+                let hint = match crate::config::suggest(&upper, GRANTABLE_METHODS) {
+                    Some(near) => format!("did you mean \"{near}\"?"),
+                    None => format!("use one of {}, or \"*\"", GRANTABLE_METHODS.join(", ")),
+                };
+                return Err(format!("'{item}' is not an HTTP method keyward knows; {hint}"));
             }
             let method = Method::from_bytes(upper.as_bytes()).map_err(|_| format!("'{item}' is not an HTTP method"))?;
             methods.push(method);
@@ -142,6 +173,28 @@ fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn methods_are_known_tokens_with_a_suggestion_for_typos() {
+        let cases: [(&[&str], Result<&str, &str>); 8] = [
+            (&["GET", "post"], Ok("Only([GET, POST])")),
+            (&["*"], Ok("Any")),
+            (&["PROPFIND"], Ok("Only([PROPFIND])")),
+            (&["GTE"], Err("'GTE' is not an HTTP method keyward knows; did you mean \"GET\"?")),
+            (&["POTS"], Err("'POTS' is not an HTTP method keyward knows; did you mean \"POST\"?")),
+            (&["delet"], Err("'delet' is not an HTTP method keyward knows; did you mean \"DELETE\"?")),
+            (&["FROB"], Err("'FROB' is not an HTTP method keyward knows; use one of GET, HEAD, POST")),
+            (&["TRACE"], Err("TRACE cannot be granted")),
+        ];
+        for (items, expected) in cases {
+            let items: Vec<String> = items.iter().map(|s| s.to_string()).collect();
+            match (MethodSet::parse(&items), expected) {
+                (Ok(set), Ok(want)) => assert_eq!(format!("{set:?}"), want, "{items:?}"),
+                (Err(error), Err(want)) => assert!(error.starts_with(want), "{items:?}: {error}"),
+                (got, want) => panic!("{items:?}: {got:?}, expected {want:?}"),
+            }
+        }
+    }
 
     #[test]
     fn patterns_match_whole_segments() {

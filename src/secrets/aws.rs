@@ -10,8 +10,9 @@ use std::time::Duration;
 use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_secretsmanager::Client;
-use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata};
+use aws_sdk_secretsmanager::error::ProvideErrorMetadata;
 use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
@@ -97,7 +98,7 @@ impl AwsProvider {
         let output = match result {
             Ok(output) => output,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_resource_not_found_exception()) => return Ok(None),
-            Err(e) => return Err(StoreError::Unreachable(format!("GetSecretValue: {}", DisplayErrorContext(&e)))),
+            Err(e) => return Err(sdk_error("GetSecretValue", &e)),
         };
         let text = document_text(output.secret_string(), output.secret_binary().map(|b| b.as_ref()))?;
         Ok(Some(Document {
@@ -117,7 +118,7 @@ impl AwsProvider {
             .set_secret_id_list(Some(ids.clone()))
             .send()
             .await
-            .map_err(|e| StoreError::Unreachable(format!("BatchGetSecretValue: {}", DisplayErrorContext(&e))))?;
+            .map_err(|e| sdk_error("BatchGetSecretValue", &e))?;
         if let Some(error) = output.errors().first() {
             return Err(StoreError::Unreachable(format!(
                 "BatchGetSecretValue: {}: {}",
@@ -156,6 +157,31 @@ fn document_text(string: Option<&str>, binary: Option<&[u8]>) -> Result<String, 
         }
         (None, None) => Err(StoreError::Malformed("the secret has no value".to_string())),
     }
+}
+
+/// What the standard credential chain tries, in its order, and what a user sets to satisfy it.
+const NO_CREDENTIALS: &str = "no AWS credentials found; tried the environment (AWS_ACCESS_KEY_ID), \
+     the shared config and credentials files (AWS_PROFILE), a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE), \
+     the ECS container endpoint and EC2 instance metadata (IMDS); set AWS_ACCESS_KEY_ID and \
+     AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a role (IRSA, ECS task role, instance profile)";
+
+/// A failed SDK call in one line. Without credentials the SDK's own message is a page of nested
+/// `Debug` output ending in IMDS's connect error, which misleads: say what was tried and what to
+/// set instead. Other failures are the chain of their messages, without `Debug` parts.
+fn sdk_error(call: &str, error: &(dyn std::error::Error + 'static)) -> StoreError {
+    let chain = std::iter::successors(Some(error), |e| e.source());
+    let mut messages: Vec<String> = Vec::new();
+    for cause in chain {
+        if let Some(CredentialsError::CredentialsNotLoaded(_)) = cause.downcast_ref::<CredentialsError>() {
+            return StoreError::Unreachable(format!("{call}: {NO_CREDENTIALS}"));
+        }
+        let message = cause.to_string();
+        // Wrappers often repeat their source's message; keep each once.
+        if !messages.last().is_some_and(|last| last.ends_with(&message)) {
+            messages.push(message);
+        }
+    }
+    StoreError::Unreachable(format!("{call}: {}", messages.join(": ").replace('\n', " ")))
 }
 
 fn service_error(call: &str, e: &impl ProvideErrorMetadata) -> StoreError {

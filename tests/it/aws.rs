@@ -164,6 +164,10 @@ async fn an_unreachable_secret_store_fails_closed_with_503() {
     assert_eq!(ready.status(), 503);
     let logs = spawned.terminate();
     assert!(logs.contains("secret store fetch failed"), "{logs}");
+    for line in logs.lines().filter(|l| l.contains("secret store fetch failed")) {
+        // The causes' messages, not the SDK's nested Debug output.
+        assert!(line.contains("GetSecretValue: dispatch failure") && !line.contains("{ source:"), "{line}");
+    }
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains(r#""outcome":"secret_error""#), "{audit}");
 }
@@ -262,4 +266,51 @@ mapping = { OPENAI_API_KEY = "team/openai#{{.}}", ANTHROPIC_API_KEY = "team/anth
     assert_eq!(fetch_count(&metrics, "team"), 1, "one batch call served both secrets: {metrics}");
     let logs = spawned.terminate();
     assert_no_canary("logs", &logs);
+}
+
+/// No AWS credentials anywhere (no environment keys, no profile files, instance metadata not
+/// answering on a loopback port): each failed fetch logs one readable line saying what was tried
+/// and what to set, not the SDK's Debug dump.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_aws_credentials_log_one_readable_line() {
+    let moto = start_moto().await;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, config(dir.path(), &upstream.url(), &format!("endpoint_url = \"{}\"", moto.url))).unwrap();
+    let imds = format!("http://127.0.0.1:{}", closed_port());
+    let home = tempfile::tempdir().unwrap();
+    let env = [("HOME", home.path().to_str().unwrap()), ("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.as_str())];
+    let unset = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_EC2_METADATA_DISABLED",
+    ];
+    let spawned = Spawned::serve_without(dir.path(), &["--config", path.to_str().unwrap()], &env, &unset);
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
+        .bearer_auth(WORKER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let logs = spawned.terminate();
+    let failures: Vec<&str> = logs.lines().filter(|l| l.contains("secret store fetch failed")).collect();
+    assert!(!failures.is_empty(), "{logs}");
+    for line in &failures {
+        assert!(line.contains("no AWS credentials"), "{line}");
+        assert!(line.contains("AWS_ACCESS_KEY_ID"), "says what to set: {line}");
+        assert!(line.contains("instance metadata"), "says what was tried: {line}");
+        assert!(line.len() < 800, "one readable line, not a Debug dump ({} chars): {line}", line.len());
+        assert!(!line.contains("Some(") && !line.contains("{ source:"), "Debug output: {line}");
+    }
 }

@@ -194,6 +194,32 @@ fn check_reports_file_line_and_field_for_every_problem() {
     assert!(output.contains("2 problem(s)"), "{output}");
 }
 
+/// `keyward check` goes on after a structural problem: a typo, an unknown route and a bad
+/// cron schedule in one file are all reported in one run, each at its line.
+#[test]
+fn check_reports_structural_and_other_problems_in_one_run() {
+    let text = GOOD
+        .replace("prefix = \"/r\"", "prefx = \"/r\"\nprefix = \"/r\"")
+        .replace("route = \"r\"", "route = \"s\"")
+        .replace(
+            "provider = \"env\"",
+            "provider = \"file\"\npath = \"/dev/null\"\nrotation = { schedule = \"0 0 * 13 *\" }",
+        )
+        .replace("methods = [\"GET\"]", "methods = [\"GTE\"]");
+    let (ok, output) = check("bad.toml", &text);
+    assert!(!ok, "{output}");
+    for expected in [
+        "bad.toml:9: sources[0].rotation.schedule: '0 0 * 13 *': the month field '13' is out of range",
+        "bad.toml:14: routes[0].prefx: unknown field `prefx`",
+        "(did you mean `prefix`?)",
+        "bad.toml:21: roles.worker.grants[0].route: no route named 's' (did you mean 'r'?)",
+        "bad.toml:21: roles.worker.grants[0].methods: 'GTE' is not an HTTP method keyward knows; did you mean \"GET\"?",
+        "keyward: the config has 4 problem(s)",
+    ] {
+        assert!(output.contains(expected), "expected `{expected}` in:\n{output}");
+    }
+}
+
 #[test]
 fn json_configs_with_comments_load_and_report_lines() {
     let json = r#"{
@@ -266,6 +292,29 @@ fn agents_new_prints_a_key_once_and_its_hash() {
         .unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no role 'nope'"));
+
+    // An id the config already has: a warning before the key, which is still printed.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("k.toml"), GOOD).unwrap();
+    let output = keyward()
+        .args(["agents", "new", "--id", "a", "--role", "worker", "--config", "k.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let warning = String::from_utf8_lossy(&output.stderr);
+    assert!(warning.contains("warning: k.toml already has an agent 'a' (role 'worker')"), "{warning}");
+    assert!(warning.contains("replace its key_sha256"), "{warning}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("kw_"));
+    // The config `serve` would use is consulted when none is named.
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/keyward.toml"), GOOD).unwrap();
+    let output =
+        keyward().args(["agents", "new", "--id", "a", "--role", "worker"]).current_dir(dir.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("config/keyward.toml already has an agent 'a'"));
+    let output =
+        keyward().args(["agents", "new", "--id", "b", "--role", "worker"]).current_dir(dir.path()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "", "a new id gets no warning");
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The dashboard in a real browser: headless Chromium loads `/admin/ui` against a seeded trail;
 //! the heat map and the secrets table must render real data, a screenshot is kept as an
-//! artifact, and Chromium's net log must show no request outside the admin listener.
+//! artifact, and Chromium's net log must show no request outside the admin listener. A second
+//! test signs in through the form over the DevTools protocol, typing a wrong token first.
 
 use crate::common;
 
@@ -152,5 +153,192 @@ async fn dashboard_renders_the_trail_in_headless_chromium() {
     .unwrap();
     assert!(std::fs::metadata(&shot).map(|m| m.len() > 10_000).unwrap_or(false), "no screenshot at {}", shot.display());
     eprintln!("dashboard screenshot: {}", shot.display());
+    h.stop().await;
+}
+
+/// Headless Chromium driven over the DevTools protocol (one page), killed when dropped.
+struct Browser {
+    child: std::process::Child,
+    socket: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    async fn launch() -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--disable-default-apps",
+                "--no-pings",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium not found: ./scripts/test.sh installs it (apt-get install chromium)");
+        // Chromium writes the port it picked into the profile directory.
+        let port_file = profile.path().join("DevToolsActivePort");
+        let started = Instant::now();
+        let port = loop {
+            if let Some(port) =
+                std::fs::read_to_string(&port_file).ok().and_then(|t| t.lines().next()?.parse::<u16>().ok())
+            {
+                break port;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "chromium did not open its DevTools port");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let targets: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/json/list")).await.unwrap().json().await.unwrap();
+        let page = targets.as_array().unwrap().iter().find(|t| t["type"] == "page").expect("a page target");
+        let url = page["webSocketDebuggerUrl"].as_str().unwrap();
+        let (socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Browser { child, socket, next_id: 0, _profile: profile }
+    }
+
+    /// Sends one DevTools command and waits (bounded) for its result; events are skipped.
+    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next_id += 1;
+        let id = self.next_id;
+        let command = serde_json::json!({ "id": id, "method": method, "params": params });
+        self.socket.send(Message::text(command.to_string())).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(message) = self.socket.next().await {
+                let Ok(Message::Text(text)) = message else { continue };
+                let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if value["id"] == id {
+                    return value;
+                }
+            }
+            panic!("the DevTools connection closed");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {method} within 30 s"));
+        assert!(answer.get("error").is_none(), "{method}: {answer}");
+        answer["result"].clone()
+    }
+
+    /// The value of a JavaScript expression in the page.
+    async fn eval(&mut self, expression: &str) -> serde_json::Value {
+        let result =
+            self.call("Runtime.evaluate", serde_json::json!({ "expression": expression, "returnByValue": true })).await;
+        result["result"]["value"].clone()
+    }
+
+    /// Waits (bounded) until the page's `data-loaded` is `state`.
+    async fn wait_for(&mut self, state: &str) {
+        let started = Instant::now();
+        loop {
+            let now = self.eval("document.body ? document.body.dataset.loaded || '' : ''").await;
+            if now == state {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "the page stayed '{now}', expected '{state}'");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Types `text` into the focused element as keyboard input.
+    async fn type_text(&mut self, text: &str) {
+        self.call("Input.insertText", serde_json::json!({ "text": text })).await;
+    }
+
+    async fn press_enter(&mut self) {
+        for kind in ["keyDown", "keyUp"] {
+            let mut event =
+                serde_json::json!({ "type": kind, "key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13 });
+            if kind == "keyDown" {
+                event["text"] = "\r".into();
+            }
+            self.call("Input.dispatchKeyEvent", event).await;
+        }
+    }
+
+    /// Clicks the middle of the element with `id`, as a mouse would.
+    async fn click(&mut self, id: &str) {
+        let at = self
+            .eval(&format!(
+                "(() => {{ const r = document.getElementById('{id}').getBoundingClientRect(); \
+                 return [r.left + r.width / 2, r.top + r.height / 2]; }})()"
+            ))
+            .await;
+        let (x, y) = (at[0].as_f64().unwrap(), at[1].as_f64().unwrap());
+        for kind in ["mousePressed", "mouseReleased"] {
+            let event = serde_json::json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 });
+            self.call("Input.dispatchMouseEvent", event).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sign_in_form_takes_a_corrected_token() {
+    let h = Harness::start_with(&format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))).await;
+    let r =
+        h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut browser = Browser::launch().await;
+    browser.call("Page.enable", serde_json::json!({})).await;
+    browser.call("Page.navigate", serde_json::json!({ "url": format!("{}/admin/ui", h.admin) })).await;
+
+    // No token yet: the form, not a blocking prompt, and no dashboard.
+    browser.wait_for("login").await;
+    assert_eq!(browser.eval("document.getElementById('login').hidden").await, false);
+    assert_eq!(browser.eval("document.getElementById('dashboard').hidden").await, true);
+    assert_eq!(browser.eval("document.activeElement.id").await, "token", "the token field has the focus");
+
+    // A typo: refused, said so, and the form is back with an empty field.
+    browser.type_text(&format!("{ADMIN_TOKEN}x")).await;
+    browser.press_enter().await;
+    browser.wait_for("login").await;
+    let started = Instant::now();
+    while browser.eval("document.getElementById('login-error').textContent").await == "" {
+        assert!(started.elapsed() < Duration::from_secs(20), "no message after a wrong token");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let message = browser.eval("document.getElementById('login-error').textContent").await;
+    assert!(message.as_str().unwrap().contains("not accepted"), "{message}");
+    assert_eq!(browser.eval("document.getElementById('token').value").await, "");
+    assert_eq!(browser.eval("sessionStorage.getItem('keyward-admin-token')").await, serde_json::Value::Null);
+    assert_eq!(browser.eval("document.getElementById('dashboard').hidden").await, true);
+
+    // The right token, with the Sign in button: the dashboard with real data.
+    browser.type_text(ADMIN_TOKEN).await;
+    browser.click("signin").await;
+    browser.wait_for("true").await;
+    assert_eq!(browser.eval("document.getElementById('login').hidden").await, true);
+    assert_eq!(browser.eval("document.getElementById('error').textContent").await, "");
+    let secrets = browser.eval("document.getElementById('secrets').innerText").await;
+    assert!(secrets.as_str().unwrap().contains("OPENAI_API_KEY"), "{secrets}");
+    let heat = browser.eval("document.getElementById('heat-agent').innerText").await;
+    assert!(heat.as_str().unwrap().contains("worker-1"), "{heat}");
+
+    // A reload keeps the session (this tab only); signing out brings the form back.
+    browser.call("Page.reload", serde_json::json!({})).await;
+    browser.wait_for("true").await;
+    browser.click("signout").await;
+    browser.wait_for("login").await;
+    assert_eq!(browser.eval("sessionStorage.getItem('keyward-admin-token')").await, serde_json::Value::Null);
     h.stop().await;
 }

@@ -15,6 +15,7 @@ mod exec;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod ops;
 mod parking;
 mod proxy;
 mod redis;

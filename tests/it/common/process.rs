@@ -20,8 +20,16 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `keyward serve` with `args` and `env`, and waits (bounded) for its listening line.
     pub fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
+        Self::serve_without(cwd, args, env, &[])
+    }
+
+    /// `serve`, with the variables named in `unset` removed from the inherited environment.
+    pub fn serve_without(cwd: &Path, args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> Spawned {
         let mut command = keyward();
         command.arg("serve").args(args).current_dir(cwd).stdout(Stdio::null()).stderr(Stdio::piped());
+        for key in unset {
+            command.env_remove(key);
+        }
         for (key, value) in env {
             command.env(key, value);
         }
@@ -40,9 +48,14 @@ impl Spawned {
         loop {
             let text = logs.lock().unwrap().clone();
             if let Some(line) = text.lines().find(|l| l.contains("keyward listening")) {
-                let field = |name: &str| {
-                    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-                    line[start..].split_whitespace().next().unwrap().to_string()
+                // `--log-format json` writes the fields as a JSON object.
+                let json: Option<serde_json::Value> = serde_json::from_str(line).ok();
+                let field = |name: &str| match &json {
+                    Some(json) => json["fields"][name].as_str().unwrap().to_string(),
+                    None => {
+                        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+                        line[start..].split_whitespace().next().unwrap().to_string()
+                    }
                 };
                 return Spawned { proxy: field("proxy"), admin: field("admin"), child, logs };
             }
