@@ -278,7 +278,11 @@ pub struct RawRoute {
     pub allow_plaintext: bool,
     #[serde(default = "default_true")]
     pub scrub_responses: bool,
-    pub agent_key: RawAgentKey,
+    /// One place (`{ header, scheme }`) or a list of places the agent key may come from.
+    pub agent_key: RawAgentKeys,
+    /// Headers keyward removes by default that this route forwards anyway.
+    #[serde(default)]
+    pub pass_headers: Vec<String>,
     pub inject: RawInject,
     pub validate: Option<RawProbe>,
 }
@@ -300,6 +304,25 @@ fn default_probe_method() -> String {
 
 fn default_probe_expect() -> Vec<u16> {
     vec![200]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a place like { header = \"x-api-key\" } or { header = \"authorization\", scheme = \"Bearer\" }, or a list of them"
+)]
+pub enum RawAgentKeys {
+    One(RawAgentKey),
+    Many(Vec<RawAgentKey>),
+}
+
+impl RawAgentKeys {
+    pub fn into_vec(self) -> Vec<RawAgentKey> {
+        match self {
+            RawAgentKeys::One(one) => vec![one],
+            RawAgentKeys::Many(many) => many,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
