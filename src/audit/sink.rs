@@ -69,6 +69,8 @@ pub struct AuditSink {
     path: PathBuf,
     durability: Durability,
     on_failure: OnFailure,
+    /// Set when shutdown's grace period is over: responses still open are keyward's cut then.
+    closing: AtomicBool,
 }
 
 struct Shared {
@@ -175,7 +177,14 @@ impl AuditSink {
         let (tx, rx) = sync_channel(capacity);
         let thread_shared = shared.clone();
         std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || run(&thread_shared, rx))?;
-        Ok(AuditSink { tx, shared, path, durability: config.durability, on_failure: config.on_failure })
+        Ok(AuditSink {
+            tx,
+            shared,
+            path,
+            durability: config.durability,
+            on_failure: config.on_failure,
+            closing: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -270,6 +279,15 @@ impl AuditSink {
     }
 
     /// Returns once every record queued before this call has been handed to the OS.
+    /// Shutdown's grace period is over: the connections still open are closed by keyward.
+    pub fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
     pub fn flush(&self) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         if self.tx.send(Message::Flush(done_tx)).is_ok() {

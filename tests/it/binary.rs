@@ -328,7 +328,9 @@ async fn a_stream_still_open_at_shutdown_is_audited_before_exit() {
     assert!(reader.await.unwrap(), "the stream should have been cut at shutdown");
     let records = outcomes(&dir.path().join("audit.jsonl"));
     assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!(records[0]["outcome"], "client_disconnect");
+    assert_eq!(records[0]["outcome"], "shutdown", "{records:?}");
+    assert_eq!(records[0]["success"], false);
+    assert_eq!(records[0]["ended"], serde_json::json!({ "by": "keyward", "at": "mid_body" }));
 }
 
 #[test]
