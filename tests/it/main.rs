@@ -3,6 +3,7 @@
 
 mod common;
 
+mod agent_keys;
 mod audit;
 #[cfg(feature = "aws")]
 mod aws;
