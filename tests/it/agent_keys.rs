@@ -23,6 +23,9 @@ fn assert_no_agent_key(recorded: &Recorded) {
     }
 }
 
+/// Headers an agent sends, as (name, value) pairs.
+type Sent<'a> = Vec<(&'a str, &'a str)>;
+
 fn header<'r>(recorded: &'r Recorded, name: &str) -> Vec<&'r str> {
     recorded.headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect()
 }
@@ -42,7 +45,7 @@ async fn each_official_clients_key_placement_is_accepted_and_replaced() {
     let token = format!("token {WORKER_KEY}");
     let chat = r#"{"model":"m","messages":[]}"#;
     // (what sends it, path, agent headers, injected header, injected value)
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, &str, String)> = vec![
+    let cases: Vec<(&str, &str, Sent, &str, String)> = vec![
         (
             "openai",
             "/openai/v1/chat/completions",
@@ -152,7 +155,7 @@ async fn no_credential_the_agent_presented_reaches_the_upstream() {
     let bearer = format!("Bearer {WORKER_KEY}");
     let cookie = format!("theme=dark; session={WORKER_KEY}; kw=%6Bw_{}", &WORKER_KEY[3..]);
     let note = format!("my key is {WORKER_KEY}");
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>)> = vec![
+    let cases: Vec<(&str, &str, Sent)> = vec![
         // The key again in the route's second accepted header.
         (
             "second accepted header",
