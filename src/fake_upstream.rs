@@ -1,7 +1,7 @@
 //! A local stand-in for the LLM and GitHub APIs, for `keyward demo` and the tests: it records
 //! what it receives and answers like the real APIs, including slow SSE streams.
 //!
-//! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M`,
+//! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M[&linger_ms=L]`,
 //! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, `/_fake/bytes?n=N`, and the hostile ones that
 //! try to leak what they received: `/_fake/echo-encoded`, `/_fake/leak-headers`,
 //! `/_fake/gzip-echo`, `/_fake/brotli`, `/_fake/error-echo`.
@@ -210,7 +210,8 @@ async fn respond(
     } else if path.contains("/_fake/sse") {
         let events = query_param(query, "events").and_then(|v| v.parse().ok()).unwrap_or(5);
         let interval = query_param(query, "interval_ms").and_then(|v| v.parse().ok()).unwrap_or(100);
-        sse(events, Duration::from_millis(interval))
+        let linger = query_param(query, "linger_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+        sse(events, Duration::from_millis(interval), Duration::from_millis(linger))
     } else if path.contains("/_fake/redirect") {
         let to = query_param(query, "to").unwrap_or("http://127.0.0.1:9/elsewhere");
         Response::builder()
@@ -229,7 +230,13 @@ async fn respond(
         tokio::time::sleep(Duration::from_millis(ms)).await;
         json_response(StatusCode::OK, json!({ "slept_ms": ms }))
     } else if path.ends_with("/chat/completions") && parts.method == Method::POST {
-        if wants_stream(&body) { sse(5, Duration::from_millis(50)) } else { chat_completion() }
+        // The end of a real stream reaches the client a little after `data: [DONE]`, and the
+        // OpenAI SDK closes the connection as soon as it reads [DONE].
+        if wants_stream(&body) {
+            sse(5, Duration::from_millis(50), Duration::from_millis(300))
+        } else {
+            chat_completion()
+        }
     } else if path.ends_with("/responses") && parts.method == Method::POST {
         json_response(
             StatusCode::OK,
@@ -363,10 +370,12 @@ fn chat_completion() -> Response<FakeBody> {
     )
 }
 
-/// An OpenAI-style event stream: `events` chunks `interval` apart, then `data: [DONE]`.
-fn sse(events: usize, interval: Duration) -> Response<FakeBody> {
+/// An OpenAI-style event stream: `events` chunks `interval` apart, then `data: [DONE]`, and
+/// the body's end `linger` after that.
+fn sse(events: usize, interval: Duration, linger: Duration) -> Response<FakeBody> {
     let stream = futures_util::stream::unfold(0usize, move |i| async move {
         if i > events {
+            tokio::time::sleep(linger).await;
             return None;
         }
         if i > 0 {

@@ -9,6 +9,7 @@ mod audit;
 mod aws;
 mod binary;
 mod canary;
+mod clients;
 mod dashboard;
 mod delegation;
 mod deploy;
