@@ -247,6 +247,11 @@ fn demo_shows_all_three_sides_and_masks_the_credential() {
     assert!(text.contains("(the real credential was injected: yes)"), "{text}");
     assert!(text.contains(r#""agentId":"demo-agent""#), "{text}");
     assert!(!text.contains("sk-demo-"), "the demo printed the credential:\n{text}");
+    // The agent key where each official client puts it: answered, never forwarded.
+    assert_eq!(text.matches("agent key forwarded: no").count(), 6, "{text}");
+    for client in ["anthropic (api_key)", "azure openai", "google genai", "github (token)"] {
+        assert!(text.lines().any(|l| l.starts_with(client) && l.contains(" 200 ")), "{client}: {text}");
+    }
 }
 
 #[test]
