@@ -122,27 +122,24 @@ key_sha256 = "{hash}"
     let base = format!("http://{}", running.proxy_addr.expect("the demo listens on TCP"));
     let bearer = format!("Bearer {agent_key}");
     let token = format!("token {agent_key}");
-    let placements: [(&str, &str, &str, Vec<(&str, &str)>); 6] = [
-        ("anthropic (api_key)", "POST", "/anthropic/v1/messages", vec![("authorization", &bearer)]),
-        ("anthropic (x-api-key)", "POST", "/anthropic/v1/messages", vec![("x-api-key", &agent_key)]),
-        (
-            "azure openai",
-            "POST",
-            "/azure-openai/openai/deployments/gpt/chat/completions",
-            vec![("api-key", &agent_key)],
-        ),
-        ("google genai", "POST", "/gemini/v1beta/models/gemini:generateContent", vec![("x-goog-api-key", &agent_key)]),
-        ("github (Bearer)", "GET", "/github/user", vec![("authorization", &bearer)]),
-        ("github (token)", "GET", "/github/user", vec![("authorization", &token)]),
+    // (client, method, path, header, value)
+    let placements: [(&str, &str, &str, &str, &str); 6] = [
+        ("anthropic (api_key)", "POST", "/anthropic/v1/messages", "authorization", &bearer),
+        ("anthropic (x-api-key)", "POST", "/anthropic/v1/messages", "x-api-key", &agent_key),
+        ("azure openai", "POST", "/azure-openai/openai/deployments/gpt/chat/completions", "api-key", &agent_key),
+        ("google genai", "POST", "/gemini/v1beta/models/gemini:generateContent", "x-goog-api-key", &agent_key),
+        ("github (Bearer)", "GET", "/github/user", "authorization", &bearer),
+        ("github (token)", "GET", "/github/user", "authorization", &token),
     ];
     let mut placement_lines = Vec::new();
     let mut forwarded_a_key = false;
-    for (who, method, path, headers) in &placements {
-        let mut request = Request::builder().method(*method).uri(format!("{base}{path}"));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request.header("content-type", "application/json").body(Full::new(Bytes::from_static(b"{}")))?;
+    for (who, method, path, header, value) in placements {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header(header, value)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))?;
         let status = client.request(request).await.context("a demo request failed")?.status();
         let sent = upstream.last().context("the fake upstream received nothing")?;
         let leaked = sent.headers.iter().any(|(_, v)| String::from_utf8_lossy(v.as_bytes()).contains(&agent_key));
@@ -150,7 +147,7 @@ key_sha256 = "{hash}"
         placement_lines.push(format!(
             "{who:<22} {} {:<28} agent key forwarded: {}",
             status.as_u16(),
-            headers.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            header,
             if leaked { "YES" } else { "no" }
         ));
     }
