@@ -64,11 +64,16 @@ fn is_method_name(name: &[u8]) -> bool {
     b"_. [".contains(first) && rest.eq_ignore_ascii_case(b"method")
 }
 
+/// Keys shorter than this are not searched for in other headers, cookies and the URL: a short
+/// string would match ordinary text everywhere. keyward's own keys are 46 characters; the
+/// headers a key is expected in are removed whatever their length.
+const MIN_SEARCHED_KEY_LEN: usize = 8;
+
 /// Whether `value` holds `key`, as is or percent-encoded.
 fn holds_key(value: &[u8], key: &str) -> bool {
     let key = key.as_bytes();
     let contains = |haystack: &[u8]| haystack.windows(key.len()).any(|window| window == key);
-    !key.is_empty()
+    key.len() >= MIN_SEARCHED_KEY_LEN
         && (contains(value) || (value.contains(&b'%') && contains(&Cow::<[u8]>::from(percent_decode(value)))))
 }
 
@@ -192,5 +197,7 @@ inject = { header = "x-api-key", value = "{{secret}}" }
             assert_eq!(check(&format!("/v1/x?{query}")), Ok(()), "{query}");
         }
         assert_eq!(check_url(&"/v1/x?k=1".parse().unwrap(), None, "r"), Ok(()));
+        // A key too short to search for is not matched in ordinary text.
+        assert_eq!(check_url(&"/v1/abc?abc=1".parse().unwrap(), Some("abc"), "r"), Ok(()));
     }
 }
