@@ -214,19 +214,13 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
 impl Running {
     /// Stops accepting, lets in-flight requests finish within the grace period, flushes audit.
     pub async fn shutdown(self) {
-        let _ = self.shutdown.send(true);
-        // The listeners close what is still open when the grace period ends; from then on an
+        // The listeners close what is still open when their grace period ends; from then on an
         // ending response is keyward's cut, not the agent leaving.
-        let audit = self.state.audit.clone();
-        let grace = self.shutdown_grace;
-        let closing = tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            audit.mark_closing();
-        });
+        self.state.audit.closing_from(std::time::Instant::now() + self.shutdown_grace);
+        let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;
         }
-        closing.abort();
         if let Some(path) = &self.proxy_unix {
             let _ = std::fs::remove_file(path);
         }

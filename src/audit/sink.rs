@@ -69,8 +69,8 @@ pub struct AuditSink {
     path: PathBuf,
     durability: Durability,
     on_failure: OnFailure,
-    /// Set when shutdown's grace period is over: responses still open are keyward's cut then.
-    closing: AtomicBool,
+    /// When shutdown's grace period ends: a response still open then is cut by keyward.
+    closing_at: std::sync::OnceLock<Instant>,
 }
 
 struct Shared {
@@ -183,7 +183,7 @@ impl AuditSink {
             path,
             durability: config.durability,
             on_failure: config.on_failure,
-            closing: AtomicBool::new(false),
+            closing_at: std::sync::OnceLock::new(),
         })
     }
 
@@ -279,13 +279,16 @@ impl AuditSink {
     }
 
     /// Returns once every record queued before this call has been handed to the OS.
-    /// Shutdown's grace period is over: the connections still open are closed by keyward.
-    pub fn mark_closing(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+    /// Shutdown began: from `at`, the end of its grace period, connections still open are
+    /// closed by keyward. Set before the listeners learn of the shutdown, so their own grace
+    /// period never ends before `at`.
+    pub fn closing_from(&self, at: Instant) {
+        let _ = self.closing_at.set(at);
     }
 
+    /// Whether a response ending now was cut by keyward's shutdown.
     pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
+        self.closing_at.get().is_some_and(|at| Instant::now() >= *at)
     }
 
     pub fn flush(&self) {

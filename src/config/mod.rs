@@ -705,6 +705,11 @@ rotation = { grace_period_minutes = 99999999, notify_ahead_hours = 99999999, sch
             "{errors}"
         );
         assert!(errors.contains("routes[0].agent_key[2].header: 'x-api-key' is listed twice"), "{errors}");
+        let errors = problems(r#"[{ header = "x-api-key" }, { header = "authorization", scheme = 3 }]"#, "[]");
+        assert!(errors.contains("k.toml:9: routes[0].agent_key[1].scheme: "), "{errors}");
+        let errors = problems(r#""x-api-key""#, "[]");
+        assert!(errors.contains("routes[0].agent_key: invalid type: string"), "{errors}");
+        assert!(errors.contains("or a list of them"), "{errors}");
         let errors = problems("[]", "[]");
         assert!(errors.contains("k.toml:9: routes[0].agent_key: lists no place"), "{errors}");
         let errors = problems(r#"[{ header = "x-api-key", scheme = "Bear er" }]"#, "[]");

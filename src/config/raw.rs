@@ -306,14 +306,36 @@ fn default_probe_expect() -> Vec<u16> {
     vec![200]
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(
-    untagged,
-    expecting = "a place like { header = \"x-api-key\" } or { header = \"authorization\", scheme = \"Bearer\" }, or a list of them"
-)]
+/// `agent_key`: one table, or a list of tables. Deserialized by shape (not `untagged`), so a
+/// problem inside a place is reported at its own field, like `agent_key[1].scheme`.
+#[derive(Debug)]
 pub enum RawAgentKeys {
     One(RawAgentKey),
     Many(Vec<RawAgentKey>),
+}
+
+impl<'de> Deserialize<'de> for RawAgentKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Places;
+        impl<'de> serde::de::Visitor<'de> for Places {
+            type Value = RawAgentKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a place like { header = \"x-api-key\" } or { header = \"authorization\", scheme = \"Bearer\" }, or a list of them",
+                )
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawAgentKeys, A::Error> {
+                RawAgentKey::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawAgentKeys::One)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RawAgentKeys, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(RawAgentKeys::Many)
+            }
+        }
+        deserializer.deserialize_any(Places)
+    }
 }
 
 impl RawAgentKeys {

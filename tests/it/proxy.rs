@@ -103,8 +103,8 @@ async fn identity_failures_are_401_and_never_reach_the_upstream() {
         ("/openai/v1/chat/completions", vec![("authorization", WORKER_KEY.to_string())], "malformed_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", "Bearer ".to_string())], "malformed_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", format!("token {WORKER_KEY}"))], "malformed_agent_key"),
-        // Right key, wrong route's header format: the anthropic route reads x-api-key.
-        ("/anthropic/v1/messages", vec![("authorization", bearer(WORKER_KEY))], "missing_agent_key"),
+        // Right key, a header this route does not read it from.
+        ("/anthropic/v1/messages", vec![("api-key", WORKER_KEY.to_string())], "missing_agent_key"),
         ("/openai/v1/chat/completions", vec![("x-api-key", WORKER_KEY.to_string())], "missing_agent_key"),
     ];
     for (path, headers, code) in &cases {

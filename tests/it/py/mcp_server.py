@@ -30,6 +30,7 @@ class InjectedTokenOnly:
 
 server = MCPServer(
     "keyward-test",
+    log_level="WARNING",
     token_verifier=InjectedTokenOnly(),
     auth=AuthSettings(
         issuer_url="http://127.0.0.1/issuer",
