@@ -1,7 +1,8 @@
 //! The request flow, in the one place that knows its order:
 //!
-//! target check → route → identify (agent or delegated key) → authorize → admit → resolve →
-//! release (audit) → inject → forward → scrub → stream back,
+//! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
+//! key, no `_method`) → admit → resolve → release (audit) → strip what the agent presented and
+//! inject → forward → scrub → stream back,
 //! with the audit guard created first and ended exactly once on every path.
 
 use std::net::SocketAddr;
