@@ -59,12 +59,13 @@ fn assert_no_agent_key(what: &str, text: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_anthropic_and_github_clients_work_unchanged() {
+async fn the_openai_azure_anthropic_and_github_clients_work_unchanged() {
     let h = Harness::start().await;
     let cases = [
         ("openai-chat", "Hello from the fake upstream."),
         ("openai-stream", "tok0 tok1 tok2 tok3 tok4 "),
         ("openai-responses", "Hello from the fake upstream."),
+        ("azure-openai", "Hello from the fake upstream."),
         ("anthropic", "Hello from the fake upstream."),
         ("anthropic-stream", "Hello from the fake upstream."),
         ("anthropic-x-api-key", "Hello from the fake upstream."),
@@ -99,6 +100,9 @@ async fn the_openai_anthropic_and_github_clients_work_unchanged() {
         assert_no_agent_key("the upstream", &head);
         let injected = CANARIES.iter().filter(|canary| head.contains(*canary)).count();
         assert_eq!(injected, 1, "exactly one injected credential:\n{head}");
+        if request.target.contains("/deployments/") {
+            assert_eq!(request.headers.get("api-key").unwrap(), CANARY_AZURE, "{head}");
+        }
         if request.target.contains("/messages") {
             assert!(request.headers.get("authorization").is_none(), "{head}");
             assert_eq!(request.headers.get("x-api-key").unwrap(), CANARY_ANTHROPIC);

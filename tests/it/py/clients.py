@@ -1,7 +1,7 @@
 """The official Python clients, unchanged but for their base URL and key, against keyward.
 
 Usage: clients.py CLIENT KEYWARD_URL AGENT_KEY
-CLIENT is one of: openai-chat, openai-stream, openai-responses, anthropic, anthropic-stream,
+CLIENT is one of: openai-chat, openai-stream, openai-responses, azure-openai, anthropic, anthropic-stream,
 anthropic-x-api-key, anthropic-x-api-key-stream, github.
 Prints one JSON line with what the client got back; any error exits non-zero.
 """
@@ -45,6 +45,13 @@ elif client == "openai-stream":
 elif client == "openai-responses":
     answer = openai_client().responses.create(model="gpt-fake", input="hello")
     out = {"text": answer.output_text}
+elif client == "azure-openai":
+    from openai import AzureOpenAI
+
+    # Sends the key as `api-key`, to /openai/deployments/{model}/chat/completions.
+    azure = AzureOpenAI(azure_endpoint=f"{base}/azure-openai", api_key=key, api_version="2024-10-21", max_retries=0)
+    answer = azure.chat.completions.create(model="gpt", messages=messages)
+    out = {"text": answer.choices[0].message.content}
 elif client in ("anthropic", "anthropic-stream", "anthropic-x-api-key", "anthropic-x-api-key-stream"):
     out = {"text": anthropic_text(anthropic_client("x-api-key" in client), client.endswith("stream"))}
 elif client == "github":
