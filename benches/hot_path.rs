@@ -176,6 +176,7 @@ fn audit(c: &mut Criterion) {
         secret_version: None,
         key_fingerprint: None,
         bytes_sent: Some(1024),
+        ended: None,
         delegated_by: None,
         label: None,
         fallback_from: None,

@@ -1,5 +1,6 @@
 //! `keyward demo`: a fake upstream, a proxy with a demo secret, and one agent request, printed
-//! from three sides: what the agent sent, what the upstream received, and the audit line.
+//! from three sides: what the agent sent, what the upstream received, and the audit line. Then
+//! the agent key where each official client puts it, each answered, none forwarded upstream.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -29,6 +30,7 @@ pub async fn run() -> anyhow::Result<String> {
     let demo_secret = format!("sk-demo-{}", &identity::generate_key()[3..]);
     let secrets_path = dir.path().join("secrets.json");
     std::fs::write(&secrets_path, serde_json::json!({ "OPENAI_API_KEY": demo_secret }).to_string())?;
+    // The demo's routes read the agent key where `config/keyward.toml`'s do.
     std::fs::set_permissions(&secrets_path, std::fs::Permissions::from_mode(0o600))?;
     let agent_key = identity::generate_key();
     let audit_path = dir.path().join("audit.jsonl");
@@ -54,8 +56,42 @@ upstream = "{upstream}"
 agent_key = {{ header = "authorization", scheme = "Bearer" }}
 inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
 
+[[routes]]
+name = "anthropic"
+prefix = "/anthropic"
+upstream = "{upstream}"
+agent_key = [{{ header = "x-api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
+inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
+
+[[routes]]
+name = "github"
+prefix = "/github"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = ["Bearer", "token"] }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[[routes]]
+name = "azure-openai"
+prefix = "/azure-openai"
+upstream = "{upstream}"
+agent_key = [{{ header = "api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
+inject = {{ header = "api-key", value = "{{{{secret}}}}" }}
+
+[[routes]]
+name = "gemini"
+prefix = "/gemini"
+upstream = "{upstream}"
+agent_key = {{ header = "x-goog-api-key" }}
+inject = {{ header = "x-goog-api-key", value = "{{{{secret}}}}" }}
+
 [roles.worker]
-grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+grants = [
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }},
+  {{ route = "anthropic", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/messages"] }},
+  {{ route = "github", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/user"] }},
+  {{ route = "azure-openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/openai/deployments/*/chat/completions"] }},
+  {{ route = "gemini", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1beta/models/*"] }},
+]
 
 [[agents]]
 id = "demo-agent"
@@ -80,6 +116,41 @@ key_sha256 = "{hash}"
     let response = client.request(request).await.context("the demo request failed")?;
     let status = response.status();
     let answer = response.into_body().collect().await?.to_bytes();
+    let received = upstream.last().context("the fake upstream received nothing")?;
+
+    // The agent key where each official client puts it today.
+    let base = format!("http://{}", running.proxy_addr.expect("the demo listens on TCP"));
+    let bearer = format!("Bearer {agent_key}");
+    let token = format!("token {agent_key}");
+    // (client, method, path, header, value)
+    let placements: [(&str, &str, &str, &str, &str); 6] = [
+        ("anthropic (api_key)", "POST", "/anthropic/v1/messages", "authorization", &bearer),
+        ("anthropic (x-api-key)", "POST", "/anthropic/v1/messages", "x-api-key", &agent_key),
+        ("azure openai", "POST", "/azure-openai/openai/deployments/gpt/chat/completions", "api-key", &agent_key),
+        ("google genai", "POST", "/gemini/v1beta/models/gemini:generateContent", "x-goog-api-key", &agent_key),
+        ("github (Bearer)", "GET", "/github/user", "authorization", &bearer),
+        ("github (token)", "GET", "/github/user", "authorization", &token),
+    ];
+    let mut placement_lines = Vec::new();
+    let mut forwarded_a_key = false;
+    for (who, method, path, header, value) in placements {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{base}{path}"))
+            .header(header, value)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))?;
+        let status = client.request(request).await.context("a demo request failed")?.status();
+        let sent = upstream.last().context("the fake upstream received nothing")?;
+        let leaked = sent.headers.iter().any(|(_, v)| String::from_utf8_lossy(v.as_bytes()).contains(&agent_key));
+        forwarded_a_key |= leaked || !status.is_success();
+        placement_lines.push(format!(
+            "{who:<22} {} {:<28} agent key forwarded: {}",
+            status.as_u16(),
+            header,
+            if leaked { "YES" } else { "no" }
+        ));
+    }
     running.shutdown().await;
 
     let mut out = String::new();
@@ -89,7 +160,6 @@ key_sha256 = "{hash}"
     writeln!(out, "{body}")?;
     writeln!(out)?;
     writeln!(out, "── what the upstream received ──────────────────────")?;
-    let received = upstream.last().context("the fake upstream received nothing")?;
     writeln!(out, "{} {}{}", received.method, upstream.url(), received.target)?;
     for (name, value) in &received.headers {
         let text = String::from_utf8_lossy(value.as_bytes());
@@ -109,9 +179,17 @@ key_sha256 = "{hash}"
     writeln!(out)?;
     writeln!(out, "── the audit record ────────────────────────────────")?;
     let audit = std::fs::read_to_string(&audit_path).context("cannot read the demo audit file")?;
-    write!(out, "{audit}")?;
+    let first = audit.lines().take_while(|line| !line.contains(r#""type":"request""#)).count();
+    for line in audit.lines().take(first + 1) {
+        writeln!(out, "{line}")?;
+    }
+    writeln!(out)?;
+    writeln!(out, "── the agent key where each official client puts it ─")?;
+    for line in &placement_lines {
+        writeln!(out, "{line}")?;
+    }
     let leaked = audit.contains(&demo_secret) || String::from_utf8_lossy(&answer).contains(&demo_secret);
-    if !injected || !status.is_success() || leaked {
+    if !injected || !status.is_success() || leaked || forwarded_a_key {
         std::io::stdout().write_all(out.as_bytes())?;
         anyhow::bail!("the demo did not behave as expected");
     }

@@ -109,6 +109,14 @@ pub enum ProxyError {
     DelegationExhausted {
         id: String,
     },
+    /// The agent's key is in the request's path or query, where it would reach the upstream.
+    AgentKeyInUrl {
+        route: String,
+    },
+    /// A `_method` parameter (query or form body) that frameworks use to change the method.
+    MethodOverride {
+        route: String,
+    },
     /// The agent's request body broke off before keyward had it all.
     BadBody,
     Internal(&'static str),
@@ -156,6 +164,8 @@ impl ProxyError {
             ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
             ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
             ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
+            ProxyError::AgentKeyInUrl { .. } => (StatusCode::BAD_REQUEST, "agent_key_in_url", Downstream),
+            ProxyError::MethodOverride { .. } => (StatusCode::BAD_REQUEST, "method_override_refused", Downstream),
             ProxyError::BadBody => (StatusCode::BAD_REQUEST, "invalid_body", Downstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
@@ -218,6 +228,12 @@ impl ProxyError {
             ProxyError::AuditUnavailable => {
                 "the audit trail cannot be written, so no credential is released; try again later".to_string()
             }
+            ProxyError::AgentKeyInUrl { route } => format!(
+                "the agent key is in the URL on route '{route}'; send it only in the agent key header, it is never forwarded"
+            ),
+            ProxyError::MethodOverride { route } => format!(
+                "a '_method' parameter on route '{route}' would change the method upstream; send the real HTTP method instead"
+            ),
             ProxyError::BadBody => "the request body could not be read to its end".to_string(),
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }

@@ -1,7 +1,7 @@
 //! A local stand-in for the LLM and GitHub APIs, for `keyward demo` and the tests: it records
 //! what it receives and answers like the real APIs, including slow SSE streams.
 //!
-//! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M`,
+//! Control paths (anywhere in the path): `/_fake/echo-headers[?chunk=N]`, `/_fake/sse?events=N&interval_ms=M[&linger_ms=L]`,
 //! `/_fake/redirect?to=URL`, `/_fake/status/NNN`, `/_fake/slow?ms=N`, `/_fake/bytes?n=N`, and the hostile ones that
 //! try to leak what they received: `/_fake/echo-encoded`, `/_fake/leak-headers`,
 //! `/_fake/gzip-echo`, `/_fake/brotli`, `/_fake/error-echo`.
@@ -210,7 +210,8 @@ async fn respond(
     } else if path.contains("/_fake/sse") {
         let events = query_param(query, "events").and_then(|v| v.parse().ok()).unwrap_or(5);
         let interval = query_param(query, "interval_ms").and_then(|v| v.parse().ok()).unwrap_or(100);
-        sse(events, Duration::from_millis(interval))
+        let linger = query_param(query, "linger_ms").and_then(|v| v.parse().ok()).unwrap_or(0);
+        sse(events, Duration::from_millis(interval), Duration::from_millis(linger))
     } else if path.contains("/_fake/redirect") {
         let to = query_param(query, "to").unwrap_or("http://127.0.0.1:9/elsewhere");
         Response::builder()
@@ -229,11 +230,31 @@ async fn respond(
         tokio::time::sleep(Duration::from_millis(ms)).await;
         json_response(StatusCode::OK, json!({ "slept_ms": ms }))
     } else if path.ends_with("/chat/completions") && parts.method == Method::POST {
-        let streaming = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
-            .unwrap_or(false);
-        if streaming { sse(5, Duration::from_millis(50)) } else { chat_completion() }
+        // The end of a real stream reaches the client a little after `data: [DONE]`, and the
+        // OpenAI SDK closes the connection as soon as it reads [DONE].
+        if wants_stream(&body) {
+            sse(5, Duration::from_millis(50), Duration::from_millis(300))
+        } else {
+            chat_completion()
+        }
+    } else if path.ends_with("/responses") && parts.method == Method::POST {
+        json_response(
+            StatusCode::OK,
+            json!({ "id": "resp_fake", "object": "response", "created_at": 0, "status": "completed", "model": "gpt-fake",
+                    "output": [{ "type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                                 "content": [{ "type": "output_text", "text": "Hello from the fake upstream.", "annotations": [] }] }],
+                    "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
+                    "usage": { "input_tokens": 5, "output_tokens": 7, "total_tokens": 12 } }),
+        )
+    } else if path.contains(":generateContent") && parts.method == Method::POST {
+        json_response(
+            StatusCode::OK,
+            json!({ "candidates": [{ "content": { "role": "model", "parts": [{ "text": "Hello from the fake upstream." }] },
+                                     "finishReason": "STOP", "index": 0 }],
+                    "usageMetadata": { "promptTokenCount": 5, "candidatesTokenCount": 7, "totalTokenCount": 12 } }),
+        )
+    } else if path.ends_with("/messages") && parts.method == Method::POST && wants_stream(&body) {
+        anthropic_stream()
     } else if path.ends_with("/messages") && parts.method == Method::POST {
         json_response(
             StatusCode::OK,
@@ -249,11 +270,55 @@ async fn respond(
     Ok(response)
 }
 
+/// Whether a JSON request body asks for `"stream": true`.
+fn wants_stream(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(|s| s.as_bool()))
+        .unwrap_or(false)
+}
+
+/// An Anthropic Messages event stream, as the anthropic SDK's `stream=True` reads it.
+fn anthropic_stream() -> Response<FakeBody> {
+    let message = json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
+                          "content": [], "stop_reason": null, "usage": { "input_tokens": 5, "output_tokens": 0 } });
+    let events = [
+        ("message_start", json!({ "type": "message_start", "message": message })),
+        (
+            "content_block_start",
+            json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
+        ),
+        (
+            "content_block_delta",
+            json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Hello from " } }),
+        ),
+        (
+            "content_block_delta",
+            json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "the fake upstream." } }),
+        ),
+        ("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })),
+        (
+            "message_delta",
+            json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn" }, "usage": { "output_tokens": 7 } }),
+        ),
+        ("message_stop", json!({ "type": "message_stop" })),
+    ];
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = events
+        .into_iter()
+        .map(|(name, data)| Ok(Frame::data(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))))
+        .collect();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))))
+        .expect("valid SSE response")
+}
+
 /// Every credential-looking thing the upstream received: auth headers (Basic decoded too) and
 /// the query string.
 fn received_credentials(headers: &HeaderMap, target: &str) -> Vec<String> {
     let mut out = Vec::new();
-    for name in ["authorization", "x-api-key", "api-key"] {
+    for name in ["authorization", "x-api-key", "api-key", "x-goog-api-key"] {
         for value in headers.get_all(name) {
             let text = String::from_utf8_lossy(value.as_bytes()).into_owned();
             if let Some(basic) = text.strip_prefix("Basic ")
@@ -305,10 +370,12 @@ fn chat_completion() -> Response<FakeBody> {
     )
 }
 
-/// An OpenAI-style event stream: `events` chunks `interval` apart, then `data: [DONE]`.
-fn sse(events: usize, interval: Duration) -> Response<FakeBody> {
+/// An OpenAI-style event stream: `events` chunks `interval` apart, then `data: [DONE]`, and
+/// the body's end `linger` after that.
+fn sse(events: usize, interval: Duration, linger: Duration) -> Response<FakeBody> {
     let stream = futures_util::stream::unfold(0usize, move |i| async move {
         if i > events {
+            tokio::time::sleep(linger).await;
             return None;
         }
         if i > 0 {

@@ -33,41 +33,36 @@ pub fn generate_key() -> String {
 }
 
 /// Where a route expects the key, in words for a 401 message.
-pub fn describe_spec(spec: &AgentKeySpec) -> String {
-    match spec.schemes.as_slice() {
-        [] => format!("header '{}'", spec.header),
-        [one] => format!("header '{}: {one} <key>'", spec.header),
-        many => format!("header '{}: <{}> <key>'", spec.header, many.join("|")),
-    }
+pub fn describe_places(places: &[AgentKeySpec]) -> String {
+    let each: Vec<String> = places
+        .iter()
+        .map(|spec| match spec.schemes.as_slice() {
+            [] => format!("header '{}'", spec.header),
+            [one] => format!("header '{}: {one} <key>'", spec.header),
+            many => format!("header '{}: <{}> <key>'", spec.header, many.join("|")),
+        })
+        .collect();
+    each.join(" or ")
 }
 
-/// Reads the agent key from the route's header, or from `Proxy-Authorization: Bearer <key>`.
-/// A key sent twice with different values, an empty key, or a key with whitespace is refused.
-pub fn extract_key<'h>(spec: &AgentKeySpec, headers: &'h HeaderMap, route: &str) -> Result<&'h str, ProxyError> {
+/// Reads the agent key from any of the route's places, or from `Proxy-Authorization: Bearer
+/// <key>`. Every place that is present must hold the same key: two different keys, a key sent
+/// twice in one header, an empty key, or a key with whitespace is refused.
+pub fn extract_key<'h>(places: &[AgentKeySpec], headers: &'h HeaderMap, route: &str) -> Result<&'h str, ProxyError> {
     let malformed = |reason| ProxyError::MalformedAgentKey { route: route.to_string(), reason };
-    let from_route =
-        single_value(headers, &spec.header).map_err(malformed)?.map(|v| parse_credential(v, &spec.schemes));
-    let from_proxy = if spec.header == PROXY_AUTHORIZATION {
-        None
-    } else {
-        single_value(headers, &PROXY_AUTHORIZATION)
-            .map_err(malformed)?
-            .map(|v| parse_credential(v, &["Bearer".to_string()]))
-    };
-    let key = match (from_route, from_proxy) {
-        (None, None) => {
-            return Err(ProxyError::MissingAgentKey { route: route.to_string(), expected: describe_spec(spec) });
+    let bearer = ["Bearer".to_string()];
+    let proxy =
+        (!places.iter().any(|p| p.header == PROXY_AUTHORIZATION)).then_some((&PROXY_AUTHORIZATION, &bearer[..]));
+    let mut found: Option<&'h str> = None;
+    for (header, schemes) in places.iter().map(|p| (&p.header, p.schemes.as_slice())).chain(proxy) {
+        let Some(value) = single_value(headers, header).map_err(malformed)? else { continue };
+        let key = parse_credential(value, schemes).map_err(malformed)?;
+        match found {
+            Some(earlier) if earlier != key => return Err(malformed("two different agent keys were sent")),
+            _ => found = Some(key),
         }
-        (Some(k), None) | (None, Some(k)) => k.map_err(malformed)?,
-        (Some(a), Some(b)) => {
-            let (a, b) = (a.map_err(malformed)?, b.map_err(malformed)?);
-            if a != b {
-                return Err(malformed("two different agent keys were sent"));
-            }
-            a
-        }
-    };
-    Ok(key)
+    }
+    found.ok_or_else(|| ProxyError::MissingAgentKey { route: route.to_string(), expected: describe_places(places) })
 }
 
 fn single_value<'h>(headers: &'h HeaderMap, name: &http::HeaderName) -> Result<Option<&'h str>, &'static str> {
@@ -187,7 +182,9 @@ mod tests {
         let bearer = spec("authorization", &["Bearer"]);
         let github = spec("authorization", &["Bearer", "token"]);
         let xkey = spec("x-api-key", &[]);
-        let ok = |s: &AgentKeySpec, h: &[(&str, &str)]| extract_key(s, &headers(h), "r").map(str::to_string);
+        let ok = |s: &AgentKeySpec, h: &[(&str, &str)]| {
+            extract_key(std::slice::from_ref(s), &headers(h), "r").map(str::to_string)
+        };
         assert_eq!(ok(&bearer, &[("authorization", "Bearer kw_a")]).unwrap(), "kw_a");
         assert_eq!(ok(&bearer, &[("authorization", "bearer kw_a")]).unwrap(), "kw_a");
         assert_eq!(ok(&github, &[("authorization", "token kw_a")]).unwrap(), "kw_a");
@@ -209,6 +206,28 @@ mod tests {
             code(&xkey, &[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_b")]),
             "malformed_agent_key"
         );
+    }
+
+    #[test]
+    fn several_places_must_agree() {
+        // The Anthropic route: the SDK's api_key (Bearer) or `x-api-key`, or both.
+        let places = [spec("x-api-key", &[]), spec("authorization", &["Bearer"])];
+        let ok = |h: &[(&str, &str)]| extract_key(&places, &headers(h), "r").map(str::to_string);
+        assert_eq!(ok(&[("x-api-key", "kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&[("authorization", "Bearer kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&[("authorization", "Bearer kw_a"), ("x-api-key", "kw_a")]).unwrap(), "kw_a");
+        assert_eq!(ok(&[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_a")]).unwrap(), "kw_a");
+
+        let code = |h: &[(&str, &str)]| ok(h).unwrap_err().code();
+        assert_eq!(code(&[]), "missing_agent_key");
+        assert_eq!(code(&[("api-key", "kw_a")]), "missing_agent_key");
+        assert_eq!(code(&[("authorization", "Bearer kw_a"), ("x-api-key", "kw_b")]), "malformed_agent_key");
+        assert_eq!(code(&[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_b")]), "malformed_agent_key");
+        // A present place that does not parse is refused, even when another place holds a key.
+        assert_eq!(code(&[("authorization", "Basic eA=="), ("x-api-key", "kw_a")]), "malformed_agent_key");
+        let missing = extract_key(&places, &headers(&[]), "r").unwrap_err();
+        let ProxyError::MissingAgentKey { expected, .. } = missing else { panic!("{missing:?}") };
+        assert_eq!(expected, "header 'x-api-key' or header 'authorization: Bearer <key>'");
     }
 
     #[test]

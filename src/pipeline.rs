@@ -1,7 +1,8 @@
 //! The request flow, in the one place that knows its order:
 //!
-//! target check → route → identify (agent or delegated key) → authorize → admit → resolve →
-//! release (audit) → inject → forward → scrub → stream back,
+//! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
+//! key, no `_method`) → admit → resolve → release (audit) → strip what the agent presented and
+//! inject → forward → scrub → stream back,
 //! with the audit guard created first and ended exactly once on every path.
 
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use http::{HeaderValue, Request, StatusCode, Uri, Version};
 
 use std::time::SystemTime;
 
+use zeroize::Zeroizing;
+
 use crate::audit::{AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::RouteConfig;
@@ -26,26 +29,13 @@ use crate::identity;
 use crate::inject;
 use crate::limit::Decision;
 use crate::metrics::AnomalyLabels;
+use crate::outbound::{self, OVERRIDE_HEADERS};
 use crate::policy::{self, Subject};
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
 use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
-
-/// Headers that some upstream frameworks use to change the method or path after the fact, which
-/// would let an agent run a call its grant does not cover.
-const OVERRIDE_HEADERS: [&str; 9] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-method",
-    "x-original-url",
-    "x-rewrite-url",
-    "x-forwarded-prefix",
-    "x-forwarded-host",
-    "x-forwarded-path",
-];
 
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
@@ -121,17 +111,20 @@ async fn proxy(
     }
     let key = identity::extract_key(&route.agent_key, request.headers(), &route.name);
     let by_uid = peer_uid.and_then(|uid| principal::identify_peer(state, runtime, uid));
-    let caller = match (key, by_uid) {
-        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => by_uid?,
+    // The key the agent presented, kept to make sure it goes nowhere near the upstream.
+    let (caller, presented_key) = match (key, by_uid) {
+        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => (by_uid?, None),
         (key, _) => {
             let key = key?;
-            principal::identify(state, runtime, key, &route.name, peer_uid).inspect_err(|e| {
+            let caller = principal::identify(state, runtime, key, &route.name, peer_uid).inspect_err(|e| {
                 if matches!(e, ProxyError::UnknownAgentKey { .. }) {
                     audit.key_fingerprint(identity::fingerprint(key));
                 }
-            })?
+            })?;
+            (caller, Some(Zeroizing::new(key.to_string())))
         }
     };
+    let presented_key = presented_key.as_deref().map(String::as_str);
     audit.agent(caller.id());
     if let Some(delegation) = caller.delegation() {
         audit.delegation(&delegation.chain, delegation.label.as_deref());
@@ -148,6 +141,9 @@ async fn proxy(
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
     })?;
     audit.credential(&grant.secret);
+    // Refused before limits and the secret store: the request line would carry the agent's key
+    // upstream, or a `_method` that changes what was authorized.
+    outbound::check_url(request.uri(), presented_key, &route.name)?;
 
     // Limits run before the secret store is touched: a throttled call costs it nothing.
     if let Some(quota) = &grant.quota {
@@ -167,13 +163,14 @@ async fn proxy(
         return Err(ProxyError::BodyTooLarge { limit });
     }
     let raw_rest = matched.raw_rest.to_string();
+    let request = refuse_form_method_override(request, limit, &route.name).await?;
 
     let secret = runtime.secrets.resolve(&grant.secret).await?;
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
 
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes).await?;
-    let outbound = outbound_request(request, route, &raw_rest, &secret, limit)?;
+    let outbound = outbound_request(request, route, &raw_rest, &secret, presented_key, limit)?;
     // No credential goes onto the network without a durable record of its release.
     audit.release().await?;
     let mut response = send(state, &caller, route, outbound).await?;
@@ -192,7 +189,7 @@ async fn proxy(
                     "upstream refused the credential; retrying once with another version");
                 audit.invalidated(status, secret.version.as_deref(), why);
                 audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
-                let outbound = outbound_request(replay.into_request(), route, &raw_rest, &next, limit)?;
+                let outbound = outbound_request(replay.into_request(), route, &raw_rest, &next, presented_key, limit)?;
                 audit.release().await?;
                 drop(response);
                 response = send(state, &caller, route, outbound).await?;
@@ -277,6 +274,36 @@ async fn keep_for_replay(request: Request<Body>, limit: u64) -> Result<(Request<
     Ok((Request::from_parts(parts, Body::from(body)), Some(replay)))
 }
 
+/// A form-encoded body is read whole (it is bounded by the body limit, and such bodies are small
+/// form posts) and refused if it sets `_method`, which Rails, Laravel and Symfony honour as the
+/// request's method. Other bodies, multipart uploads included, stream through unread.
+async fn refuse_form_method_override(
+    request: Request<Body>,
+    limit: u64,
+    route: &str,
+) -> Result<Request<Body>, ProxyError> {
+    use http_body_util::BodyExt;
+    let is_form = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+    if !is_form {
+        return Ok(request);
+    }
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
+        Err(_) => return Err(ProxyError::BadBody),
+    };
+    if outbound::has_method_parameter(&body) {
+        return Err(ProxyError::MethodOverride { route: route.to_string() });
+    }
+    Ok(Request::from_parts(parts, Body::from(body)))
+}
+
 /// Audits each detector decision, counts it, and sends it to the notify webhook.
 fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
     for decision in decisions {
@@ -310,19 +337,21 @@ fn declared_length(request: &Request<Body>) -> Option<u64> {
     request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-/// The agent's request re-addressed to the route's upstream: agent key and hop-by-hop headers
-/// removed, Host left for the client to set from the URI, and the credential injected.
+/// The agent's request re-addressed to the route's upstream: every credential the agent
+/// presented and hop-by-hop headers removed, Host left for the client to set from the URI, and
+/// the credential injected.
 fn outbound_request(
     request: Request<Body>,
     route: &RouteConfig,
     raw_rest: &str,
     secret: &Resolved,
+    agent_key: Option<&str>,
     body_limit: u64,
 ) -> Result<Request<forward::OutboundBody>, ProxyError> {
     let (mut parts, body) = request.into_parts();
     let headers = &mut parts.headers;
-    headers.remove(&route.agent_key.header);
     strip_hop_by_hop(headers);
+    outbound::strip_agent_credentials(headers, route, agent_key);
     // Framing is rebuilt by the client from the body; overrides could change what was authorized.
     for name in [HOST, CONTENT_LENGTH] {
         headers.remove(name);

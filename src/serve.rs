@@ -26,6 +26,7 @@ pub struct Running {
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    shutdown_grace: std::time::Duration,
 }
 
 /// Opens the audit file, binds both listeners and starts serving. Secret sources are fetched in
@@ -104,7 +105,8 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         (None, None) => "none".to_string(),
     };
     tracing::info!(proxy = %proxy, admin = %format!("http://{admin_addr}"), "keyward listening");
-    Ok(Running { proxy_addr, proxy_unix, admin_addr, state, shutdown, tasks })
+    let shutdown_grace = settings.shutdown_grace;
+    Ok(Running { proxy_addr, proxy_unix, admin_addr, state, shutdown, tasks, shutdown_grace })
 }
 
 /// Binds the agent Unix socket with `mode`. A socket file left by an earlier run is replaced;
@@ -212,6 +214,9 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
 impl Running {
     /// Stops accepting, lets in-flight requests finish within the grace period, flushes audit.
     pub async fn shutdown(self) {
+        // The listeners close what is still open when their grace period ends; from then on an
+        // ending response is keyward's cut, not the agent leaving.
+        self.state.audit.closing_from(std::time::Instant::now() + self.shutdown_grace);
         let _ = self.shutdown.send(true);
         for task in self.tasks {
             let _ = task.await;

@@ -13,7 +13,12 @@ fuzz_target!(|data: &[u8]| {
         AgentKeySpec { header: HeaderName::from_static("authorization"), schemes: vec!["Bearer".into(), "token".into()] },
         AgentKeySpec { header: HeaderName::from_static("x-api-key"), schemes: vec![] },
     ];
-    let spec = &specs[selector as usize % specs.len()];
+    // One place, or the Anthropic route's two places.
+    let anthropic = [specs[2].clone(), specs[0].clone()];
+    let places: &[AgentKeySpec] = match selector as usize % 4 {
+        3 => &anthropic,
+        i => std::slice::from_ref(&specs[i]),
+    };
     let names = ["authorization", "x-api-key", "proxy-authorization"];
     let mut headers = HeaderMap::new();
     for (i, value) in rest.split(|b| *b == b'\n').take(6).enumerate() {
@@ -21,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             headers.append(HeaderName::from_static(names[i % names.len()]), value);
         }
     }
-    if let Ok(key) = keyward::identity::extract_key(spec, &headers, "fuzz") {
+    if let Ok(key) = keyward::identity::extract_key(places, &headers, "fuzz") {
         assert!(!key.is_empty());
         assert!(key.bytes().all(|b| b.is_ascii_graphic()));
         assert!(headers.values().any(|v| v.to_str().is_ok_and(|v| v.contains(key))));

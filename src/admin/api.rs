@@ -56,6 +56,7 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
         // Only the newest denials are kept: unauthenticated traffic can produce any number.
         let mut denials: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
         let mut anomalies: Vec<Value> = Vec::new();
+        let mut endings = crate::audit::report::Endings::default();
         for record in read::records(&audit_files(&state)) {
             let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
             let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -66,6 +67,7 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             if kind != "request" {
                 continue;
             }
+            endings.count(&record);
             match record.get("decision").and_then(Value::as_str) {
                 Some("allowed") => {
                     let hour =
@@ -98,6 +100,7 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             "since": humantime::format_rfc3339_seconds(since).to_string(),
             "heatmap": { "by_agent": by_agent, "by_credential": by_credential },
             "recent_denials": recent,
+            "endings": endings,
             "anomalies": anomalies.iter().rev().take(50).collect::<Vec<_>>(),
             "quarantined": quarantined,
         })

@@ -96,6 +96,8 @@ async function load() {
     list.appendChild(li);
   }
   if (!list.children.length) list.textContent = "none";
+  const e = summary.endings;
+  row(document.getElementById("endings"), [e.upstream, e.agent, e.keyward, e.before_head]);
   const denials = document.getElementById("denials");
   clear(denials);
   for (const d of summary.recent_denials) {

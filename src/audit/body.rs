@@ -1,5 +1,6 @@
 //! A response body that carries the request's audit guard and ends it when the body ends:
-//! complete, broken off by the upstream, or dropped because the agent went away.
+//! complete, broken off by the upstream, cut off by keyward, or dropped because the agent went
+//! away (before or after it had the response head).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -8,28 +9,33 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::guard::{AuditGuard, BodyEnd};
+use crate::forward::BoxError;
 
 pub struct AuditedBody<B: Body> {
     inner: B,
     audit: Option<AuditGuard>,
     bytes: u64,
+    /// The server polls a body only once it has the response head to write: from then on the
+    /// agent has its status, and leaving is no longer a failed call.
+    head_delivered: bool,
 }
 
 impl<B: Body> AuditedBody<B> {
     pub fn new(inner: B, audit: AuditGuard) -> AuditedBody<B> {
-        AuditedBody { inner, audit: Some(audit), bytes: 0 }
+        AuditedBody { inner, audit: Some(audit), bytes: 0, head_delivered: false }
     }
 }
 
 impl<B> Body for AuditedBody<B>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        this.head_delivered = true;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -38,7 +44,7 @@ where
                     this.end(BodyEnd::Complete);
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.end(BodyEnd::UpstreamBroke),
+            Poll::Ready(Some(Err(error))) => this.end(who_broke_off(error.as_ref())),
             Poll::Ready(None) => this.end(BodyEnd::Complete),
             Poll::Pending => {}
         }
@@ -62,15 +68,31 @@ impl<B: Body> AuditedBody<B> {
     }
 }
 
+/// A body error from the upstream's connection (reset, closed early, bad framing) is the
+/// upstream's ending; any other error is keyward's own cut: a read timeout or deadline, or a
+/// body keyward could not decode.
+fn who_broke_off(error: &(dyn std::error::Error + 'static)) -> BodyEnd {
+    let mut source = Some(error);
+    while let Some(error) = source {
+        if error.is::<hyper::Error>() {
+            return BodyEnd::UpstreamBroke;
+        }
+        source = error.source();
+    }
+    BodyEnd::KeywardCut
+}
+
 impl<B: Body> Drop for AuditedBody<B> {
     fn drop(&mut self) {
-        // hyper drops a body it knows is complete (HEAD, 204, or after the last frame) without
-        // polling it again; that is a completed response. Otherwise the agent went away, and the
-        // guard's own drop records the disconnect.
-        if let Some(audit) = self.audit.take()
-            && self.inner.is_end_stream()
-        {
+        let Some(audit) = self.audit.take() else { return };
+        if self.inner.is_end_stream() {
+            // hyper drops a body it knows is complete (HEAD, 204, or after the last frame)
+            // without polling it again; that is a completed response.
             audit.finish(BodyEnd::Complete, self.bytes);
+        } else if self.head_delivered {
+            // The agent had its answer's head and closed the stream: normal for SSE and MCP.
+            audit.finish(BodyEnd::AgentLeft, self.bytes);
         }
+        // Otherwise the agent went away before the head; the guard's own drop records that.
     }
 }

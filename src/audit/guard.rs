@@ -1,6 +1,6 @@
 //! The audit guard (agentgateway's `DropOnLog`): created first for every request, filled in by
 //! each stage, and emitted exactly once, on whichever path the request ends. A guard dropped
-//! without an explicit ending records a client disconnect.
+//! without an explicit ending records an agent that left before the response head (499).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,7 +12,7 @@ use http::Method;
 use rand::Rng;
 
 use super::chain::Line;
-use super::record::{AuditRecord, Decision, InvalidatedCredential, Outcome};
+use super::record::{AuditRecord, Decision, Ended, EndedAt, EndedBy, InvalidatedCredential, Outcome};
 use super::sink::AuditSink;
 use crate::config::OnFailure;
 use crate::error::{Origin, ProxyError};
@@ -34,11 +34,18 @@ pub struct AuditGuard {
     held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
-/// How a proxied response body ended.
+/// How a proxied response body ended, once the agent had the response head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyEnd {
+    /// The upstream's body reached its end.
     Complete,
+    /// The upstream's connection broke off mid-body.
     UpstreamBroke,
+    /// keyward cut the body off: a read timeout or deadline, or a body it could not decode.
+    KeywardCut,
+    /// The agent closed the connection or stream: normal once it has what it wanted (an SSE
+    /// stream after `data: [DONE]`, an MCP client's stream).
+    AgentLeft,
 }
 
 pub fn new_request_id() -> String {
@@ -78,6 +85,7 @@ impl AuditGuard {
             secret_version: None,
             key_fingerprint: None,
             bytes_sent: None,
+            ended: None,
             delegated_by: None,
             label: None,
             fallback_from: None,
@@ -190,14 +198,23 @@ impl AuditGuard {
         self.emit(decision, outcome);
     }
 
-    /// The upstream's response body ended (or broke off) after `bytes` bytes reached the agent.
+    /// The response body ended after `bytes` bytes reached the agent, which had the head (and
+    /// so the upstream's status) already. An agent that leaves mid-body does not make the call a
+    /// failure: it got the answer it asked for, or the part of it that it wanted.
     pub fn finish(mut self, end: BodyEnd, bytes: u64) {
         self.record.bytes_sent = Some(bytes);
-        let outcome = match end {
-            BodyEnd::UpstreamBroke => Outcome::UpstreamError,
-            BodyEnd::Complete if self.record.status < 400 => Outcome::Success,
-            BodyEnd::Complete => Outcome::UpstreamStatus,
+        if end == BodyEnd::AgentLeft && self.sink.is_closing() {
+            self.record.ended = Some(Ended { by: EndedBy::Keyward, at: EndedAt::MidBody });
+            return self.emit(Decision::Allowed, Outcome::Shutdown);
+        }
+        let answered = if self.record.status < 400 { Outcome::Success } else { Outcome::UpstreamStatus };
+        let (by, at, outcome) = match end {
+            BodyEnd::Complete => (EndedBy::Upstream, EndedAt::EndOfBody, answered),
+            BodyEnd::AgentLeft => (EndedBy::Agent, EndedAt::MidBody, answered),
+            BodyEnd::UpstreamBroke => (EndedBy::Upstream, EndedAt::MidBody, Outcome::UpstreamError),
+            BodyEnd::KeywardCut => (EndedBy::Keyward, EndedAt::MidBody, Outcome::UpstreamError),
         };
+        self.record.ended = Some(Ended { by, at });
         self.emit(Decision::Allowed, outcome);
     }
 
@@ -259,11 +276,17 @@ fn operation(record: &AuditRecord) -> String {
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         if !self.emitted {
-            // The request future or the response body was dropped: the agent went away.
-            // Allowed only once a credential was actually resolved for the call.
+            // The request future, or a response body never polled, was dropped: the agent went
+            // away before the response head. Allowed only once a credential was resolved.
             let decision = if self.record.secret_source.is_some() { Decision::Allowed } else { Decision::Denied };
             self.record.status = 499;
-            self.emit(decision, Outcome::ClientDisconnect);
+            if self.sink.is_closing() {
+                self.record.ended = Some(Ended { by: EndedBy::Keyward, at: EndedAt::BeforeHead });
+                self.emit(decision, Outcome::Shutdown);
+            } else {
+                self.record.ended = Some(Ended { by: EndedBy::Agent, at: EndedAt::BeforeHead });
+                self.emit(decision, Outcome::ClientDisconnect);
+            }
         }
     }
 }

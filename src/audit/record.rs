@@ -41,8 +41,36 @@ pub enum Outcome {
     InternalError,
     /// The audit trail could not record the release, so the credential was withheld.
     AuditError,
-    /// The agent went away before the response was complete.
+    /// The agent went away before it received the response head (status 499).
     ClientDisconnect,
+    /// keyward shut down past its grace period and closed the response.
+    Shutdown,
+}
+
+/// Who ended the response body (fields in sorted order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Ended {
+    /// How far the response had got: `before_head`, `mid_body` or `end_of_body`.
+    pub at: EndedAt,
+    /// `upstream` (it finished or broke off its body), `agent` (it closed the connection or
+    /// stream), or `keyward` (a read timeout or deadline, or a body it could not decode).
+    pub by: EndedBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    Agent,
+    Upstream,
+    Keyward,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedAt {
+    BeforeHead,
+    MidBody,
+    EndOfBody,
 }
 
 /// Fields are declared in the sorted order of their JSON names, so serde writes the canonical
@@ -60,6 +88,9 @@ pub struct AuditRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delegated_by: Option<Vec<String>>,
     pub duration_ms: u64,
+    /// Who ended the response and how far it had got; absent when keyward answered itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
     /// keyward's error code when keyward produced the response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error_code: Option<&'static str>,
@@ -89,7 +120,7 @@ pub struct AuditRecord {
     pub secret_source: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_version: Option<String>,
-    /// The status the agent received (499 when it disconnected first).
+    /// The status the agent received (499 when it left before the response head).
     pub status: u16,
     pub success: bool,
     pub timestamp: String,
@@ -246,6 +277,7 @@ mod tests {
             secret_version: some("v1"),
             key_fingerprint: some("abc"),
             bytes_sent: filled.then_some(9),
+            ended: filled.then_some(Ended { by: EndedBy::Agent, at: EndedAt::MidBody }),
             delegated_by: filled.then(|| vec!["parent".to_string()]),
             label: some("job"),
             fallback_from: some("prod"),

@@ -31,12 +31,45 @@ pub struct Report {
     pub by_agent: BTreeMap<String, Counts>,
     /// Denials by keyward error code.
     pub denials: BTreeMap<String, u64>,
+    /// How forwarded responses ended: who ended the body, and agents that left before the head.
+    pub endings: Endings,
     /// Anomaly events (`anomaly.*`), newest last.
     pub anomalies: Vec<Value>,
     /// Rotation events (`rotation.*`), newest last.
     pub rotations: Vec<Value>,
     /// Credentials in the config, with when each was last seen in use.
     pub credentials: Vec<CredentialStatus>,
+}
+
+/// Who ended each forwarded response (the records' `ended`). An agent that closes a stream it
+/// has read (SSE, MCP) ends the body itself and is still a success; only `before_head` is an
+/// agent that left without its answer (status 499).
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Endings {
+    pub upstream: u64,
+    pub agent: u64,
+    pub keyward: u64,
+    pub before_head: u64,
+}
+
+impl Endings {
+    pub fn count(&mut self, record: &Value) {
+        let ended = &record["ended"];
+        match (ended["by"].as_str(), ended["at"].as_str()) {
+            (_, Some("before_head")) => self.before_head += 1,
+            (Some("upstream"), _) => self.upstream += 1,
+            (Some("agent"), _) => self.agent += 1,
+            (Some("keyward"), _) => self.keyward += 1,
+            _ => {}
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "responses ended by the upstream {}, by the agent after the head {}, by keyward {}; agents that left before the head {}",
+            self.upstream, self.agent, self.keyward, self.before_head
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -75,6 +108,7 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         by_credential: BTreeMap::new(),
         by_agent: BTreeMap::new(),
         denials: BTreeMap::new(),
+        endings: Endings::default(),
         anomalies: Vec::new(),
         rotations: Vec::new(),
         credentials: Vec::new(),
@@ -95,6 +129,7 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         }
         report.attempts += 1;
         count(&mut report.totals, &record);
+        report.endings.count(&record);
         let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         if let Some(credential) = text("credential") {
             count(report.by_credential.entry(credential.clone()).or_default(), &record);
@@ -144,6 +179,7 @@ pub fn text(r: &Report) -> String {
         "attempts: {} (allowed {}, successful {}, denied {}, throttled {}, errors {})",
         r.attempts, t.allowed, t.success, t.denied, t.throttled, t.errors
     );
+    let _ = writeln!(out, "{}", r.endings.summary());
     for (title, table) in [("credential", &r.by_credential), ("agent", &r.by_agent)] {
         let _ = writeln!(out, "\nuse by {title}:");
         let _ = writeln!(
@@ -231,7 +267,7 @@ pub fn html(r: &Report) -> String {
          <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse;margin:.5em 0 1.5em}}\
          td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>\
          <h1>keyward audit report</h1><p>{} to {}</p><p>Chain: {}</p>\
-         <p>Attempts: {} (allowed {}, successful {}, denied {}, throttled {}, errors {}); anomalies {}; rotations {}.</p>{rows}</body></html>",
+         <p>Attempts: {} (allowed {}, successful {}, denied {}, throttled {}, errors {}); anomalies {}; rotations {}.</p><p>{}.</p>{rows}</body></html>",
         escape(&r.since),
         escape(&r.until),
         escape(&r.chain),
@@ -242,7 +278,8 @@ pub fn html(r: &Report) -> String {
         t.throttled,
         t.errors,
         r.anomalies.len(),
-        r.rotations.len()
+        r.rotations.len(),
+        escape(&r.endings.summary())
     )
 }
 
@@ -264,8 +301,14 @@ mod tests {
             add(
                 json!({ "type": "request.released", "timestamp": now, "credential": "OPENAI_API_KEY", "agentId": "a" }),
             );
+            // A stream the agent closed after the head is a success; one it left before the head is not.
+            let ended = match i {
+                5 => json!({ "by": "agent", "at": "before_head" }),
+                4 => json!({ "by": "agent", "at": "mid_body" }),
+                _ => json!({ "by": "upstream", "at": "end_of_body" }),
+            };
             add(json!({ "type": "request", "timestamp": now, "credential": "OPENAI_API_KEY", "agentId": "a",
-                        "decision": "allowed", "success": i != 5 }));
+                        "decision": "allowed", "success": i != 5, "ended": ended }));
         }
         add(
             json!({ "type": "request", "timestamp": now, "credential": "GITHUB_TOKEN", "agentId": "b", "decision": "denied", "errorCode": "forbidden" }),
@@ -294,7 +337,12 @@ mod tests {
         assert_eq!(r.by_agent["(unidentified)"].denied, 1);
         assert_eq!(r.denials["forbidden"], 1);
         assert_eq!(r.anomalies.len(), 1);
+        assert_eq!(r.endings, Endings { upstream: 4, agent: 1, keyward: 0, before_head: 1 });
         let text = text(&r);
+        assert!(
+            text.contains("by the agent after the head 1, by keyward 0; agents that left before the head 1"),
+            "{text}"
+        );
         assert!(text.contains("attempts: 9 (allowed 6, successful 5, denied 2, throttled 1, errors 0)"), "{text}");
         assert!(html(&r).contains("<td>OPENAI_API_KEY</td><td>6</td><td>5</td>"));
     }

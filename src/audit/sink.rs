@@ -69,6 +69,8 @@ pub struct AuditSink {
     path: PathBuf,
     durability: Durability,
     on_failure: OnFailure,
+    /// When shutdown's grace period ends: a response still open then is cut by keyward.
+    closing_at: std::sync::OnceLock<Instant>,
 }
 
 struct Shared {
@@ -175,7 +177,14 @@ impl AuditSink {
         let (tx, rx) = sync_channel(capacity);
         let thread_shared = shared.clone();
         std::thread::Builder::new().name("keyward-audit".to_string()).spawn(move || run(&thread_shared, rx))?;
-        Ok(AuditSink { tx, shared, path, durability: config.durability, on_failure: config.on_failure })
+        Ok(AuditSink {
+            tx,
+            shared,
+            path,
+            durability: config.durability,
+            on_failure: config.on_failure,
+            closing_at: std::sync::OnceLock::new(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -270,6 +279,18 @@ impl AuditSink {
     }
 
     /// Returns once every record queued before this call has been handed to the OS.
+    /// Shutdown began: from `at`, the end of its grace period, connections still open are
+    /// closed by keyward. Set before the listeners learn of the shutdown, so their own grace
+    /// period never ends before `at`.
+    pub fn closing_from(&self, at: Instant) {
+        let _ = self.closing_at.set(at);
+    }
+
+    /// Whether a response ending now was cut by keyward's shutdown.
+    pub fn is_closing(&self) -> bool {
+        self.closing_at.get().is_some_and(|at| Instant::now() >= *at)
+    }
+
     pub fn flush(&self) {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         if self.tx.send(Message::Flush(done_tx)).is_ok() {

@@ -359,12 +359,25 @@ pub struct CachePolicy {
     pub stale_if_error: Duration,
 }
 
+/// Headers where clients put API credentials. They are removed from every outbound request,
+/// with the route's own `agent_key` headers, unless the route's `pass_headers` names them.
+pub const CREDENTIAL_HEADERS: [&str; 5] =
+    ["authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key"];
+
+/// Range requests can cut an echoed credential into pieces that each pass the scrubber, so
+/// they are removed on every route (all routes inject a credential) unless `pass_headers` names them.
+pub const RANGE_HEADERS: [&str; 2] = ["range", "if-range"];
+
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub name: String,
     pub prefix: String,
     pub upstream: Upstream,
-    pub agent_key: AgentKeySpec,
+    /// Where the agent key may come from, in order; never empty.
+    pub agent_key: Vec<AgentKeySpec>,
+    /// Headers removed by default (agent credential headers, `Range`, `If-Range`) that this
+    /// route forwards anyway; never one of `agent_key`'s headers.
+    pub pass_headers: Vec<HeaderName>,
     pub inject: InjectSpec,
     /// Scan responses for credentials (default). Off only for benchmarks or trusted binary streams.
     pub scrub_responses: bool,
@@ -762,5 +775,51 @@ rotation = { grace_period_minutes = 99999999, notify_ahead_hours = 99999999, sch
         let exec = "[[sources]]\nname = \"e\"\nprovider = \"exec\"\ncommand = \"/bin/true\"\nmapping = { K = \"{{K}}\" }\nrotation = { enabled = true }\n";
         let errors = load_str(exec, "k.toml", false).unwrap_err().to_string();
         assert!(errors.contains("an exec source cannot rotate"), "{errors}");
+    }
+
+    #[test]
+    fn agent_key_places_and_pass_headers_are_checked_with_their_lines() {
+        let route = |agent_key: &str, pass: &str| {
+            format!(
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = {{ S = \"{{{{S}}}}\" }}\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = {agent_key}\npass_headers = {pass}\ninject = {{ header = \"x-api-key\", value = \"{{{{secret}}}}\" }}\n"
+            )
+        };
+        let ok = load_str(
+            &route(r#"[{ header = "x-api-key" }, { header = "Authorization", scheme = "Bearer" }]"#, r#"["Range"]"#),
+            "k.toml",
+            false,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let places: Vec<&str> = ok.routes[0].agent_key.iter().map(|p| p.header.as_str()).collect();
+        assert_eq!(places, ["x-api-key", "authorization"]);
+        assert_eq!(ok.routes[0].pass_headers, [http::header::RANGE]);
+        // The single-table form keeps working.
+        let one = load_str(&route(r#"{ header = "x-api-key" }"#, "[]"), "k.toml", false).unwrap();
+        assert_eq!(one.routes[0].agent_key.len(), 1);
+
+        let problems =
+            |agent_key: &str, pass: &str| load_str(&route(agent_key, pass), "k.toml", false).unwrap_err().to_string();
+        let errors =
+            problems(r#"[{ header = "x-api-key" }, { header = "content-length" }, { header = "X-Api-Key" }]"#, "[]");
+        assert!(
+            errors.contains("k.toml:9: routes[0].agent_key[1].header: 'content-length' is a connection"),
+            "{errors}"
+        );
+        assert!(errors.contains("routes[0].agent_key[2].header: 'x-api-key' is listed twice"), "{errors}");
+        let errors = problems(r#"[{ header = "x-api-key" }, { header = "authorization", scheme = 3 }]"#, "[]");
+        assert!(errors.contains("k.toml:9: routes[0].agent_key[1].scheme: "), "{errors}");
+        let errors = problems(r#""x-api-key""#, "[]");
+        assert!(errors.contains("routes[0].agent_key: invalid type: string"), "{errors}");
+        assert!(errors.contains("or a list of them"), "{errors}");
+        let errors = problems("[]", "[]");
+        assert!(errors.contains("k.toml:9: routes[0].agent_key: lists no place"), "{errors}");
+        let errors = problems(r#"[{ header = "x-api-key", scheme = "Bear er" }]"#, "[]");
+        assert!(errors.contains("routes[0].agent_key[0].scheme[0]: 'Bear er' is not an auth scheme"), "{errors}");
+        let errors =
+            problems(r#"{ header = "x-api-key" }"#, r#"["x-api-key", "proxy-authorization", "x-trace", "bad header"]"#);
+        assert!(errors.contains("k.toml:10: routes[0].pass_headers[0]: 'x-api-key' carries the agent key"), "{errors}");
+        assert!(errors.contains("pass_headers[1]: 'proxy-authorization' carries the agent key"), "{errors}");
+        assert!(errors.contains("pass_headers[2]: 'x-trace' is forwarded anyway"), "{errors}");
+        assert!(errors.contains("pass_headers[3]: 'bad header' is not a header name"), "{errors}");
     }
 }

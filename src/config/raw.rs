@@ -279,7 +279,11 @@ pub struct RawRoute {
     pub allow_plaintext: bool,
     #[serde(default = "default_true")]
     pub scrub_responses: bool,
-    pub agent_key: RawAgentKey,
+    /// One place (`{ header, scheme }`) or a list of places the agent key may come from.
+    pub agent_key: RawAgentKeys,
+    /// Headers keyward removes by default that this route forwards anyway.
+    #[serde(default)]
+    pub pass_headers: Vec<String>,
     pub inject: RawInject,
     pub validate: Option<RawProbe>,
 }
@@ -301,6 +305,47 @@ fn default_probe_method() -> String {
 
 fn default_probe_expect() -> Vec<u16> {
     vec![200]
+}
+
+/// `agent_key`: one table, or a list of tables. Deserialized by shape (not `untagged`), so a
+/// problem inside a place is reported at its own field, like `agent_key[1].scheme`.
+#[derive(Debug)]
+pub enum RawAgentKeys {
+    One(RawAgentKey),
+    Many(Vec<RawAgentKey>),
+}
+
+impl<'de> Deserialize<'de> for RawAgentKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Places;
+        impl<'de> serde::de::Visitor<'de> for Places {
+            type Value = RawAgentKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a place like { header = \"x-api-key\" } or { header = \"authorization\", scheme = \"Bearer\" }, or a list of them",
+                )
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawAgentKeys, A::Error> {
+                RawAgentKey::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(RawAgentKeys::One)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<RawAgentKeys, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq)).map(RawAgentKeys::Many)
+            }
+        }
+        deserializer.deserialize_any(Places)
+    }
+}
+
+impl RawAgentKeys {
+    pub fn into_vec(self) -> Vec<RawAgentKey> {
+        match self {
+            RawAgentKeys::One(one) => vec![one],
+            RawAgentKeys::Many(many) => many,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -1142,24 +1142,84 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
             None
         }
     };
-    let header = header_name(c, &format!("{at}.agent_key.header"), &r.agent_key.header);
-    let schemes = r.agent_key.scheme.map(OneOrMany::into_vec).unwrap_or_default();
-    for (i, scheme) in schemes.iter().enumerate() {
-        if scheme.is_empty() || !scheme.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch)) {
-            c.problem(format!("{at}.agent_key.scheme[{i}]"), format!("'{scheme}' is not an auth scheme like Bearer"));
-        }
-    }
+    let agent_key = agent_key_places(c, at, r.agent_key);
+    let pass_headers = pass_headers(c, at, r.pass_headers, agent_key.as_deref().unwrap_or_default());
     let inject = inject(c, &format!("{at}.inject"), r.inject);
     let validate = r.validate.and_then(|p| probe(c, &format!("{at}.validate"), p));
     Some(RouteConfig {
         name: r.name,
         prefix: r.prefix,
         upstream: upstream?,
-        agent_key: AgentKeySpec { header: header?, schemes },
+        agent_key: agent_key?,
+        pass_headers,
         inject: inject?,
         scrub_responses: r.scrub_responses,
         validate,
     })
+}
+
+/// `agent_key`: one place or a non-empty list of places, each a header with optional schemes.
+fn agent_key_places(c: &mut Collector<'_>, at: &str, raw: RawAgentKeys) -> Option<Vec<AgentKeySpec>> {
+    let one = matches!(raw, RawAgentKeys::One(_));
+    let raw = raw.into_vec();
+    if raw.is_empty() {
+        c.problem(format!("{at}.agent_key"), "lists no place: give at least one { header = ... }");
+        return None;
+    }
+    let mut places = Vec::with_capacity(raw.len());
+    let mut complete = true;
+    for (i, place) in raw.into_iter().enumerate() {
+        let field = if one { format!("{at}.agent_key") } else { format!("{at}.agent_key[{i}]") };
+        let header = header_name(c, &format!("{field}.header"), &place.header);
+        let schemes = place.scheme.map(OneOrMany::into_vec).unwrap_or_default();
+        for (j, scheme) in schemes.iter().enumerate() {
+            if scheme.is_empty() || !scheme.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch)) {
+                c.problem(format!("{field}.scheme[{j}]"), format!("'{scheme}' is not an auth scheme like Bearer"));
+            }
+        }
+        let Some(header) = header else {
+            complete = false;
+            continue;
+        };
+        // A header read two ways is ambiguous: is `Bearer x` the bare key "Bearer x"?
+        if places.iter().any(|p: &AgentKeySpec| p.header == header) {
+            c.problem(
+                format!("{field}.header"),
+                format!("'{header}' is listed twice: give one place with a list of schemes instead"),
+            );
+            continue;
+        }
+        places.push(AgentKeySpec { header, schemes });
+    }
+    complete.then_some(places)
+}
+
+/// `pass_headers`: headers keyward removes by default that this route forwards anyway. Only
+/// such headers may be named, and never one that carries the agent key on this route.
+fn pass_headers(c: &mut Collector<'_>, at: &str, raw: Vec<String>, agent_key: &[AgentKeySpec]) -> Vec<HeaderName> {
+    let mut out = Vec::new();
+    for (i, text) in raw.iter().enumerate() {
+        let field = format!("{at}.pass_headers[{i}]");
+        let Ok(name) = HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes()) else {
+            c.problem(field, format!("'{text}' is not a header name"));
+            continue;
+        };
+        if agent_key.iter().any(|place| place.header == name) || name == http::header::PROXY_AUTHORIZATION {
+            c.problem(field, format!("'{name}' carries the agent key on this route and is never forwarded"));
+        } else if !CREDENTIAL_HEADERS.contains(&name.as_str()) && !RANGE_HEADERS.contains(&name.as_str()) {
+            let removable = CREDENTIAL_HEADERS.iter().chain(&RANGE_HEADERS).filter(|h| **h != "proxy-authorization");
+            c.problem(
+                field,
+                format!(
+                    "'{name}' is forwarded anyway; only these removed headers can be passed: {}",
+                    removable.copied().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        } else {
+            out.push(name);
+        }
+    }
+    out
 }
 
 fn probe(c: &mut Collector<'_>, at: &str, p: RawProbe) -> Option<Probe> {

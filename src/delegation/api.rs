@@ -50,10 +50,10 @@ pub fn describe(d: &Delegation) -> Value {
 /// The parent's key: `Authorization: Bearer|token <key>`, `x-api-key`, or `Proxy-Authorization`.
 fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
     let bearer = AgentKeySpec { header: http::header::AUTHORIZATION, schemes: vec!["Bearer".into(), "token".into()] };
-    match crate::identity::extract_key(&bearer, headers, "delegations") {
+    match crate::identity::extract_key(std::slice::from_ref(&bearer), headers, "delegations") {
         Err(ProxyError::MissingAgentKey { .. }) => {
             let api_key = AgentKeySpec { header: HeaderName::from_static("x-api-key"), schemes: vec![] };
-            crate::identity::extract_key(&api_key, headers, "delegations")
+            crate::identity::extract_key(std::slice::from_ref(&api_key), headers, "delegations")
         }
         other => other,
     }

@@ -273,6 +273,11 @@ fn demo_shows_all_three_sides_and_masks_the_credential() {
     assert!(text.contains("(the real credential was injected: yes)"), "{text}");
     assert!(text.contains(r#""agentId":"demo-agent""#), "{text}");
     assert!(!text.contains("sk-demo-"), "the demo printed the credential:\n{text}");
+    // The agent key where each official client puts it: answered, never forwarded.
+    assert_eq!(text.matches("agent key forwarded: no").count(), 6, "{text}");
+    for client in ["anthropic (api_key)", "azure openai", "google genai", "github (token)"] {
+        assert!(text.lines().any(|l| l.starts_with(client) && l.contains(" 200 ")), "{client}: {text}");
+    }
 }
 
 #[test]
@@ -466,7 +471,9 @@ async fn a_stream_still_open_at_shutdown_is_audited_before_exit() {
     assert!(reader.await.unwrap(), "the stream should have been cut at shutdown");
     let records = outcomes(&dir.path().join("audit.jsonl"));
     assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!(records[0]["outcome"], "client_disconnect");
+    assert_eq!(records[0]["outcome"], "shutdown", "{records:?}");
+    assert_eq!(records[0]["success"], false);
+    assert_eq!(records[0]["ended"], serde_json::json!({ "by": "keyward", "at": "mid_body" }));
 }
 
 #[test]

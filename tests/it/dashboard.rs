@@ -105,6 +105,9 @@ async fn dashboard_renders_the_trail_in_headless_chromium() {
     assert!(secrets.contains("<td>GITHUB_TOKEN</td>"), "{secrets}");
     let denials = dom.split("id=\"denials\"").nth(1).unwrap().split("</table>").next().unwrap();
     assert!(denials.contains("forbidden") && denials.contains("unknown_agent_key"), "{denials}");
+    // The four answered calls, each ended by the upstream.
+    let endings = dom.split("id=\"endings\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(endings.contains("<td>4</td><td>0</td><td>0</td><td>0</td>"), "{endings}");
     assert_no_canary("the dashboard", &dom);
 
     // Every request the page made went to the admin listener. Page requests carry the page's

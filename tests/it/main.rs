@@ -3,11 +3,13 @@
 
 mod common;
 
+mod agent_keys;
 mod audit;
 #[cfg(feature = "aws")]
 mod aws;
 mod binary;
 mod canary;
+mod clients;
 mod dashboard;
 mod delegation;
 mod deploy;

@@ -103,8 +103,8 @@ async fn identity_failures_are_401_and_never_reach_the_upstream() {
         ("/openai/v1/chat/completions", vec![("authorization", WORKER_KEY.to_string())], "malformed_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", "Bearer ".to_string())], "malformed_agent_key"),
         ("/openai/v1/chat/completions", vec![("authorization", format!("token {WORKER_KEY}"))], "malformed_agent_key"),
-        // Right key, wrong route's header format: the anthropic route reads x-api-key.
-        ("/anthropic/v1/messages", vec![("authorization", bearer(WORKER_KEY))], "missing_agent_key"),
+        // Right key, a header this route does not read it from.
+        ("/anthropic/v1/messages", vec![("api-key", WORKER_KEY.to_string())], "missing_agent_key"),
         ("/openai/v1/chat/completions", vec![("x-api-key", WORKER_KEY.to_string())], "missing_agent_key"),
     ];
     for (path, headers, code) in &cases {
@@ -359,7 +359,7 @@ async fn every_outcome_gets_exactly_one_audit_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_mid_stream_is_audited() {
+async fn a_client_that_closes_a_stream_after_the_head_is_a_success_it_ended() {
     let h = Harness::start().await;
     let response = h
         .client
@@ -369,13 +369,103 @@ async fn a_client_that_disconnects_mid_stream_is_audited() {
         .await
         .unwrap();
     let mut stream = response.bytes_stream();
-    stream.next().await.unwrap().unwrap();
+    let first = stream.next().await.unwrap().unwrap();
     drop(stream);
     let r = h.wait_for_audit(|r| r["path"] == "/_fake/sse").await;
-    assert_eq!(r["outcome"], "client_disconnect");
-    assert_eq!(r["status"], 499);
+    assert_eq!(r["outcome"], "success", "{r}");
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["ended"], serde_json::json!({ "by": "agent", "at": "mid_body" }), "{r}");
+    assert!(r["bytesSent"].as_u64().unwrap() >= first.len() as u64, "{r}");
     assert_eq!(r["credential"], "OPENAI_API_KEY");
     assert_eq!(h.audit().len(), 1);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(r#"keyward_requests_total{route="openai",status="200",decision="allowed"} 1"#),
+        "{metrics}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_read_to_done_and_closed_is_a_success() {
+    // What the OpenAI SDK does: read up to `data: [DONE]` and close at once.
+    let h = Harness::start().await;
+    for _ in 0..4 {
+        let response = h
+            .client
+            .get(h.url("/openai/_fake/sse?events=3&interval_ms=20&linger_ms=500"))
+            .header("authorization", bearer(WORKER_KEY))
+            .send()
+            .await
+            .unwrap();
+        let mut stream = response.bytes_stream();
+        let mut seen = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            seen.extend_from_slice(&chunk.unwrap());
+            if String::from_utf8_lossy(&seen).contains("data: [DONE]") {
+                break;
+            }
+        }
+        drop(stream);
+    }
+    for _ in 0..100 {
+        if h.audit().len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = h.audit();
+    assert_eq!(records.len(), 4, "{records:#?}");
+    for r in records {
+        assert_eq!(
+            (r["status"].as_u64(), r["outcome"].as_str(), r["success"].as_bool()),
+            (Some(200), Some("success"), Some(true)),
+            "{r}"
+        );
+        assert_eq!(r["ended"], serde_json::json!({ "by": "agent", "at": "mid_body" }), "{r}");
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_head_is_a_499() {
+    let h = Harness::start().await;
+    let result = h
+        .client
+        .get(h.url("/openai/_fake/slow?ms=1000"))
+        .header("authorization", bearer(WORKER_KEY))
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(result.is_err(), "the client gave up before the answer");
+    let r = h.wait_for_audit(|r| r["path"] == "/_fake/slow").await;
+    assert_eq!(r["outcome"], "client_disconnect", "{r}");
+    assert_eq!(r["status"], 499, "{r}");
+    assert_eq!(r["success"], false, "{r}");
+    assert_eq!(r["decision"], "allowed", "{r}");
+    assert_eq!(r["ended"], serde_json::json!({ "by": "agent", "at": "before_head" }), "{r}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_keyward_cuts_off_says_so() {
+    // The harness's read timeout is 1.5 s; events every 3 s stall the body past it.
+    let h = Harness::start().await;
+    let response = h
+        .client
+        .get(h.url("/openai/_fake/sse?events=3&interval_ms=3000"))
+        .header("authorization", bearer(WORKER_KEY))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.bytes().await.is_err(), "the stalled body is cut off");
+    let r = h.wait_for_audit(|r| r["path"] == "/_fake/sse").await;
+    assert_eq!(r["outcome"], "upstream_error", "{r}");
+    assert_eq!(r["success"], false, "{r}");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["ended"], serde_json::json!({ "by": "keyward", "at": "mid_body" }), "{r}");
     h.stop().await;
 }
 

@@ -15,7 +15,9 @@ use keyward::serve::Running;
 pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7f3a9c1e5b2d4068a1c3e5f7";
 pub const CANARY_ANTHROPIC: &str = "sk-ant-canary-ANTH-0a1b2c3d4e5f60718293";
 pub const CANARY_GITHUB: &str = "ghp_canaryGITHUB9b8a7c6d5e4f3a2b1c0d";
-pub const CANARIES: [&str; 3] = [CANARY_OPENAI, CANARY_ANTHROPIC, CANARY_GITHUB];
+pub const CANARY_AZURE: &str = "azure-canary-AZURE-5e6f7a8b9c0d1e2f3a4b";
+pub const CANARY_GEMINI: &str = "AIza-canary-GEMINI-c3d4e5f60718293a4b5c";
+pub const CANARIES: [&str; 5] = [CANARY_OPENAI, CANARY_ANTHROPIC, CANARY_GITHUB, CANARY_AZURE, CANARY_GEMINI];
 
 pub const WORKER_KEY: &str = "kw_testWorkerKey0123456789abcdefghijklmnopqrs";
 pub const READER_KEY: &str = "kw_testReaderKey0123456789abcdefghijklmnopqrs";
@@ -50,6 +52,8 @@ pub fn write_secrets(dir: &Path) -> PathBuf {
         "OPENAI_API_KEY": CANARY_OPENAI,
         "ANTHROPIC_API_KEY": CANARY_ANTHROPIC,
         "GITHUB_TOKEN": CANARY_GITHUB,
+        "AZURE_OPENAI_API_KEY": CANARY_AZURE,
+        "GEMINI_API_KEY": CANARY_GEMINI,
     });
     std::fs::write(&path, doc.to_string()).unwrap();
     path
@@ -103,7 +107,7 @@ inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
 name = "anthropic"
 prefix = "/anthropic"
 upstream = "{upstream}"
-agent_key = {{ header = "x-api-key" }}
+agent_key = [{{ header = "x-api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
 inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
 
 [[routes]]
@@ -112,6 +116,20 @@ prefix = "/github"
 upstream = "{upstream}"
 agent_key = {{ header = "authorization", scheme = ["Bearer", "token"] }}
 inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+
+[[routes]]
+name = "azure-openai"
+prefix = "/azure-openai"
+upstream = "{upstream}"
+agent_key = [{{ header = "api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
+inject = {{ header = "api-key", value = "{{{{secret}}}}" }}
+
+[[routes]]
+name = "gemini"
+prefix = "/gemini"
+upstream = "{upstream}"
+agent_key = {{ header = "x-goog-api-key" }}
+inject = {{ header = "x-goog-api-key", value = "{{{{secret}}}}" }}
 
 [[routes]]
 name = "deadend"
@@ -129,6 +147,8 @@ grants = [
   {{ route = "github", secret = "GONE_SECRET", methods = ["GET"], paths = ["/gone"] }},
   {{ route = "github", secret = "UNSET_SECRET", methods = ["GET"], paths = ["/unset"] }},
   {{ route = "deadend", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/**"] }},
+  {{ route = "azure-openai", secret = "AZURE_OPENAI_API_KEY", methods = ["POST"], paths = ["/openai/deployments/*/chat/completions", "/openai/v1/chat/completions", "/openai/v1/responses"] }},
+  {{ route = "gemini", secret = "GEMINI_API_KEY", methods = ["POST"], paths = ["/v1beta/models/*"] }},
 ]
 
 [roles.reader]

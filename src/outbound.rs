@@ -1,0 +1,203 @@
+//! What the agent presented never goes upstream: its credential headers, its key anywhere in
+//! the request head, and the parameters and headers that would change the authorized call.
+//!
+//! Pure functions over the request head; the pipeline calls them before a credential is
+//! resolved (refusals) and while it builds the outbound request (removals).
+
+use std::borrow::Cow;
+
+use http::header::COOKIE;
+use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use percent_encoding::percent_decode;
+
+use crate::config::{CREDENTIAL_HEADERS, RANGE_HEADERS, RouteConfig};
+use crate::error::ProxyError;
+
+/// Headers that some upstream frameworks use to change the method or path after the fact, which
+/// would let an agent run a call its grant does not cover.
+pub const OVERRIDE_HEADERS: [&str; 13] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
+    "x-forwarded-host",
+    "x-forwarded-path",
+    "x-forwarded-uri",
+    "x-envoy-original-path",
+    "forwarded",
+];
+
+/// Refuses a request whose path or query carries the agent's key (it would reach the upstream
+/// in the request line), or whose query has a `_method` parameter.
+pub fn check_url(uri: &Uri, agent_key: Option<&str>, route: &str) -> Result<(), ProxyError> {
+    if let Some(key) = agent_key {
+        let target = uri.path_and_query().map_or("", |p| p.as_str());
+        if holds_key(target.as_bytes(), key) {
+            return Err(ProxyError::AgentKeyInUrl { route: route.to_string() });
+        }
+    }
+    if uri.query().is_some_and(|query| has_method_parameter(query.as_bytes())) {
+        return Err(ProxyError::MethodOverride { route: route.to_string() });
+    }
+    Ok(())
+}
+
+/// Whether a form-encoded body (`a=1&b=2`) sets `_method`.
+pub fn has_method_parameter(form: &[u8]) -> bool {
+    form.split(|b| *b == b'&' || *b == b';').any(|pair| {
+        let name = pair.split(|b| *b == b'=').next().unwrap_or(pair);
+        let name: Vec<u8> = name.iter().map(|b| if *b == b'+' { b' ' } else { *b }).collect();
+        let name: Cow<[u8]> = percent_decode(&name).into();
+        is_method_name(&name)
+    })
+}
+
+/// `_method` in the spellings Rails, Laravel and Symfony read: any letter case, with an array
+/// suffix, and with a leading `.`, space or `[`, which PHP turns into `_` in parameter names.
+fn is_method_name(name: &[u8]) -> bool {
+    let Some((first, rest)) = name.split_first() else { return false };
+    let rest = rest.split(|b| *b == b'[').next().unwrap_or(rest);
+    b"_. [".contains(first) && rest.eq_ignore_ascii_case(b"method")
+}
+
+/// Keys shorter than this are not searched for in other headers, cookies and the URL: a short
+/// string would match ordinary text everywhere. keyward's own keys are 46 characters; the
+/// headers a key is expected in are removed whatever their length.
+const MIN_SEARCHED_KEY_LEN: usize = 8;
+
+/// Whether `value` holds `key`, as is or percent-encoded.
+fn holds_key(value: &[u8], key: &str) -> bool {
+    let key = key.as_bytes();
+    let contains = |haystack: &[u8]| haystack.windows(key.len()).any(|window| window == key);
+    key.len() >= MIN_SEARCHED_KEY_LEN
+        && (contains(value) || (value.contains(&b'%') && contains(&Cow::<[u8]>::from(percent_decode(value)))))
+}
+
+/// Removes from `headers` every credential the agent presented: the route's agent key headers,
+/// the usual credential headers (unless the route passes them through), `Range`/`If-Range`
+/// (unless passed through), and then any header, or cookie, that still holds the agent's key.
+pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &RouteConfig, agent_key: Option<&str>) {
+    for place in &route.agent_key {
+        headers.remove(&place.header);
+    }
+    for name in CREDENTIAL_HEADERS.iter().chain(&RANGE_HEADERS) {
+        if !route.pass_headers.iter().any(|passed| passed == name) {
+            headers.remove(*name);
+        }
+    }
+    let Some(key) = agent_key else { return };
+    let cookies: Vec<HeaderValue> = headers.get_all(COOKIE).iter().cloned().collect();
+    if cookies.iter().any(|value| holds_key(value.as_bytes(), key)) {
+        headers.remove(COOKIE);
+        for value in cookies {
+            let kept: Vec<&[u8]> = value
+                .as_bytes()
+                .split(|b| *b == b';')
+                .map(|pair| pair.trim_ascii())
+                .filter(|pair| !pair.is_empty() && !holds_key(pair, key))
+                .collect();
+            if !kept.is_empty()
+                && let Ok(value) = HeaderValue::from_bytes(&kept.join(&b"; "[..]))
+            {
+                headers.append(COOKIE, value);
+            }
+        }
+    }
+    let holding: Vec<HeaderName> =
+        headers.iter().filter(|(_, value)| holds_key(value.as_bytes(), key)).map(|(name, _)| name.clone()).collect();
+    for name in holding {
+        tracing::debug!(header = %name, "removed a header that held the agent key");
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AgentKeySpec;
+
+    const KEY: &str = "kw_agentKey0123";
+
+    fn route(pass: &[&str]) -> RouteConfig {
+        let text = r#"
+[[sources]]
+name = "s"
+provider = "env"
+mapping = { S = "{{S}}" }
+[[routes]]
+name = "r"
+prefix = "/r"
+upstream = "https://api.example.com"
+agent_key = { header = "x-api-key" }
+inject = { header = "x-api-key", value = "{{secret}}" }
+"#;
+        let config = crate::config::load_str(text, "t.toml", false).unwrap_or_else(|e| panic!("{e}"));
+        let mut route = config.routes[0].clone();
+        route.agent_key.push(AgentKeySpec { header: HeaderName::from_static("x-agent"), schemes: vec![] });
+        route.pass_headers = pass.iter().map(|h| HeaderName::from_bytes(h.as_bytes()).unwrap()).collect();
+        route
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<String> {
+        map.iter().map(|(k, v)| format!("{k}: {}", v.to_str().unwrap())).collect()
+    }
+
+    #[test]
+    fn credential_headers_and_the_key_anywhere_are_removed() {
+        let mut map = headers(&[
+            ("x-api-key", KEY),
+            ("x-agent", "other"),
+            ("authorization", "Bearer something-else"),
+            ("proxy-authorization", "Bearer x"),
+            ("api-key", "y"),
+            ("x-goog-api-key", "z"),
+            ("range", "bytes=0-3"),
+            ("if-range", "\"etag\""),
+            ("x-custom", &format!("prefix {KEY} suffix")),
+            ("referer", "https://x.example/?k=kw%5FagentKey0123"),
+            ("cookie", &format!("a=1; session={KEY}; b=2")),
+            ("cookie", "c=3"),
+            ("accept", "application/json"),
+        ]);
+        strip_agent_credentials(&mut map, &route(&[]), Some(KEY));
+        assert_eq!(names(&map), ["accept: application/json", "cookie: a=1; b=2", "cookie: c=3"]);
+    }
+
+    #[test]
+    fn passed_headers_stay_unless_they_hold_the_key() {
+        let mut map = headers(&[("authorization", "Bearer upstream-own"), ("range", "bytes=0-3"), ("api-key", KEY)]);
+        strip_agent_credentials(&mut map, &route(&["authorization", "range", "api-key"]), Some(KEY));
+        assert_eq!(names(&map), ["authorization: Bearer upstream-own", "range: bytes=0-3"]);
+    }
+
+    #[test]
+    fn the_key_or_method_override_in_the_url_is_refused() {
+        let check = |uri: &str| check_url(&uri.parse().unwrap(), Some(KEY), "r").map_err(|e| e.code());
+        assert_eq!(check("/v1/x?a=1"), Ok(()));
+        assert_eq!(check(&format!("/v1/x?key={KEY}")), Err("agent_key_in_url"));
+        assert_eq!(check("/v1/x?key=kw%5FagentKey%30123"), Err("agent_key_in_url"));
+        assert_eq!(check(&format!("/v1/{KEY}/x")), Err("agent_key_in_url"));
+        for query in ["_method=DELETE", "a=1&_METHOD=put", "%5Fmethod=DELETE", "_method[]=x", ".method=x", "+method=x"]
+        {
+            assert_eq!(check(&format!("/v1/x?{query}")), Err("method_override_refused"), "{query}");
+        }
+        for query in ["method=DELETE", "x_method=1", "_methods=1", "a=_method"] {
+            assert_eq!(check(&format!("/v1/x?{query}")), Ok(()), "{query}");
+        }
+        assert_eq!(check_url(&"/v1/x?k=1".parse().unwrap(), None, "r"), Ok(()));
+        // A key too short to search for is not matched in ordinary text.
+        assert_eq!(check_url(&"/v1/abc?abc=1".parse().unwrap(), Some("abc"), "r"), Ok(()));
+    }
+}
