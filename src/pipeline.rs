@@ -26,7 +26,7 @@ use crate::identity;
 use crate::inject;
 use crate::limit::Decision;
 use crate::metrics::AnomalyLabels;
-use crate::policy::{self, Subject};
+use crate::policy;
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
@@ -140,10 +140,9 @@ async fn proxy(
     let now = SystemTime::now();
     let root = caller.root();
     let throttled = state.limits.gate(root, now)?;
-    let limits_role = caller.limits_role(runtime);
+    let limits_role = caller.limits_role();
     let detectors = &limits_role.anomaly;
-    let subject = Subject { agent: caller.id(), role: caller.role() };
-    let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest).inspect_err(|_| {
+    let grant = caller.authorize(&route.name, request.method(), &matched.rest).inspect_err(|_| {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
     })?;
     audit.credential(&grant.secret);

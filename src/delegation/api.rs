@@ -95,22 +95,31 @@ pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &st
     revoked
 }
 
-/// Counts one use of a child key's budget: exact across replicas with the Redis backend.
-pub async fn admit(state: &AppState, delegation: &Delegation) -> Result<(), ProxyError> {
-    match (&state.limits.shared, delegation.max_requests) {
-        (Some(shared), Some(max)) => {
-            let lifetime = delegation.expires.duration_since(delegation.created).unwrap_or_default();
-            match shared.spend(&delegation.id, max, lifetime).await {
-                Ok(true) => {
-                    delegation.note_use();
-                    Ok(())
-                }
-                Ok(false) => Err(ProxyError::DelegationExhausted { id: delegation.id.clone() }),
-                Err(()) if shared.fail_open => delegation.admit(),
-                Err(()) => Err(ProxyError::LimiterUnavailable),
+/// Counts one use of a child key against its own budget and every budget above it (a key's
+/// `max_requests` bounds its whole subtree): exact across replicas with the Redis backend.
+pub async fn admit(state: &AppState, delegation: &Arc<Delegation>) -> Result<(), ProxyError> {
+    let lineage = state.delegations.lineage(delegation)?;
+    let now = state.delegations.now();
+    let budgets: Vec<(&str, u64, std::time::Duration)> = lineage
+        .iter()
+        .filter_map(|d| {
+            let max = d.max_requests?;
+            // The shared counter outlives the key by an hour, for the admin view.
+            let keep = d.expires.duration_since(now).unwrap_or_default() + std::time::Duration::from_secs(3600);
+            Some((d.id.as_str(), max, keep))
+        })
+        .collect();
+    match &state.limits.shared {
+        Some(shared) if !budgets.is_empty() => match shared.spend(&budgets).await {
+            Ok(None) => {
+                lineage.iter().for_each(|d| d.note_use());
+                Ok(())
             }
-        }
-        _ => delegation.admit(),
+            Ok(Some(spent)) => Err(ProxyError::DelegationExhausted { id: budgets[spent].0.to_string() }),
+            Err(()) if shared.fail_open => state.delegations.admit(&lineage),
+            Err(()) => Err(ProxyError::LimiterUnavailable),
+        },
+        _ => state.delegations.admit(&lineage),
     }
 }
 

@@ -34,6 +34,23 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 return {1, 0}
 "#;
 
+/// Charges one request to every budget of a call's chain, or to none: KEYS are the used
+/// counters, ARGV the maxima and then the seconds each counter is kept. Answers 0 when all were
+/// charged, or the 1-based index of the first spent budget.
+const SPEND_CHAIN: &str = r#"
+local n = #KEYS
+for i = 1, n do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[i]) then
+    return i
+  end
+end
+for i = 1, n do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[n + i])
+end
+return 0
+"#;
+
 const QUARANTINE: &str = "keyward:quarantine";
 const REVOKED: &str = "keyward:revoked_agents";
 const DELEGATIONS: &str = "keyward:delegations";
@@ -42,6 +59,7 @@ const REVOKED_DELEGATIONS: &str = "keyward:revoked_delegations";
 pub struct Shared {
     manager: ConnectionManager,
     gcra: redis::Script,
+    spend_chain: redis::Script,
     pub fail_open: bool,
     up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -71,7 +89,14 @@ impl Shared {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
-        Ok(Shared { manager, gcra: redis::Script::new(GCRA), fail_open, up: AtomicBool::new(true), metrics })
+        Ok(Shared {
+            manager,
+            gcra: redis::Script::new(GCRA),
+            spend_chain: redis::Script::new(SPEND_CHAIN),
+            fail_open,
+            up: AtomicBool::new(true),
+            metrics,
+        })
     }
 
     fn note(&self, ok: bool, error: Option<&redis::RedisError>) {
@@ -155,16 +180,24 @@ impl Shared {
         connection.sadd::<_, _, ()>(REVOKED_DELEGATIONS, ids).await.map_err(|e| self.note(false, Some(&e)))
     }
 
-    /// Counts one use of a delegation's budget across replicas: `true` while within `max`.
-    pub async fn spend(&self, id: &str, max: u64, lifetime: Duration) -> Result<bool, ()> {
+    /// Counts one use against each `(delegation id, max_requests, keep)` budget at once, across
+    /// replicas: `Ok(None)` when every one had room (all are charged), `Ok(Some(i))` when
+    /// `budgets[i]` is spent (none is charged).
+    pub async fn spend(&self, budgets: &[(&str, u64, Duration)]) -> Result<Option<usize>, ()> {
         let mut connection = self.manager.clone();
-        let key = format!("keyward:delegation_used:{id}");
-        let used: u64 = connection.incr(&key, 1u64).await.map_err(|e| self.note(false, Some(&e)))?;
-        if used == 1 {
-            let _: Result<(), _> = connection.expire(&key, lifetime.as_secs().max(1) as i64 + 3600).await;
+        let mut invocation = self.spend_chain.prepare_invoke();
+        for (id, _, _) in budgets {
+            invocation.key(format!("keyward:delegation_used:{id}"));
         }
+        for (_, max, _) in budgets {
+            invocation.arg(*max);
+        }
+        for (_, _, keep) in budgets {
+            invocation.arg(keep.as_secs().max(1));
+        }
+        let spent: i64 = invocation.invoke_async(&mut connection).await.map_err(|e| self.note(false, Some(&e)))?;
         self.note(true, None);
-        Ok(used <= max)
+        Ok(usize::try_from(spent).ok().filter(|i| *i > 0).map(|i| i - 1))
     }
 
     pub async fn poll(&self) -> Result<SharedState, ()> {

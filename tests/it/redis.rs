@@ -271,3 +271,61 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     a.terminate();
     b.terminate();
 }
+
+/// Mints a child key as `parent_key` on `base`; returns (id, key).
+async fn mint_as(client: &reqwest::Client, base: &str, parent_key: &str, body: &Value) -> (String, String) {
+    let r = client.post(format!("{base}/v1/delegations")).bearer_auth(parent_key).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let minted: Value = r.json().await.unwrap();
+    (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtree_budget_and_the_parents_current_rights_hold_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let _redis = start_redis(redis_port);
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    let client = reqwest::Client::new();
+
+    // A child with a budget of 2 mints four grandchildren with 2 each, all on A.
+    let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                   "paths": ["/v1/chat/completions"], "max_requests": 2, "allow_subdelegation": true });
+    let (_, child_key) = mint(&client, &a.proxy, &body).await;
+    let mut grandchildren = Vec::new();
+    for _ in 0..4 {
+        grandchildren.push(mint_as(&client, &a.proxy, &child_key, &body).await.1);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Every grandchild calls twice, once on each replica, all at once: the child's budget of 2
+    // bounds the whole tree across both replicas.
+    let before = upstream.count();
+    let calls = grandchildren.iter().flat_map(|k| [(&a.proxy, k), (&b.proxy, k)]);
+    let answers = futures_util::future::join_all(calls.map(|(base, k)| chat_code(&client, base, k))).await;
+    assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 2, "{answers:?}");
+    assert!(answers.iter().all(|a| a.0 == 200 || a.1 == "delegation_exhausted"), "{answers:?}");
+    assert_eq!(upstream.count() - before, 2);
+
+    // A child minted on A works on B; once the lead is disabled in both replicas' config, both
+    // refuse it, though neither revoked it.
+    let unbudgeted = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                         "paths": ["/v1/chat/completions"] });
+    let (_, key) = mint(&client, &a.proxy, &unbudgeted).await;
+    let first = poll_call(&client, &b.proxy, &key, Duration::from_secs(1), |answer| answer.0 == 200).await;
+    assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let path = dir.path().join(name).join("keyward.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("role = \"lead\"\n", "role = \"lead\"\ndisabled = true\n")).unwrap();
+        let r = client.post(format!("{}/admin/reload", replica.admin)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for replica in [&a, &b] {
+        assert_eq!(chat_code(&client, &replica.proxy, LEAD_KEY).await, (401, "unknown_agent_key".to_string()));
+        assert_eq!(chat_code(&client, &replica.proxy, &key).await, (401, "delegation_withdrawn".to_string()));
+    }
+    a.terminate();
+    b.terminate();
+}
