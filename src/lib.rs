@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inject;
 pub mod limit;
 pub mod metrics;
+pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod principal;

@@ -67,8 +67,18 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
     };
     state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now());
     let revoked = crate::delegation::api::revoke_tree_of_agent(&state, &id, "parent agent quarantined", "admin");
+    let persisted = crate::persist::save_or_log(&state, &id, "quarantine").await;
+    match minutes {
+        Some(minutes) => {
+            tracing::info!(agent = %id, minutes, revoked_delegations = revoked.len(), persisted, "agent quarantined by admin")
+        }
+        None => {
+            tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent quarantined by admin until released")
+        }
+    }
     state.audit_event(json!({ "type": "agent.quarantined", "agentId": id, "by": "admin", "minutes": minutes, "revoked_delegations": revoked }));
-    axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked })).into_response()
+    axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked, "persisted": persisted }))
+        .into_response()
 }
 
 /// `POST /admin/agents/{id}/release`
@@ -77,6 +87,8 @@ pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>)
         return admin_error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
     }
     let was = state.limits.release(&id);
+    let persisted = crate::persist::save_or_log(&state, &id, "release").await;
+    tracing::info!(agent = %id, was_limited = was, persisted, "agent released by admin");
     state.audit_event(json!({ "type": "agent.released", "agentId": id, "by": "admin", "was_limited": was }));
-    axum::Json(json!({ "agent": id, "released": was })).into_response()
+    axum::Json(json!({ "agent": id, "released": was, "persisted": persisted })).into_response()
 }

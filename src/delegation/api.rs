@@ -261,7 +261,16 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     });
     state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
     let revoked = revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
-    axum::Json(json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas })).into_response()
+    // With Redis the revocation is already kept there; locally it is written to the state file.
+    let persisted = match state.limits.shared {
+        Some(_) => all_replicas,
+        None => crate::persist::save_or_log(&state, &id, "revocation").await,
+    };
+    tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent revoked by admin");
+    axum::Json(
+        json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas, "persisted": persisted }),
+    )
+    .into_response()
 }
 
 /// Treat a principal as a refusal reason for the pipeline's revoke-on-failure.

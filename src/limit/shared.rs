@@ -55,6 +55,8 @@ const QUARANTINE: &str = "keyward:quarantine";
 const REVOKED: &str = "keyward:revoked_agents";
 const DELEGATIONS: &str = "keyward:delegations";
 const REVOKED_DELEGATIONS: &str = "keyward:revoked_delegations";
+/// Every (agent, route, credential) ever used, as JSON arrays: first use means first ever.
+const FIRST_USES: &str = "keyward:first_uses";
 
 pub struct Shared {
     manager: ConnectionManager,
@@ -74,9 +76,10 @@ pub struct SharedState {
     /// Delegation records minted on any replica (see `delegation::export`).
     pub delegations: Vec<serde_json::Value>,
     pub revoked_delegations: HashSet<String>,
+    pub first_uses: super::anomaly::FirstUses,
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
@@ -200,6 +203,16 @@ impl Shared {
         Ok(usize::try_from(spent).ok().filter(|i| *i > 0).map(|i| i - 1))
     }
 
+    /// Records first uses, so no replica reports them again, even after a restart.
+    pub async fn record_first_uses(&self, triples: &[(String, String, String)]) -> Result<(), ()> {
+        if triples.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.manager.clone();
+        let members: Vec<String> = triples.iter().map(|t| serde_json::json!([t.0, t.1, t.2]).to_string()).collect();
+        connection.sadd::<_, _, ()>(FIRST_USES, members).await.map_err(|e| self.note(false, Some(&e)))
+    }
+
     pub async fn poll(&self) -> Result<SharedState, ()> {
         let mut connection = self.manager.clone();
         let quarantine: HashMap<String, u64> =
@@ -210,6 +223,11 @@ impl Shared {
         let revoked_delegations: HashSet<String> =
             connection.smembers(REVOKED_DELEGATIONS).await.map_err(|e| self.note(false, Some(&e)))?;
         let delegations = records.values().filter_map(|r| serde_json::from_str(r).ok()).collect();
+        let used: Vec<String> = connection.smembers(FIRST_USES).await.map_err(|e| self.note(false, Some(&e)))?;
+        let mut first_uses = super::anomaly::FirstUses::default();
+        for triple in used.iter().filter_map(|t| serde_json::from_str::<(String, String, String)>(t).ok()) {
+            first_uses.record(&triple.0, &triple.1, &triple.2);
+        }
         self.note(true, None);
         let now = unix_ms(SystemTime::now());
         let quarantined = quarantine
@@ -217,7 +235,7 @@ impl Shared {
             .filter(|(_, until)| *until == 0 || *until > now)
             .map(|(agent, until)| (agent, (until != 0).then_some(until)))
             .collect();
-        Ok(SharedState { quarantined, revoked, delegations, revoked_delegations })
+        Ok(SharedState { quarantined, revoked, delegations, revoked_delegations, first_uses })
     }
 }
 

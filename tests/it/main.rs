@@ -18,6 +18,7 @@ mod limits;
 mod parking;
 mod proxy;
 mod redis;
+mod restart;
 #[cfg(feature = "aws")]
 mod rotation;
 mod unix_socket;

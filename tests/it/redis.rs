@@ -329,3 +329,45 @@ async fn a_subtree_budget_and_the_parents_current_rights_hold_on_every_replica()
     a.terminate();
     b.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_quarantines_and_first_uses_survive_a_restart_in_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let _redis = start_redis(redis_port);
+    let client = reqwest::Client::new();
+    let admin = |base: &str, path: &str| {
+        let request = client.post(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let first_uses = |logs: &str| logs.lines().filter(|l| l.contains("first_use") && l.contains("lead-1")).count();
+
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &a.proxy, LEAD_KEY).await.0, 200);
+    admin(&a.admin, "/admin/agents/limited-1/quarantine").await;
+    // The first use reaches Redis in the background, and at the latest at shutdown.
+    let logs = a.terminate();
+    assert_eq!(first_uses(&logs), 1, "{logs}");
+    assert!(!dir.path().join("a").join("keyward-state.json").exists(), "with redis the state lives in redis");
+
+    // Restarted: the quarantine holds from the first request, and lead-1's first use is old news.
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &a.proxy, LIMITED_KEY).await, (403, "agent_quarantined".to_string()));
+    assert_eq!(chat_code(&client, &a.proxy, LEAD_KEY).await.0, 200);
+    let revoked = admin(&a.admin, "/admin/agents/lead-1/revoke").await;
+    let logs = a.terminate();
+    assert_eq!(first_uses(&logs), 0, "first use means first ever:\n{logs}");
+    assert!(logs.contains("loaded from redis"), "{logs}");
+
+    // A replica that never ran before starts with the revocation already in force.
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &b.proxy, LEAD_KEY).await, (401, "agent_revoked".to_string()));
+    assert_eq!(chat_code(&client, &b.proxy, LIMITED_KEY).await, (403, "agent_quarantined".to_string()));
+    b.terminate();
+    assert_eq!(revoked["persisted"], true, "{revoked}");
+}
