@@ -271,27 +271,33 @@ impl Limits {
         }
     }
 
-    /// Quarantines `agent` until released (or for `duration`), on every replica.
-    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
+    /// Quarantines `agent` until released (or for `duration`), on every replica. `Err` when
+    /// Redis (with that backend) did not take it: it holds on this replica only.
+    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) -> Result<(), ()> {
         let until = duration.map(|d| now + d);
-        let mut agents = self.agents.lock().expect("limits lock");
-        let state = state_of(&mut agents, agent);
-        state.quarantined = Some(until);
-        state.quarantine_confirmed = false;
-        drop(agents);
-        self.share_quarantine(agent, until);
+        {
+            let mut agents = self.agents.lock().expect("limits lock");
+            let state = state_of(&mut agents, agent);
+            state.quarantined = Some(until);
+            state.quarantine_confirmed = false;
+        }
         self.changed.notify_one();
+        // Awaited, not spawned: an admin's release right after cannot overtake it in Redis.
+        match &self.shared {
+            Some(shared) => shared.quarantine(agent, until).await,
+            None => Ok(()),
+        }
     }
 
-    /// Lifts a quarantine and a throttle, on every replica; returns whether there was one here.
-    pub fn release(&self, agent: &str) -> bool {
-        if let Some(shared) = self.shared.clone() {
-            let agent = agent.to_string();
-            tokio::spawn(async move {
-                let _ = shared.release(&agent).await;
-            });
-        }
-        self.release_local(agent)
+    /// Lifts a quarantine and a throttle, on every replica; returns whether there was one here,
+    /// and `Err` when Redis (with that backend) did not take it.
+    pub async fn release(&self, agent: &str) -> (bool, Result<(), ()>) {
+        let was = self.release_local(agent);
+        let shared = match &self.shared {
+            Some(shared) => shared.release(agent).await,
+            None => Ok(()),
+        };
+        (was, shared)
     }
 
     fn release_local(&self, agent: &str) -> bool {
