@@ -186,24 +186,22 @@ pub async fn save_or_log(state: &Arc<AppState>, agent: &str, what: &str) -> bool
     }
 }
 
-/// Writes the state whenever it changes (a first use, a detector's quarantine), and once more
-/// at shutdown. Admin actions also save at once and wait for it.
+/// Writes the state whenever it changes (a first use, a detector's quarantine). Admin actions
+/// also save at once and wait for it, and `Running::shutdown` saves once more after the last
+/// request has finished.
 pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     loop {
-        let stopping = tokio::select! {
-            _ = state.limits.changed.notified() => false,
-            _ = shutdown.changed() => true,
-        };
-        if let Err(error) = save(&state).await {
-            tracing::error!(%error, "runtime state (revocations, quarantines, first uses) not saved; retrying on the next change");
-            // Not busy-looping on a persistent failure: the next change or a second from now.
-            if !stopping {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                state.limits.changed.notify_one();
-            }
+        tokio::select! {
+            _ = state.limits.changed.notified() => {}
+            _ = shutdown.changed() => return,
         }
-        if stopping {
-            return;
+        if let Err(error) = save(&state).await {
+            tracing::error!(%error, "runtime state (revocations, quarantines, first uses) not saved; retrying");
+            // Not busy-looping on a persistent failure: again in a second, or at the next change.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => state.limits.changed.notify_one(),
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }

@@ -228,6 +228,10 @@ impl Running {
         if let Some(path) = &self.proxy_unix {
             let _ = std::fs::remove_file(path);
         }
+        // After the last request: anything it changed (a first use) is kept too.
+        if let Err(error) = crate::persist::save(&self.state).await {
+            tracing::error!(%error, "runtime state (revocations, quarantines, first uses) not saved at shutdown");
+        }
         let audit = self.state.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
