@@ -1,14 +1,19 @@
-//! State an admin or a detector sets at runtime that must survive a restart: agent
-//! revocations, quarantines, and the (route, credential) pairs each agent has ever used (so
-//! `first_use` means first ever). With the Redis limits backend it lives in Redis; otherwise in
-//! `keyward-state.json` in the audit file's directory, replaced atomically (temp file, fsync,
-//! rename, fsync of the directory). It is loaded before the listeners open; a file that cannot
-//! be read or parsed stops the start with its path and the reason, never a silent reset.
+//! State an admin, a parent agent or a detector sets at runtime that must survive a restart:
+//! agent revocations, quarantines, the (route, credential) pairs each agent has ever used (so
+//! `first_use` means first ever), and delegated child keys (as hashes) with their revocations.
+//! With the Redis limits backend it lives in Redis; otherwise in `keyward-state.json` in the
+//! audit file's directory, replaced atomically (temp file, fsync, rename, fsync of the
+//! directory). It is loaded before the listeners open; a file that cannot be read or parsed
+//! stops the start with its path and the reason, never a silent reset.
+//!
+//! Child keys' use counts are written at a clean shutdown only (not on every call); the file
+//! says whether its last writer stopped cleanly, and after a crash every restored child key
+//! with a `max_requests` budget is revoked, since its count may be short.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
@@ -37,6 +42,12 @@ struct Persisted {
     /// Agent → the [route, credential] pairs it has used.
     #[serde(default)]
     first_uses: BTreeMap<String, BTreeSet<(String, String)>>,
+    /// Delegated child keys (hashes only), with their use counts and revocation.
+    #[serde(default)]
+    delegations: Vec<serde_json::Value>,
+    /// Written by a clean shutdown: the use counts are exact.
+    #[serde(default)]
+    clean_shutdown: bool,
 }
 
 /// The local state file, for the local limits backend.
@@ -44,14 +55,14 @@ pub struct StateFile {
     path: PathBuf,
     /// One writer at a time; each takes its snapshot while holding it, so the newest state is
     /// always the one left on disk.
-    writing: Mutex<()>,
+    writing: tokio::sync::Mutex<()>,
 }
 
 impl StateFile {
     /// The state file that goes with an audit file: in the same directory.
     pub fn beside(audit_path: &Path) -> StateFile {
         let dir = audit_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        StateFile { path: dir.join(STATE_FILE), writing: Mutex::new(()) }
+        StateFile { path: dir.join(STATE_FILE), writing: tokio::sync::Mutex::new(()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -96,13 +107,15 @@ impl StateFile {
     }
 }
 
-fn snapshot(state: &AppState) -> Persisted {
+fn snapshot(state: &AppState, clean_shutdown: bool) -> Persisted {
     let (quarantined, first_uses) = state.limits.persisted(SystemTime::now());
     Persisted {
         format: FORMAT,
         revoked_agents: state.revoked_agents.load().iter().cloned().collect(),
         quarantined,
         first_uses: first_uses.as_map().clone(),
+        delegations: state.delegations.export_all(),
+        clean_shutdown,
     }
 }
 
@@ -137,22 +150,48 @@ pub async fn restore(state: &AppState) -> anyhow::Result<()> {
     }
     let Some(file) = &state.state_file else { return Ok(()) };
     let persisted = file.load()?;
+    let first_start = persisted == Persisted::default();
     state.limits.restore(&persisted.quarantined, &FirstUses::from_map(persisted.first_uses));
     if !persisted.revoked_agents.is_empty() {
         state.revoked_agents.store(Arc::new(persisted.revoked_agents.iter().cloned().collect()));
+    }
+    let (restored, uncounted) = state.delegations.restore(&persisted.delegations, persisted.clean_shutdown);
+    if !first_start && !persisted.clean_shutdown {
+        tracing::warn!(
+            revoked = uncounted.len(),
+            "keyward did not stop cleanly last time: child keys with a max_requests budget are revoked, as their use counts may be short"
+        );
+    }
+    for id in &uncounted {
+        state.audit_event(serde_json::json!({
+            "type": "delegation.revoked", "delegationId": id,
+            "reason": "its use count is unknown after an unclean stop", "by": "startup",
+        }));
     }
     tracing::info!(
         path = %file.path().display(),
         revoked = persisted.revoked_agents.len(),
         quarantined = persisted.quarantined.len(),
+        delegations = restored,
         "runtime state loaded"
     );
-    Ok(())
+    // From now until a clean shutdown, the file on disk says "not clean".
+    save(state).await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Writes the state that must survive a restart, and waits until it is durable. With Redis,
-/// revocations and quarantines were written by whoever set them; the first uses are written here.
-pub async fn save(state: &Arc<AppState>) -> Result<(), String> {
+/// revocations, quarantines and delegations were written by whoever set them; the first uses
+/// are written here.
+pub async fn save(state: &AppState) -> Result<(), String> {
+    write(state, false).await
+}
+
+/// The last save, after the last request: the use counts of child keys are exact.
+pub async fn save_at_shutdown(state: &AppState) -> Result<(), String> {
+    write(state, true).await
+}
+
+async fn write(state: &AppState, clean_shutdown: bool) -> Result<(), String> {
     if let Some(shared) = &state.limits.shared {
         let unsaved = state.limits.take_unsaved_first_uses();
         if shared.record_first_uses(&unsaved).await.is_err() {
@@ -161,22 +200,20 @@ pub async fn save(state: &Arc<AppState>) -> Result<(), String> {
         }
         return Ok(());
     }
-    if state.state_file.is_none() {
-        return Ok(());
-    }
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let file = state.state_file.as_ref().expect("checked above");
-        let _one_at_a_time = file.writing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        file.write(&snapshot(&state)).map_err(|e| format!("cannot write {}: {e}", file.path().display()))
-    })
-    .await
-    .map_err(|_| "the state writer panicked".to_string())?
+    let Some(file) = state.state_file.clone() else { return Ok(()) };
+    let _one_at_a_time = file.writing.lock().await;
+    let snapshot = snapshot(state, clean_shutdown);
+    let path = file.path().display().to_string();
+    let writer = file.clone();
+    tokio::task::spawn_blocking(move || writer.write(&snapshot))
+        .await
+        .map_err(|_| "the state writer panicked".to_string())?
+        .map_err(|e| format!("cannot write {path}: {e}"))
 }
 
 /// `save`, for an admin action on `agent`: `false` (and an error in the log) if the change
 /// could not be made durable, though it holds in this process already.
-pub async fn save_or_log(state: &Arc<AppState>, agent: &str, what: &str) -> bool {
+pub async fn save_or_log(state: &AppState, agent: &str, what: &str) -> bool {
     match save(state).await {
         Ok(()) => true,
         Err(error) => {
@@ -216,7 +253,8 @@ mod tests {
         let file = StateFile::beside(&dir.path().join("audit.jsonl"));
         assert_eq!(file.path(), dir.path().join(STATE_FILE));
         assert_eq!(file.load().unwrap(), Persisted::default(), "no file: a first start");
-        let mut state = Persisted { format: FORMAT, ..Persisted::default() };
+        let mut state = Persisted { format: FORMAT, clean_shutdown: true, ..Persisted::default() };
+        state.delegations.push(serde_json::json!({ "id": "dlg_1", "used": 3 }));
         state.revoked_agents.insert("a1".into());
         state.quarantined.insert("a2".into(), None);
         state.quarantined.insert("a3".into(), Some(1_900_000_000_000));

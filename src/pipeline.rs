@@ -202,7 +202,7 @@ async fn proxy(
     let status = response.status();
     audit.upstream_status(status.as_u16());
     if is_refusal(status) || status.is_server_error() {
-        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
+        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16())).await;
     }
     if is_refusal(status) {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
@@ -225,9 +225,11 @@ async fn send(
     route: &RouteConfig,
     outbound: Request<forward::OutboundBody>,
 ) -> Result<http::Response<TimedBody>, ProxyError> {
-    state.forwarder.send(outbound, &route.name).await.inspect_err(|_| {
-        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached");
-    })
+    let sent = state.forwarder.send(outbound, &route.name).await;
+    if sent.is_err() {
+        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached").await;
+    }
+    sent
 }
 
 /// A request kept whole, to be sent again.

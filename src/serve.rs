@@ -229,7 +229,7 @@ impl Running {
             let _ = std::fs::remove_file(path);
         }
         // After the last request: anything it changed (a first use) is kept too.
-        if let Err(error) = crate::persist::save(&self.state).await {
+        if let Err(error) = crate::persist::save_at_shutdown(&self.state).await {
             tracing::error!(%error, "runtime state (revocations, quarantines, first uses) not saved at shutdown");
         }
         let audit = self.state.audit.clone();

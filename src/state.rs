@@ -64,7 +64,7 @@ pub struct AppState {
     pub config_path: OnceLock<PathBuf>,
     /// Where revocations, quarantines and first uses are kept across restarts, with the local
     /// limits backend (with Redis they live there).
-    pub state_file: Option<StateFile>,
+    pub state_file: Option<Arc<StateFile>>,
 }
 
 impl AppState {
@@ -93,7 +93,7 @@ impl AppState {
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
         let limits = Limits::new(&runtime.config.limits, metrics.clone());
-        let state_file = limits.shared.is_none().then(|| StateFile::beside(&runtime.config.audit.path));
+        let state_file = limits.shared.is_none().then(|| Arc::new(StateFile::beside(&runtime.config.audit.path)));
         Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             forwarder,

@@ -88,6 +88,7 @@ fn share_revocations(state: &AppState, ids: &[String]) {
 /// Revokes every delegation an agent minted, transitively, with one audit event each.
 pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke_rooted_at(agent);
+    state.limits.changed.notify_one();
     for child in &revoked {
         state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
     }
@@ -126,6 +127,8 @@ pub async fn admit(state: &AppState, delegation: &Arc<Delegation>) -> Result<(),
 /// Revokes `id` and its descendants, with one audit event each.
 pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke(id);
+    // Written in the background at once; the callers that can wait for it do (`persist::save`).
+    state.limits.changed.notify_one();
     share_revocations(state, &revoked);
     for child in &revoked {
         state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
@@ -173,6 +176,8 @@ pub async fn mint(
     }
     match state.delegations.mint(&parent.delegator(), &request) {
         Ok((delegation, key)) => {
+            // Durable before the key is handed out, so a key once given survives a restart.
+            crate::persist::save_or_log(&state, &delegation.id, "delegation").await;
             if let Some(shared) = &state.limits.shared
                 && shared.publish_delegation(&super::export(&delegation)).await.is_err()
             {
@@ -222,6 +227,7 @@ pub async fn revoke(
         return error(StatusCode::FORBIDDEN, "not_your_delegation", &format!("'{}' did not mint '{id}'", caller.id()));
     }
     let revoked = revoke_and_audit(&state, &id, "revoked by parent", caller.id());
+    crate::persist::save_or_log(&state, &id, "delegation revocation").await;
     axum::Json(json!({ "revoked": revoked })).into_response()
 }
 
@@ -237,6 +243,7 @@ pub async fn admin_revoke(State(state): State<Arc<AppState>>, Path(id): Path<Str
         return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
     }
     let revoked = revoke_and_audit(&state, &id, "revoked by admin", "admin");
+    crate::persist::save_or_log(&state, &id, "delegation revocation").await;
     axum::Json(json!({ "revoked": revoked })).into_response()
 }
 
@@ -273,11 +280,14 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     .into_response()
 }
 
-/// Treat a principal as a refusal reason for the pipeline's revoke-on-failure.
-pub fn revoke_on_failure(state: &AppState, principal: &Principal<'_>, why: &str) {
+/// Treat a principal as a refusal reason for the pipeline's revoke-on-failure; returns once
+/// the revocation is durable.
+pub async fn revoke_on_failure(state: &AppState, principal: &Principal<'_>, why: &str) {
     if let Some(d) = principal.delegation()
         && d.revoke_on_failure
+        && !d.is_revoked()
     {
         revoke_and_audit(state, &d.id, why, "revoke_on_failure");
+        crate::persist::save_or_log(state, &d.id, "delegation revocation").await;
     }
 }

@@ -480,6 +480,40 @@ impl DelegationStore {
         added
     }
 
+    /// Every delegation still remembered, oldest first, with its use count and revocation: for
+    /// the local state file (`persist`).
+    pub fn export_all(&self) -> Vec<serde_json::Value> {
+        let mut all: Vec<Arc<Delegation>> = self.by_id.read().expect("delegations lock").values().cloned().collect();
+        all.sort_by_key(|d| d.created);
+        all.iter()
+            .map(|d| {
+                let mut record = export(d);
+                record["used"] = d.used().into();
+                record["revoked"] = d.is_revoked().into();
+                record
+            })
+            .collect()
+    }
+
+    /// Puts back delegations saved by `export_all`, at start. Unless `counts_exact` (the last
+    /// run stopped cleanly), each one with a request budget is revoked: its count may be short.
+    /// Returns how many were restored and the ids revoked for that reason.
+    pub fn restore(&self, records: &[serde_json::Value], counts_exact: bool) -> (usize, Vec<String>) {
+        self.import(records);
+        let mut uncounted = Vec::new();
+        for record in records {
+            let Some(d) = record["id"].as_str().and_then(|id| self.get(id)) else { continue };
+            d.used.store(record["used"].as_u64().unwrap_or(0), Ordering::SeqCst);
+            if record["revoked"].as_bool() != Some(false) {
+                d.revoked.store(true, Ordering::SeqCst);
+            } else if !counts_exact && d.max_requests.is_some() && d.expires > self.clock.now() {
+                d.revoked.store(true, Ordering::SeqCst);
+                uncounted.push(d.id.clone());
+            }
+        }
+        (self.by_id.read().expect("delegations lock").len(), uncounted)
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Delegation>> {
         self.by_id.read().expect("delegations lock").get(id).cloned()
     }
@@ -713,6 +747,37 @@ mod tests {
         req.max_requests = None;
         let (grandchild, _) = store.mint(&child.as_delegator(), &req).unwrap();
         assert_eq!(grandchild.max_requests, Some(4));
+    }
+
+    #[test]
+    fn saved_delegations_come_back_with_counts_and_revocations() {
+        let store = DelegationStore::default();
+        let role = parent_role();
+        let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/responses"]);
+        req.allow_subdelegation = true;
+        let (open, open_key) = store.mint(&delegator(&role), &req).unwrap();
+        req.max_requests = Some(5);
+        let (budgeted, budgeted_key) = store.mint(&delegator(&role), &req).unwrap();
+        let (revoked, revoked_key) = store.mint(&delegator(&role), &req).unwrap();
+        store.admit(&store.lineage(&budgeted).unwrap()).unwrap();
+        store.admit(&store.lineage(&open).unwrap()).unwrap();
+        store.revoke(&revoked.id);
+        let saved = store.export_all();
+        assert!(saved.iter().all(|r| r.get("key").is_none()), "only hashes are saved");
+
+        // After a clean stop: everything as it was.
+        let after_clean = DelegationStore::default();
+        assert_eq!(after_clean.restore(&saved, true), (3, vec![]));
+        assert_eq!(after_clean.identify(&budgeted_key).unwrap().unwrap().used(), 1);
+        assert_eq!(after_clean.identify(&open_key).unwrap().unwrap().used(), 1);
+        assert_eq!(after_clean.identify(&revoked_key).unwrap().unwrap_err().code(), "delegation_revoked");
+
+        // After a crash: a budgeted key's count may be short, so it is revoked; the rest stand.
+        let after_crash = DelegationStore::default();
+        assert_eq!(after_crash.restore(&saved, false), (3, vec![budgeted.id.clone()]));
+        assert_eq!(after_crash.identify(&budgeted_key).unwrap().unwrap_err().code(), "delegation_revoked");
+        assert!(after_crash.identify(&open_key).unwrap().is_ok());
+        assert_eq!(after_crash.identify(&revoked_key).unwrap().unwrap_err().code(), "delegation_revoked");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! State set at runtime survives a restart of the real binary: an admin's revocation and
-//! quarantines (and a release), and the first use of each (route, credential) pair, which is
-//! reported once ever, not once per start. A state file that cannot be read stops the start
-//! with a clear error instead of silently forgetting revocations.
+//! quarantines (and a release), the first use of each (route, credential) pair, which is
+//! reported once ever, not once per start, and child keys with their budgets and revocations
+//! (after a crash, budgeted child keys are revoked rather than trusted with a short count). A
+//! state file that cannot be read stops the start with a clear error instead of silently
+//! forgetting revocations.
 
 use crate::common;
 
@@ -12,6 +14,7 @@ use serde_json::Value;
 
 const HELD_KEY: &str = "kw_testHeldAgentKey0123456789abcdefghijklmnop";
 const BRIEF_KEY: &str = "kw_testBriefAgentKey123456789abcdefghijklmnop";
+const LEAD_KEY: &str = "kw_testRestartLeadKey23456789abcdefghijklmnop";
 
 fn extra() -> String {
     format!(
@@ -25,9 +28,20 @@ key_sha256 = "{held}"
 id = "brief-1"
 role = "worker"
 key_sha256 = "{brief}"
+
+[roles.lead]
+delegate = true
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+anomaly = {{ first_use = {{ enabled = false }} }}
+
+[[agents]]
+id = "lead-1"
+role = "lead"
+key_sha256 = "{lead}"
 {admin}"#,
         held = sha(HELD_KEY),
         brief = sha(BRIEF_KEY),
+        lead = sha(LEAD_KEY),
         admin = admin_block()
     )
 }
@@ -114,4 +128,58 @@ async fn revocations_quarantines_and_first_uses_survive_a_restart() {
     assert!(!output.status.success(), "keyward started over a damaged state file:\n{stderr}");
     assert!(stderr.contains("keyward-state.json") && stderr.contains("not valid"), "{stderr}");
     assert!(!stderr.contains("keyward listening"), "{stderr}");
+}
+
+/// Mints a chat-only child key as the lead; returns (id, key).
+async fn mint(client: &reqwest::Client, base: &str, max_requests: Option<u64>) -> (String, String) {
+    let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                   "paths": ["/v1/chat/completions"], "max_requests": max_requests });
+    let r = client.post(format!("{base}/v1/delegations")).bearer_auth(LEAD_KEY).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let minted: Value = r.json().await.unwrap();
+    (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_keys_survive_a_restart_and_a_crash_cannot_refill_a_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    write_secrets(dir.path());
+    let config = dir.path().join("keyward.toml");
+    std::fs::write(&config, config_text(dir.path(), &upstream.url(), &extra())).unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let client = reqwest::Client::new();
+
+    let first = Spawned::serve(dir.path(), &args, &[]);
+    let (_, open_key) = mint(&client, &first.proxy, None).await;
+    let (_, budgeted_key) = mint(&client, &first.proxy, Some(2)).await;
+    let (revoked_id, revoked_key) = mint(&client, &first.proxy, None).await;
+    assert_eq!(chat(&client, &first.proxy, &budgeted_key).await.0, 200);
+    let r = client.delete(format!("{}/v1/delegations/{revoked_id}", first.proxy)).bearer_auth(LEAD_KEY).send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    first.terminate();
+
+    // A clean restart: the keys work, the budget goes on from where it was, the revocation holds.
+    let second = Spawned::serve(dir.path(), &args, &[]);
+    assert_eq!(chat(&client, &second.proxy, &open_key).await.0, 200);
+    assert_eq!(chat(&client, &second.proxy, &revoked_key).await, (401, "delegation_revoked".to_string()));
+    assert_eq!(chat(&client, &second.proxy, &budgeted_key).await.0, 200, "one of two requests was left");
+    assert_eq!(chat(&client, &second.proxy, &budgeted_key).await, (401, "delegation_exhausted".to_string()));
+    let (_, fresh_budget_key) = mint(&client, &second.proxy, Some(5)).await;
+    assert_eq!(chat(&client, &second.proxy, &fresh_budget_key).await.0, 200);
+    // A crash (SIGKILL): the file cannot know the last counts, so budgeted keys are revoked
+    // rather than refilled; keys without a budget carry on.
+    drop(second);
+
+    let third = Spawned::serve(dir.path(), &args, &[]);
+    assert_eq!(chat(&client, &third.proxy, &fresh_budget_key).await, (401, "delegation_revoked".to_string()));
+    assert_eq!(chat(&client, &third.proxy, &open_key).await.0, 200);
+    assert_eq!(chat(&client, &third.proxy, &revoked_key).await, (401, "delegation_revoked".to_string()));
+    let logs = third.terminate();
+    assert!(logs.contains("did not stop cleanly"), "{logs}");
+    let audit = read_audit(&dir.path().join("audit.jsonl"));
+    assert!(
+        audit.iter().any(|r| r["type"] == "delegation.revoked" && r["by"] == "startup"),
+        "the revocation at start is audited"
+    );
 }
