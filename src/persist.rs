@@ -263,6 +263,9 @@ mod tests {
         assert_eq!(file.load().unwrap(), state);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(leftovers, vec![std::ffi::OsString::from(STATE_FILE)], "no temp file is left behind");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the state file is readable by its owner only");
 
         for damaged in ["{\"format\":1,\"revoked_agents\":", "[]", "{\"format\":1,\"extra\":true}", "{\"format\":9}"] {
             std::fs::write(file.path(), damaged).unwrap();
