@@ -205,7 +205,10 @@ impl Limits {
             let mut first_uses = self.first_uses.lock().expect("limits lock");
             let (seen, unsaved) = &mut *first_uses;
             seen.record(agent, route, credential).then(|| {
-                unsaved.push((agent.to_string(), route.to_string(), credential.to_string()));
+                // Redis takes new pairs one by one; the state file is rewritten whole.
+                if self.shared.is_some() {
+                    unsaved.push((agent.to_string(), route.to_string(), credential.to_string()));
+                }
                 self.changed.notify_one();
                 (route, credential)
             })
