@@ -58,6 +58,15 @@ pub enum ProxyError {
         path: String,
         missing: Missing,
     },
+    /// A child key's own grant allows the call, but its root agent's role (as configured now)
+    /// no longer does: 403 like `Forbidden`, naming the root.
+    ParentForbidden {
+        agent: String,
+        parent: String,
+        route: String,
+        method: String,
+        path: String,
+    },
     BodyTooLarge {
         limit: u64,
     },
@@ -117,6 +126,11 @@ pub enum ProxyError {
     MethodOverride {
         route: String,
     },
+    /// The child key's root agent no longer holds the authority it was minted under.
+    DelegationWithdrawn {
+        id: String,
+        reason: String,
+    },
     /// The agent's request body broke off before keyward had it all.
     BadBody,
     Internal(&'static str),
@@ -147,6 +161,7 @@ impl ProxyError {
             ProxyError::UnknownAgentKey { .. } => (StatusCode::UNAUTHORIZED, "unknown_agent_key", Downstream),
             ProxyError::PeerMismatch { .. } => (StatusCode::UNAUTHORIZED, "peer_mismatch", Downstream),
             ProxyError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", Downstream),
+            ProxyError::ParentForbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", Downstream),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", Downstream),
             ProxyError::SecretStoreUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "secret_store_unavailable", Upstream)
@@ -166,6 +181,7 @@ impl ProxyError {
             ProxyError::DelegationExhausted { .. } => (StatusCode::UNAUTHORIZED, "delegation_exhausted", Downstream),
             ProxyError::AgentKeyInUrl { .. } => (StatusCode::BAD_REQUEST, "agent_key_in_url", Downstream),
             ProxyError::MethodOverride { .. } => (StatusCode::BAD_REQUEST, "method_override_refused", Downstream),
+            ProxyError::DelegationWithdrawn { .. } => (StatusCode::UNAUTHORIZED, "delegation_withdrawn", Downstream),
             ProxyError::BadBody => (StatusCode::BAD_REQUEST, "invalid_body", Downstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
@@ -195,6 +211,9 @@ impl ProxyError {
                 };
                 format!("agent '{agent}' (role '{role}') {what}")
             }
+            ProxyError::ParentForbidden { agent, parent, route, method, path } => format!(
+                "delegated key '{agent}' may not call {method} {path} on route '{route}' any more: its parent agent '{parent}' no longer holds that grant"
+            ),
             ProxyError::BodyTooLarge { limit } => format!("request body exceeds the limit of {limit} bytes"),
             ProxyError::SecretStoreUnavailable { secret, source } => {
                 format!("credential '{secret}' is unavailable: secret source '{source}' cannot be reached")
@@ -224,7 +243,10 @@ impl ProxyError {
             }
             ProxyError::DelegationRevoked { id } => format!("delegated key '{id}' has been revoked"),
             ProxyError::DelegationExpired { id } => format!("delegated key '{id}' has expired"),
-            ProxyError::DelegationExhausted { id } => format!("delegated key '{id}' has used all its requests"),
+            ProxyError::DelegationExhausted { id } => {
+                format!("delegated key '{id}' has used all its requests (its own and those of the keys it delegated)")
+            }
+            ProxyError::DelegationWithdrawn { id, reason } => format!("delegated key '{id}' no longer works: {reason}"),
             ProxyError::AuditUnavailable => {
                 "the audit trail cannot be written, so no credential is released; try again later".to_string()
             }

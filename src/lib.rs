@@ -18,6 +18,7 @@ pub mod inject;
 pub mod limit;
 pub mod metrics;
 pub mod outbound;
+pub mod persist;
 pub mod pipeline;
 pub mod policy;
 pub mod principal;

@@ -30,7 +30,7 @@ use crate::inject;
 use crate::limit::Decision;
 use crate::metrics::AnomalyLabels;
 use crate::outbound::{self, OVERRIDE_HEADERS};
-use crate::policy::{self, Subject};
+use crate::policy;
 use crate::principal;
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
@@ -134,10 +134,9 @@ async fn proxy(
     let now = SystemTime::now();
     let root = caller.root();
     let throttled = state.limits.gate(root, now)?;
-    let limits_role = caller.limits_role(runtime);
+    let limits_role = caller.limits_role();
     let detectors = &limits_role.anomaly;
-    let subject = Subject { agent: caller.id(), role: caller.role() };
-    let grant = policy::authorize(&subject, &route.name, request.method(), &matched.rest).inspect_err(|_| {
+    let grant = caller.authorize(&route.name, request.method(), &matched.rest).inspect_err(|_| {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
     })?;
     audit.credential(&grant.secret);
@@ -201,7 +200,7 @@ async fn proxy(
     let status = response.status();
     audit.upstream_status(status.as_u16());
     if is_refusal(status) || status.is_server_error() {
-        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16()));
+        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16())).await;
     }
     if is_refusal(status) {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
@@ -224,9 +223,11 @@ async fn send(
     route: &RouteConfig,
     outbound: Request<forward::OutboundBody>,
 ) -> Result<http::Response<TimedBody>, ProxyError> {
-    state.forwarder.send(outbound, &route.name).await.inspect_err(|_| {
-        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached");
-    })
+    let sent = state.forwarder.send(outbound, &route.name).await;
+    if sent.is_err() {
+        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached").await;
+    }
+    sent
 }
 
 /// A request kept whole, to be sent again.

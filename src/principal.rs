@@ -1,30 +1,46 @@
 //! Who is calling: a configured agent, or a child key a parent delegated, with the role whose
-//! grants apply. Revoked agents and revoked or expired child keys are refused here.
+//! grants apply. Revoked agents and revoked or expired child keys are refused here, and so is a
+//! child key whose root agent no longer holds the authority it was minted under (disabled,
+//! removed, revoked, or its role no longer allows delegating that deep or that long).
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
-use crate::config::{AgentConfig, RoleConfig};
+use http::Method;
+
+use crate::config::{AgentConfig, GrantConfig, RoleConfig};
 use crate::delegation::{Delegation, Delegator};
 use crate::error::ProxyError;
+use crate::policy::{self, Subject};
 use crate::state::{AppState, Runtime};
 
 pub enum Principal<'r> {
-    Agent { agent: &'r AgentConfig, role: &'r RoleConfig },
-    Delegated(Arc<Delegation>),
+    Agent {
+        agent: &'r AgentConfig,
+        role: &'r RoleConfig,
+    },
+    /// A child key, with the configured agent at the root of its chain and that agent's role as
+    /// the config holds it now: the child's rights are what it was given, cut to what the root
+    /// still holds.
+    Delegated {
+        delegation: Arc<Delegation>,
+        root: &'r AgentConfig,
+        root_role: &'r RoleConfig,
+    },
 }
 
 impl Principal<'_> {
     pub fn id(&self) -> &str {
         match self {
             Principal::Agent { agent, .. } => &agent.id,
-            Principal::Delegated(d) => &d.id,
+            Principal::Delegated { delegation, .. } => &delegation.id,
         }
     }
 
     pub fn role(&self) -> &RoleConfig {
         match self {
             Principal::Agent { role, .. } => role,
-            Principal::Delegated(d) => &d.role,
+            Principal::Delegated { delegation, .. } => &delegation.role,
         }
     }
 
@@ -33,31 +49,39 @@ impl Principal<'_> {
     pub fn root(&self) -> &str {
         match self {
             Principal::Agent { agent, .. } => &agent.id,
-            Principal::Delegated(d) => d.chain.last().map_or(&d.id, String::as_str),
+            Principal::Delegated { root, .. } => &root.id,
         }
     }
 
-    /// The role whose limits apply: the root agent's.
-    pub fn limits_role<'a>(&'a self, runtime: &'a Runtime) -> &'a RoleConfig {
+    /// The role whose limits apply: the root agent's, as configured now.
+    pub fn limits_role(&self) -> &RoleConfig {
         match self {
             Principal::Agent { role, .. } => role,
-            Principal::Delegated(d) => {
-                let root = self.root();
-                runtime
-                    .config
-                    .agents
-                    .iter()
-                    .find(|a| a.id == root)
-                    .and_then(|a| runtime.config.roles.get(&a.role))
-                    .unwrap_or(&d.role)
-            }
+            Principal::Delegated { root_role, .. } => root_role,
+        }
+    }
+
+    /// The grant that allows this call. A child key needs a grant of its own and a grant of
+    /// its root agent's current role for the same route and credential; the root's grant is
+    /// returned, so its current quota applies.
+    pub fn authorize(&self, route: &str, method: &Method, path: &str) -> Result<&GrantConfig, ProxyError> {
+        let own = policy::authorize(&Subject { agent: self.id(), role: self.role() }, route, method, path)?;
+        match self {
+            Principal::Agent { .. } => Ok(own),
+            Principal::Delegated { root, root_role, .. } => policy::authorize_within(
+                &Subject { agent: self.id(), role: self.role() },
+                &Subject { agent: &root.id, role: root_role },
+                own,
+                method,
+                path,
+            ),
         }
     }
 
     pub fn delegation(&self) -> Option<&Arc<Delegation>> {
         match self {
             Principal::Agent { .. } => None,
-            Principal::Delegated(d) => Some(d),
+            Principal::Delegated { delegation, .. } => Some(delegation),
         }
     }
 
@@ -75,7 +99,13 @@ impl Principal<'_> {
                 expires: None,
                 budget_left: None,
             },
-            Principal::Delegated(d) => d.as_delegator(),
+            Principal::Delegated { delegation, root_role, .. } => {
+                // The root's role as it is now bounds depth and lifetime, as it does at use.
+                let mut delegator = delegation.as_delegator();
+                delegator.max_depth = delegator.max_depth.min(root_role.max_delegation_depth);
+                delegator.max_ttl = delegator.max_ttl.min(root_role.max_delegation_ttl);
+                delegator
+            }
         }
     }
 }
@@ -91,6 +121,50 @@ fn agent_principal<'r>(
     }
     let role = runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
     Ok(Principal::Agent { agent, role })
+}
+
+/// A child key as a principal, if every link above it still stands: no ancestor revoked, the
+/// root agent configured, enabled and not revoked, and the root's role (as the config holds it
+/// now) still allowing delegation this deep and this long.
+fn delegated_principal<'r>(
+    state: &AppState,
+    runtime: &'r Runtime,
+    delegation: Arc<Delegation>,
+    now: SystemTime,
+) -> Result<Principal<'r>, ProxyError> {
+    let withdrawn = |reason: String| ProxyError::DelegationWithdrawn { id: delegation.id.clone(), reason };
+    let root_id = delegation.chain.last().ok_or(ProxyError::Internal("a delegation without a parent"))?;
+    // A child of a revoked parent (or of a revoked agent) is refused, whatever its own flag.
+    let ancestor_revoked = delegation.chain.iter().any(|id| state.delegations.get(id).is_some_and(|a| a.is_revoked()));
+    if ancestor_revoked || state.revoked_agents.load().contains(root_id) {
+        return Err(ProxyError::DelegationRevoked { id: delegation.id.clone() });
+    }
+    let Some(root) = runtime.config.agents.iter().find(|a| &a.id == root_id) else {
+        return Err(withdrawn(format!("its parent agent '{root_id}' is no longer configured")));
+    };
+    if root.disabled {
+        return Err(withdrawn(format!("its parent agent '{root_id}' is disabled")));
+    }
+    let Some(root_role) = runtime.config.roles.get(&root.role) else {
+        return Err(ProxyError::Internal("the agent's role is not loaded"));
+    };
+    if !root_role.delegate {
+        return Err(withdrawn(format!("role '{}' of its parent agent '{root_id}' may no longer delegate", root.role)));
+    }
+    if delegation.depth > root_role.max_delegation_depth {
+        return Err(withdrawn(format!(
+            "its depth {} exceeds the delegation depth limit of {} that role '{}' now has",
+            delegation.depth, root_role.max_delegation_depth, root.role
+        )));
+    }
+    if delegation.created + root_role.max_delegation_ttl <= now {
+        return Err(withdrawn(format!(
+            "it is older than the {} s that role '{}' now allows a delegation to live",
+            root_role.max_delegation_ttl.as_secs(),
+            root.role
+        )));
+    }
+    Ok(Principal::Delegated { delegation, root, root_role })
 }
 
 /// On the Unix socket, for a request without a key: the agent identified by the caller's uid
@@ -120,17 +194,7 @@ pub fn identify<'r>(
             agent_principal(state, runtime, agent)
         }
         Err(unknown) => match state.delegations.identify(key) {
-            Some(Ok(delegation)) => {
-                // A child of a revoked parent (or of a revoked agent) is refused, whatever its own flag.
-                let root_revoked =
-                    delegation.chain.last().is_some_and(|root| state.revoked_agents.load().contains(root));
-                let ancestor_revoked =
-                    delegation.chain.iter().any(|id| state.delegations.get(id).is_some_and(|a| a.is_revoked()));
-                if root_revoked || ancestor_revoked {
-                    return Err(ProxyError::DelegationRevoked { id: delegation.id.clone() });
-                }
-                Ok(Principal::Delegated(delegation))
-            }
+            Some(Ok(delegation)) => delegated_principal(state, runtime, delegation, SystemTime::now()),
             Some(Err(refused)) => Err(refused),
             None => Err(unknown),
         },

@@ -47,6 +47,9 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         shutdown_grace: server_config.shutdown_grace,
         park_idle_after: server_config.park_idle_after,
     };
+    let state = AppState::new(runtime, audit, metrics);
+    // Revocations, quarantines and first uses are back before any request can be served.
+    crate::persist::restore(&state).await?;
     let proxy_listener = match server_config.listen {
         Some(addr) => {
             Some(TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr} (server.listen)"))?)
@@ -62,7 +65,6 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         .with_context(|| format!("cannot listen on {} (server.admin_listen)", server_config.admin_listen))?;
     let proxy_addr = proxy_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_addr = admin_listener.local_addr()?;
-    let state = AppState::new(runtime, audit, metrics);
     let (shutdown, rx) = watch::channel(false);
     let parked = state.metrics.connections_parked.clone();
 
@@ -78,6 +80,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         tokio::spawn(delegation_janitor(state.clone(), rx.clone())),
         tokio::spawn(crate::rotation::schedule::run(state.clone(), rx.clone())),
         tokio::spawn(shared_limits_poller(state.clone(), rx.clone())),
+        tokio::spawn(crate::persist::run(state.clone(), rx.clone())),
     ];
     if let Some(listener) = proxy_listener {
         tasks.push(tokio::spawn(server::serve(
@@ -177,8 +180,7 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
             _ = shutdown.changed() => return,
         }
         let Ok(polled) = shared.poll().await else { continue };
-        state.limits.apply_shared(&polled);
-        state.delegations.import(&polled.delegations);
+        apply_polled(&state, &polled);
         let hour_ago = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -191,22 +193,29 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
             .filter_map(|d| d["id"].as_str().map(str::to_string))
             .collect();
         let _ = shared.forget_delegations(&expired).await;
-        for id in &polled.revoked_delegations {
-            if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
-                state.delegations.revoke(id);
-            }
+    }
+}
+
+/// Mirrors what Redis holds (quarantines, agent and delegation revocations, delegations, first
+/// uses) into this replica: on every poll, and once at start before the listeners serve.
+pub fn apply_polled(state: &AppState, polled: &crate::limit::shared::SharedState) {
+    state.limits.apply_shared(polled);
+    state.delegations.import(&polled.delegations);
+    for id in &polled.revoked_delegations {
+        if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
+            state.delegations.revoke(id);
         }
-        let known = state.revoked_agents.load();
-        let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
-        if !newly.is_empty() {
-            state.revoked_agents.rcu(|set| {
-                let mut set = (**set).clone();
-                set.extend(newly.iter().cloned());
-                set
-            });
-            for agent in &newly {
-                state.delegations.revoke_rooted_at(agent);
-            }
+    }
+    let known = state.revoked_agents.load();
+    let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
+    if !newly.is_empty() {
+        state.revoked_agents.rcu(|set| {
+            let mut set = (**set).clone();
+            set.extend(newly.iter().cloned());
+            set
+        });
+        for agent in &newly {
+            state.delegations.revoke_rooted_at(agent);
         }
     }
 }
@@ -223,6 +232,10 @@ impl Running {
         }
         if let Some(path) = &self.proxy_unix {
             let _ = std::fs::remove_file(path);
+        }
+        // After the last request: anything it changed (a first use) is kept too.
+        if let Err(error) = crate::persist::save_at_shutdown(&self.state).await {
+            tracing::error!(%error, "runtime state (revocations, quarantines, first uses) not saved at shutdown");
         }
         let audit = self.state.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;

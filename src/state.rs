@@ -14,6 +14,7 @@ use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
+use crate::persist::StateFile;
 use crate::policy::RouteTable;
 use crate::rotation::RotationLog;
 use crate::secrets::SecretStore;
@@ -61,6 +62,9 @@ pub struct AppState {
     pub reload_lock: std::sync::Mutex<()>,
     /// The file the config was loaded from, for reloads; unset for the embedded default.
     pub config_path: OnceLock<PathBuf>,
+    /// Where revocations, quarantines and first uses are kept across restarts, with the local
+    /// limits backend (with Redis they live there).
+    pub state_file: Option<Arc<StateFile>>,
 }
 
 impl AppState {
@@ -89,6 +93,7 @@ impl AppState {
     pub fn new(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> Arc<AppState> {
         let forwarder = Forwarder::new(&runtime.config.forward);
         let limits = Limits::new(&runtime.config.limits, metrics.clone());
+        let state_file = limits.shared.is_none().then(|| Arc::new(StateFile::beside(&runtime.config.audit.path)));
         Arc::new(AppState {
             runtime: ArcSwap::from_pointee(runtime),
             forwarder,
@@ -100,6 +105,7 @@ impl AppState {
             rotations: RotationLog::default(),
             reload_lock: std::sync::Mutex::new(()),
             config_path: OnceLock::new(),
+            state_file,
         })
     }
 }

@@ -65,10 +65,20 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
             }
         }
     };
-    state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now());
+    let shared = state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now()).await;
     let revoked = crate::delegation::api::revoke_tree_of_agent(&state, &id, "parent agent quarantined", "admin");
+    let persisted = durable(&state, &id, "quarantine", shared).await;
+    match minutes {
+        Some(minutes) => {
+            tracing::info!(agent = %id, minutes, revoked_delegations = revoked.len(), persisted, "agent quarantined by admin")
+        }
+        None => {
+            tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent quarantined by admin until released")
+        }
+    }
     state.audit_event(json!({ "type": "agent.quarantined", "agentId": id, "by": "admin", "minutes": minutes, "revoked_delegations": revoked }));
-    axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked })).into_response()
+    axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked, "persisted": persisted }))
+        .into_response()
 }
 
 /// `POST /admin/agents/{id}/release`
@@ -76,7 +86,22 @@ pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>)
     if !known(&state, &id) {
         return admin_error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
     }
-    let was = state.limits.release(&id);
+    let (was, shared) = state.limits.release(&id).await;
+    let persisted = durable(&state, &id, "release", shared).await;
+    tracing::info!(agent = %id, was_limited = was, persisted, "agent released by admin");
     state.audit_event(json!({ "type": "agent.released", "agentId": id, "by": "admin", "was_limited": was }));
-    axum::Json(json!({ "agent": id, "released": was })).into_response()
+    axum::Json(json!({ "agent": id, "released": was, "persisted": persisted })).into_response()
+}
+
+/// Whether an admin's change to `agent` will survive a restart: written to Redis (`shared`,
+/// with that backend) or to the state file.
+async fn durable(state: &Arc<AppState>, agent: &str, what: &str, shared: Result<(), ()>) -> bool {
+    match (&state.limits.shared, shared) {
+        (Some(_), Ok(())) => true,
+        (Some(_), Err(())) => {
+            tracing::error!(agent, "the {what} holds on this replica only: redis is unreachable");
+            false
+        }
+        (None, _) => crate::persist::save_or_log(state, agent, what).await,
+    }
 }

@@ -88,6 +88,7 @@ fn share_revocations(state: &AppState, ids: &[String]) {
 /// Revokes every delegation an agent minted, transitively, with one audit event each.
 pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke_rooted_at(agent);
+    state.limits.changed.notify_one();
     for child in &revoked {
         state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
     }
@@ -95,28 +96,39 @@ pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &st
     revoked
 }
 
-/// Counts one use of a child key's budget: exact across replicas with the Redis backend.
-pub async fn admit(state: &AppState, delegation: &Delegation) -> Result<(), ProxyError> {
-    match (&state.limits.shared, delegation.max_requests) {
-        (Some(shared), Some(max)) => {
-            let lifetime = delegation.expires.duration_since(delegation.created).unwrap_or_default();
-            match shared.spend(&delegation.id, max, lifetime).await {
-                Ok(true) => {
-                    delegation.note_use();
-                    Ok(())
-                }
-                Ok(false) => Err(ProxyError::DelegationExhausted { id: delegation.id.clone() }),
-                Err(()) if shared.fail_open => delegation.admit(),
-                Err(()) => Err(ProxyError::LimiterUnavailable),
+/// Counts one use of a child key against its own budget and every budget above it (a key's
+/// `max_requests` bounds its whole subtree): exact across replicas with the Redis backend.
+pub async fn admit(state: &AppState, delegation: &Arc<Delegation>) -> Result<(), ProxyError> {
+    let lineage = state.delegations.lineage(delegation)?;
+    let now = state.delegations.now();
+    let budgets: Vec<(&str, u64, std::time::Duration)> = lineage
+        .iter()
+        .filter_map(|d| {
+            let max = d.max_requests?;
+            // The shared counter outlives the key by an hour, for the admin view.
+            let keep = d.expires.duration_since(now).unwrap_or_default() + std::time::Duration::from_secs(3600);
+            Some((d.id.as_str(), max, keep))
+        })
+        .collect();
+    match &state.limits.shared {
+        Some(shared) if !budgets.is_empty() => match shared.spend(&budgets).await {
+            Ok(None) => {
+                lineage.iter().for_each(|d| d.note_use());
+                Ok(())
             }
-        }
-        _ => delegation.admit(),
+            Ok(Some(spent)) => Err(ProxyError::DelegationExhausted { id: budgets[spent].0.to_string() }),
+            Err(()) if shared.fail_open => state.delegations.admit(&lineage),
+            Err(()) => Err(ProxyError::LimiterUnavailable),
+        },
+        _ => state.delegations.admit(&lineage),
     }
 }
 
 /// Revokes `id` and its descendants, with one audit event each.
 pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> Vec<String> {
     let revoked = state.delegations.revoke(id);
+    // Written in the background at once; the callers that can wait for it do (`persist::save`).
+    state.limits.changed.notify_one();
     share_revocations(state, &revoked);
     for child in &revoked {
         state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
@@ -164,6 +176,8 @@ pub async fn mint(
     }
     match state.delegations.mint(&parent.delegator(), &request) {
         Ok((delegation, key)) => {
+            // Durable before the key is handed out, so a key once given survives a restart.
+            crate::persist::save_or_log(&state, &delegation.id, "delegation").await;
             if let Some(shared) = &state.limits.shared
                 && shared.publish_delegation(&super::export(&delegation)).await.is_err()
             {
@@ -213,6 +227,7 @@ pub async fn revoke(
         return error(StatusCode::FORBIDDEN, "not_your_delegation", &format!("'{}' did not mint '{id}'", caller.id()));
     }
     let revoked = revoke_and_audit(&state, &id, "revoked by parent", caller.id());
+    crate::persist::save_or_log(&state, &id, "delegation revocation").await;
     axum::Json(json!({ "revoked": revoked })).into_response()
 }
 
@@ -228,6 +243,7 @@ pub async fn admin_revoke(State(state): State<Arc<AppState>>, Path(id): Path<Str
         return error(StatusCode::NOT_FOUND, "unknown_delegation", &format!("no delegation '{id}'"));
     }
     let revoked = revoke_and_audit(&state, &id, "revoked by admin", "admin");
+    crate::persist::save_or_log(&state, &id, "delegation revocation").await;
     axum::Json(json!({ "revoked": revoked })).into_response()
 }
 
@@ -252,14 +268,26 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
     });
     state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
     let revoked = revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
-    axum::Json(json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas })).into_response()
+    // With Redis the revocation is already kept there; locally it is written to the state file.
+    let persisted = match state.limits.shared {
+        Some(_) => all_replicas,
+        None => crate::persist::save_or_log(&state, &id, "revocation").await,
+    };
+    tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent revoked by admin");
+    axum::Json(
+        json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas, "persisted": persisted }),
+    )
+    .into_response()
 }
 
-/// Treat a principal as a refusal reason for the pipeline's revoke-on-failure.
-pub fn revoke_on_failure(state: &AppState, principal: &Principal<'_>, why: &str) {
+/// Treat a principal as a refusal reason for the pipeline's revoke-on-failure; returns once
+/// the revocation is durable.
+pub async fn revoke_on_failure(state: &AppState, principal: &Principal<'_>, why: &str) {
     if let Some(d) = principal.delegation()
         && d.revoke_on_failure
+        && !d.is_revoked()
     {
         revoke_and_audit(state, &d.id, why, "revoke_on_failure");
+        crate::persist::save_or_log(state, &d.id, "delegation revocation").await;
     }
 }

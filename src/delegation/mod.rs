@@ -8,7 +8,7 @@ pub mod api;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -127,18 +127,6 @@ impl Delegation {
     /// Notes a use already counted elsewhere (the shared budget in Redis), for display.
     pub fn note_use(&self) {
         self.used.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Counts one request against `max_requests`, exactly, however many race for the last one.
-    pub fn admit(&self) -> Result<(), ProxyError> {
-        let Some(max) = self.max_requests else {
-            self.used.fetch_add(1, Ordering::SeqCst);
-            return Ok(());
-        };
-        self.used
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |used| (used < max).then_some(used + 1))
-            .map(|_| ())
-            .map_err(|_| ProxyError::DelegationExhausted { id: self.id.clone() })
     }
 }
 
@@ -320,6 +308,9 @@ pub struct DelegationStore {
     by_hash: RwLock<HashMap<[u8; 32], Arc<Delegation>>>,
     by_id: RwLock<HashMap<String, Arc<Delegation>>>,
     clock: Arc<dyn Clock>,
+    /// Held while a call's budgets are checked and charged up its chain, so that check and
+    /// charge are one step for every key at once (never across an `.await`).
+    charging: Mutex<()>,
 }
 
 /// Why minting failed: the HTTP status and message follow from it.
@@ -341,7 +332,35 @@ impl Default for DelegationStore {
 
 impl DelegationStore {
     pub fn new(clock: Arc<dyn Clock>) -> DelegationStore {
-        DelegationStore { by_hash: RwLock::default(), by_id: RwLock::default(), clock }
+        DelegationStore { by_hash: RwLock::default(), by_id: RwLock::default(), clock, charging: Mutex::new(()) }
+    }
+
+    /// The keys whose budgets a call with `delegation` spends: itself, then each delegation
+    /// above it, nearest first (the configured agent at the root has no budget here). An
+    /// ancestor this replica no longer knows refuses the call rather than skipping its budget.
+    pub fn lineage(&self, delegation: &Arc<Delegation>) -> Result<Vec<Arc<Delegation>>, ProxyError> {
+        let ancestors = &delegation.chain[..delegation.chain.len().saturating_sub(1)];
+        let mut lineage = Vec::with_capacity(ancestors.len() + 1);
+        lineage.push(delegation.clone());
+        for id in ancestors {
+            let ancestor = self.get(id).ok_or_else(|| ProxyError::DelegationExpired { id: id.clone() })?;
+            lineage.push(ancestor);
+        }
+        Ok(lineage)
+    }
+
+    /// Counts one request against every budget in `lineage` (from `lineage`), or against none
+    /// if any of them is spent: a key's `max_requests` bounds the calls of its whole subtree,
+    /// exactly, however many race for the last one.
+    pub fn admit(&self, lineage: &[Arc<Delegation>]) -> Result<(), ProxyError> {
+        let _one_at_a_time = self.charging.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(spent) = lineage.iter().find(|d| d.max_requests.is_some_and(|max| d.used() >= max)) {
+            return Err(ProxyError::DelegationExhausted { id: spent.id.clone() });
+        }
+        for d in lineage {
+            d.note_use();
+        }
+        Ok(())
     }
 
     pub fn now(&self) -> SystemTime {
@@ -459,6 +478,40 @@ impl DelegationStore {
             added += 1;
         }
         added
+    }
+
+    /// Every delegation still remembered, oldest first, with its use count and revocation: for
+    /// the local state file (`persist`).
+    pub fn export_all(&self) -> Vec<serde_json::Value> {
+        let mut all: Vec<Arc<Delegation>> = self.by_id.read().expect("delegations lock").values().cloned().collect();
+        all.sort_by_key(|d| d.created);
+        all.iter()
+            .map(|d| {
+                let mut record = export(d);
+                record["used"] = d.used().into();
+                record["revoked"] = d.is_revoked().into();
+                record
+            })
+            .collect()
+    }
+
+    /// Puts back delegations saved by `export_all`, at start. Unless `counts_exact` (the last
+    /// run stopped cleanly), each one with a request budget is revoked: its count may be short.
+    /// Returns how many were restored and the ids revoked for that reason.
+    pub fn restore(&self, records: &[serde_json::Value], counts_exact: bool) -> (usize, Vec<String>) {
+        self.import(records);
+        let mut uncounted = Vec::new();
+        for record in records {
+            let Some(d) = record["id"].as_str().and_then(|id| self.get(id)) else { continue };
+            d.used.store(record["used"].as_u64().unwrap_or(0), Ordering::SeqCst);
+            if record["revoked"].as_bool() != Some(false) {
+                d.revoked.store(true, Ordering::SeqCst);
+            } else if !counts_exact && d.max_requests.is_some() && d.expires > self.clock.now() {
+                d.revoked.store(true, Ordering::SeqCst);
+                uncounted.push(d.id.clone());
+            }
+        }
+        (self.by_id.read().expect("delegations lock").len(), uncounted)
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Delegation>> {
@@ -659,8 +712,9 @@ mod tests {
         assert_eq!(clamped.expires, child.expires);
 
         // The request budget is exact.
-        assert!(child.admit().is_ok() && child.admit().is_ok());
-        assert_eq!(child.admit().unwrap_err().code(), "delegation_exhausted");
+        let lineage = store.lineage(&child).unwrap();
+        assert!(store.admit(&lineage).is_ok() && store.admit(&lineage).is_ok());
+        assert_eq!(store.admit(&lineage).unwrap_err().code(), "delegation_exhausted");
 
         // Expiry follows the clock.
         assert!(store.identify(&grandchild_key).unwrap().is_ok());
@@ -685,7 +739,7 @@ mod tests {
         req.allow_subdelegation = true;
         req.max_requests = Some(5);
         let (child, _) = store.mint(&delegator(&role), &req).unwrap();
-        child.admit().unwrap();
+        store.admit(&store.lineage(&child).unwrap()).unwrap();
         req.max_requests = Some(5);
         assert!(
             matches!(store.mint(&child.as_delegator(), &req), Err(MintError::Excess(e)) if e.contains("remaining budget of 4"))
@@ -693,6 +747,37 @@ mod tests {
         req.max_requests = None;
         let (grandchild, _) = store.mint(&child.as_delegator(), &req).unwrap();
         assert_eq!(grandchild.max_requests, Some(4));
+    }
+
+    #[test]
+    fn saved_delegations_come_back_with_counts_and_revocations() {
+        let store = DelegationStore::default();
+        let role = parent_role();
+        let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/responses"]);
+        req.allow_subdelegation = true;
+        let (open, open_key) = store.mint(&delegator(&role), &req).unwrap();
+        req.max_requests = Some(5);
+        let (budgeted, budgeted_key) = store.mint(&delegator(&role), &req).unwrap();
+        let (revoked, revoked_key) = store.mint(&delegator(&role), &req).unwrap();
+        store.admit(&store.lineage(&budgeted).unwrap()).unwrap();
+        store.admit(&store.lineage(&open).unwrap()).unwrap();
+        store.revoke(&revoked.id);
+        let saved = store.export_all();
+        assert!(saved.iter().all(|r| r.get("key").is_none()), "only hashes are saved");
+
+        // After a clean stop: everything as it was.
+        let after_clean = DelegationStore::default();
+        assert_eq!(after_clean.restore(&saved, true), (3, vec![]));
+        assert_eq!(after_clean.identify(&budgeted_key).unwrap().unwrap().used(), 1);
+        assert_eq!(after_clean.identify(&open_key).unwrap().unwrap().used(), 1);
+        assert_eq!(after_clean.identify(&revoked_key).unwrap().unwrap_err().code(), "delegation_revoked");
+
+        // After a crash: a budgeted key's count may be short, so it is revoked; the rest stand.
+        let after_crash = DelegationStore::default();
+        assert_eq!(after_crash.restore(&saved, false), (3, vec![budgeted.id.clone()]));
+        assert_eq!(after_crash.identify(&budgeted_key).unwrap().unwrap_err().code(), "delegation_revoked");
+        assert!(after_crash.identify(&open_key).unwrap().is_ok());
+        assert_eq!(after_crash.identify(&revoked_key).unwrap().unwrap_err().code(), "delegation_revoked");
     }
 
     #[test]
@@ -714,12 +799,13 @@ mod tests {
         let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/responses"]);
         req.max_requests = Some(50);
         let (child, _) = store.mint(&delegator(&role), &req).unwrap();
+        let lineage = store.lineage(&child).unwrap();
         let admitted = AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
                     for _ in 0..20 {
-                        if child.admit().is_ok() {
+                        if store.admit(&lineage).is_ok() {
                             admitted.fetch_add(1, Ordering::SeqCst);
                         }
                     }
@@ -727,5 +813,47 @@ mod tests {
             }
         });
         assert_eq!(admitted.load(Ordering::SeqCst), 50);
+    }
+
+    #[test]
+    fn a_budget_bounds_the_whole_subtree_under_contention() {
+        let store = DelegationStore::default();
+        let role = parent_role();
+        let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/responses"]);
+        req.allow_subdelegation = true;
+        req.max_requests = Some(2);
+        let (child, _) = store.mint(&delegator(&role), &req).unwrap();
+        // Four grandchildren, each given the child's whole remaining budget of 2, and one
+        // grandchild with no budget of its own.
+        let mut lineages: Vec<Vec<Arc<Delegation>>> =
+            (0..4).map(|_| store.lineage(&store.mint(&child.as_delegator(), &req).unwrap().0).unwrap()).collect();
+        req.max_requests = None;
+        let (unbudgeted, _) = store.mint(&child.as_delegator(), &req).unwrap();
+        assert_eq!(unbudgeted.max_requests, Some(2), "a child without a budget gets what its parent has left");
+        lineages.push(store.lineage(&unbudgeted).unwrap());
+        assert_eq!(lineages[0].len(), 2, "the grandchild, then the child");
+        let admitted = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for lineage in &lineages {
+                let (store, admitted) = (&store, &admitted);
+                s.spawn(move || {
+                    for _ in 0..10 {
+                        if store.admit(lineage).is_ok() {
+                            admitted.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::SeqCst), 2, "the child's budget of 2 bounds its subtree");
+        assert_eq!(child.used(), 2);
+        for lineage in &lineages {
+            assert_eq!(store.admit(lineage).unwrap_err().code(), "delegation_exhausted");
+        }
+        let untouched = lineages.iter().find(|l| l[0].used() == 0).expect("at most two grandchildren made calls");
+        assert_eq!(store.admit(untouched).unwrap_err(), ProxyError::DelegationExhausted { id: child.id.clone() });
+        // The child's own remaining budget is gone too: it cannot mint more.
+        req.max_requests = Some(1);
+        assert!(matches!(store.mint(&child.as_delegator(), &req), Err(MintError::Excess(_))));
     }
 }

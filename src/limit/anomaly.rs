@@ -1,8 +1,11 @@
 //! Anomaly detection per agent: rate spikes against the agent's own baseline (an EWMA of its
 //! per-minute rate, about an hour's memory), failure bursts, use outside active hours, and first
 //! use of a route or credential. Every function takes `now`, so tests drive time.
+//!
+//! "First use" means first ever: the pairs an agent has used are kept by `FirstUses`, which
+//! outlives idle agents and is persisted with the state that survives a restart.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -30,7 +33,6 @@ pub struct AgentActivity {
     baseline: f64,
     minutes_seen: u32,
     failures: VecDeque<SystemTime>,
-    seen: HashSet<(String, String)>,
     last_fired: Vec<(&'static str, SystemTime)>,
     pub last_seen: Option<SystemTime>,
 }
@@ -78,12 +80,12 @@ impl AgentActivity {
         }
     }
 
-    /// Records one call and returns what it made fire.
+    /// Records one call and returns what it made fire. `first_ever` is the (route, credential)
+    /// pair when the agent has never used it before (see `FirstUses`).
     pub fn observe_call(
         &mut self,
         config: &AnomalyConfig,
-        route: &str,
-        credential: &str,
+        first_ever: Option<(&str, &str)>,
         now: SystemTime,
     ) -> Vec<(Finding, Detector)> {
         self.roll(now);
@@ -125,7 +127,7 @@ impl AgentActivity {
             }
         }
         if let Some(d) = &config.first_use
-            && self.seen.insert((route.to_string(), credential.to_string()))
+            && let Some((route, credential)) = first_ever
         {
             let reason = format!("first use of credential '{credential}' on route '{route}'");
             found.push((Finding { detector: "first_use", reason, value: 1.0, threshold: 1.0 }, d.clone()));
@@ -151,6 +153,41 @@ impl AgentActivity {
             )];
         }
         Vec::new()
+    }
+}
+
+/// Every (route, credential) pair each agent has ever used: small (bounded by the config's
+/// agents, routes and credentials), never pruned for idleness, and persisted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FirstUses(BTreeMap<String, BTreeSet<(String, String)>>);
+
+impl FirstUses {
+    /// Records a use; `true` the first time ever `agent` uses this pair.
+    pub fn record(&mut self, agent: &str, route: &str, credential: &str) -> bool {
+        let pairs = match self.0.get_mut(agent) {
+            Some(pairs) => pairs,
+            None => self.0.entry(agent.to_string()).or_default(),
+        };
+        // Looked up by reference first: the hot path (a pair already seen) allocates nothing.
+        if pairs.iter().any(|(r, c)| r == route && c == credential) {
+            return false;
+        }
+        pairs.insert((route.to_string(), credential.to_string()))
+    }
+
+    /// Adds pairs learned elsewhere (the state file, or another replica through Redis).
+    pub fn merge(&mut self, other: &FirstUses) {
+        for (agent, pairs) in &other.0 {
+            self.0.entry(agent.clone()).or_default().extend(pairs.iter().cloned());
+        }
+    }
+
+    pub fn as_map(&self) -> &BTreeMap<String, BTreeSet<(String, String)>> {
+        &self.0
+    }
+
+    pub fn from_map(map: BTreeMap<String, BTreeSet<(String, String)>>) -> FirstUses {
+        FirstUses(map)
     }
 }
 
@@ -202,18 +239,18 @@ mod tests {
         for minute in 0..60u64 {
             for i in 0..20u64 {
                 let now = t0() + Duration::from_secs(minute * 60 + i * 3);
-                any |= fired(&steady.observe_call(&cfg, "openai", "K", now), "rate_spike");
+                any |= fired(&steady.observe_call(&cfg, None, now), "rate_spike");
             }
         }
         assert!(!any, "a steady rate must not fire");
         // Spike: the same 1,200 calls inside one minute after an hour of quiet use.
         let mut spiky = AgentActivity::default();
         for minute in 0..59u64 {
-            spiky.observe_call(&cfg, "openai", "K", t0() + Duration::from_secs(minute * 60));
+            spiky.observe_call(&cfg, None, t0() + Duration::from_secs(minute * 60));
         }
         let spike_start = t0() + Duration::from_secs(59 * 60);
         let fired_at = (0..1200u64).position(|i| {
-            fired(&spiky.observe_call(&cfg, "openai", "K", spike_start + Duration::from_millis(i * 40)), "rate_spike")
+            fired(&spiky.observe_call(&cfg, None, spike_start + Duration::from_millis(i * 40)), "rate_spike")
         });
         assert_eq!(fired_at, Some(30), "fires once past the floor of 30/min (baseline {:.2})", spiky.baseline());
     }
@@ -235,20 +272,33 @@ mod tests {
     fn off_hours_fire_outside_the_local_window_only() {
         let cfg = config("off_hours");
         let mut day = AgentActivity::default();
-        let inside = (0..100u64)
-            .any(|i| fired(&day.observe_call(&cfg, "r", "K", t0() + Duration::from_secs(i * 60)), "off_hours"));
+        let inside =
+            (0..100u64).any(|i| fired(&day.observe_call(&cfg, None, t0() + Duration::from_secs(i * 60)), "off_hours"));
         assert!(!inside);
         // 14:00 UTC = 22:00 at +08:00.
         let night = t0() + Duration::from_secs(12 * 3600);
-        assert!(fired(&AgentActivity::default().observe_call(&cfg, "r", "K", night), "off_hours"));
+        assert!(fired(&AgentActivity::default().observe_call(&cfg, None, night), "off_hours"));
     }
 
     #[test]
-    fn first_use_fires_once_per_route_and_credential() {
+    fn first_use_fires_once_per_route_and_credential_ever() {
         let cfg = config("first_use");
         let mut a = AgentActivity::default();
-        assert!(fired(&a.observe_call(&cfg, "openai", "K1", t0()), "first_use"));
-        assert!(!fired(&a.observe_call(&cfg, "openai", "K1", t0()), "first_use"));
-        assert!(fired(&a.observe_call(&cfg, "github", "K2", t0()), "first_use"));
+        let mut seen = FirstUses::default();
+        let mut call = |a: &mut AgentActivity, route: &str, credential: &str| {
+            let first = seen.record("a1", route, credential).then_some((route, credential));
+            fired(&a.observe_call(&cfg, first, t0()), "first_use")
+        };
+        assert!(call(&mut a, "openai", "K1"));
+        assert!(!call(&mut a, "openai", "K1"));
+        assert!(call(&mut a, "github", "K2"));
+        // A restart: fresh activity, the pairs restored from the persisted state.
+        let restored = FirstUses::from_map(seen.as_map().clone());
+        let mut seen = FirstUses::default();
+        seen.merge(&restored);
+        let mut b = AgentActivity::default();
+        let first = seen.record("a1", "openai", "K1").then_some(("openai", "K1"));
+        assert!(!fired(&b.observe_call(&cfg, first, t0()), "first_use"), "not the first use since the restart");
+        assert!(seen.record("a2", "openai", "K1"), "another agent's first use is its own");
     }
 }

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::config::{AnomalyAction, AnomalyConfig, LimitsBackend, LimitsConfig, Quota};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
-use anomaly::{AgentActivity, Finding};
+use anomaly::{AgentActivity, Finding, FirstUses};
 use quota::Quotas;
 use shared::Shared;
 
@@ -53,9 +53,20 @@ pub struct Limits {
     quotas: Quotas,
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
     agents: Mutex<HashMap<String, AgentState>>,
+    /// Every (route, credential) pair each agent has ever used, and the pairs not yet written
+    /// to Redis (with the Redis backend).
+    first_uses: Mutex<(FirstUses, Vec<FirstUse>)>,
+    /// Woken when state that must survive a restart changed (a new first use, a quarantine).
+    pub changed: tokio::sync::Notify,
     /// The Redis backend, when `limits.backend = "redis"`.
     pub shared: Option<Arc<Shared>>,
 }
+
+/// One (agent, route, credential) first use.
+pub type FirstUse = (String, String, String);
+
+/// Quarantines as they are persisted: agent → until (unix ms), or `None` for until released.
+pub type QuarantineMap = std::collections::BTreeMap<String, Option<u64>>;
 
 /// One in-flight slot, released when dropped.
 pub struct InFlight(Arc<AtomicU32>);
@@ -168,6 +179,7 @@ impl Limits {
                         state.quarantined = Some(Some(now + detector.cooldown));
                         state.quarantine_confirmed = false;
                         self.share_quarantine(agent, Some(now + detector.cooldown));
+                        self.changed.notify_one();
                     }
                 }
                 tracing::warn!(agent, detector = finding.detector, reason = %finding.reason, action = ?detector.action, "anomaly");
@@ -189,10 +201,59 @@ impl Limits {
         credential: &str,
         now: SystemTime,
     ) -> Vec<Decision> {
+        let first_ever = {
+            let mut first_uses = self.first_uses.lock().expect("limits lock");
+            let (seen, unsaved) = &mut *first_uses;
+            seen.record(agent, route, credential).then(|| {
+                // Redis takes new pairs one by one; the state file is rewritten whole.
+                if self.shared.is_some() {
+                    unsaved.push((agent.to_string(), route.to_string(), credential.to_string()));
+                }
+                self.changed.notify_one();
+                (route, credential)
+            })
+        };
         let mut agents = self.agents.lock().expect("limits lock");
         let state = state_of(&mut agents, agent);
-        let fired = state.activity.observe_call(config, route, credential, now);
+        let fired = state.activity.observe_call(config, first_ever, now);
         self.apply(agent, state, fired, now)
+    }
+
+    /// The state that must survive a restart: live quarantines and every first use.
+    pub fn persisted(&self, now: SystemTime) -> (QuarantineMap, FirstUses) {
+        let quarantined = self
+            .agents
+            .lock()
+            .expect("limits lock")
+            .iter()
+            .filter_map(|(agent, s)| match s.quarantined {
+                Some(None) => Some((agent.clone(), None)),
+                Some(Some(until)) if until > now => Some((agent.clone(), Some(shared::unix_ms(until)))),
+                _ => None,
+            })
+            .collect();
+        let first_uses = self.first_uses.lock().expect("limits lock").0.clone();
+        (quarantined, first_uses)
+    }
+
+    /// Puts back what `persisted` saved, at start, before any request is served.
+    pub fn restore(&self, quarantined: &QuarantineMap, first_uses: &FirstUses) {
+        let mut agents = self.agents.lock().expect("limits lock");
+        for (agent, until) in quarantined {
+            state_of(&mut agents, agent).quarantined = Some(until.map(shared::from_unix_ms));
+        }
+        drop(agents);
+        self.first_uses.lock().expect("limits lock").0.merge(first_uses);
+    }
+
+    /// First uses recorded here and not yet written to Redis; taken, so each is written once
+    /// (put back with `unsaved_back` if the write failed).
+    pub fn take_unsaved_first_uses(&self) -> Vec<FirstUse> {
+        std::mem::take(&mut self.first_uses.lock().expect("limits lock").1)
+    }
+
+    pub fn unsaved_back(&self, mut triples: Vec<FirstUse>) {
+        self.first_uses.lock().expect("limits lock").1.append(&mut triples);
     }
 
     /// Feeds one failure (upstream 401/403 or a keyward denial) to the detectors.
@@ -213,26 +274,33 @@ impl Limits {
         }
     }
 
-    /// Quarantines `agent` until released (or for `duration`), on every replica.
-    pub fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) {
+    /// Quarantines `agent` until released (or for `duration`), on every replica. `Err` when
+    /// Redis (with that backend) did not take it: it holds on this replica only.
+    pub async fn quarantine(&self, agent: &str, duration: Option<Duration>, now: SystemTime) -> Result<(), ()> {
         let until = duration.map(|d| now + d);
-        let mut agents = self.agents.lock().expect("limits lock");
-        let state = state_of(&mut agents, agent);
-        state.quarantined = Some(until);
-        state.quarantine_confirmed = false;
-        drop(agents);
-        self.share_quarantine(agent, until);
+        {
+            let mut agents = self.agents.lock().expect("limits lock");
+            let state = state_of(&mut agents, agent);
+            state.quarantined = Some(until);
+            state.quarantine_confirmed = false;
+        }
+        self.changed.notify_one();
+        // Awaited, not spawned: an admin's release right after cannot overtake it in Redis.
+        match &self.shared {
+            Some(shared) => shared.quarantine(agent, until).await,
+            None => Ok(()),
+        }
     }
 
-    /// Lifts a quarantine and a throttle, on every replica; returns whether there was one here.
-    pub fn release(&self, agent: &str) -> bool {
-        if let Some(shared) = self.shared.clone() {
-            let agent = agent.to_string();
-            tokio::spawn(async move {
-                let _ = shared.release(&agent).await;
-            });
-        }
-        self.release_local(agent)
+    /// Lifts a quarantine and a throttle, on every replica; returns whether there was one here,
+    /// and `Err` when Redis (with that backend) did not take it.
+    pub async fn release(&self, agent: &str) -> (bool, Result<(), ()>) {
+        let was = self.release_local(agent);
+        let shared = match &self.shared {
+            Some(shared) => shared.release(agent).await,
+            None => Ok(()),
+        };
+        (was, shared)
     }
 
     fn release_local(&self, agent: &str) -> bool {
@@ -241,6 +309,7 @@ impl Limits {
         let was = state.quarantined.is_some() || state.throttled.is_some();
         state.quarantined = None;
         state.throttled = None;
+        self.changed.notify_one();
         was
     }
 
@@ -261,8 +330,10 @@ impl Limits {
         }
     }
 
-    /// Mirrors quarantines polled from Redis: adds the ones listed there, lifts the others.
+    /// Mirrors quarantines polled from Redis: adds the ones listed there, lifts the others; and
+    /// learns the first uses other replicas recorded.
     pub fn apply_shared(&self, state: &shared::SharedState) {
+        self.first_uses.lock().expect("limits lock").0.merge(&state.first_uses);
         let mut agents = self.agents.lock().expect("limits lock");
         for (agent, until) in &state.quarantined {
             let local = agents.entry(agent.clone()).or_default();

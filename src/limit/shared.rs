@@ -34,14 +34,34 @@ redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 10
 return {1, 0}
 "#;
 
+/// Charges one request to every budget of a call's chain, or to none: KEYS are the used
+/// counters, ARGV the maxima and then the seconds each counter is kept. Answers 0 when all were
+/// charged, or the 1-based index of the first spent budget.
+const SPEND_CHAIN: &str = r#"
+local n = #KEYS
+for i = 1, n do
+  if tonumber(redis.call('GET', KEYS[i]) or '0') >= tonumber(ARGV[i]) then
+    return i
+  end
+end
+for i = 1, n do
+  redis.call('INCR', KEYS[i])
+  redis.call('EXPIRE', KEYS[i], ARGV[n + i])
+end
+return 0
+"#;
+
 const QUARANTINE: &str = "keyward:quarantine";
 const REVOKED: &str = "keyward:revoked_agents";
 const DELEGATIONS: &str = "keyward:delegations";
 const REVOKED_DELEGATIONS: &str = "keyward:revoked_delegations";
+/// Every (agent, route, credential) ever used, as JSON arrays: first use means first ever.
+const FIRST_USES: &str = "keyward:first_uses";
 
 pub struct Shared {
     manager: ConnectionManager,
     gcra: redis::Script,
+    spend_chain: redis::Script,
     pub fail_open: bool,
     up: AtomicBool,
     metrics: Arc<Metrics>,
@@ -56,9 +76,10 @@ pub struct SharedState {
     /// Delegation records minted on any replica (see `delegation::export`).
     pub delegations: Vec<serde_json::Value>,
     pub revoked_delegations: HashSet<String>,
+    pub first_uses: super::anomaly::FirstUses,
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
@@ -71,7 +92,14 @@ impl Shared {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
         let manager = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| format!("redis: {e}"))?;
-        Ok(Shared { manager, gcra: redis::Script::new(GCRA), fail_open, up: AtomicBool::new(true), metrics })
+        Ok(Shared {
+            manager,
+            gcra: redis::Script::new(GCRA),
+            spend_chain: redis::Script::new(SPEND_CHAIN),
+            fail_open,
+            up: AtomicBool::new(true),
+            metrics,
+        })
     }
 
     fn note(&self, ok: bool, error: Option<&redis::RedisError>) {
@@ -155,16 +183,34 @@ impl Shared {
         connection.sadd::<_, _, ()>(REVOKED_DELEGATIONS, ids).await.map_err(|e| self.note(false, Some(&e)))
     }
 
-    /// Counts one use of a delegation's budget across replicas: `true` while within `max`.
-    pub async fn spend(&self, id: &str, max: u64, lifetime: Duration) -> Result<bool, ()> {
+    /// Counts one use against each `(delegation id, max_requests, keep)` budget at once, across
+    /// replicas: `Ok(None)` when every one had room (all are charged), `Ok(Some(i))` when
+    /// `budgets[i]` is spent (none is charged).
+    pub async fn spend(&self, budgets: &[(&str, u64, Duration)]) -> Result<Option<usize>, ()> {
         let mut connection = self.manager.clone();
-        let key = format!("keyward:delegation_used:{id}");
-        let used: u64 = connection.incr(&key, 1u64).await.map_err(|e| self.note(false, Some(&e)))?;
-        if used == 1 {
-            let _: Result<(), _> = connection.expire(&key, lifetime.as_secs().max(1) as i64 + 3600).await;
+        let mut invocation = self.spend_chain.prepare_invoke();
+        for (id, _, _) in budgets {
+            invocation.key(format!("keyward:delegation_used:{id}"));
         }
+        for (_, max, _) in budgets {
+            invocation.arg(*max);
+        }
+        for (_, _, keep) in budgets {
+            invocation.arg(keep.as_secs().max(1));
+        }
+        let spent: i64 = invocation.invoke_async(&mut connection).await.map_err(|e| self.note(false, Some(&e)))?;
         self.note(true, None);
-        Ok(used <= max)
+        Ok(usize::try_from(spent).ok().filter(|i| *i > 0).map(|i| i - 1))
+    }
+
+    /// Records first uses, so no replica reports them again, even after a restart.
+    pub async fn record_first_uses(&self, triples: &[(String, String, String)]) -> Result<(), ()> {
+        if triples.is_empty() {
+            return Ok(());
+        }
+        let mut connection = self.manager.clone();
+        let members: Vec<String> = triples.iter().map(|t| serde_json::json!([t.0, t.1, t.2]).to_string()).collect();
+        connection.sadd::<_, _, ()>(FIRST_USES, members).await.map_err(|e| self.note(false, Some(&e)))
     }
 
     pub async fn poll(&self) -> Result<SharedState, ()> {
@@ -177,6 +223,11 @@ impl Shared {
         let revoked_delegations: HashSet<String> =
             connection.smembers(REVOKED_DELEGATIONS).await.map_err(|e| self.note(false, Some(&e)))?;
         let delegations = records.values().filter_map(|r| serde_json::from_str(r).ok()).collect();
+        let used: Vec<String> = connection.smembers(FIRST_USES).await.map_err(|e| self.note(false, Some(&e)))?;
+        let mut first_uses = super::anomaly::FirstUses::default();
+        for triple in used.iter().filter_map(|t| serde_json::from_str::<(String, String, String)>(t).ok()) {
+            first_uses.record(&triple.0, &triple.1, &triple.2);
+        }
         self.note(true, None);
         let now = unix_ms(SystemTime::now());
         let quarantined = quarantine
@@ -184,7 +235,7 @@ impl Shared {
             .filter(|(_, until)| *until == 0 || *until > now)
             .map(|(agent, until)| (agent, (until != 0).then_some(until)))
             .collect();
-        Ok(SharedState { quarantined, revoked, delegations, revoked_delegations })
+        Ok(SharedState { quarantined, revoked, delegations, revoked_delegations, first_uses })
     }
 }
 

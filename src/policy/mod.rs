@@ -50,6 +50,31 @@ pub fn authorize<'r>(
     })
 }
 
+/// For a child key whose own grant `own` allows the call: the grant of its root agent's role
+/// (as configured now) for the same route and credential that also allows it, or a 403 saying
+/// the root no longer holds it. A child's rights are what it was given, cut to what its root
+/// holds at the time of the call.
+pub fn authorize_within<'r>(
+    child: &Subject<'_>,
+    root: &Subject<'r>,
+    own: &GrantConfig,
+    method: &Method,
+    path: &str,
+) -> Result<&'r GrantConfig, ProxyError> {
+    root.role
+        .grants
+        .iter()
+        .filter(|g| g.route == own.route && g.secret == own.secret && g.methods.allows(method))
+        .find(|g| g.paths.iter().any(|p| p.matches(path)))
+        .ok_or_else(|| ProxyError::ParentForbidden {
+            agent: child.agent.to_string(),
+            parent: root.agent.to_string(),
+            route: own.route.clone(),
+            method: method.to_string(),
+            path: if path.is_empty() { "/".to_string() } else { path.to_string() },
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +114,45 @@ mod tests {
             },
             RoleConfig { name: "nobody".into(), ..RoleConfig::default() },
         ]
+    }
+
+    #[test]
+    fn a_child_holds_only_what_its_root_still_holds() {
+        let roles = roles();
+        let role = |n: &str| roles.iter().find(|r| r.name == n).unwrap();
+        let child_role = RoleConfig {
+            name: "delegation:dlg_1".into(),
+            grants: vec![grant("github", "GITHUB_TOKEN", &["GET"], &["/repos/**", "/user"])],
+            ..RoleConfig::default()
+        };
+        let child = Subject { agent: "dlg_1", role: &child_role };
+        // (root's role now, method, path) → Ok(secret of the root's grant) or Err(())
+        let cases: &[(&str, Method, &str, bool)] = &[
+            ("worker", Method::GET, "/repos/o/r", true),
+            ("worker", Method::GET, "/user", true),
+            ("admin", Method::GET, "/repos/o/r", true),
+            // The root's role was narrowed to models only, or lost every grant.
+            ("reader", Method::GET, "/repos/o/r", false),
+            ("nobody", Method::GET, "/user", false),
+        ];
+        for (root_role, method, path, allowed) in cases {
+            let own = authorize(&child, "github", method, path).unwrap();
+            let root = Subject { agent: "lead", role: role(root_role) };
+            match (authorize_within(&child, &root, own, method, path), allowed) {
+                (Ok(grant), true) => assert_eq!(grant.secret, "GITHUB_TOKEN"),
+                (Err(ProxyError::ParentForbidden { parent, .. }), false) => assert_eq!(parent, "lead"),
+                (got, _) => panic!("{root_role} {method} {path}: got {got:?}"),
+            }
+        }
+        // A root grant for the same path but another credential does not count.
+        let other = RoleConfig {
+            name: "other".into(),
+            grants: vec![grant("github", "GITHUB_ADMIN_TOKEN", &["GET"], &["/**"])],
+            ..RoleConfig::default()
+        };
+        let own = authorize(&child, "github", &Method::GET, "/user").unwrap();
+        let root = Subject { agent: "lead", role: &other };
+        assert!(authorize_within(&child, &root, own, &Method::GET, "/user").is_err());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 
 use http::{Method, Uri, Version};
 use percent_encoding::percent_decode_str;
+use unicode_normalization::UnicodeNormalization;
 
 use crate::error::ProxyError;
 
@@ -33,9 +34,22 @@ pub fn check_target(method: &Method, version: Version, uri: &Uri) -> Result<(), 
     Ok(())
 }
 
-/// Characters that some upstreams normalise (NFKC) into '.', '/' or '\'.
-const CONFUSABLES: [char; 9] =
-    ['\u{FF0E}', '\u{FF0F}', '\u{FF3C}', '\u{2024}', '\u{2215}', '\u{2044}', '\u{FE52}', '\u{29F5}', '\u{FE68}'];
+/// Characters that look like separators or dots without normalising to them under NFKC
+/// (U+2215 DIVISION SLASH, U+2044 FRACTION SLASH, U+29F5 REVERSE SOLIDUS OPERATOR): some
+/// upstreams fold them by hand-made tables.
+const LOOKALIKES: [char; 3] = ['\u{2215}', '\u{2044}', '\u{29F5}'];
+
+/// Whether NFKC turns some character of `decoded` into '.', '/' or '\' (U+2025 '‥' → "..",
+/// U+FE30 '︰' → "..", U+2100 '℀' → "a/c", U+FF0F '／' → "/", ...): an upstream that normalises
+/// would see a traversal or a separator that the grant check never saw. NFKC never removes
+/// those ASCII characters, so more of them after normalisation means some were introduced.
+fn normalises_to_separator(decoded: &str) -> bool {
+    if decoded.is_ascii() {
+        return false;
+    }
+    let special = |c: &char| matches!(c, '.' | '/' | '\\');
+    decoded.nfkc().filter(special).count() > decoded.chars().filter(special).count()
+}
 
 /// Validates a raw request path and decodes it once.
 ///
@@ -72,7 +86,7 @@ pub fn check_path(raw: &str) -> Result<CheckedPath<'_>, ProxyError> {
     let decoded = percent_decode_str(raw)
         .decode_utf8()
         .map_err(|_| ProxyError::BadPath("percent-encoded bytes are not valid UTF-8"))?;
-    if decoded.contains(CONFUSABLES) {
+    if decoded.contains(LOOKALIKES) || normalises_to_separator(&decoded) {
         return Err(ProxyError::BadPath("characters that normalise to '.', '/' or '\\' are not allowed"));
     }
     let inner = &decoded[1..];
@@ -158,6 +172,16 @@ mod tests {
             "/openai/%EF%BC%8E%EF%BC%8E/x",
             "/openai/a%EF%BC%8Fb",
             "/openai/caf\u{e9}",
+            // Compatibility forms that NFKC turns into "..", or into text containing '/'.
+            "/github/repos/%E2%80%A5/orgs/x",
+            "/github/repos/%EF%B8%B0/orgs/x",
+            "/github/repos/%E2%84%80",
+            "/github/repos/%E2%84%81",
+            "/github/repos/%E2%84%85",
+            "/github/repos/%E2%84%86",
+            "/github/repos/o/r%E2%80%A4txt",
+            "/github/repos/%E2%80%A6",
+            "/github/repos/%E2%88%95x",
         ] {
             assert!(check_path(bad).is_err(), "{bad} should be refused");
         }
@@ -171,6 +195,11 @@ mod tests {
         assert!(check_path("/a/.well-known/x").is_ok());
         assert!(check_path("/").is_ok());
         assert_eq!(check_path("/github/repos/o/caf%C3%A9").unwrap().decoded, "/github/repos/o/café");
+        // Non-ASCII that NFKC changes is fine as long as no '.', '/' or '\\' appears: a
+        // decomposed "café.txt", a ligature, full-width letters.
+        assert!(check_path("/github/repos/o/cafe%CC%81.txt").is_ok());
+        assert!(check_path("/github/repos/o/%EF%AC%81le").is_ok());
+        assert!(check_path("/github/repos/o/%EF%BC%A1").is_ok());
     }
 
     #[test]

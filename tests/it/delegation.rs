@@ -253,3 +253,134 @@ async fn an_expired_child_key_is_refused_and_its_expiry_audited() {
     assert_eq!(expired["delegationId"], child["id"]);
     h.stop().await;
 }
+
+/// Writes the test config with `edit` applied to the lead's section, and reloads it through
+/// the admin API (as SIGHUP would).
+async fn reload_with(h: &Harness, edit: impl Fn(String) -> String) {
+    let path = h.dir.path().join("keyward.toml");
+    std::fs::write(&path, edit(config_text(h.dir.path(), &h.upstream.url(), &extra()))).unwrap();
+    let state = &h.running.as_ref().unwrap().state;
+    let _ = state.config_path.set(path);
+    let r = h.client.post(format!("{}/admin/reload", h.admin)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+async fn chat_code(h: &Harness, key: &str) -> (u16, String) {
+    let r = h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(key).body("{}").send().await.unwrap();
+    (r.status().as_u16(), code(r).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_holds_no_more_than_its_parent_holds_now() {
+    let h = Harness::start_with(&extra()).await;
+    let mut body = chat_child(None);
+    body["allow_subdelegation"] = json!(true);
+    let (_, child) = mint(&h, LEAD_KEY, body.clone()).await;
+    let child_key = child["key"].as_str().unwrap().to_string();
+    let (status, grandchild) = mint(&h, &child_key, body).await;
+    assert_eq!(status, 201, "{grandchild}");
+    let grandchild_key = grandchild["key"].as_str().unwrap().to_string();
+    for key in [LEAD_KEY, &child_key, &grandchild_key] {
+        assert_eq!(chat_code(&h, key).await.0, 200);
+    }
+    let before = h.upstream.count();
+
+    // Each reload takes something from the lead; the lead and every key below it lose it at once.
+    let narrowed =
+        |t: String| t.replace(r#"paths = ["/v1/chat/completions", "/v1/responses"]"#, r#"paths = ["/v1/responses"]"#);
+    let disabled = |t: String| t.replace("role = \"lead\"\n", "role = \"lead\"\ndisabled = true\n");
+    let no_delegation = |t: String| t.replace("delegate = true", "delegate = false");
+    let other_role = |t: String| t.replace("id = \"lead-1\"\nrole = \"lead\"", "id = \"lead-1\"\nrole = \"reader\"");
+    let shallow = |t: String| t.replace("max_delegation_depth = 2", "max_delegation_depth = 1");
+    let removed = |t: String| t.replace("id = \"lead-1\"", "id = \"lead-2\"");
+    type Edit = Box<dyn Fn(String) -> String>;
+    type Expect = (u16, &'static str);
+    let cases: Vec<(&str, Edit, Expect, Expect, Expect)> = vec![
+        ("grant narrowed", Box::new(narrowed), (403, "forbidden"), (403, "forbidden"), (403, "forbidden")),
+        (
+            "parent disabled",
+            Box::new(disabled),
+            (401, "unknown_agent_key"),
+            (401, "delegation_withdrawn"),
+            (401, "delegation_withdrawn"),
+        ),
+        (
+            "role may no longer delegate",
+            Box::new(no_delegation),
+            (200, ""),
+            (401, "delegation_withdrawn"),
+            (401, "delegation_withdrawn"),
+        ),
+        (
+            "parent moved to a role without the grant",
+            Box::new(other_role),
+            (403, "forbidden"),
+            (401, "delegation_withdrawn"),
+            (401, "delegation_withdrawn"),
+        ),
+        ("depth limit lowered", Box::new(shallow), (200, ""), (200, ""), (401, "delegation_withdrawn")),
+        (
+            "parent renamed (its key now belongs to another agent)",
+            Box::new(removed),
+            (200, ""),
+            (401, "delegation_withdrawn"),
+            (401, "delegation_withdrawn"),
+        ),
+    ];
+    for (what, edit, lead, child, grandchild) in cases {
+        reload_with(&h, edit).await;
+        let got =
+            (chat_code(&h, LEAD_KEY).await, chat_code(&h, &child_key).await, chat_code(&h, &grandchild_key).await);
+        let as_ref = |(s, c): &(u16, String)| (*s, c.as_str().to_owned());
+        assert_eq!(
+            (as_ref(&got.0), as_ref(&got.1), as_ref(&got.2)),
+            ((lead.0, lead.1.to_owned()), (child.0, child.1.to_owned()), (grandchild.0, grandchild.1.to_owned())),
+            "{what}"
+        );
+        // Restored: the children were cut to the parent's rights, not revoked.
+        reload_with(&h, |t| t).await;
+        assert_eq!(chat_code(&h, &grandchild_key).await.0, 200, "after restoring from: {what}");
+    }
+    let withdrawn = h.audit().into_iter().filter(|r| r["errorCode"] == "delegation_withdrawn").count();
+    assert_eq!(withdrawn, 9, "each refusal has its outcome record");
+    // Upstream saw only the calls that were allowed: the lead in three cases, the child in
+    // one, and the grandchild after each restore.
+    let allowed_after = 1 + 2 + 1 + 6;
+    assert_eq!(h.upstream.count() - before, allowed_after);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_bounds_every_key_below_it() {
+    let h = Harness::start_with(&extra()).await;
+    let mut body = chat_child(Some(2));
+    body["allow_subdelegation"] = json!(true);
+    let (_, child) = mint(&h, LEAD_KEY, body.clone()).await;
+    let (child_id, child_key) = (child["id"].as_str().unwrap(), child["key"].as_str().unwrap());
+    // The issue's attack: four grandchildren with 2 each from a child that has 2.
+    let mut grandchildren = Vec::new();
+    for _ in 0..4 {
+        let (status, grandchild) = mint(&h, child_key, body.clone()).await;
+        assert_eq!(status, 201, "{grandchild}");
+        grandchildren.push(grandchild["key"].as_str().unwrap().to_string());
+    }
+    let before = h.upstream.count();
+    let calls = grandchildren.iter().flat_map(|k| [k.as_str(), k.as_str()]).chain([child_key, child_key]);
+    let answers = futures_util::future::join_all(calls.map(|k| chat_code(&h, k))).await;
+    assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 2, "{answers:?}");
+    assert!(answers.iter().filter(|a| a.0 != 200).all(|a| *a == (401, "delegation_exhausted".to_string())));
+    assert_eq!(h.upstream.count() - before, 2, "the tree made more upstream calls than the child's budget");
+    let listed: Value = h
+        .client
+        .get(format!("{}/admin/delegations", h.admin))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let child_row = listed["delegations"].as_array().unwrap().iter().find(|d| d["id"] == child_id).unwrap().clone();
+    assert_eq!(child_row["used"], 2, "the child's count includes its subtree's calls");
+    h.stop().await;
+}

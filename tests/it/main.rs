@@ -21,6 +21,7 @@ mod ops;
 mod parking;
 mod proxy;
 mod redis;
+mod restart;
 #[cfg(feature = "aws")]
 mod rotation;
 mod unix_socket;

@@ -572,3 +572,30 @@ async fn the_read_timeout_is_per_frame_and_a_stalled_stream_is_cut_off() {
     assert_eq!(record["outcome"], "upstream_error");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compatibility_forms_that_normalise_to_dots_or_slashes_are_400() {
+    let h = Harness::start().await;
+    // The worker holds GET /repos/** on github: an upstream applying NFKC would turn these
+    // into /repos/../orgs/x (that is, /orgs/x) or into extra path segments.
+    let paths = [
+        "/github/repos/%E2%80%A5/orgs/x",
+        "/github/repos/%EF%B8%B0/orgs/x",
+        "/github/repos/o/%E2%84%80",
+        "/github/repos/o/%E2%84%81",
+        "/github/repos/o/%E2%84%85",
+        "/github/repos/o/%E2%84%86",
+        "/github/repos/%E2%80%A6/x",
+    ];
+    for path in paths {
+        let r = h.client.get(h.url(path)).bearer_auth(WORKER_KEY).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_path", "{path}");
+    }
+    assert_eq!(h.upstream.count(), 0, "a refused path reached the upstream");
+    // Non-ASCII that cannot become a separator still passes.
+    let r = h.client.get(h.url("/github/repos/o/caf%C3%A9")).bearer_auth(WORKER_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    h.stop().await;
+}

@@ -271,3 +271,103 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     a.terminate();
     b.terminate();
 }
+
+/// Mints a child key as `parent_key` on `base`; returns (id, key).
+async fn mint_as(client: &reqwest::Client, base: &str, parent_key: &str, body: &Value) -> (String, String) {
+    let r = client.post(format!("{base}/v1/delegations")).bearer_auth(parent_key).json(body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let minted: Value = r.json().await.unwrap();
+    (minted["id"].as_str().unwrap().to_string(), minted["key"].as_str().unwrap().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subtree_budget_and_the_parents_current_rights_hold_on_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let _redis = start_redis(redis_port);
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    let client = reqwest::Client::new();
+
+    // A child with a budget of 2 mints four grandchildren with 2 each, all on A.
+    let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                   "paths": ["/v1/chat/completions"], "max_requests": 2, "allow_subdelegation": true });
+    let (_, child_key) = mint(&client, &a.proxy, &body).await;
+    let mut grandchildren = Vec::new();
+    for _ in 0..4 {
+        grandchildren.push(mint_as(&client, &a.proxy, &child_key, &body).await.1);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Every grandchild calls twice, once on each replica, all at once: the child's budget of 2
+    // bounds the whole tree across both replicas.
+    let before = upstream.count();
+    let calls = grandchildren.iter().flat_map(|k| [(&a.proxy, k), (&b.proxy, k)]);
+    let answers = futures_util::future::join_all(calls.map(|(base, k)| chat_code(&client, base, k))).await;
+    assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 2, "{answers:?}");
+    assert!(answers.iter().all(|a| a.0 == 200 || a.1 == "delegation_exhausted"), "{answers:?}");
+    assert_eq!(upstream.count() - before, 2);
+
+    // A child minted on A works on B; once the lead is disabled in both replicas' config, both
+    // refuse it, though neither revoked it.
+    let unbudgeted = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
+                                         "paths": ["/v1/chat/completions"] });
+    let (_, key) = mint(&client, &a.proxy, &unbudgeted).await;
+    let first = poll_call(&client, &b.proxy, &key, Duration::from_secs(1), |answer| answer.0 == 200).await;
+    assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
+    for (name, replica) in [("a", &a), ("b", &b)] {
+        let path = dir.path().join(name).join("keyward.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("role = \"lead\"\n", "role = \"lead\"\ndisabled = true\n")).unwrap();
+        let r = client.post(format!("{}/admin/reload", replica.admin)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    for replica in [&a, &b] {
+        assert_eq!(chat_code(&client, &replica.proxy, LEAD_KEY).await, (401, "unknown_agent_key".to_string()));
+        assert_eq!(chat_code(&client, &replica.proxy, &key).await, (401, "delegation_withdrawn".to_string()));
+    }
+    a.terminate();
+    b.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_quarantines_and_first_uses_survive_a_restart_in_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let _redis = start_redis(redis_port);
+    let client = reqwest::Client::new();
+    let admin = |base: &str, path: &str| {
+        let request = client.post(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let first_uses = |logs: &str| logs.lines().filter(|l| l.contains("first_use") && l.contains("lead-1")).count();
+
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &a.proxy, LEAD_KEY).await.0, 200);
+    admin(&a.admin, "/admin/agents/limited-1/quarantine").await;
+    // The first use reaches Redis in the background, and at the latest at shutdown.
+    let logs = a.terminate();
+    assert_eq!(first_uses(&logs), 1, "{logs}");
+    assert!(!dir.path().join("a").join("keyward-state.json").exists(), "with redis the state lives in redis");
+
+    // Restarted: the quarantine holds from the first request, and lead-1's first use is old news.
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &a.proxy, LIMITED_KEY).await, (403, "agent_quarantined".to_string()));
+    assert_eq!(chat_code(&client, &a.proxy, LEAD_KEY).await.0, 200);
+    let revoked = admin(&a.admin, "/admin/agents/lead-1/revoke").await;
+    let logs = a.terminate();
+    assert_eq!(first_uses(&logs), 0, "first use means first ever:\n{logs}");
+    assert!(logs.contains("loaded from redis"), "{logs}");
+
+    // A replica that never ran before starts with the revocation already in force.
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    assert_eq!(chat_code(&client, &b.proxy, LEAD_KEY).await, (401, "agent_revoked".to_string()));
+    assert_eq!(chat_code(&client, &b.proxy, LIMITED_KEY).await, (403, "agent_quarantined".to_string()));
+    b.terminate();
+    assert_eq!(revoked["persisted"], true, "{revoked}");
+}
