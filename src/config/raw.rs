@@ -44,6 +44,7 @@ pub struct RawServer {
     pub max_header_bytes: Option<usize>,
     pub shutdown_grace_ms: Option<u64>,
     pub park_idle_after_ms: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

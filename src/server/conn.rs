@@ -13,9 +13,12 @@
 //! of parked. Connections that asked to close, HTTP/2 connections and connections that have not
 //! finished a request are never parked.
 //!
-//! `header_read_timeout` keeps hyper's meaning: the next request head must arrive within it of
-//! the previous response, parked or not; before the first byte of a connection there is no
-//! deadline, as with hyper-util's protocol detection.
+//! `header_read_timeout` is the deadline for every request head: the first one must arrive whole
+//! within it of accept (whatever the protocol, and however few bytes trickle in), and each next
+//! one within it of the previous response, parked or not. An HTTP/2 connection with no stream
+//! open for that long is closed with GOAWAY, like an idle HTTP/1 one. A head that arrived only in
+//! part is answered 408; a head the parser refused is answered by hyper (400, 414, 431). Both are
+//! told to the listener's `unparsed` observer, so the audit trail has a record of the attempt.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,7 +42,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::{ConnSettings, Peer, Stream};
+use super::{ConnSettings, Observers, Peer, Stream, Unparsed, closing_response};
+use crate::error::ProxyError;
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -52,10 +56,11 @@ pub(super) struct Server {
     header_read_timeout: Duration,
     park_after: Duration,
     parked: Gauge,
+    unparsed: Option<Arc<dyn Fn(Unparsed) + Send + Sync>>,
 }
 
 impl Server {
-    pub(super) fn new(router: Router, settings: ConnSettings, parked: Gauge) -> Server {
+    pub(super) fn new(router: Router, settings: ConnSettings, observers: Observers) -> Server {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -70,21 +75,78 @@ impl Server {
             http2,
             header_read_timeout: settings.header_read_timeout,
             park_after: settings.park_idle_after,
-            parked,
+            parked: observers.parked,
+            unparsed: observers.unparsed,
+        }
+    }
+
+    /// The end of an HTTP/1 connection that hyper failed. A refused head was answered by hyper
+    /// itself (400, 414 or 431, flushed before it returns the error); it is recorded here.
+    fn failed(&self, connection: H1Connection, error: hyper::Error, peer: Peer) {
+        if error.is_timeout() {
+            return self.failed_head(connection, peer);
+        }
+        if !error.is_parse() || error.is_parse_version_h2() {
+            tracing::debug!(?peer, %error, "connection ended with an error");
+            return;
+        }
+        // hyper's kinds, as far as its public API tells them apart (Display names a long URI).
+        let refused = if !error.is_parse_too_large() {
+            ProxyError::BadRequestHead
+        } else if error.to_string().contains("URI") {
+            ProxyError::UriTooLong
+        } else {
+            ProxyError::RequestHeadTooLarge
+        };
+        tracing::debug!(?peer, %error, "request head refused by the HTTP parser");
+        self.report(peer, refused);
+    }
+
+    /// A request head that was not whole by its deadline. If any of it had arrived, this was an
+    /// attempt: it is answered 408 and recorded. A connection idle between requests just closes.
+    fn failed_head(&self, connection: H1Connection, peer: Peer) {
+        let parts = connection.into_parts();
+        let io = parts.io.into_inner();
+        if parts.read_buf.is_empty() && io.prefix.is_empty() {
+            tracing::debug!(?peer, "no request within header_read_timeout; closed");
+            return;
+        }
+        let error = ProxyError::RequestHeadTimeout;
+        // A last word, not a conversation: what the socket does not take now is not waited for.
+        let _ = io.stream.try_write(&closing_response(&error));
+        tracing::debug!(?peer, "request head timed out");
+        self.report(peer, error);
+    }
+
+    fn report(&self, peer: Peer, error: ProxyError) {
+        if let Some(unparsed) = &self.unparsed {
+            unparsed(Unparsed { peer: peer.to_string(), error });
         }
     }
 }
 
-/// Serves one accepted connection until it closes or shutdown ends it.
-pub(super) async fn run(server: Arc<Server>, mut stream: Stream, peer: Peer, mut shutdown: watch::Receiver<bool>) {
+/// Serves one connection, accepted at `accepted`, until it closes or shutdown ends it.
+pub(super) async fn run(
+    server: Arc<Server>,
+    mut stream: Stream,
+    peer: Peer,
+    accepted: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let first_head_due = accepted + server.header_read_timeout;
     let preface = tokio::select! {
         read = read_preface(&mut stream) => read,
+        // Nothing, or only the start of HTTP/2's preface, in time: not yet a request to answer.
+        () = tokio::time::sleep_until(first_head_due) => {
+            tracing::debug!(?peer, "no request began within header_read_timeout; closed");
+            return;
+        }
         () = stopping(&mut shutdown) => return,
     };
     match preface {
-        Ok((true, prefix)) => serve_h2(&server, stream, prefix, peer, shutdown).await,
+        Ok((true, prefix)) => serve_h2(&server, stream, prefix, peer, first_head_due, shutdown).await,
         Ok((false, prefix)) if prefix.is_empty() => {} // closed before sending anything
-        Ok((false, prefix)) => serve_h1(&server, stream, prefix, peer, shutdown).await,
+        Ok((false, prefix)) => serve_h1(&server, stream, prefix, peer, first_head_due, shutdown).await,
         Err(error) => tracing::debug!(?peer, %error, "connection ended with an error"),
     }
 }
@@ -111,16 +173,47 @@ async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-async fn serve_h2(server: &Server, stream: Stream, prefix: Bytes, peer: Peer, mut shutdown: watch::Receiver<bool>) {
-    let state = Arc::new(ConnState::new());
+/// Serves an HTTP/2 connection. Until its first request, and whenever no stream is open, it has
+/// `header_read_timeout` to begin one; then it is closed with GOAWAY (and dropped if the peer
+/// does not let it close within as long again).
+async fn serve_h2(
+    server: &Server,
+    stream: Stream,
+    prefix: Bytes,
+    peer: Peer,
+    first_head_due: Instant,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let state = Arc::new(ConnState::new(true));
     let io = ParkIo { stream, prefix, state: state.clone() };
-    let service = ConnService { router: server.router.clone(), peer, state };
+    let service = ConnService { router: server.router.clone(), peer, state: state.clone() };
     let mut connection = Box::pin(server.http2.serve_connection(TokioIo::new(io), service));
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = stopping(&mut shutdown) => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let idle_check = tokio::time::sleep_until(first_head_due);
+    tokio::pin!(idle_check);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            result = connection.as_mut() => break result,
+            () = stopping(&mut shutdown), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
+            () = &mut idle_check => {
+                if closing {
+                    tracing::debug!(?peer, "idle HTTP/2 connection did not close after GOAWAY; dropped");
+                    return;
+                }
+                match state.idle_until(first_head_due, server.header_read_timeout) {
+                    Ok(()) => {
+                        tracing::debug!(?peer, "HTTP/2 connection idle for header_read_timeout; closing");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                        idle_check.as_mut().reset(Instant::now() + server.header_read_timeout);
+                    }
+                    Err(next) => idle_check.as_mut().reset(next),
+                }
+            }
         }
     };
     if let Err(error) = result {
@@ -136,8 +229,10 @@ enum End {
     Park,
     /// Closed by hyper (the client asked to, or shutdown): shut the socket down.
     Closed,
-    /// An error or a missed header deadline: drop the socket.
-    Dropped,
+    /// hyper failed: a refused head (answered by hyper), a missed header deadline, an I/O error.
+    Failed(hyper::Error),
+    /// The first request head was not whole by its deadline.
+    HeadTimeout,
 }
 
 async fn serve_h1(
@@ -145,15 +240,17 @@ async fn serve_h1(
     mut stream: Stream,
     mut prefix: Bytes,
     peer: Peer,
+    first_head_due: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // After a park: when the next request head must have arrived (hyper's header timer, which
-    // it starts when the previous response is done, does not survive the park).
-    let mut deadline = None;
+    // When the next request head must have arrived while hyper has not started its own timer:
+    // from accept for the first head, and after a park (hyper's header timer, which it starts
+    // when the previous response is done, does not survive the park).
+    let mut deadline = Some(first_head_due);
     loop {
         let due;
         (stream, prefix, due) = {
-            let state = Arc::new(ConnState::new());
+            let state = Arc::new(ConnState::new(false));
             let io = ParkIo { stream, prefix, state: state.clone() };
             let service = ConnService { router: server.router.clone(), peer, state: state.clone() };
             // Boxed, so a parked connection's task does not keep room for hyper's state.
@@ -168,7 +265,8 @@ async fn serve_h1(
                     let _ = (&mut *connection).await;
                     return;
                 }
-                End::Dropped => return,
+                End::Failed(error) => return server.failed(*connection, error, peer),
+                End::HeadTimeout => return server.failed_head(*connection, peer),
             }
             // Everything of this hyper connection is dropped at the end of this block: only the
             // socket and the bytes of a next request head it had read (copied out of hyper's read
@@ -237,16 +335,13 @@ async fn drive(
             done = std::future::poll_fn(|cx| connection.poll_without_shutdown(cx)) => return match done {
                 // hyper closed the connection itself: the client asked to, or shutdown.
                 Ok(()) => End::Closed,
-                Err(error) => {
-                    tracing::debug!(%error, "connection ended with an error");
-                    End::Dropped
-                }
+                Err(error) => End::Failed(error),
             },
             () = stopping(shutdown), if !stopped => {
                 stopped = true;
                 Pin::new(&mut *connection).graceful_shutdown();
             }
-            () = &mut head_deadline, if deadline.is_some() && state.calls() == 0 => return End::Dropped,
+            () = &mut head_deadline, if deadline.is_some() && state.calls() == 0 => return End::HeadTimeout,
             () = &mut park_check, if !refused && !stopped => match state.parkable(park_after) {
                 Ok(()) => {
                     Pin::new(&mut *connection).graceful_shutdown();
@@ -255,10 +350,7 @@ async fn drive(
                     // and the connection is closed then, not parked.
                     match std::future::poll_fn(|cx| Poll::Ready(connection.poll_without_shutdown(cx))).await {
                         Poll::Ready(Ok(())) => return End::Park,
-                        Poll::Ready(Err(error)) => {
-                            tracing::debug!(%error, "connection ended with an error");
-                            return End::Dropped;
-                        }
+                        Poll::Ready(Err(error)) => return End::Failed(error),
                         Poll::Pending => {
                             tracing::debug!("a connection that looked idle was busy; it closes after this exchange");
                             refused = true;
@@ -275,6 +367,7 @@ async fn drive(
 /// connection tell its driver.
 struct ConnState {
     started: Instant,
+    http2: bool,
     /// Requests handed to the service.
     calls: AtomicU64,
     /// Holds on requests not finished yet (see `Hold`).
@@ -288,9 +381,10 @@ struct ConnState {
 }
 
 impl ConnState {
-    fn new() -> ConnState {
+    fn new(http2: bool) -> ConnState {
         ConnState {
             started: Instant::now(),
+            http2,
             calls: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             idle_at_ms: AtomicU64::new(0),
@@ -305,6 +399,20 @@ impl ConnState {
 
     fn idle_since(&self) -> Instant {
         self.started + Duration::from_millis(self.idle_at_ms.load(Ordering::Relaxed))
+    }
+
+    /// For HTTP/2: `Ok` once no request has begun by `first_due`, or none has been open for
+    /// `after` since; else when to look again.
+    fn idle_until(&self, first_due: Instant, after: Duration) -> Result<(), Instant> {
+        let now = Instant::now();
+        let due = if self.calls() == 0 {
+            first_due
+        } else if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Err(now + after);
+        } else {
+            self.idle_since() + after
+        };
+        if due > now { Err(due) } else { Ok(()) }
     }
 
     /// `Ok` when hyper is between requests and has been for `after`, else when to look again.
@@ -379,7 +487,7 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
                 Ok(response) => response,
                 Err(never) => match never {},
             };
-            Ok(response.map(|inner| ResponseBody { inner, _hold: hold }))
+            Ok(response.map(|inner| ResponseBody { inner, hold, failed: None }))
         })
     }
 }
@@ -422,9 +530,14 @@ impl Drop for RequestBody {
 }
 
 /// The response body, holding its request in flight until hyper has sent it or dropped it.
+///
+/// When the body fails (the upstream broke off), the error is held back until what hyper has
+/// buffered is on the socket: hyper drops its write buffer when a body fails, so otherwise the
+/// agent would not get the head and bytes already counted as sent to it.
 struct ResponseBody {
     inner: axum::body::Body,
-    _hold: Hold,
+    hold: Hold,
+    failed: Option<axum::Error>,
 }
 
 impl Body for ResponseBody {
@@ -432,11 +545,30 @@ impl Body for ResponseBody {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if let Some(error) = this.failed.take() {
+            // HTTP/1 flushes after polling the body, on the same task: while a write still waits
+            // for the socket, the wake-up that socket gives the connection polls this body again.
+            // (HTTP/2 polls bodies on their own tasks and sends from the connection's.)
+            if !this.hold.0.http2 && this.hold.0.write_blocked.load(Ordering::Relaxed) {
+                this.failed = Some(error);
+                return Poll::Pending;
+            }
+            return Poll::Ready(Some(Err(error)));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(error))) => {
+                this.failed = Some(error);
+                // Polled again right after hyper's next flush.
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            polled => polled,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.failed.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

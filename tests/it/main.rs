@@ -8,6 +8,7 @@ mod audit;
 mod aws;
 mod binary;
 mod canary;
+mod connections;
 mod dashboard;
 mod delegation;
 mod deploy;

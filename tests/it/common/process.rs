@@ -20,7 +20,11 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `keyward serve` with `args` and `env`, and waits (bounded) for its listening line.
     pub fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
-        let mut command = keyward();
+        Self::serve_command(keyward(), cwd, args, env)
+    }
+
+    /// `serve` through `command`, which runs the binary (under `prlimit`, say).
+    pub fn serve_command(mut command: Command, cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
         command.arg("serve").args(args).current_dir(cwd).stdout(Stdio::null()).stderr(Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
