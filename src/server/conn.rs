@@ -26,12 +26,13 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
 use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -378,6 +379,13 @@ struct ConnState {
     unclean: AtomicBool,
     /// The last write to the socket could not complete: hyper may still hold bytes to send.
     write_blocked: AtomicBool,
+    /// Flushes of the socket that completed.
+    flushes: AtomicU64,
+    /// Response bodies waiting for the next completed flush (see `ResponseBody`).
+    flush_waiters: std::sync::Mutex<Vec<Waker>>,
+    flush_awaited: AtomicBool,
+    /// The HTTP/2 connection's task (it reads the socket), to have it send what it has queued.
+    connection_task: AtomicWaker,
 }
 
 impl ConnState {
@@ -390,7 +398,26 @@ impl ConnState {
             idle_at_ms: AtomicU64::new(0),
             unclean: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
+            flushes: AtomicU64::new(0),
+            flush_waiters: std::sync::Mutex::new(Vec::new()),
+            flush_awaited: AtomicBool::new(false),
+            connection_task: AtomicWaker::new(),
         }
+    }
+
+    fn flushed(&self) {
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        if self.flush_awaited.swap(false, Ordering::AcqRel) {
+            let waiters = std::mem::take(&mut *self.flush_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Has `waker` woken after the next completed flush, and has the connection's task run.
+    fn await_flush(&self, waker: &Waker) {
+        self.flush_waiters.lock().unwrap_or_else(|e| e.into_inner()).push(waker.clone());
+        self.flush_awaited.store(true, Ordering::Release);
+        self.connection_task.wake();
     }
 
     fn calls(&self) -> u64 {
@@ -531,14 +558,26 @@ impl Drop for RequestBody {
 
 /// The response body, holding its request in flight until hyper has sent it or dropped it.
 ///
-/// When the body fails (the upstream broke off), the error is held back until what hyper has
-/// buffered is on the socket: hyper drops its write buffer when a body fails, so otherwise the
-/// agent would not get the head and bytes already counted as sent to it.
+/// When the body fails (the upstream broke off), the error is held back until what was handed to
+/// hyper is on the socket: on a failed body hyper drops its HTTP/1 write buffer, and HTTP/2 resets
+/// the stream, discarding the data still queued for it. Otherwise the agent would not get bytes
+/// the audit record counts as sent to it. The wait is bounded by `FLUSH_WAIT`.
 struct ResponseBody {
     inner: axum::body::Body,
     hold: Hold,
-    failed: Option<axum::Error>,
+    failed: Option<Failed>,
 }
+
+/// A response body's error, held back (see `ResponseBody`).
+struct Failed {
+    error: axum::Error,
+    /// `ConnState::flushes` when the error came.
+    flushes: u64,
+    give_up: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// The longest a failed response body waits for its bytes to reach the socket.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 impl Body for ResponseBody {
     type Data = Bytes;
@@ -546,21 +585,36 @@ impl Body for ResponseBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
-        if let Some(error) = this.failed.take() {
-            // HTTP/1 flushes after polling the body, on the same task: while a write still waits
-            // for the socket, the wake-up that socket gives the connection polls this body again.
-            // (HTTP/2 polls bodies on their own tasks and sends from the connection's.)
-            if !this.hold.0.http2 && this.hold.0.write_blocked.load(Ordering::Relaxed) {
-                this.failed = Some(error);
-                return Poll::Pending;
+        let state = &this.hold.0;
+        if let Some(failed) = &mut this.failed {
+            let sent = if state.http2 {
+                // Streams are polled on their own tasks: a completed flush of the connection after
+                // the error means the data queued before it was written.
+                state.flushes.load(Ordering::Acquire) > failed.flushes
+            } else {
+                // HTTP/1 flushes after polling the body, on the same task: while a write still
+                // waits for the socket, the socket's wake-up polls this body again.
+                !state.write_blocked.load(Ordering::Relaxed)
+            };
+            if sent || failed.give_up.as_mut().poll(cx).is_ready() {
+                let failed = this.failed.take().expect("checked above");
+                return Poll::Ready(Some(Err(failed.error)));
             }
-            return Poll::Ready(Some(Err(error)));
+            if state.http2 {
+                state.await_flush(cx.waker());
+            }
+            return Poll::Pending;
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(error))) => {
-                this.failed = Some(error);
-                // Polled again right after hyper's next flush.
-                cx.waker().wake_by_ref();
+                let flushes = state.flushes.load(Ordering::Acquire);
+                this.failed = Some(Failed { error, flushes, give_up: Box::pin(tokio::time::sleep(FLUSH_WAIT)) });
+                if state.http2 {
+                    state.await_flush(cx.waker());
+                } else {
+                    // Polled again right after hyper's next flush.
+                    cx.waker().wake_by_ref();
+                }
                 Poll::Pending
             }
             polled => polled,
@@ -594,6 +648,9 @@ impl ParkIo {
 impl AsyncRead for ParkIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.state.http2 {
+            this.state.connection_task.register(cx.waker());
+        }
         if !this.prefix.is_empty() {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
@@ -628,6 +685,9 @@ impl AsyncWrite for ParkIo {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = polled {
+            this.state.flushed();
+        }
         this.wrote(polled)
     }
 
