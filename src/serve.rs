@@ -153,16 +153,23 @@ fn fit_fd_budget(max_connections: usize, agent_listeners: usize) -> usize {
         tracing::info!(max_connections, "file descriptors: no limit");
         return max_connections;
     };
+    // The soft limit before it was raised, if it was.
+    let raised_from = limit.current.filter(|&was| was != budget);
     let per_connection = 2 * agent_listeners as u64 + 1;
     let needed = per_connection * max_connections as u64 + FD_RESERVE;
     if needed <= budget {
-        tracing::info!(limit = budget, raised_from = ?limit.current.filter(|&was| was != budget), max_connections,
-            "file descriptors: enough for every listener at server.max_connections");
+        tracing::info!(
+            limit = budget,
+            ?raised_from,
+            max_connections,
+            "file descriptors: enough for every listener at server.max_connections"
+        );
         return max_connections;
     }
     let fitted = (budget.saturating_sub(FD_RESERVE) / per_connection).max(1) as usize;
     tracing::warn!(
         limit = budget,
+        ?raised_from,
         configured = max_connections,
         max_connections = fitted,
         "file descriptors: too few for server.max_connections on every listener; each listener now holds at most \
