@@ -155,27 +155,35 @@ fn fit_fd_budget(max_connections: usize, agent_listeners: usize) -> usize {
     };
     // The soft limit before it was raised, if it was.
     let raised_from = limit.current.filter(|&was| was != budget);
-    let per_connection = 2 * agent_listeners as u64 + 1;
-    let needed = per_connection * max_connections as u64 + FD_RESERVE;
-    if needed <= budget {
+    let fitted = connections_that_fit(budget, max_connections, agent_listeners);
+    if fitted == max_connections {
         tracing::info!(
             limit = budget,
             ?raised_from,
             max_connections,
             "file descriptors: enough for every listener at server.max_connections"
         );
+    } else {
+        tracing::warn!(
+            limit = budget,
+            ?raised_from,
+            configured = max_connections,
+            max_connections = fitted,
+            "file descriptors: too few for server.max_connections on every listener; each listener now holds at \
+             most max_connections (raise the limit with `ulimit -n` or systemd's LimitNOFILE to allow more)"
+        );
+    }
+    fitted
+}
+
+/// `max_connections`, or fewer if `agent_listeners` listeners and the admin listener, all at
+/// that many connections, could run out of `budget` descriptors.
+fn connections_that_fit(budget: u64, max_connections: usize, agent_listeners: usize) -> usize {
+    let per_connection = 2 * agent_listeners as u64 + 1;
+    if per_connection * max_connections as u64 + FD_RESERVE <= budget {
         return max_connections;
     }
-    let fitted = (budget.saturating_sub(FD_RESERVE) / per_connection).max(1) as usize;
-    tracing::warn!(
-        limit = budget,
-        ?raised_from,
-        configured = max_connections,
-        max_connections = fitted,
-        "file descriptors: too few for server.max_connections on every listener; each listener now holds at most \
-         max_connections (raise the limit with `ulimit -n` or systemd's LimitNOFILE to allow more)"
-    );
-    fitted
+    (budget.saturating_sub(FD_RESERVE) / per_connection).max(1) as usize
 }
 
 /// Binds the agent Unix socket with `mode`. A socket file left by an earlier run is replaced;
@@ -292,5 +300,31 @@ impl Running {
         }
         let audit = self.state.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_is_fitted_to_the_descriptor_budget() {
+        // (budget, configured, agent listeners) → per listener
+        let cases = [
+            (1_048_576, 16_384, 1, 16_384),
+            (524_288, 16_384, 2, 16_384),
+            (512, 16_384, 1, 149),
+            (512, 100, 1, 100),
+            (1024, 16_384, 2, 192),
+            (4096, 16_384, 1, 1344),
+            (10, 16_384, 1, 1),
+        ];
+        for (budget, configured, listeners, expected) in cases {
+            assert_eq!(
+                connections_that_fit(budget, configured, listeners),
+                expected,
+                "{budget} {configured} {listeners}"
+            );
+        }
     }
 }
