@@ -131,8 +131,22 @@ pub enum ProxyError {
         id: String,
         reason: String,
     },
-    /// The agent's request body broke off before keyward had it all.
+    /// The agent's request body broke off before keyward had it all, or was not valid chunked
+    /// encoding.
     BadBody,
+    /// The HTTP parser refused the request head (duplicate `Content-Length`, obs-fold, a bad
+    /// token, ...): hyper answers it itself, this names it for the audit record.
+    BadRequestHead,
+    /// The request head is larger than `server.max_header_bytes` (or has too many headers).
+    RequestHeadTooLarge,
+    /// The request target alone is too long for the parser.
+    UriTooLong,
+    /// The request head did not arrive whole within `server.header_read_timeout_ms`.
+    RequestHeadTimeout,
+    /// The listener already holds `server.max_connections` connections.
+    TooManyConnections {
+        max: usize,
+    },
     Internal(&'static str),
 }
 
@@ -183,6 +197,15 @@ impl ProxyError {
             ProxyError::MethodOverride { .. } => (StatusCode::BAD_REQUEST, "method_override_refused", Downstream),
             ProxyError::DelegationWithdrawn { .. } => (StatusCode::UNAUTHORIZED, "delegation_withdrawn", Downstream),
             ProxyError::BadBody => (StatusCode::BAD_REQUEST, "invalid_body", Downstream),
+            ProxyError::BadRequestHead => (StatusCode::BAD_REQUEST, "invalid_request_head", Downstream),
+            ProxyError::RequestHeadTooLarge => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request_head_too_large", Downstream)
+            }
+            ProxyError::UriTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long", Downstream),
+            ProxyError::RequestHeadTimeout => (StatusCode::REQUEST_TIMEOUT, "request_head_timeout", Downstream),
+            ProxyError::TooManyConnections { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", Internal)
+            }
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -256,7 +279,16 @@ impl ProxyError {
             ProxyError::MethodOverride { route } => format!(
                 "a '_method' parameter on route '{route}' would change the method upstream; send the real HTTP method instead"
             ),
-            ProxyError::BadBody => "the request body could not be read to its end".to_string(),
+            ProxyError::BadBody => {
+                "the request body could not be read to its end, or its chunked encoding is malformed".to_string()
+            }
+            ProxyError::BadRequestHead => "the request head is not valid HTTP/1.1".to_string(),
+            ProxyError::RequestHeadTooLarge => "the request head is too large".to_string(),
+            ProxyError::UriTooLong => "the request target is too long".to_string(),
+            ProxyError::RequestHeadTimeout => "the request head did not arrive in time".to_string(),
+            ProxyError::TooManyConnections { max } => {
+                format!("keyward already holds its limit of {max} connections on this listener; retry shortly")
+            }
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }
     }

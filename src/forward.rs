@@ -135,6 +135,10 @@ fn classify(error: &hyper_util::client::legacy::Error, route: &str) -> ProxyErro
         if let Some(limit) = e.downcast_ref::<BodyLimitExceeded>() {
             return ProxyError::BodyTooLarge { limit: limit.0 };
         }
+        if e.is::<AgentBodyFailed>() {
+            // The agent's side, not the upstream's: malformed chunked framing or a body cut short.
+            return ProxyError::BadBody;
+        }
         source = e.source();
     }
     tracing::warn!(route, error = %error_chain(error), "upstream request failed");
@@ -164,12 +168,24 @@ impl std::fmt::Display for BodyLimitExceeded {
 
 impl std::error::Error for BodyLimitExceeded {}
 
-/// Streams the agent's body to the upstream, failing once it passes `limit` bytes.
+/// The agent's request body could not be read (malformed chunked framing, or it broke off).
+#[derive(Debug)]
+pub struct AgentBodyFailed(BoxError);
+
+impl std::fmt::Display for AgentBodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the agent's request body failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for AgentBodyFailed {}
+
 /// A request body with nothing in it.
 pub fn empty_body() -> OutboundBody {
     UnsyncBoxBody::new(http_body_util::Empty::new().map_err(|never| match never {}))
 }
 
+/// Streams the agent's body to the upstream, failing once it passes `limit` bytes.
 pub fn limited_body<B>(body: B, limit: u64) -> OutboundBody
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
@@ -203,7 +219,7 @@ where
                 this.remaining -= len;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(AgentBodyFailed(e.into()))))),
             other => other.map(|_| None),
         }
     }

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub audit_records: Counter,
     pub audit_write_errors: Counter,
     pub connections_parked: Gauge,
+    pub connections_open: Gauge,
+    pub connections_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -108,6 +110,14 @@ impl Metrics {
             "Idle HTTP/1 keep-alive connections parked now (their buffers released until the next request)",
             connections_parked.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register("connections_open", "Connections open now, on every listener", connections_open.clone());
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused because their listener held server.max_connections already",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -121,6 +131,8 @@ impl Metrics {
             audit_records,
             audit_write_errors,
             connections_parked,
+            connections_open,
+            connections_refused,
         }
     }
 

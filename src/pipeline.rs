@@ -168,7 +168,7 @@ async fn proxy(
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
 
     // A small body is kept, so a call refused for a stale credential can be sent once more.
-    let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes).await?;
+    let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
     let outbound = outbound_request(request, route, &raw_rest, &secret, presented_key, limit)?;
     // No credential goes onto the network without a durable record of its release.
     audit.release().await?;
@@ -250,21 +250,37 @@ impl Replay {
     }
 }
 
-/// Reads a body of at most `limit` bytes (declared by Content-Length, or no body at all) so it
-/// can be replayed; larger or chunked bodies stream through untouched and are not replayable.
-async fn keep_for_replay(request: Request<Body>, limit: u64) -> Result<(Request<Body>, Option<Replay>), ProxyError> {
+/// Reads up to `limit` bytes of the body before any credential is released, so a small body can
+/// be replayed and a malformed one (broken chunked framing) is refused with 400 while nothing has
+/// gone out. A body declared larger than `limit` is not read ahead; one that turns out larger
+/// streams on after the bytes read (not replayable), still held to `max_body` bytes.
+async fn keep_for_replay(
+    request: Request<Body>,
+    limit: u64,
+    max_body: u64,
+) -> Result<(Request<Body>, Option<Replay>), ProxyError> {
     use http_body_util::BodyExt;
-    // Without a Content-Length (chunked HTTP/1.1, most HTTP/2 bodies) only an empty body is kept.
-    let small = match declared_length(&request) {
-        Some(len) => len <= limit,
-        None => http_body::Body::is_end_stream(request.body()),
-    };
-    if limit == 0 || !small {
+    if limit == 0 || declared_length(&request).is_some_and(|len| len > limit) {
         return Ok((request, None));
     }
-    let (parts, body) = request.into_parts();
-    let body =
-        http_body_util::Limited::new(body, limit as usize).collect().await.map_err(|_| ProxyError::BadBody)?.to_bytes();
+    let (parts, mut body) = request.into_parts();
+    let mut kept = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        // Trailers are not forwarded; only data is kept.
+        let Ok(data) = frame.map_err(|_| ProxyError::BadBody)?.into_data() else { continue };
+        kept.extend_from_slice(&data);
+        if kept.len() as u64 > max_body {
+            return Err(ProxyError::BodyTooLarge { limit: max_body });
+        }
+        if kept.len() as u64 > limit {
+            // Larger than a replay may keep: what was read goes first, the rest streams after it.
+            use futures_util::StreamExt;
+            let read = futures_util::stream::once(std::future::ready(Ok(kept.freeze())));
+            let body = Body::from_stream(read.chain(body.into_data_stream()));
+            return Ok((Request::from_parts(parts, body), None));
+        }
+    }
+    let body = kept.freeze();
     let replay = Replay {
         method: parts.method.clone(),
         uri: parts.uri.clone(),

@@ -10,10 +10,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::audit::AuditSink;
+use crate::audit::{AuditGuard, AuditSink};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::server::{self, ConnSettings};
+use crate::server::{self, ConnSettings, Observers, Unparsed};
 use crate::state::{AppState, Runtime};
 
 /// A started instance: where it listens, its state, and the handle to stop it.
@@ -41,11 +41,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
     let server_config = runtime.config.server.clone();
+    let agent_listeners =
+        usize::from(server_config.listen.is_some()) + usize::from(server_config.listen_unix.is_some());
     let settings = ConnSettings {
         header_read_timeout: server_config.header_read_timeout,
         max_header_bytes: server_config.max_header_bytes,
         shutdown_grace: server_config.shutdown_grace,
         park_idle_after: server_config.park_idle_after,
+        max_connections: fit_fd_budget(server_config.max_connections, agent_listeners),
     };
     let state = AppState::new(runtime, audit, metrics);
     // Revocations, quarantines and first uses are back before any request can be served.
@@ -66,14 +69,36 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     let proxy_addr = proxy_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let admin_addr = admin_listener.local_addr()?;
     let (shutdown, rx) = watch::channel(false);
-    let parked = state.metrics.connections_parked.clone();
+    let admin_observers = Observers {
+        parked: state.metrics.connections_parked.clone(),
+        open: state.metrics.connections_open.clone(),
+        refused: state.metrics.connections_refused.clone(),
+        unparsed: None,
+    };
+    // On the agent listeners every attempt is audited, also one the HTTP parser refused.
+    let audited = state.clone();
+    let agent_observers = Observers {
+        unparsed: Some(Arc::new(move |unparsed: Unparsed| {
+            let runtime = audited.runtime.load();
+            AuditGuard::unparsed(
+                audited.audit.clone(),
+                audited.metrics.clone(),
+                runtime.secrets.scrubber_cell(),
+                runtime.audit_metadata.clone(),
+                unparsed.peer,
+                &unparsed.error,
+                runtime.config.server.access_log,
+            );
+        })),
+        ..admin_observers.clone()
+    };
 
     let mut tasks = vec![
         tokio::spawn(server::serve(
             admin_listener,
             crate::admin::router(state.clone()),
             settings,
-            parked.clone(),
+            admin_observers,
             rx.clone(),
         )),
         tokio::spawn(warm_up(state.clone(), rx.clone())),
@@ -87,7 +112,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
             listener,
             crate::app(state.clone()),
             settings,
-            parked.clone(),
+            agent_observers.clone(),
             rx.clone(),
         )));
     }
@@ -96,7 +121,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
             server::Listener::Unix(listener),
             crate::app(state.clone()),
             settings,
-            parked.clone(),
+            agent_observers.clone(),
             rx.clone(),
         )));
     }
@@ -110,6 +135,61 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     tracing::info!(proxy = %proxy, admin = %format!("http://{admin_addr}"), "keyward listening");
     let shutdown_grace = settings.shutdown_grace;
     Ok(Running { proxy_addr, proxy_unix, admin_addr, state, shutdown, tasks, shutdown_grace })
+}
+
+/// Descriptors kept aside for all but the agent connections: the audit file, the listeners,
+/// pooled upstream connections beyond one per agent connection, Redis, secret stores, DNS.
+const FD_RESERVE: u64 = 64;
+
+/// Raises the soft limit on open files to the hard one, logs the budget, and returns
+/// `max_connections` lowered if the listeners at their limit could exhaust it (each agent
+/// connection may hold a second descriptor for its upstream; admin connections hold one).
+fn fit_fd_budget(max_connections: usize, agent_listeners: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut soft = limit.current;
+    if soft.is_some() && soft != limit.maximum {
+        let raised = Rlimit { current: limit.maximum, maximum: limit.maximum };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = limit.maximum,
+            Err(error) => tracing::warn!(%error, "cannot raise the soft limit on open files to the hard limit"),
+        }
+    }
+    let Some(budget) = soft else {
+        tracing::info!(max_connections, "file descriptors: no limit");
+        return max_connections;
+    };
+    // The soft limit before it was raised, if it was.
+    let raised_from = limit.current.filter(|&was| was != budget);
+    let fitted = connections_that_fit(budget, max_connections, agent_listeners);
+    if fitted == max_connections {
+        tracing::info!(
+            limit = budget,
+            ?raised_from,
+            max_connections,
+            "file descriptors: enough for every listener at server.max_connections"
+        );
+    } else {
+        tracing::warn!(
+            limit = budget,
+            ?raised_from,
+            configured = max_connections,
+            max_connections = fitted,
+            "file descriptors: too few for server.max_connections on every listener; each listener now holds at \
+             most max_connections (raise the limit with `ulimit -n` or systemd's LimitNOFILE to allow more)"
+        );
+    }
+    fitted
+}
+
+/// `max_connections`, or fewer if `agent_listeners` listeners and the admin listener, all at
+/// that many connections, could run out of `budget` descriptors.
+fn connections_that_fit(budget: u64, max_connections: usize, agent_listeners: usize) -> usize {
+    let per_connection = 2 * agent_listeners as u64 + 1;
+    if per_connection * max_connections as u64 + FD_RESERVE <= budget {
+        return max_connections;
+    }
+    (budget.saturating_sub(FD_RESERVE) / per_connection).max(1) as usize
 }
 
 /// Binds the agent Unix socket with `mode`. A socket file left by an earlier run is replaced;
@@ -239,5 +319,31 @@ impl Running {
         }
         let audit = self.state.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_is_fitted_to_the_descriptor_budget() {
+        // (budget, configured, agent listeners) → per listener
+        let cases = [
+            (1_048_576, 16_384, 1, 16_384),
+            (524_288, 16_384, 2, 16_384),
+            (512, 16_384, 1, 149),
+            (512, 100, 1, 100),
+            (1024, 16_384, 2, 192),
+            (4096, 16_384, 1, 1344),
+            (10, 16_384, 1, 1),
+        ];
+        for (budget, configured, listeners, expected) in cases {
+            assert_eq!(
+                connections_that_fit(budget, configured, listeners),
+                expected,
+                "{budget} {configured} {listeners}"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! Listeners: the accept loop over TCP or a Unix socket, one task per connection (see `conn`),
-//! and graceful shutdown that lets in-flight requests finish.
+//! at most `max_connections` at once, and graceful shutdown that lets in-flight requests finish.
 
 mod conn;
 
@@ -11,11 +11,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::error::ProxyError;
 
 /// Connection settings shared by both listeners.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +29,30 @@ pub struct ConnSettings {
     pub shutdown_grace: Duration,
     /// An idle HTTP/1 keep-alive connection is parked after this long (see `conn`).
     pub park_idle_after: Duration,
+    /// The most connections one listener holds open at once; newer ones are refused.
+    pub max_connections: usize,
+}
+
+/// What the connections of a listener report to the rest of keyward.
+#[derive(Clone)]
+pub struct Observers {
+    /// Connections parked at any moment.
+    pub parked: Gauge,
+    /// Connections open at any moment, over all listeners.
+    pub open: Gauge,
+    /// Connections refused because their listener was at `max_connections`.
+    pub refused: Counter,
+    /// Told of every attempt that never became a request: a head the HTTP parser refused, or
+    /// one that did not arrive whole in time (the listener's audit trail records it).
+    pub unparsed: Option<Arc<dyn Fn(Unparsed) + Send + Sync>>,
+}
+
+/// An attempt refused before it was a request: who sent it and what they were answered.
+pub struct Unparsed {
+    /// The peer's address, or `unix:uid=N` on the Unix socket (`unix` without credentials).
+    pub peer: String,
+    /// The answer sent, by its error (`invalid_request_head`, `request_head_timeout`, ...).
+    pub error: ProxyError,
 }
 
 /// The credentials of a process connected over the Unix socket (SO_PEERCRED), as the kernel
@@ -41,6 +69,17 @@ pub struct PeerCred {
 enum Peer {
     Tcp(SocketAddr),
     Unix(Option<PeerCred>),
+}
+
+impl std::fmt::Display for Peer {
+    /// As the audit record's `ip` field writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{}", addr.ip()),
+            Peer::Unix(Some(cred)) => write!(f, "unix:uid={}", cred.uid),
+            Peer::Unix(None) => f.write_str("unix"),
+        }
+    }
 }
 
 /// A listener the accept loop can serve: TCP or a Unix socket.
@@ -87,6 +126,53 @@ impl Stream {
             Stream::Unix(stream) => stream.readable().await,
         }
     }
+
+    /// Writes what the socket takes now, without waiting: for a last word before closing.
+    fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(stream) => stream.try_write(bytes),
+            Stream::Unix(stream) => stream.try_write(bytes),
+        }
+    }
+}
+
+/// One open connection: its place under `max_connections` and in the open gauge, given back
+/// when the connection's task ends or is aborted.
+struct Open {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Open {
+    fn new(slot: tokio::sync::OwnedSemaphorePermit, gauge: &Gauge) -> Open {
+        gauge.inc();
+        Open { _slot: slot, gauge: gauge.clone() }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// `error` as a complete HTTP/1.1 response that closes the connection, for answers given outside
+/// hyper (before or after it serves the connection): the usual JSON error body.
+fn closing_response(error: &ProxyError) -> Vec<u8> {
+    let body = crate::error::error_body(error.code(), &error.message()).to_string();
+    let status = error.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if status == http::StatusCode::SERVICE_UNAVAILABLE {
+        head.push_str("retry-after: 1\r\n");
+    }
+    head.push_str("\r\n");
+    head.push_str(&body);
+    head.into_bytes()
 }
 
 impl AsyncRead for Stream {
@@ -141,16 +227,20 @@ impl AsyncWrite for Stream {
 
 /// Serves `router` on `listener` until `shutdown` turns true, then waits up to the grace period
 /// for open connections to finish: parked and idle ones close at once, in-flight requests run on.
-/// `parked` counts the connections parked at any moment.
+/// A connection accepted while `max_connections` are open is answered 503 and closed at once.
 pub async fn serve(
     listener: impl Into<Listener>,
     router: Router,
     settings: ConnSettings,
-    parked: Gauge,
+    observers: Observers,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let listener = listener.into();
-    let server = Arc::new(conn::Server::new(router, settings, parked));
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refusal = closing_response(&ProxyError::TooManyConnections { max: settings.max_connections });
+    let mut refused_since_warning = 0u64;
+    let mut last_warning: Option<Instant> = None;
+    let server = Arc::new(conn::Server::new(router, settings, observers.clone()));
     let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -166,7 +256,31 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        connections.spawn(conn::run(server.clone(), stream, peer, shutdown.clone()));
+        // The deadline for the first request head runs from here (see `conn`).
+        let accepted = Instant::now();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // The newest connection is the one refused: those already open keep their place.
+            let _ = stream.try_write(&refusal);
+            drop(stream);
+            observers.refused.inc();
+            refused_since_warning += 1;
+            if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(
+                    max = settings.max_connections,
+                    refused = refused_since_warning,
+                    "connection limit reached (server.max_connections); refusing new connections"
+                );
+                refused_since_warning = 0;
+                last_warning = Some(Instant::now());
+            }
+            continue;
+        };
+        let open = Open::new(slot, &observers.open);
+        let connection = conn::run(server.clone(), stream, peer, accepted, shutdown.clone());
+        connections.spawn(async move {
+            connection.await;
+            drop(open);
+        });
     }
     drop(listener);
     let drained = async { while connections.join_next().await.is_some() {} };

@@ -30,6 +30,8 @@ pub struct AuditGuard {
     emitted: bool,
     /// Write the one-line access log when the outcome is emitted (`server.access_log`).
     access_log: bool,
+    /// A `request.released` record was written: the credential may be on its way upstream.
+    released: bool,
     /// Released with the guard, when the response is done (an in-flight slot).
     held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
@@ -99,8 +101,27 @@ impl AuditGuard {
             record,
             emitted: false,
             access_log: true,
+            released: false,
             held: None,
         }
+    }
+
+    /// Records an attempt that never became a request (see `server::Unparsed`): `peer` was
+    /// answered `error` before any head could be read, so method, path and agent are unknown.
+    pub fn unparsed(
+        sink: Arc<AuditSink>,
+        metrics: Arc<Metrics>,
+        scrubber: Arc<ArcSwap<Scrubber>>,
+        metadata: Arc<BTreeMap<String, String>>,
+        peer: String,
+        error: &ProxyError,
+        access_log: bool,
+    ) {
+        let mut guard = AuditGuard::begin(sink, metrics, scrubber, metadata, None, &Method::GET, "");
+        guard.access_log(access_log);
+        guard.record.method = String::new();
+        guard.record.ip = peer;
+        guard.fail(error);
     }
 
     pub fn request_id(&self) -> &str {
@@ -168,7 +189,7 @@ impl AuditGuard {
         let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let line =
             scrubbed(&self.scrubber.load(), self.record.released_canonical(&timestamp, &operation(&self.record)));
-        match self.sink.record_durably(line).await {
+        let released = match self.sink.record_durably(line).await {
             Ok(()) => Ok(()),
             Err(failure) if self.sink.on_failure() == OnFailure::Allow => {
                 tracing::error!(request_id = %self.record.request_id, error = %failure.0,
@@ -176,7 +197,9 @@ impl AuditGuard {
                 Ok(())
             }
             Err(_) => Err(ProxyError::AuditUnavailable),
-        }
+        };
+        self.released |= released.is_ok();
+        released
     }
 
     /// keyward refused or failed the request with `error`.
@@ -187,6 +210,15 @@ impl AuditGuard {
             (_, ProxyError::SecretStoreUnavailable { .. } | ProxyError::SecretNotFound { .. }) => {
                 (Decision::Error, Outcome::SecretError)
             }
+            (
+                _,
+                ProxyError::BadRequestHead
+                | ProxyError::RequestHeadTooLarge
+                | ProxyError::UriTooLong
+                | ProxyError::RequestHeadTimeout,
+            ) => (Decision::Denied, Outcome::Unparsed),
+            // The agent's body ended the call after the credential had gone out with its head.
+            (Origin::Downstream, _) if self.released => (Decision::Allowed, Outcome::RequestAborted),
             (Origin::Downstream, _) if error.status() == http::StatusCode::TOO_MANY_REQUESTS => {
                 (Decision::Throttled, Outcome::Throttled)
             }

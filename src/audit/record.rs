@@ -12,7 +12,7 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Decision {
-    /// Forwarded with a credential.
+    /// Forwarded with a credential (also when the request was then cut off: `request_aborted`).
     Allowed,
     /// Refused by keyward: bad request, unknown agent, not granted.
     Denied,
@@ -45,6 +45,12 @@ pub enum Outcome {
     ClientDisconnect,
     /// keyward shut down past its grace period and closed the response.
     Shutdown,
+    /// The HTTP parser refused the request head, or it did not arrive whole in time: there was
+    /// no request to identify, route or authorize (`errorCode` says which).
+    Unparsed,
+    /// The credential had been released and the request was on its way upstream when keyward
+    /// cut it off because of the agent's request body: over the limit, malformed, or broken off.
+    RequestAborted,
 }
 
 /// Who ended the response body (fields in sorted order).

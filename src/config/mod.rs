@@ -107,6 +107,9 @@ pub struct ServerConfig {
     /// An HTTP/1 keep-alive connection idle this long is parked: its buffers and connection
     /// state are dropped until the socket is readable again.
     pub park_idle_after: Duration,
+    /// The most connections each listener (agent TCP, agent Unix socket, admin) holds open at
+    /// once; a connection accepted beyond it is answered 503 and closed.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -45,6 +45,7 @@ pub struct RawServer {
     pub access_log: Option<bool>,
     pub shutdown_grace_ms: Option<u64>,
     pub park_idle_after_ms: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -121,7 +121,11 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         access_log: raw.server.access_log.unwrap_or(true),
         shutdown_grace: ms(raw.server.shutdown_grace_ms, 10_000),
         park_idle_after: ms(raw.server.park_idle_after_ms, 1_000),
+        max_connections: raw.server.max_connections.unwrap_or(16_384),
     };
+    if server.max_connections == 0 {
+        c.problem("server.max_connections", "must be greater than 0");
+    }
     if server.header_read_timeout.is_zero() {
         c.problem("server.header_read_timeout_ms", "must be greater than 0");
     }

@@ -168,6 +168,10 @@ fn check_reports_file_line_and_field_for_every_problem() {
             "bad.toml:3: server.park_idle_after_ms: must be greater than 0",
         ),
         (
+            GOOD.replace("[server]", "[server]\nmax_connections = 0"),
+            "bad.toml:3: server.max_connections: must be greater than 0",
+        ),
+        (
             GOOD.replace(
                 "mapping = { A = \"{{A_VAR}}\" }",
                 "mapping = { A = \"{{A_VAR}}\", B = \"{{B_VAR}}\" }\ncache = { max_size = 1 }",

@@ -10,6 +10,7 @@ mod aws;
 mod binary;
 mod canary;
 mod clients;
+mod connections;
 mod dashboard;
 mod delegation;
 mod deploy;

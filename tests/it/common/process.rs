@@ -20,12 +20,23 @@ pub struct Spawned {
 impl Spawned {
     /// Starts `keyward serve` with `args` and `env`, and waits (bounded) for its listening line.
     pub fn serve(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Spawned {
-        Self::serve_without(cwd, args, env, &[])
+        Self::serve_command(keyward(), cwd, args, env, &[])
     }
 
     /// `serve`, with the variables named in `unset` removed from the inherited environment.
     pub fn serve_without(cwd: &Path, args: &[&str], env: &[(&str, &str)], unset: &[&str]) -> Spawned {
-        let mut command = keyward();
+        Self::serve_command(keyward(), cwd, args, env, unset)
+    }
+
+    /// `serve` through `command`, which runs the binary (under `prlimit`, say), with the variables
+    /// named in `unset` removed from the inherited environment.
+    pub fn serve_command(
+        mut command: Command,
+        cwd: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Spawned {
         command.arg("serve").args(args).current_dir(cwd).stdout(Stdio::null()).stderr(Stdio::piped());
         for key in unset {
             command.env_remove(key);
