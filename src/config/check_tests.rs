@@ -65,7 +65,7 @@ fn every_problem_is_reported_in_one_run() {
                 "6: sources[0].rotation.schedule: '0 25 * * *': the hour field '25' is out of range (allowed: 0-23, with * , - /)",
                 "9: routes[0].prefix: missing field `prefix`",
                 "11: routes[0].prefx: unknown field `prefx`, expected one of `name`, `prefix`, `upstream`, \
-                 `allow_plaintext`, `scrub_responses`, `agent_key`, `inject`, `validate` (did you mean `prefix`?)",
+                 `allow_plaintext`, `scrub_responses`, `agent_key`, `pass_headers`, `inject`, `validate` (did you mean `prefix`?)",
                 // Only the broken route's own problems; a reference to another name is still news.
                 "17: roles.worker.grants[0].route: no route named 'opnai' (did you mean 'openai'?)",
             ],
