@@ -100,6 +100,8 @@ impl Forwarder {
             Ok(Err(error)) => return Err(classify(&error, route)),
             Ok(Ok(response)) => response,
         };
+        let mut response = response;
+        crate::decode::note_transfer_codings(&mut response);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = TimedBody::new(body, self.read_timeout, deadline);

@@ -20,5 +20,6 @@ mod proxy;
 mod redis;
 #[cfg(feature = "aws")]
 mod rotation;
+mod scrub;
 mod unix_socket;
 mod vault;
