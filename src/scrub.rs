@@ -109,7 +109,7 @@ fn wrapped(fragment: &[u8], width: usize, eol: &[u8]) -> Vec<Vec<u8>> {
 const URL_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
 /// The percent-encoders ecosystems use, as the characters each leaves unencoded (ASCII letters
 /// and digits always are); each is also tried with a space as `+` (form encoding).
-const URL_ENCODERS: [&AsciiSet; 8] = [
+const URL_ENCODERS: [&AsciiSet; 9] = [
     // Rust `percent_encoding::NON_ALPHANUMERIC`, curl `--data-urlencode`.
     NON_ALPHANUMERIC,
     URL_UNRESERVED,
@@ -135,6 +135,8 @@ const URL_ENCODERS: [&AsciiSet; 8] = [
         .remove(b'+')
         .remove(b'$')
         .remove(b'#'),
+    // JavaScript's legacy `escape`.
+    &NON_ALPHANUMERIC.remove(b'@').remove(b'*').remove(b'_').remove(b'+').remove(b'-').remove(b'.').remove(b'/'),
     // WHATWG `application/x-www-form-urlencoded` (URLSearchParams), Java `URLEncoder`.
     &NON_ALPHANUMERIC.remove(b'*').remove(b'-').remove(b'.').remove(b'_'),
     // PHP `urlencode`.
@@ -190,6 +192,8 @@ fn utf16_escapes(value: &str, before: &str, after: &str) -> String {
 /// MarkupSafe) and numeric character references on every character, decimal and hex.
 fn html_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
     let base = value.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    // Quotes left as they are: Python `html.escape(s, quote=False)`, XML text nodes.
+    forms.push(base.clone().into_bytes());
     for (quot, apos) in [("&quot;", "&#x27;"), ("&#34;", "&#39;"), ("&quot;", "&#039;"), ("&quot;", "&#39;")] {
         forms.push(base.replace('"', quot).replace('\'', apos).into_bytes());
     }

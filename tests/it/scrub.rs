@@ -300,3 +300,127 @@ async fn transfer_coded_bodies_are_decoded_and_scrubbed_or_refused() {
     }
     h.stop().await;
 }
+
+/// Python's own encoders, each form as base64 of its bytes (some are UTF-16).
+const PYTHON_FORMS: &str = r#"
+import base64, binascii, email.base64mime, html, json, sys, textwrap, urllib.parse
+s = sys.argv[1]
+b = s.encode()
+forms = {
+    "quote(safe='')": urllib.parse.quote(s, safe=""),
+    "quote()": urllib.parse.quote(s),
+    "quote_plus": urllib.parse.quote_plus(s),
+    "urlencode": urllib.parse.urlencode({"k": s})[2:],
+    "json.dumps": json.dumps(s)[1:-1],
+    "html.escape": html.escape(s),
+    "html.escape(quote=False)": html.escape(s, quote=False),
+    "decimal entities": "".join("&#%d;" % ord(c) for c in s),
+    "hex entities": "".join("&#x%x;" % ord(c) for c in s),
+    "hexlify": binascii.hexlify(b).decode(),
+    "hexlify upper": binascii.hexlify(b).decode().upper(),
+    "bytes.hex(':')": b.hex(),
+    "utf-16-le": s.encode("utf-16-le"),
+    "utf-16-be": s.encode("utf-16-be"),
+    "utf-16 (BOM)": s.encode("utf-16"),
+}
+for lead in range(0, 80):
+    data = b"." * lead + b + b" tail"
+    forms["encodebytes lead %d" % lead] = base64.encodebytes(data).decode()
+    forms["base64mime lead %d" % lead] = email.base64mime.body_encode(data, maxlinelen=76, eol="\r\n")
+    forms["pem lead %d" % lead] = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 64))
+    forms["urlsafe lead %d" % lead] = base64.urlsafe_b64encode(data).decode()
+out = {k: base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode() for k, v in forms.items()}
+print(json.dumps(out))
+"#;
+
+#[test]
+fn python_encoders_of_a_secret_with_reserved_characters_are_all_masked() {
+    const SPECIAL: &str = "pw-canary/RT+0123_abcdef~xyz&<>'\"!*();$@=,:?# end";
+    let output = std::process::Command::new("python3").args(["-c", PYTHON_FORMS, SPECIAL]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let forms: std::collections::BTreeMap<String, String> = serde_json::from_slice(&output.stdout).unwrap();
+    let value = secrecy::SecretString::from(SPECIAL);
+    let scrubber = keyward::scrub::Scrubber::new([("SPECIAL", &value)]);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut survived = Vec::new();
+    for (encoder, form) in &forms {
+        let form = b64.decode(form).unwrap();
+        let mut input = b"before ".to_vec();
+        input.extend_from_slice(&form);
+        input.extend_from_slice(b" after");
+        let out = scrubber.scrub(&input).into_owned();
+        assert_eq!(out.len(), input.len(), "{encoder}");
+        if encoder.contains("lead") {
+            let engine = if encoder.starts_with("urlsafe") {
+                base64::engine::general_purpose::URL_SAFE
+            } else {
+                base64::engine::general_purpose::STANDARD
+            };
+            let reveals = |text: &[u8]| {
+                let body = &text[7..text.len() - 6];
+                let clean: Vec<u8> = body
+                    .iter()
+                    .filter(|b| !matches!(b, b'\r' | b'\n'))
+                    .map(|&b| if b.is_ascii_alphanumeric() || b"+/-_=".contains(&b) { b } else { b'A' })
+                    .collect();
+                let decoded = engine.decode(&clean).unwrap_or_default();
+                decoded.windows(SPECIAL.len()).any(|w| w == SPECIAL.as_bytes())
+            };
+            assert!(reveals(&input), "{encoder}: the check must see the secret");
+            if reveals(&out) {
+                survived.push(format!("{encoder}: {}", String::from_utf8_lossy(&out)));
+            }
+        } else if out.windows(form.len()).any(|w| w == &form[..]) {
+            survived.push(encoder.clone());
+        }
+    }
+    assert!(survived.is_empty(), "forms that survived: {survived:#?}");
+}
+
+/// JavaScript's own encoders (Node), each form as base64 of its bytes.
+const NODE_FORMS: &str = r#"
+const s = process.argv[1];
+const json = JSON.stringify(s);
+const forms = {
+  "encodeURIComponent": encodeURIComponent(s),
+  "encodeURI": encodeURI(s),
+  "escape": escape(s),
+  "URLSearchParams": new URLSearchParams({ k: s }).toString().slice(2),
+  "JSON.stringify": json.slice(1, -1),
+  "hex": Buffer.from(s).toString("hex"),
+  "utf16le": Buffer.from(s, "utf16le"),
+  "base64url": Buffer.from("xy" + s).toString("base64url"),
+};
+const out = {};
+for (const [k, v] of Object.entries(forms)) out[k] = Buffer.from(v).toString("base64");
+console.log(JSON.stringify(out));
+"#;
+
+#[test]
+fn javascript_encoders_of_a_secret_with_reserved_characters_are_all_masked() {
+    const SPECIAL: &str = "pw-canary/RT+0123_abcdef~xyz&<>'\"!*();$@=,:?# end";
+    let output = std::process::Command::new("node")
+        .args(["-e", NODE_FORMS, SPECIAL])
+        .output()
+        .expect("node is installed (scripts/test.sh installs nodejs)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let forms: std::collections::BTreeMap<String, String> = serde_json::from_slice(&output.stdout).unwrap();
+    let value = secrecy::SecretString::from(SPECIAL);
+    let scrubber = keyward::scrub::Scrubber::new([("SPECIAL", &value)]);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut survived = Vec::new();
+    for (encoder, form) in &forms {
+        let form = b64.decode(form).unwrap();
+        let mut input = b"k=".to_vec();
+        input.extend_from_slice(&form);
+        input.extend_from_slice(b"&n=1");
+        let out = scrubber.scrub(&input).into_owned();
+        assert_eq!(out.len(), input.len(), "{encoder}");
+        // Of base64 text, the part that comes from the secret alone.
+        let form = if encoder == "base64url" { form[4..form.len() - 4].to_vec() } else { form };
+        if out.windows(form.len()).any(|w| w == &form[..]) {
+            survived.push(encoder.clone());
+        }
+    }
+    assert!(survived.is_empty(), "forms that survived: {survived:#?}");
+}
