@@ -5,102 +5,15 @@
 use crate::common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use base64::Engine;
+use common::raw::*;
 use common::*;
-use percent_encoding::percent_decode_str;
-
-/// Routes to the raw upstream, one per injection form.
-fn raw_routes(raw: SocketAddr) -> String {
-    format!(
-        r#"
-[[routes]]
-name = "raw-header"
-prefix = "/raw-header"
-upstream = "http://{raw}"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-
-[[routes]]
-name = "raw-basic"
-prefix = "/raw-basic"
-upstream = "http://{raw}"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ basic = {{ username = "u", password = "{{{{secret}}}}" }} }}
-
-[[routes]]
-name = "raw-query"
-prefix = "/raw-query"
-upstream = "http://{raw}"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ query = "key", value = "{{{{secret}}}}" }}
-"#
-    )
-}
-
-const ROUTES: [&str; 3] = ["raw-header", "raw-basic", "raw-query"];
 
 async fn harness(raw: SocketAddr) -> Harness {
-    Harness::start_edited(&raw_routes(raw), |text| {
-        let grants: String = ROUTES
-            .iter()
-            .map(|r| {
-                format!(
-                    "  {{ route = \"{r}\", secret = \"OPENAI_API_KEY\", methods = [\"GET\"], paths = [\"/**\"] }},\n"
-                )
-            })
-            .collect();
-        text.replacen("[roles.worker]\ngrants = [\n", &format!("[roles.worker]\ngrants = [\n{grants}"), 1)
-    })
-    .await
-}
-
-/// The credential the upstream received, however it was injected.
-fn received_credential(head: &str) -> String {
-    for line in head.lines() {
-        let Some((name, value)) = line.split_once(':') else { continue };
-        if !name.eq_ignore_ascii_case("authorization") {
-            continue;
-        }
-        let value = value.trim();
-        if let Some(token) = value.strip_prefix("Bearer ") {
-            return token.to_string();
-        }
-        if let Some(basic) = value.strip_prefix("Basic ") {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(basic).unwrap();
-            let decoded = String::from_utf8(decoded).unwrap();
-            return decoded.split_once(':').unwrap().1.to_string();
-        }
-    }
-    let target = head.split(' ').nth(1).unwrap_or("");
-    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let key = query.split('&').find_map(|p| p.strip_prefix("key=")).unwrap_or("");
-    percent_decode_str(key).decode_utf8().unwrap().into_owned()
-}
-
-fn compressed(deflate: bool, data: &[u8]) -> Vec<u8> {
-    if deflate {
-        let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    } else {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        e.write_all(data).unwrap();
-        e.finish().unwrap()
-    }
-}
-
-fn chunked(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for piece in body.chunks(40) {
-        out.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
-        out.extend_from_slice(piece);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"0\r\n\r\n");
-    out
+    Harness::start_edited(&raw_routes(raw), grant_raw_routes).await
 }
 
 /// A body that compresses well, so no deflate block stores the secret as plain bytes.
@@ -137,7 +50,7 @@ fn answer(path: &str, secret: &str) -> Vec<u8> {
         "gzip-chunked" | "deflate-chunked" => {
             let coding = behaviour.split('-').next().unwrap();
             let mut out = head(&format!("transfer-encoding: {coding}, chunked\r\n"));
-            out.extend(chunked(&compressed(coding == "deflate", plain.as_bytes())));
+            out.extend(chunked(&compressed(coding == "deflate", plain.as_bytes()), 40));
             out
         }
         "gzip-close" => {
@@ -148,53 +61,24 @@ fn answer(path: &str, secret: &str) -> Vec<u8> {
         }
         "gzip-gzip-chunked" => {
             let mut out = head("content-encoding: gzip\r\ntransfer-encoding: gzip, chunked\r\n");
-            out.extend(chunked(&compressed(false, &compressed(false, plain.as_bytes()))));
+            out.extend(chunked(&compressed(false, &compressed(false, plain.as_bytes())), 40));
             out
         }
         "compress-chunked" => {
             let mut out = head("transfer-encoding: compress, chunked\r\n");
-            out.extend(chunked(&compressed(false, plain.as_bytes())));
+            out.extend(chunked(&compressed(false, plain.as_bytes()), 40));
             out
         }
         "chunked-gzip" => {
             // chunked not last: hyper reads to close and would keep the chunk framing.
             let mut out = head("transfer-encoding: chunked, gzip\r\n");
-            out.extend(compressed(false, &chunked(plain.as_bytes())));
+            out.extend(compressed(false, &chunked(plain.as_bytes(), 40)));
             out
         }
         other => panic!("unknown raw behaviour {other}"),
     };
     out.shrink_to_fit();
     out
-}
-
-/// A raw-TCP upstream: reads a request head, answers with `answer(path, credential)`, closes.
-fn raw_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let secret = received_credential(&head);
-                assert_eq!(secret, CANARY_OPENAI, "the credential was injected");
-                let path = head.split(' ').nth(1).unwrap_or("");
-                let _ = stream.write_all(&answer(path, &secret));
-                let _ = stream.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-    addr
 }
 
 /// Every form of the canary an agent could read back, including the lower-cased ones a header
@@ -221,9 +105,9 @@ fn raw_get(h: &Harness, path: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_head_never_carries_the_credential() {
-    let raw = raw_upstream();
+    let raw = raw_upstream(answer);
     let h = harness(raw).await;
-    for route in ROUTES {
+    for route in RAW_ROUTES {
         for (behaviour, status_line) in [
             ("reason", "HTTP/1.1 200 OK\r\n"),
             ("reason-404", "HTTP/1.1 404 Not Found\r\n"),
@@ -242,34 +126,18 @@ async fn the_response_head_never_carries_the_credential() {
     h.stop().await;
 }
 
-/// Undoes any gzip or zlib layers an agent could strip itself.
-fn inflate_all(mut body: Vec<u8>) -> Vec<u8> {
-    for _ in 0..3 {
-        let mut gz = Vec::new();
-        let mut zlib = Vec::new();
-        if flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut gz).is_ok() {
-            body = gz;
-        } else if flate2::read::ZlibDecoder::new(&body[..]).read_to_end(&mut zlib).is_ok() {
-            body = zlib;
-        } else {
-            break;
-        }
-    }
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_coded_bodies_are_decoded_and_scrubbed_or_refused() {
     // The leak check sees through what an agent could undo itself.
     let plain = echo_body(CANARY_OPENAI);
     assert!(leaks(&inflate_all(compressed(false, &compressed(false, plain.as_bytes())))).is_some());
     assert!(leaks(&inflate_all(compressed(true, plain.as_bytes()))).is_some());
-    let raw = raw_upstream();
+    let raw = raw_upstream(answer);
     let h = harness(raw).await;
     let h1 = reqwest::Client::builder().http1_only().build().unwrap();
     let h2c = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     for (agent, client) in [("http/1.1", &h1), ("h2c", &h2c)] {
-        for route in ROUTES {
+        for route in RAW_ROUTES {
             for behaviour in ["gzip-chunked", "deflate-chunked", "gzip-close", "gzip-gzip-chunked"] {
                 let response = client
                     .get(h.url(&format!("/{route}/{behaviour}")))
