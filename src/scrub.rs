@@ -278,13 +278,20 @@ impl Scrubber {
                 .expect("literal patterns always compile")
         });
         let in_json = (!patterns.is_empty()).then(|| {
-            let mut escaped: Vec<Vec<u8>> = patterns.clone();
-            for pattern in &patterns {
-                if let Ok(text) = std::str::from_utf8(pattern) {
-                    let json = serde_json::to_string(text).expect("strings serialize");
-                    escaped.push(json.as_bytes()[1..json.len() - 1].to_vec());
-                }
-            }
+            // Inside a serialized JSON string a pattern appears only in its escaped form (a raw
+            // quote, backslash or line break cannot), so that is the only form searched for.
+            let mut escaped: Vec<Vec<u8>> = patterns
+                .iter()
+                .map(|pattern| match std::str::from_utf8(pattern) {
+                    Ok(text) => {
+                        let json = serde_json::to_string(text).expect("strings serialize");
+                        json.as_bytes()[1..json.len() - 1].to_vec()
+                    }
+                    Err(_) => pattern.clone(),
+                })
+                .collect();
+            escaped.sort();
+            escaped.dedup();
             let built = AhoCorasickBuilder::new()
                 .ascii_case_insensitive(true)
                 .prefilter(false)
