@@ -114,26 +114,35 @@ pub fn coding<B>(response: &Response<B>) -> Coding {
 /// More layers than any real server applies only multiply a decompression bomb.
 const MAX_LAYERS: usize = 3;
 
-enum Decoder {
+enum Inflate {
     Gzip(GzDecoder<Vec<u8>>),
     Zlib(ZlibDecoder<Vec<u8>>),
 }
 
+struct Decoder {
+    inflate: Inflate,
+    /// Whether any byte arrived: a HEAD, 204 or 304 answer keeps its codings but has no body,
+    /// which is not a truncated stream.
+    fed: bool,
+}
+
 impl Decoder {
     fn new(layer: Layer) -> Decoder {
-        match layer {
-            Layer::Gzip => Decoder::Gzip(GzDecoder::new(Vec::new())),
-            Layer::Deflate => Decoder::Zlib(ZlibDecoder::new(Vec::new())),
-        }
+        let inflate = match layer {
+            Layer::Gzip => Inflate::Gzip(GzDecoder::new(Vec::new())),
+            Layer::Deflate => Inflate::Zlib(ZlibDecoder::new(Vec::new())),
+        };
+        Decoder { inflate, fed: false }
     }
 
     fn write(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
+        self.fed |= !data.is_empty();
+        match &mut self.inflate {
+            Inflate::Gzip(d) => {
                 d.write_all(data)?;
                 Ok(std::mem::take(d.get_mut()))
             }
-            Decoder::Zlib(d) => {
+            Inflate::Zlib(d) => {
                 d.write_all(data)?;
                 Ok(std::mem::take(d.get_mut()))
             }
@@ -141,12 +150,15 @@ impl Decoder {
     }
 
     fn finish(&mut self) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
+        if !self.fed {
+            return Ok(Vec::new());
+        }
+        match &mut self.inflate {
+            Inflate::Gzip(d) => {
                 d.try_finish()?;
                 Ok(std::mem::take(d.get_mut()))
             }
-            Decoder::Zlib(d) => {
+            Inflate::Zlib(d) => {
                 d.try_finish()?;
                 Ok(std::mem::take(d.get_mut()))
             }
@@ -263,6 +275,16 @@ mod tests {
         assert_eq!(of(None, Some("gzip, gzip, gzip, gzip, chunked")), Coding::Unsupported);
         for refused in ["compress, chunked", "br", "zstd, chunked", "chunked, gzip", "gzip;q=1, chunked", "x-custom"] {
             assert_eq!(of(None, Some(refused)), Coding::Unsupported, "{refused}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_decodes_to_nothing() {
+        // A HEAD, 204 or 304 answer keeps its codings but has no body.
+        for layers in [&[Layer::Gzip][..], &[Layer::Deflate], &[Layer::Gzip, Layer::Deflate]] {
+            let body = http_body_util::Empty::<Bytes>::new().map_err(|never| -> BoxError { match never {} });
+            let decoded = DecodedBody::new(body, layers).collect().await.unwrap().to_bytes();
+            assert!(decoded.is_empty());
         }
     }
 

@@ -35,6 +35,12 @@ fn answer(path: &str, secret: &str) -> Vec<u8> {
         "reason-404" => {
             format!("HTTP/1.1 404 {secret} not found\r\ncontent-length: 2\r\nconnection: close\r\n\r\nno").into_bytes()
         }
+        "informational" => {
+            let mut out = format!("HTTP/1.1 103 {secret}\r\nlink: </{secret}>\r\nx-{lower}: 1\r\n\r\n").into_bytes();
+            out.extend(head("content-length: 2\r\n"));
+            out.extend_from_slice(b"ok");
+            out
+        }
         "header-names" => {
             head(&format!("x-{lower}: 1\r\n{lower}: 2\r\nx-k-{hex}: 3\r\nx-fine: 4\r\ncontent-length: 2\r\n"))
                 .into_iter()
@@ -112,6 +118,7 @@ async fn the_response_head_never_carries_the_credential() {
             ("reason", "HTTP/1.1 200 OK\r\n"),
             ("reason-404", "HTTP/1.1 404 Not Found\r\n"),
             ("header-names", "HTTP/1.1 200 OK\r\n"),
+            ("informational", "HTTP/1.1 200 OK\r\n"),
             ("trailer", "HTTP/1.1 200 OK\r\n"),
         ] {
             let got = raw_get(&h, &format!("/{route}/{behaviour}"));
