@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 
 use aho_corasick::automaton::Automaton;
 use aho_corasick::nfa::contiguous;
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Anchored, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Anchored, Input, MatchKind};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
@@ -35,10 +35,10 @@ pub const MIN_SCRUB_LEN: usize = 8;
 
 /// A compiled set of credential patterns. Deliberately not `Debug`: it holds secret bytes.
 pub struct Scrubber {
-    automaton: Option<AhoCorasick>,
-    /// The same patterns as a trie walked from a given byte: whether a chunk's tail could still
-    /// grow into a pattern (anchored, so one walk per candidate start, usually a few bytes long).
-    prefixes: Option<contiguous::NFA>,
+    /// Every pattern, leftmost-longest. A contiguous NFA (what aho-corasick picks anyway for
+    /// hundreds of patterns), used directly so that the same trie also answers, walked anchored
+    /// from a byte, whether a chunk's tail could still grow into a pattern.
+    automaton: Option<contiguous::NFA>,
     /// Finds every pattern and its JSON-escaped form: if it finds nothing in a serialized JSON
     /// document, no string in that document holds a pattern.
     in_json: Option<AhoCorasick>,
@@ -260,18 +260,10 @@ impl Scrubber {
             // No prefilter: the patterns' case-insensitive first bytes are common letters and digits,
             // so on text (JSON, SSE, prose) the prefilter stops at almost every byte and restarts
             // the automaton, about 5x slower than scanning every byte with it (measured on 16 KiB
-            // of English text: ~155 us against ~31 us).
-            AhoCorasickBuilder::new()
-                .match_kind(MatchKind::LeftmostLongest)
-                .ascii_case_insensitive(true)
-                .prefilter(false)
-                .build(&patterns)
-                .expect("literal patterns always compile")
-        });
-        let prefixes = (!patterns.is_empty()).then(|| {
-            // Standard semantics keep the whole trie, so every prefix of every pattern is a state.
+            // of English text: ~155 us against ~31 us). Leftmost-longest keeps every pattern's
+            // whole path in the trie (only leftmost-first prunes), so anchored walks see every prefix.
             contiguous::Builder::new()
-                .match_kind(MatchKind::Standard)
+                .match_kind(MatchKind::LeftmostLongest)
                 .ascii_case_insensitive(true)
                 .prefilter(false)
                 .build(&patterns)
@@ -302,7 +294,7 @@ impl Scrubber {
         });
         let longest = patterns.iter().map(Vec::len).max().unwrap_or(0);
         patterns.iter_mut().for_each(|p| p.zeroize());
-        Scrubber { automaton, prefixes, in_json, masks, first_bytes, longest }
+        Scrubber { automaton, in_json, masks, first_bytes, longest }
     }
 
     pub fn empty() -> Scrubber {
@@ -316,7 +308,7 @@ impl Scrubber {
     /// Scrubs a complete buffer.
     pub fn scrub<'a>(&self, input: &'a [u8]) -> Cow<'a, [u8]> {
         let Some(automaton) = &self.automaton else { return Cow::Borrowed(input) };
-        let mut iter = automaton.find_iter(input).peekable();
+        let mut iter = matches(automaton, input).peekable();
         if iter.peek().is_none() {
             return Cow::Borrowed(input);
         }
@@ -354,13 +346,13 @@ impl Scrubber {
     /// (a name cannot carry a mask: `[` and `:` are not allowed in it).
     pub fn scrub_headers(&self, headers: &mut HeaderMap) {
         let Some(automaton) = &self.automaton else { return };
-        if headers.keys().any(|name| automaton.is_match(name.as_str())) {
+        if headers.keys().any(|name| found(automaton, name.as_str().as_bytes())) {
             let mut dropped = 0usize;
             let mut current = None;
             for (name, value) in std::mem::take(headers) {
                 // `into_iter` names a header once, then yields its further values with `None`.
                 if let Some(name) = name {
-                    current = (!automaton.is_match(name.as_str())).then_some(name);
+                    current = (!found(automaton, name.as_str().as_bytes())).then_some(name);
                 }
                 match &current {
                     Some(name) => {
@@ -385,7 +377,7 @@ impl Scrubber {
     /// The length of the longest suffix of `buf` that is a proper prefix of some pattern (or a
     /// whole one, which the next chunk or the end of the stream then masks).
     fn holdback(&self, buf: &[u8]) -> usize {
-        let Some(prefixes) = &self.prefixes else { return 0 };
+        let Some(prefixes) = &self.automaton else { return 0 };
         let max = self.longest.saturating_sub(1).min(buf.len());
         let start = prefixes.start_state(Anchored::Yes).expect("anchored searches are supported");
         for at in buf.len() - max..buf.len() {
@@ -403,6 +395,18 @@ impl Scrubber {
         }
         0
     }
+}
+
+/// The leftmost-longest, non-overlapping matches in `haystack`.
+fn matches<'a, 'h>(
+    automaton: &'a contiguous::NFA,
+    haystack: &'h [u8],
+) -> aho_corasick::automaton::FindIter<'a, 'h, contiguous::NFA> {
+    automaton.try_find_iter(Input::new(haystack)).expect("an unanchored search on an NFA cannot fail")
+}
+
+fn found(automaton: &contiguous::NFA, haystack: &[u8]) -> bool {
+    automaton.try_find(&Input::new(haystack)).expect("an unanchored search on an NFA cannot fail").is_some()
 }
 
 /// Scrubs a stream of chunks, keeping back only a possible partial match.
@@ -424,14 +428,14 @@ impl StreamScrubber {
     /// Like `push`, but hands a clean chunk back without copying it (the common case).
     pub fn push_bytes(&mut self, chunk: Bytes) -> Bytes {
         let Some(automaton) = &self.scrubber.automaton else { return chunk };
-        if self.tail.is_empty() && automaton.find(&chunk[..]).is_none() && self.scrubber.holdback(&chunk) == 0 {
+        if self.tail.is_empty() && !found(automaton, &chunk) && self.scrubber.holdback(&chunk) == 0 {
             return chunk;
         }
         let mut buf = std::mem::take(&mut self.tail);
         buf.extend_from_slice(&chunk);
         let safe = buf.len() - self.scrubber.holdback(&buf);
         let mut released_to = safe;
-        let matches: Vec<_> = automaton.find_iter(&buf).take_while(|m| m.start() < safe).collect();
+        let matches: Vec<_> = matches(automaton, &buf).take_while(|m| m.start() < safe).collect();
         for m in matches {
             // A match starting before `safe` is final: any longer pattern starting there would
             // have made that position part of the held-back tail.
