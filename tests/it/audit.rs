@@ -304,3 +304,30 @@ async fn line_separators_and_display_controls_never_reach_an_audit_line_raw() {
     let (ok, report) = verify_output(&path);
     assert!(ok, "{report}");
 }
+
+#[test]
+fn a_trail_written_before_separators_were_escaped_still_verifies() {
+    use sha2::Digest;
+    // Two records as the previous release sealed them: serde_json's escaping, U+2028, U+0085
+    // and U+202E raw in the path, each hash over the line without its hash.
+    let dir = tempfile::tempdir().unwrap();
+    let mut prev = "0".repeat(64);
+    let mut lines = Vec::new();
+    for (seq, path) in ["/v1/a\u{2028}b", "/v1/\u{85}c\u{202e}fdp.exe"].into_iter().enumerate() {
+        let body = format!(
+            "\"path\":{},\"prev_hash\":\"{prev}\",\"seq\":{seq},\"type\":\"request\"",
+            serde_json::to_string(path).unwrap()
+        );
+        let hash = hex::encode(sha2::Sha256::digest(format!("{{{body}}}").as_bytes()));
+        lines.push(format!("{{\"hash\":\"{hash}\",{body}}}"));
+        prev = hash;
+    }
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let (ok, report) = verify_output(&path);
+    assert!(ok, "{report}");
+    // An edit is still caught.
+    std::fs::write(&path, lines.join("\n").replace("fdp", "fdx") + "\n").unwrap();
+    let (ok, report) = verify_output(&path);
+    assert!(!ok, "{report}");
+}
