@@ -193,7 +193,7 @@ forms = {
     "hex entities": "".join("&#x%x;" % ord(c) for c in s),
     "hexlify": binascii.hexlify(b).decode(),
     "hexlify upper": binascii.hexlify(b).decode().upper(),
-    "bytes.hex(':')": b.hex(),
+    "bytes.hex()": b.hex(),
     "utf-16-le": s.encode("utf-16-le"),
     "utf-16-be": s.encode("utf-16-be"),
     "utf-16 (BOM)": s.encode("utf-16"),
