@@ -1,5 +1,6 @@
 //! The tamper-evident hash chain: each record carries `seq`, `prev_hash` and `hash`, where `hash`
-//! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace).
+//! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace, line
+//! separators and display controls escaped).
 //! Verification is pure: it reads lines and reports the first place the chain breaks.
 
 use std::io::Write;
