@@ -149,6 +149,10 @@ fn scrubber(c: &mut Criterion) {
     });
     group.bench_function("whole_16k", |b| b.iter(|| black_box(scrubber.scrub(black_box(body.as_bytes())).len())));
     group.finish();
+    // Built again whenever a held value changes (first fetch, rotation, a minted token).
+    c.bench_function("scrub/new_one_secret", |b| {
+        b.iter(|| black_box(Scrubber::new([("OPENAI", black_box(&secret))]).is_empty()))
+    });
 }
 
 fn audit(c: &mut Criterion) {

@@ -42,10 +42,12 @@ if [ ${#missing_clients[@]} -gt 0 ]; then
 fi
 python3 -c 'import openai, anthropic, github, mcp' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
 
-# Debian's chromium (dashboard test, headless), redis-server (limits across replicas) and
-# prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB).
+# Debian's chromium (dashboard test, headless), redis-server (limits across replicas),
+# prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB) and nodejs
+# (the scrubber is checked against JavaScript's own encoders).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then

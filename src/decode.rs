@@ -1,5 +1,6 @@
-//! Decodes gzip and deflate response bodies, so that compression cannot hide a credential from
-//! the scrubber. keyward asks upstreams for `identity`; this covers upstreams that compress anyway.
+//! Decodes gzip and deflate response bodies, content codings and transfer codings alike, so that
+//! compression cannot hide a credential from the scrubber. keyward asks upstreams for `identity`;
+//! this covers upstreams that compress anyway. Anything else is refused (502).
 
 use std::io::Write;
 use std::pin::Pin;
@@ -7,53 +8,141 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use flate2::write::{GzDecoder, ZlibDecoder};
-use http::HeaderMap;
-use http::header::CONTENT_ENCODING;
+use http::header::{CONTENT_ENCODING, TRANSFER_ENCODING};
+use http::{HeaderMap, Response};
 use http_body::{Body, Frame};
 
 use crate::forward::BoxError;
 
-/// What a response's `Content-Encoding` means for the scrubber.
+/// One compression layer that keyward can undo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    Gzip,
+    /// `deflate` means the zlib format (RFC 9110 §8.4.1.2).
+    Deflate,
+}
+
+/// What a response's codings mean for the scrubber.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Coding {
     Identity,
-    Gzip,
-    Deflate,
-    /// br, zstd, compress, or a stack of codings: not inspectable, so refused.
+    /// Layers to undo, outermost first; `content` says whether the last one is the
+    /// `Content-Encoding` (whose header then goes, as the agent gets the decoded body).
+    Decode {
+        layers: Vec<Layer>,
+        content: bool,
+    },
+    /// br, zstd, compress, an unknown coding, a stack of content codings, or `chunked` that is
+    /// not the last transfer coding: not inspectable, so refused.
     Unsupported,
 }
 
-pub fn coding(headers: &HeaderMap) -> Coding {
-    let mut codings = headers
-        .get_all(CONTENT_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
-        .map(|c| c.trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty() && c != "identity");
-    let Some(first) = codings.next() else { return Coding::Identity };
-    if codings.next().is_some() {
-        return Coding::Unsupported;
+/// The transfer codings other than the final `chunked`, in the order they were applied. hyper's
+/// client removes only the chunked framing, and the `Transfer-Encoding` header goes with the
+/// hop-by-hop headers, so the forwarder keeps them here (a response extension) for `coding`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferCodings(Vec<String>);
+
+/// Records the response's transfer codings beyond `chunked` before its hop-by-hop headers go.
+pub fn note_transfer_codings<B>(response: &mut Response<B>) {
+    if !response.headers().contains_key(TRANSFER_ENCODING) {
+        return;
     }
-    match first.as_str() {
-        "gzip" | "x-gzip" => Coding::Gzip,
-        "deflate" => Coding::Deflate,
-        _ => Coding::Unsupported,
+    let mut codings = tokens(response.headers(), TRANSFER_ENCODING);
+    if codings.last().is_some_and(|last| last == "chunked") {
+        codings.pop();
+    }
+    if !codings.is_empty() {
+        response.extensions_mut().insert(TransferCodings(codings));
     }
 }
 
-enum Decoder {
+/// Lower-cased coding names from every line of header `name`; an unreadable value becomes a
+/// name no coding has, so it is refused.
+fn tokens(headers: &HeaderMap, name: http::header::HeaderName) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+fn layer(name: &str) -> Option<Layer> {
+    match name {
+        "gzip" | "x-gzip" => Some(Layer::Gzip),
+        "deflate" => Some(Layer::Deflate),
+        _ => None,
+    }
+}
+
+/// The decoding a response needs before it can be scrubbed: its transfer codings (noted by
+/// `note_transfer_codings`), last applied first, then its content coding.
+pub fn coding<B>(response: &Response<B>) -> Coding {
+    let mut layers = Vec::new();
+    if let Some(TransferCodings(transfer)) = response.extensions().get::<TransferCodings>() {
+        for name in transfer.iter().rev() {
+            match name.as_str() {
+                "identity" => {}
+                other => match layer(other) {
+                    Some(l) => layers.push(l),
+                    // Includes a `chunked` before the end: hyper then reads until close and
+                    // leaves the chunk framing in the body.
+                    None => return Coding::Unsupported,
+                },
+            }
+        }
+    }
+    let content: Vec<String> =
+        tokens(response.headers(), CONTENT_ENCODING).into_iter().filter(|c| c != "identity").collect();
+    let content_layer = match content.as_slice() {
+        [] => None,
+        [one] => match layer(one) {
+            Some(l) => Some(l),
+            None => return Coding::Unsupported,
+        },
+        _ => return Coding::Unsupported,
+    };
+    layers.extend(content_layer);
+    if layers.len() > MAX_LAYERS {
+        return Coding::Unsupported;
+    }
+    if layers.is_empty() { Coding::Identity } else { Coding::Decode { layers, content: content_layer.is_some() } }
+}
+
+/// More layers than any real server applies only multiply a decompression bomb.
+const MAX_LAYERS: usize = 3;
+
+enum Inflate {
     Gzip(GzDecoder<Vec<u8>>),
     Zlib(ZlibDecoder<Vec<u8>>),
 }
 
+struct Decoder {
+    inflate: Inflate,
+    /// Whether any byte arrived: a HEAD, 204 or 304 answer keeps its codings but has no body,
+    /// which is not a truncated stream.
+    fed: bool,
+}
+
 impl Decoder {
+    fn new(layer: Layer) -> Decoder {
+        let inflate = match layer {
+            Layer::Gzip => Inflate::Gzip(GzDecoder::new(Vec::new())),
+            Layer::Deflate => Inflate::Zlib(ZlibDecoder::new(Vec::new())),
+        };
+        Decoder { inflate, fed: false }
+    }
+
     fn write(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
+        self.fed |= !data.is_empty();
+        match &mut self.inflate {
+            Inflate::Gzip(d) => {
                 d.write_all(data)?;
                 Ok(std::mem::take(d.get_mut()))
             }
-            Decoder::Zlib(d) => {
+            Inflate::Zlib(d) => {
                 d.write_all(data)?;
                 Ok(std::mem::take(d.get_mut()))
             }
@@ -61,12 +150,15 @@ impl Decoder {
     }
 
     fn finish(&mut self) -> std::io::Result<Vec<u8>> {
-        match self {
-            Decoder::Gzip(d) => {
+        if !self.fed {
+            return Ok(Vec::new());
+        }
+        match &mut self.inflate {
+            Inflate::Gzip(d) => {
                 d.try_finish()?;
                 Ok(std::mem::take(d.get_mut()))
             }
-            Decoder::Zlib(d) => {
+            Inflate::Zlib(d) => {
                 d.try_finish()?;
                 Ok(std::mem::take(d.get_mut()))
             }
@@ -76,18 +168,32 @@ impl Decoder {
 
 pub struct DecodedBody<B> {
     inner: B,
-    decoder: Decoder,
+    /// Outermost first: each one's output is the next one's input.
+    decoders: Vec<Decoder>,
     done: bool,
 }
 
 impl<B> DecodedBody<B> {
-    /// `coding` must be `Gzip` or `Deflate`.
-    pub fn new(inner: B, coding: Coding) -> DecodedBody<B> {
-        let decoder = match coding {
-            Coding::Deflate => Decoder::Zlib(ZlibDecoder::new(Vec::new())),
-            _ => Decoder::Gzip(GzDecoder::new(Vec::new())),
-        };
-        DecodedBody { inner, decoder, done: false }
+    pub fn new(inner: B, layers: &[Layer]) -> DecodedBody<B> {
+        DecodedBody { inner, decoders: layers.iter().map(|&l| Decoder::new(l)).collect(), done: false }
+    }
+
+    fn write(&mut self, data: &[u8]) -> std::io::Result<Vec<u8>> {
+        let mut data = Vec::from(data);
+        for decoder in &mut self.decoders {
+            data = decoder.write(&data)?;
+        }
+        Ok(data)
+    }
+
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut carry = Vec::new();
+        for decoder in &mut self.decoders {
+            let mut out = decoder.write(&carry)?;
+            out.extend(decoder.finish()?);
+            carry = out;
+        }
+        Ok(carry)
     }
 }
 
@@ -107,7 +213,7 @@ where
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else { continue };
-                    let out = this.decoder.write(&data).map_err(|e| Box::new(e) as BoxError)?;
+                    let out = this.write(&data).map_err(|e| Box::new(e) as BoxError)?;
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                     }
@@ -115,7 +221,7 @@ where
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => {
                     this.done = true;
-                    let out = this.decoder.finish().map_err(|e| Box::new(e) as BoxError)?;
+                    let out = this.finish().map_err(|e| Box::new(e) as BoxError)?;
                     return Poll::Ready((!out.is_empty()).then(|| Ok(Frame::data(Bytes::from(out)))));
                 }
                 Poll::Pending => return Poll::Pending,
@@ -132,19 +238,69 @@ where
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http_body_util::BodyExt;
+
+    fn response(content: Option<&str>, transfer: Option<&str>) -> Response<()> {
+        let mut r = Response::new(());
+        if let Some(v) = content {
+            r.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_str(v).unwrap());
+        }
+        if let Some(v) = transfer {
+            r.headers_mut().insert(TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+        }
+        note_transfer_codings(&mut r);
+        r
+    }
 
     #[test]
     fn codings_are_classified() {
-        let of = |v: &str| {
-            let mut h = HeaderMap::new();
-            h.insert(CONTENT_ENCODING, HeaderValue::from_str(v).unwrap());
-            coding(&h)
-        };
-        assert_eq!(coding(&HeaderMap::new()), Coding::Identity);
-        assert_eq!(of("identity"), Coding::Identity);
-        assert_eq!(of("GZIP"), Coding::Gzip);
-        assert_eq!(of("deflate"), Coding::Deflate);
-        assert_eq!(of("br"), Coding::Unsupported);
-        assert_eq!(of("gzip, gzip"), Coding::Unsupported);
+        let of = |content, transfer| coding(&response(content, transfer));
+        let decode = |layers: &[Layer], content| Coding::Decode { layers: layers.to_vec(), content };
+        assert_eq!(of(None, None), Coding::Identity);
+        assert_eq!(of(Some("identity"), None), Coding::Identity);
+        assert_eq!(of(Some("GZIP"), None), decode(&[Layer::Gzip], true));
+        assert_eq!(of(Some("deflate"), None), decode(&[Layer::Deflate], true));
+        assert_eq!(of(Some("br"), None), Coding::Unsupported);
+        assert_eq!(of(Some("gzip, gzip"), None), Coding::Unsupported);
+        assert_eq!(of(None, Some("chunked")), Coding::Identity);
+        assert_eq!(of(None, Some("gzip, chunked")), decode(&[Layer::Gzip], false));
+        assert_eq!(of(None, Some("Deflate,chunked")), decode(&[Layer::Deflate], false));
+        // Close-delimited: no chunked at all.
+        assert_eq!(of(None, Some("gzip")), decode(&[Layer::Gzip], false));
+        // Applied in order, so undone last first, then the content coding.
+        assert_eq!(
+            of(Some("gzip"), Some("deflate, gzip, chunked")),
+            decode(&[Layer::Gzip, Layer::Deflate, Layer::Gzip], true)
+        );
+        assert_eq!(of(None, Some("gzip, gzip, gzip, gzip, chunked")), Coding::Unsupported);
+        for refused in ["compress, chunked", "br", "zstd, chunked", "chunked, gzip", "gzip;q=1, chunked", "x-custom"] {
+            assert_eq!(of(None, Some(refused)), Coding::Unsupported, "{refused}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_decodes_to_nothing() {
+        // A HEAD, 204 or 304 answer keeps its codings but has no body.
+        for layers in [&[Layer::Gzip][..], &[Layer::Deflate], &[Layer::Gzip, Layer::Deflate]] {
+            let body = http_body_util::Empty::<Bytes>::new().map_err(|never| -> BoxError { match never {} });
+            let decoded = DecodedBody::new(body, layers).collect().await.unwrap().to_bytes();
+            assert!(decoded.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn stacked_layers_are_undone_in_order() {
+        let plain = b"sk-canary-hidden-under-two-layers ".repeat(100);
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(&plain).unwrap();
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&zlib.finish().unwrap()).unwrap();
+        let wire = gzip.finish().unwrap();
+        // Delivered in small pieces, as a network would.
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            wire.chunks(7).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let decoded = DecodedBody::new(body, &[Layer::Gzip, Layer::Deflate]).collect().await.unwrap().to_bytes();
+        assert_eq!(&decoded[..], &plain[..]);
     }
 }

@@ -95,11 +95,13 @@ impl Forwarder {
     pub async fn send(&self, request: Request<OutboundBody>, route: &str) -> Result<Response<TimedBody>, ProxyError> {
         let deadline = Instant::now() + self.total_timeout;
         let head_deadline = deadline.min(Instant::now() + self.read_timeout);
-        let response = match tokio::time::timeout_at(head_deadline, self.client.request(request)).await {
+        let mut response = match tokio::time::timeout_at(head_deadline, self.client.request(request)).await {
             Err(_) => return Err(ProxyError::UpstreamTimeout { route: route.to_string() }),
             Ok(Err(error)) => return Err(classify(&error, route)),
             Ok(Ok(response)) => response,
         };
+        // Transfer codings beyond chunked stay on the body; the header goes with the hop-by-hop ones.
+        crate::decode::note_transfer_codings(&mut response);
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = TimedBody::new(body, self.read_timeout, deadline);

@@ -57,16 +57,22 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
         Ok((upstream, coding, scrub)) => {
             let (mut parts, body) = upstream.into_parts();
+            // Only the status code and the (scrubbed) headers of the upstream's head go on: the
+            // reason phrase (kept by hyper as an extension) and anything else in the extensions
+            // would be written to the agent unscrubbed, so the agent gets the canonical phrase.
+            parts.extensions = http::Extensions::new();
             let scrubber = if scrub { runtime.secrets.scrubber() } else { Arc::new(Scrubber::empty()) };
             scrubber.scrub_headers(&mut parts.headers);
             let body = match coding {
-                Coding::Identity => agent_body(body, scrubber, audit),
-                _ => {
+                Coding::Decode { layers, content } => {
                     // Decoded here, so the agent gets the plain body and its true length.
-                    parts.headers.remove(CONTENT_ENCODING);
+                    if content {
+                        parts.headers.remove(CONTENT_ENCODING);
+                    }
                     parts.headers.remove(CONTENT_LENGTH);
-                    agent_body(DecodedBody::new(body, coding), scrubber, audit)
+                    agent_body(DecodedBody::new(body, &layers), scrubber, audit)
                 }
+                _ => agent_body(body, scrubber, audit),
             };
             Response::from_parts(parts, body)
         }
@@ -205,9 +211,9 @@ async fn proxy(
     if is_refusal(status) {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
     }
-    let coding = decode::coding(response.headers());
+    let coding = decode::coding(&response);
     if coding == Coding::Unsupported {
-        tracing::warn!(route = %route.name, "upstream used a content-encoding that cannot be scrubbed; refused");
+        tracing::warn!(route = %route.name, "upstream used a content or transfer coding that cannot be scrubbed; refused");
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
     Ok((response, coding, route.scrub_responses))

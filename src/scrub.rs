@@ -1,9 +1,13 @@
 //! Removes credential bytes from response headers and streamed response bodies.
 //!
 //! Every credential keyward holds is searched for in its raw form and in the encodings an
-//! upstream might echo it in: base64 (at all three alignments, standard and URL-safe),
-//! percent-encoding, form encoding and JSON escaping. A match is replaced by a mask of the same
-//! length (`[REDACTED:NAME]` padded with `*`), so `Content-Length` stays true.
+//! upstream might echo it in, each produced the way the encoders ecosystems use produce it:
+//! base64 (at all three alignments, standard and URL-safe, and MIME/PEM-wrapped at every line
+//! position), percent-encoding (with the safe characters of Python, JavaScript, Go, PHP, Java and
+//! WHATWG forms, and `%XX` on every byte), JSON escaping (including Go's `\u003c`-style HTML
+//! escaping and `\uXXXX` on every character), HTML escaping and numeric entities, hex and
+//! UTF-16LE/BE. A match is replaced by a mask of the same length (`[REDACTED:NAME]` padded with
+//! `*`), so `Content-Length` stays true. Header names that hold a credential are dropped.
 //!
 //! Streaming keeps back only the shortest tail that could still be the start of a pattern, so a
 //! value split across chunks is caught, yet an SSE event ending in "\n\n" is passed on at once.
@@ -14,12 +18,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::automaton::Automaton;
+use aho_corasick::nfa::contiguous;
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, Anchored, Input, MatchKind};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroize;
 
@@ -29,33 +35,29 @@ pub const MIN_SCRUB_LEN: usize = 8;
 
 /// A compiled set of credential patterns. Deliberately not `Debug`: it holds secret bytes.
 pub struct Scrubber {
-    automaton: Option<AhoCorasick>,
+    /// Every pattern, leftmost-longest. A contiguous NFA (what aho-corasick picks anyway for
+    /// hundreds of patterns), used directly so that the same trie also answers, walked anchored
+    /// from a byte, whether a chunk's tail could still grow into a pattern.
+    automaton: Option<contiguous::NFA>,
     /// Finds every pattern and its JSON-escaped form: if it finds nothing in a serialized JSON
     /// document, no string in that document holds a pattern.
     in_json: Option<AhoCorasick>,
-    patterns: Vec<Vec<u8>>,
     masks: Vec<Vec<u8>>,
     first_bytes: [bool; 256],
     longest: usize,
 }
 
-impl Drop for Scrubber {
-    fn drop(&mut self) {
-        for pattern in &mut self.patterns {
-            pattern.zeroize();
+/// A mask as long as `pattern`; line breaks stay where they were, so wrapped text keeps its lines.
+fn mask(name: &str, pattern: &[u8]) -> Vec<u8> {
+    let label = format!("[REDACTED:{name}]");
+    let mut out = if label.len() <= pattern.len() { label.into_bytes() } else { Vec::new() };
+    out.resize(pattern.len(), b'*');
+    for (byte, original) in out.iter_mut().zip(pattern) {
+        if matches!(original, b'\r' | b'\n') {
+            *byte = *original;
         }
     }
-}
-
-fn mask(name: &str, len: usize) -> Vec<u8> {
-    let label = format!("[REDACTED:{name}]");
-    if label.len() <= len {
-        let mut out = label.into_bytes();
-        out.resize(len, b'*');
-        out
-    } else {
-        vec![b'*'; len]
-    }
+    out
 }
 
 /// The contiguous base64 text that appears whenever `value` is base64-encoded starting at any
@@ -80,22 +82,152 @@ fn base64_fragments(value: &[u8], engine: &base64::engine::GeneralPurpose) -> Ve
     out
 }
 
-/// Every form of `value` the scrubber searches for.
+/// Line-wrapped base64: MIME (RFC 2045, Python `base64.encodebytes`, coreutils `base64`) breaks
+/// lines at 76 characters with CRLF or LF, PEM and `openssl base64` at 64 with LF.
+const BASE64_WRAPPING: [(usize, &[u8]); 3] = [(76, b"\r\n"), (76, b"\n"), (64, b"\n")];
+
+/// `fragment` as it appears in wrapped base64, for every position of the first line break
+/// inside it: the encoding may start anywhere on a line, so every phase is possible.
+fn wrapped(fragment: &[u8], width: usize, eol: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for first in 1..=width.min(fragment.len().saturating_sub(1)) {
+        let mut form = fragment[..first].to_vec();
+        let mut at = first;
+        while at < fragment.len() {
+            let end = (at + width).min(fragment.len());
+            form.extend_from_slice(eol);
+            form.extend_from_slice(&fragment[at..end]);
+            at = end;
+        }
+        out.push(form);
+    }
+    out
+}
+
+/// RFC 3986 unreserved characters: Python `quote(s, safe='')`, Go `url.QueryEscape`, PHP
+/// `rawurlencode`, .NET `Uri.EscapeDataString`.
+const URL_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+/// The percent-encoders ecosystems use, as the characters each leaves unencoded (ASCII letters
+/// and digits always are); each is also tried with a space as `+` (form encoding).
+const URL_ENCODERS: [&AsciiSet; 9] = [
+    // Rust `percent_encoding::NON_ALPHANUMERIC`, curl `--data-urlencode`.
+    NON_ALPHANUMERIC,
+    URL_UNRESERVED,
+    // Python `quote(s)` (safe='/').
+    &URL_UNRESERVED.remove(b'/'),
+    // JavaScript `encodeURIComponent`.
+    &URL_UNRESERVED.remove(b'!').remove(b'*').remove(b'\'').remove(b'(').remove(b')'),
+    // JavaScript `encodeURI`.
+    &URL_UNRESERVED
+        .remove(b'!')
+        .remove(b'*')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b';')
+        .remove(b',')
+        .remove(b'/')
+        .remove(b'?')
+        .remove(b':')
+        .remove(b'@')
+        .remove(b'&')
+        .remove(b'=')
+        .remove(b'+')
+        .remove(b'$')
+        .remove(b'#'),
+    // JavaScript's legacy `escape`.
+    &NON_ALPHANUMERIC.remove(b'@').remove(b'*').remove(b'_').remove(b'+').remove(b'-').remove(b'.').remove(b'/'),
+    // WHATWG `application/x-www-form-urlencoded` (URLSearchParams), Java `URLEncoder`.
+    &NON_ALPHANUMERIC.remove(b'*').remove(b'-').remove(b'.').remove(b'_'),
+    // PHP `urlencode`.
+    &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_'),
+    // Go `url.PathEscape`.
+    &URL_UNRESERVED
+        .remove(b'$')
+        .remove(b'&')
+        .remove(b'+')
+        .remove(b',')
+        .remove(b'/')
+        .remove(b':')
+        .remove(b';')
+        .remove(b'=')
+        .remove(b'@'),
+];
+
+fn percent_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
+    for set in URL_ENCODERS {
+        let encoded = utf8_percent_encode(value, set).to_string();
+        forms.push(encoded.replace("%20", "+").into_bytes());
+        forms.push(encoded.into_bytes());
+    }
+    // `%XX` on every byte, letters and digits included.
+    forms.push(value.bytes().flat_map(|b| format!("%{b:02X}").into_bytes()).collect());
+}
+
+/// The JSON string body (without quotes) as serde_json, `JSON.stringify` and Python write it,
+/// then with the optional escapes other encoders add: `\/` (PHP), `<>&` as `\u003c` (Go), `'`
+/// and `"` as `\u0027`/`\u0022` (PHP `JSON_HEX_*`), non-ASCII as `\uXXXX` (Python), and every
+/// character as `\uXXXX`.
+fn json_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
+    let plain = serde_json::to_string(value).expect("strings serialize");
+    let plain = &plain[1..plain.len() - 1];
+    let go = plain.replace('&', "\\u0026").replace('<', "\\u003c").replace('>', "\\u003e");
+    let hex_all = go.replace('\'', "\\u0027").replace("\\\"", "\\u0022");
+    let ascii: String = plain
+        .chars()
+        .map(|c| if c.is_ascii() { c.to_string() } else { utf16_escapes(&c.to_string(), "\\u", "") })
+        .collect();
+    for form in [plain, &go, &hex_all, &ascii] {
+        forms.push(form.as_bytes().to_vec());
+        forms.push(form.replace('/', "\\/").into_bytes());
+    }
+    forms.push(utf16_escapes(value, "\\u", "").into_bytes());
+}
+
+fn utf16_escapes(value: &str, before: &str, after: &str) -> String {
+    value.encode_utf16().map(|unit| format!("{before}{unit:04x}{after}")).collect()
+}
+
+/// HTML text escaping (Python `html.escape`, Go `html.EscapeString`, PHP `htmlspecialchars`,
+/// MarkupSafe) and numeric character references on every character, decimal and hex.
+fn html_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
+    let base = value.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    // Quotes left as they are: Python `html.escape(s, quote=False)`, XML text nodes.
+    forms.push(base.clone().into_bytes());
+    for (quot, apos) in [("&quot;", "&#x27;"), ("&#34;", "&#39;"), ("&quot;", "&#039;"), ("&quot;", "&#39;")] {
+        forms.push(base.replace('"', quot).replace('\'', apos).into_bytes());
+    }
+    forms.push(value.chars().flat_map(|c| format!("&#{};", c as u32).into_bytes()).collect());
+    forms.push(value.chars().flat_map(|c| format!("&#x{:x};", c as u32).into_bytes()).collect());
+}
+
+/// Every form of `value` the scrubber searches for. Hex digits and percent escapes are matched
+/// case-insensitively, so lower- and upper-case hex are one pattern each.
 fn variants(value: &str) -> Vec<Vec<u8>> {
     let mut forms: Vec<Vec<u8>> = vec![value.as_bytes().to_vec()];
-    forms.push(utf8_percent_encode(value, NON_ALPHANUMERIC).to_string().into_bytes());
-    forms.push(form_encode(value).into_bytes());
-    let json = serde_json::to_string(value).expect("strings serialize");
-    let json = &json[1..json.len() - 1];
-    forms.push(json.as_bytes().to_vec());
-    forms.push(json.replace('/', "\\/").into_bytes());
-    forms.extend(base64_fragments(value.as_bytes(), &base64::engine::general_purpose::STANDARD));
+    percent_forms(value, &mut forms);
+    json_forms(value, &mut forms);
+    html_forms(value, &mut forms);
+    forms.push(value.bytes().flat_map(|b| format!("{b:02x}").into_bytes()).collect());
+    forms.push(value.encode_utf16().flat_map(u16::to_le_bytes).collect());
+    forms.push(value.encode_utf16().flat_map(u16::to_be_bytes).collect());
+    let standard = base64_fragments(value.as_bytes(), &base64::engine::general_purpose::STANDARD);
+    for fragment in &standard {
+        for (width, eol) in BASE64_WRAPPING {
+            forms.extend(wrapped(fragment, width, eol));
+        }
+        // Base64 in a URL (a Basic credential in a redirect): `+` and `/` percent-encoded.
+        let text = std::str::from_utf8(fragment).expect("base64 is ASCII");
+        forms.push(utf8_percent_encode(text, NON_ALPHANUMERIC).to_string().into_bytes());
+    }
+    forms.extend(standard);
     forms.extend(base64_fragments(value.as_bytes(), &base64::engine::general_purpose::URL_SAFE));
     forms.sort();
     forms.dedup();
     forms
 }
 
+#[cfg(test)]
 fn form_encode(value: &str) -> String {
     utf8_percent_encode(value, NON_ALPHANUMERIC).to_string().replace("%20", "+")
 }
@@ -116,7 +248,7 @@ impl Scrubber {
             }
         }
         for (pattern, name) in by_pattern {
-            masks.push(mask(&name, pattern.len()));
+            masks.push(mask(&name, &pattern));
             patterns.push(pattern);
         }
         let mut first_bytes = [false; 256];
@@ -128,8 +260,9 @@ impl Scrubber {
             // No prefilter: the patterns' case-insensitive first bytes are common letters and digits,
             // so on text (JSON, SSE, prose) the prefilter stops at almost every byte and restarts
             // the automaton, about 5x slower than scanning every byte with it (measured on 16 KiB
-            // of English text: ~155 us against ~31 us).
-            AhoCorasickBuilder::new()
+            // of English text: ~155 us against ~31 us). Leftmost-longest keeps every pattern's
+            // whole path in the trie (only leftmost-first prunes), so anchored walks see every prefix.
+            contiguous::Builder::new()
                 .match_kind(MatchKind::LeftmostLongest)
                 .ascii_case_insensitive(true)
                 .prefilter(false)
@@ -137,13 +270,20 @@ impl Scrubber {
                 .expect("literal patterns always compile")
         });
         let in_json = (!patterns.is_empty()).then(|| {
-            let mut escaped: Vec<Vec<u8>> = patterns.clone();
-            for pattern in &patterns {
-                if let Ok(text) = std::str::from_utf8(pattern) {
-                    let json = serde_json::to_string(text).expect("strings serialize");
-                    escaped.push(json.as_bytes()[1..json.len() - 1].to_vec());
-                }
-            }
+            // Inside a serialized JSON string a pattern appears only in its escaped form (a raw
+            // quote, backslash or line break cannot), so that is the only form searched for.
+            let mut escaped: Vec<Vec<u8>> = patterns
+                .iter()
+                .map(|pattern| match std::str::from_utf8(pattern) {
+                    Ok(text) => {
+                        let json = serde_json::to_string(text).expect("strings serialize");
+                        json.as_bytes()[1..json.len() - 1].to_vec()
+                    }
+                    Err(_) => pattern.clone(),
+                })
+                .collect();
+            escaped.sort();
+            escaped.dedup();
             let built = AhoCorasickBuilder::new()
                 .ascii_case_insensitive(true)
                 .prefilter(false)
@@ -153,7 +293,8 @@ impl Scrubber {
             built
         });
         let longest = patterns.iter().map(Vec::len).max().unwrap_or(0);
-        Scrubber { automaton, in_json, patterns, masks, first_bytes, longest }
+        patterns.iter_mut().for_each(|p| p.zeroize());
+        Scrubber { automaton, in_json, masks, first_bytes, longest }
     }
 
     pub fn empty() -> Scrubber {
@@ -167,7 +308,7 @@ impl Scrubber {
     /// Scrubs a complete buffer.
     pub fn scrub<'a>(&self, input: &'a [u8]) -> Cow<'a, [u8]> {
         let Some(automaton) = &self.automaton else { return Cow::Borrowed(input) };
-        let mut iter = automaton.find_iter(input).peekable();
+        let mut iter = matches(automaton, input).peekable();
         if iter.peek().is_none() {
             return Cow::Borrowed(input);
         }
@@ -201,10 +342,26 @@ impl Scrubber {
         }
     }
 
-    /// Scrubs every header value in place.
+    /// Scrubs every header value in place, and drops every header whose name holds a credential
+    /// (a name cannot carry a mask: `[` and `:` are not allowed in it).
     pub fn scrub_headers(&self, headers: &mut HeaderMap) {
-        if self.is_empty() {
-            return;
+        let Some(automaton) = &self.automaton else { return };
+        if headers.keys().any(|name| found(automaton, name.as_str().as_bytes())) {
+            let mut dropped = 0usize;
+            let mut current = None;
+            for (name, value) in std::mem::take(headers) {
+                // `into_iter` names a header once, then yields its further values with `None`.
+                if let Some(name) = name {
+                    current = (!found(automaton, name.as_str().as_bytes())).then_some(name);
+                }
+                match &current {
+                    Some(name) => {
+                        headers.append(name.clone(), value);
+                    }
+                    None => dropped += 1,
+                }
+            }
+            tracing::warn!(dropped, "dropped upstream response headers whose name held a credential");
         }
         for value in headers.values_mut() {
             if let Cow::Owned(clean) = self.scrub(value.as_bytes()) {
@@ -217,20 +374,39 @@ impl Scrubber {
         }
     }
 
-    /// The length of the longest suffix of `buf` that is a proper prefix of some pattern.
+    /// The length of the longest suffix of `buf` that is a proper prefix of some pattern (or a
+    /// whole one, which the next chunk or the end of the stream then masks).
     fn holdback(&self, buf: &[u8]) -> usize {
+        let Some(prefixes) = &self.automaton else { return 0 };
         let max = self.longest.saturating_sub(1).min(buf.len());
-        for start in buf.len() - max..buf.len() {
-            if !self.first_bytes[buf[start] as usize] {
+        let start = prefixes.start_state(Anchored::Yes).expect("anchored searches are supported");
+        for at in buf.len() - max..buf.len() {
+            if !self.first_bytes[buf[at] as usize] {
                 continue;
             }
-            let suffix = &buf[start..];
-            if self.patterns.iter().any(|p| p.len() > suffix.len() && p[..suffix.len()].eq_ignore_ascii_case(suffix)) {
-                return buf.len() - start;
+            let mut state = start;
+            let alive = buf[at..].iter().all(|&byte| {
+                state = prefixes.next_state(Anchored::Yes, state, byte);
+                !prefixes.is_dead(state)
+            });
+            if alive {
+                return buf.len() - at;
             }
         }
         0
     }
+}
+
+/// The leftmost-longest, non-overlapping matches in `haystack`.
+fn matches<'a, 'h>(
+    automaton: &'a contiguous::NFA,
+    haystack: &'h [u8],
+) -> aho_corasick::automaton::FindIter<'a, 'h, contiguous::NFA> {
+    automaton.try_find_iter(Input::new(haystack)).expect("an unanchored search on an NFA cannot fail")
+}
+
+fn found(automaton: &contiguous::NFA, haystack: &[u8]) -> bool {
+    automaton.try_find(&Input::new(haystack)).expect("an unanchored search on an NFA cannot fail").is_some()
 }
 
 /// Scrubs a stream of chunks, keeping back only a possible partial match.
@@ -252,14 +428,14 @@ impl StreamScrubber {
     /// Like `push`, but hands a clean chunk back without copying it (the common case).
     pub fn push_bytes(&mut self, chunk: Bytes) -> Bytes {
         let Some(automaton) = &self.scrubber.automaton else { return chunk };
-        if self.tail.is_empty() && automaton.find(&chunk[..]).is_none() && self.scrubber.holdback(&chunk) == 0 {
+        if self.tail.is_empty() && !found(automaton, &chunk) && self.scrubber.holdback(&chunk) == 0 {
             return chunk;
         }
         let mut buf = std::mem::take(&mut self.tail);
         buf.extend_from_slice(&chunk);
         let safe = buf.len() - self.scrubber.holdback(&buf);
         let mut released_to = safe;
-        let matches: Vec<_> = automaton.find_iter(&buf).take_while(|m| m.start() < safe).collect();
+        let matches: Vec<_> = matches(automaton, &buf).take_while(|m| m.start() < safe).collect();
         for m in matches {
             // A match starting before `safe` is final: any longer pattern starting there would
             // have made that position part of the held-back tail.
@@ -371,6 +547,15 @@ mod tests {
             form_encode(SECRET),
             serde_json::to_string(SECRET).unwrap(),
             serde_json::to_string(SECRET).unwrap().replace('/', "\\/"),
+            SECRET.bytes().map(|b| format!("{b:02X}")).collect(),
+            SECRET.bytes().map(|b| format!("%{b:02x}")).collect(),
+            SECRET.chars().map(|c| format!("\\u{:04x}", c as u32)).collect(),
+            SECRET.encode_utf16().flat_map(u16::to_le_bytes).map(char::from).collect(),
+            SECRET.encode_utf16().flat_map(u16::to_be_bytes).map(char::from).collect(),
+            {
+                let encoded = b64.encode(format!("ab{SECRET}"));
+                format!("{}\r\n{}", &encoded[..30], &encoded[30..])
+            },
         ]
     }
 
@@ -448,6 +633,142 @@ mod tests {
         // "sk-ca" could be the start of the secret: held back until the next chunk decides.
         assert_eq!(&stream.push(b"data: sk-ca")[..], b"data: ");
         assert_eq!(&stream.push(b"t\n\n")[..], b"sk-cat\n\n");
+    }
+
+    /// A secret with every character the encoders disagree about.
+    const SPECIAL: &str = "pw-canary/RT+0123_abcdef~xyz&<>'\"!*();$@=,:?# end";
+
+    /// `SPECIAL` as each encoder writes it, built here independently of `variants`.
+    fn special_forms() -> Vec<(&'static str, String)> {
+        let keep = |safe: &str| -> String {
+            SPECIAL
+                .bytes()
+                .map(|b| {
+                    if b.is_ascii_alphanumeric() || safe.as_bytes().contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    }
+                })
+                .collect()
+        };
+        let json = serde_json::to_string(SPECIAL).unwrap();
+        let json = json[1..json.len() - 1].to_string();
+        vec![
+            ("python quote(safe='')", keep("-._~")),
+            ("python quote()", keep("-._~/")),
+            ("python quote_plus", keep("-._~").replace("%20", "+")),
+            ("encodeURIComponent", keep("-_.!~*'()")),
+            ("encodeURI", keep("-_.!~*'();,/?:@&=+$#")),
+            ("URLSearchParams", keep("*-._").replace("%20", "+")),
+            ("php urlencode", keep("-._").replace("%20", "+")),
+            ("go PathEscape", keep("-_.~$&+,/:;=@")),
+            ("lower-case percent", keep("-._~").to_lowercase()),
+            ("%XX every byte", SPECIAL.bytes().map(|b| format!("%{b:02x}")).collect()),
+            ("go json", json.replace('&', "\\u0026").replace('<', "\\u003c").replace('>', "\\u003e")),
+            ("php json", json.replace('/', "\\/")),
+            ("json \\u every char", SPECIAL.chars().map(|c| format!("\\u{:04X}", c as u32)).collect()),
+            (
+                "python html.escape",
+                SPECIAL
+                    .replace('&', "&amp;")
+                    .replace('<', "&lt;")
+                    .replace('>', "&gt;")
+                    .replace('"', "&quot;")
+                    .replace('\'', "&#x27;"),
+            ),
+            ("html decimal entities", SPECIAL.chars().map(|c| format!("&#{};", c as u32)).collect()),
+            ("html hex entities", SPECIAL.chars().map(|c| format!("&#X{:X};", c as u32)).collect()),
+            ("hex lower", SPECIAL.bytes().map(|b| format!("{b:02x}")).collect()),
+            ("hex upper", SPECIAL.bytes().map(|b| format!("{b:02X}")).collect()),
+        ]
+    }
+
+    #[test]
+    fn every_ecosystem_encoding_of_a_secret_with_reserved_characters_is_masked() {
+        let value = SecretString::from(SPECIAL);
+        let s = Scrubber::new([("SPECIAL", &value)]);
+        for (encoder, form) in special_forms() {
+            let input = format!("x={form}&y=1");
+            let out = s.scrub(input.as_bytes());
+            assert_eq!(out.len(), input.len(), "{encoder}");
+            assert!(!String::from_utf8_lossy(&out).contains(&form), "{encoder}: {form} survived");
+        }
+        for (encoder, bytes) in [
+            ("utf-16le", SPECIAL.encode_utf16().flat_map(u16::to_le_bytes).collect::<Vec<u8>>()),
+            ("utf-16be", SPECIAL.encode_utf16().flat_map(u16::to_be_bytes).collect()),
+        ] {
+            // At an even and an odd offset.
+            for before in [&b"\xff\xfe"[..], b"\x00"] {
+                let mut input = before.to_vec();
+                input.extend_from_slice(&bytes);
+                let out = s.scrub(&input).into_owned();
+                assert_eq!(out.len(), input.len());
+                assert!(!out.windows(bytes.len()).any(|w| w == &bytes[..]), "{encoder} survived");
+            }
+        }
+    }
+
+    /// Whether base64 text, with line breaks and anything masked ignored, still decodes to `secret`.
+    fn base64_reveals(text: &[u8], secret: &str) -> bool {
+        let clean: Vec<u8> = text
+            .iter()
+            .filter(|b| !matches!(b, b'\r' | b'\n'))
+            .map(|&b| if b.is_ascii_alphanumeric() || b == b'+' || b == b'/' { b } else { b'A' })
+            .collect();
+        let whole = clean.len() / 4 * 4;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(&clean[..whole]).unwrap_or_default();
+        decoded.windows(secret.len()).any(|w| w == secret.as_bytes())
+    }
+
+    #[test]
+    fn wrapped_base64_is_masked_at_every_offset_and_line_position() {
+        let s = scrubber();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for (width, eol) in [(76, "\r\n"), (76, "\n"), (64, "\n")] {
+            // Every alignment (offset mod 3) and every place of the secret on a line.
+            for lead in 0..=width {
+                let mut plain = vec![b'.'; lead];
+                plain.extend_from_slice(SECRET.as_bytes());
+                plain.extend_from_slice(b" trailing bytes");
+                let encoded = b64.encode(&plain);
+                let lines: Vec<&str> =
+                    encoded.as_bytes().chunks(width).map(|l| std::str::from_utf8(l).unwrap()).collect();
+                let text = lines.join(eol) + eol;
+                assert!(base64_reveals(text.as_bytes(), SECRET), "the check itself must see the secret");
+                let out = s.scrub(text.as_bytes());
+                assert_eq!(out.len(), text.len());
+                assert!(!base64_reveals(&out, SECRET), "width {width} lead {lead}: {}", String::from_utf8_lossy(&out));
+                // Line structure is kept.
+                assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), lines.len());
+            }
+        }
+    }
+
+    #[test]
+    fn headers_named_after_a_credential_are_dropped() {
+        // Header names are lower-cased on the wire, so a lower-case credential fits in one whole.
+        const LOWER: &str = "sk-canary-lowercase-0123456789";
+        let value = SecretString::from(LOWER);
+        let s = Scrubber::new([("LOWER", &value)]);
+        let leaking = [
+            format!("x-{LOWER}"),
+            LOWER.to_string(),
+            format!("x-{}", LOWER.bytes().map(|b| format!("{b:02x}")).collect::<String>()),
+            format!("x-{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(LOWER).to_lowercase()),
+        ];
+        let mut headers = HeaderMap::new();
+        headers.append("x-before", HeaderValue::from_static("1"));
+        for name in &leaking {
+            headers.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("1"));
+            headers.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), HeaderValue::from_static("2"));
+        }
+        headers.append("x-after", HeaderValue::from_static("a"));
+        headers.append("x-after", HeaderValue::from_static("b"));
+        s.scrub_headers(&mut headers);
+        let names: Vec<&str> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-before", "x-after"]);
+        assert_eq!(headers.get_all("x-after").iter().count(), 2);
     }
 
     #[test]

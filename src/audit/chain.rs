@@ -1,5 +1,6 @@
 //! The tamper-evident hash chain: each record carries `seq`, `prev_hash` and `hash`, where `hash`
-//! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace).
+//! is SHA-256 over the record's canonical JSON without `hash` (keys sorted, no whitespace, line
+//! separators and display controls escaped).
 //! Verification is pure: it reads lines and reports the first place the chain breaks.
 
 use std::io::Write;
@@ -10,34 +11,91 @@ use sha2::{Digest, Sha256};
 /// `prev_hash` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// Whether `c` is escaped as `\uXXXX` in audit records: characters that line-based tools count
+/// as line breaks (U+0085 and the other C1 controls, U+2028, U+2029) and invisible characters
+/// that reorder or hide text in a viewer (bidi embeddings, overrides and isolates, zero-width
+/// characters, the BOM). serde_json already escapes the C0 controls. Delegation labels refuse them.
+pub fn is_line_break_or_display_control(c: char) -> bool {
+    matches!(c,
+        '\u{80}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200b}'..='\u{200f}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}'
+        | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}')
+}
+
+/// serde_json's compact output, with `is_line_break_or_display_control` characters escaped, so
+/// a record is one line for every tool and shows what it holds.
+#[derive(Clone, Copy, Default)]
+pub struct CanonicalFormatter;
+
+impl serde_json::ser::Formatter for CanonicalFormatter {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
+        let mut start = 0;
+        for (at, c) in fragment.char_indices() {
+            if is_line_break_or_display_control(c) {
+                writer.write_all(&fragment.as_bytes()[start..at])?;
+                write!(writer, "\\u{:04x}", c as u32)?;
+                start = at + c.len_utf8();
+            }
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+/// Writes `value` as compact JSON with `CanonicalFormatter` (a struct's fields in declaration
+/// order: records declare them sorted).
+pub fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    let mut serializer = serde_json::Serializer::with_formatter(out, CanonicalFormatter);
+    value.serialize(&mut serializer).expect("audit values always serialize");
+}
+
 /// Serializes with object keys sorted at every level, whatever map type serde_json uses.
 pub fn canonical(value: &Value) -> String {
     let mut out = Vec::with_capacity(512);
-    write_canonical(value, &mut out);
+    write_canonical(value, &mut out, CanonicalFormatter);
     into_string(out)
 }
 
 /// Writes straight into one buffer: no string per key or scalar (this runs twice per request on
 /// the audit writer's thread).
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+fn write_canonical<F: serde_json::ser::Formatter + Copy>(value: &Value, out: &mut Vec<u8>, formatter: F) {
     match value {
-        Value::Object(map) => write_object(map, out),
+        Value::Object(map) => write_object(map, out, formatter),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_canonical(item, out);
+                write_canonical(item, out, formatter);
             }
             out.push(b']');
         }
-        scalar => serde_json::to_writer(&mut *out, scalar).expect("scalars serialize"),
+        scalar => write_scalar(scalar, out, formatter),
     }
 }
 
+fn write_scalar<T: serde::Serialize + ?Sized, F: serde_json::ser::Formatter>(
+    value: &T,
+    out: &mut Vec<u8>,
+    formatter: F,
+) {
+    let mut serializer = serde_json::Serializer::with_formatter(out, formatter);
+    value.serialize(&mut serializer).expect("scalars serialize");
+}
+
 /// An object with its keys sorted.
-fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+fn write_object<F: serde_json::ser::Formatter + Copy>(map: &Map<String, Value>, out: &mut Vec<u8>, formatter: F) {
     let mut fields: Vec<(&String, &Value)> = map.iter().collect();
     fields.sort_unstable_by(|a, b| a.0.cmp(b.0));
     out.push(b'{');
@@ -45,15 +103,27 @@ fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
         if i > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut *out, key).expect("strings serialize");
+        write_scalar(key, out, formatter);
         out.push(b':');
-        write_canonical(value, out);
+        write_canonical(value, out, formatter);
     }
     out.push(b'}');
 }
 
 fn into_string(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).expect("serde_json writes UTF-8")
+}
+
+/// The hash as records written before display controls were escaped computed it (serde_json's
+/// plain escaping), so `audit verify` still verifies older files.
+fn legacy_hash_of(record_without_hash: &Value) -> String {
+    /// serde_json's compact output as it is (the trait's default methods).
+    #[derive(Clone, Copy)]
+    struct Plain;
+    impl serde_json::ser::Formatter for Plain {}
+    let mut out = Vec::with_capacity(512);
+    write_canonical(record_without_hash, &mut out, Plain);
+    hex::encode(Sha256::digest(&out))
 }
 
 pub fn hash_of(record_without_hash: &Value) -> String {
@@ -312,7 +382,7 @@ impl Verifier {
         {
             self.pruned_anchors.push(anchor.to_string());
         }
-        if hash_of(&value) != claimed {
+        if hash_of(&value) != claimed && legacy_hash_of(&value) != claimed {
             return Err(broken(Some(seq), "hash does not match the record: it was edited".to_string()));
         }
         match &self.expected {
@@ -374,6 +444,43 @@ mod tests {
         }
         v.finish()?;
         Ok(v.records)
+    }
+
+    /// Text that line-based tools split or that a viewer shows reordered.
+    const TRICKY: &str = "/v1/a\u{2028}b\u{2029}c\u{85}d\u{202e}gpj.exe\u{2066}\u{200b}\u{feff}e\u{9f}";
+
+    #[test]
+    fn separators_and_display_controls_are_escaped_in_every_record() {
+        let mut head = ChainHead::genesis();
+        let line = head.seal(json!({ "type": "request", "path": TRICKY, TRICKY: [TRICKY] }));
+        assert!(!line.chars().any(is_line_break_or_display_control), "{line:?}");
+        for escaped in ["\\u2028", "\\u2029", "\\u0085", "\\u202e", "\\u2066", "\\u200b", "\\ufeff", "\\u009f"] {
+            assert!(line.contains(escaped), "{escaped} missing in {line}");
+        }
+        // The same text reads back, and the record verifies.
+        let value: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["path"], TRICKY);
+        assert_eq!(verify(&[line]), Ok(1));
+        // Ordinary non-ASCII text is left as it is.
+        assert!(canonical(&json!({ "p": "café ☕" })).contains("café ☕"));
+    }
+
+    #[test]
+    fn records_written_before_the_escaping_still_verify() {
+        // As the previous release wrote it: serde_json's escaping, the separators raw.
+        let body = format!(
+            "\"path\":{},\"prev_hash\":\"{GENESIS}\",\"seq\":0,\"type\":\"request\"",
+            serde_json::to_string(TRICKY).unwrap()
+        );
+        assert!(body.contains('\u{2028}'));
+        let hash = hex::encode(Sha256::digest(format!("{{{body}}}").as_bytes()));
+        let old = format!("{{\"hash\":\"{hash}\",{body}}}");
+        let mut head = ChainHead::after(&old).unwrap();
+        let new = head.seal(json!({ "type": "request", "path": TRICKY }));
+        assert_eq!(verify(&[old.clone(), new]), Ok(2));
+        // An edit is still caught in either form.
+        let edited = old.replace("gpj", "gpx");
+        assert!(verify(&[edited]).is_err());
     }
 
     #[test]

@@ -190,7 +190,7 @@ impl AuditRecord {
     /// The record's canonical JSON (sorted keys, no whitespace), written straight from the struct.
     pub fn to_canonical(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(768);
-        serde_json::to_writer(&mut out, self).expect("audit records always serialize");
+        super::chain::write_json(&mut out, self);
         out
     }
 
@@ -198,7 +198,7 @@ impl AuditRecord {
     /// `timestamp` for `operation`.
     pub fn released_canonical(&self, timestamp: &str, operation: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(640);
-        serde_json::to_writer(&mut out, &self.released(timestamp, operation)).expect("audit records always serialize");
+        super::chain::write_json(&mut out, &self.released(timestamp, operation));
         out
     }
 

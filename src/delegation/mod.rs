@@ -404,9 +404,13 @@ impl DelegationStore {
             (asked, _) => asked,
         };
         if let Some(label) = &request.label
-            && (label.len() > 200 || label.chars().any(char::is_control))
+            && (label.len() > 200
+                || label.chars().any(|c| c.is_control() || crate::audit::chain::is_line_break_or_display_control(c)))
         {
-            return Err(MintError::Invalid("label must be at most 200 printable characters".to_string()));
+            return Err(MintError::Invalid(
+                "label must be at most 200 printable characters, without line separators or bidi and other invisible controls"
+                    .to_string(),
+            ));
         }
         if self.by_id.read().expect("delegations lock").len() >= MAX_LIVE {
             return Err(MintError::Full);
@@ -650,6 +654,26 @@ mod tests {
             allow_subdelegation: false,
             auto_reveal: None,
         }
+    }
+
+    #[test]
+    fn labels_with_line_separators_or_display_controls_are_refused() {
+        let clock = Arc::new(ManualClock(Mutex::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000))));
+        let store = DelegationStore::new(clock);
+        let role = parent_role();
+        let parent = delegator(&role);
+        for bad in ["a\u{2028}b", "a\u{2029}b", "a\u{85}b", "report\u{202e}fdp.exe", "a\u{2066}b", "a\u{200b}b", "a\nb"]
+        {
+            let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/chat/completions"]);
+            req.label = Some(bad.to_string());
+            match store.mint(&parent, &req) {
+                Err(MintError::Invalid(message)) => assert!(message.contains("label"), "{message}"),
+                _ => panic!("label {bad:?} was accepted"),
+            }
+        }
+        let mut req = request(&["OPENAI_API_KEY"], &["openai"], &["POST"], &["/v1/chat/completions"]);
+        req.label = Some("résumé 報告 42".to_string());
+        assert!(store.mint(&parent, &req).is_ok());
     }
 
     #[test]

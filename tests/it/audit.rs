@@ -273,3 +273,61 @@ async fn report_and_admin_api_read_the_trail_without_secrets() {
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert_no_canary("the audit file", &audit);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn line_separators_and_display_controls_never_reach_an_audit_line_raw() {
+    let h = Harness::start().await;
+    // U+2028, U+2029, U+0085, U+202E (and a bidi isolate), in granted and refused paths.
+    let tricky = ["%E2%80%A8", "%E2%80%A9", "%C2%85", "%E2%80%AE", "%E2%81%A6"];
+    for (i, t) in tricky.iter().enumerate() {
+        for path in [format!("/openai/_fake/echo-headers/{t}x"), format!("/openai/v1/files/{t}{i}")] {
+            h.client.get(h.url(&path)).bearer_auth(WORKER_KEY).send().await.unwrap();
+        }
+    }
+    let dir = h.stop().await;
+    let path = dir.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let records = text.split('\n').filter(|l| !l.is_empty()).count();
+    assert!(records >= 2 * tricky.len(), "{records} records");
+    let raw: Vec<char> =
+        text.chars().filter(|c| ['\u{2028}', '\u{2029}', '\u{85}', '\u{202e}', '\u{2066}'].contains(c)).collect();
+    assert!(raw.is_empty(), "raw characters in the audit file: {raw:?}");
+    assert!(text.contains("\\u2028") && text.contains("\\u202e"), "the decoded paths were recorded escaped");
+    // Line-based tools count one line per record (Python's splitlines splits on U+2028 and U+0085).
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(len(open(sys.argv[1], encoding='utf-8').read().splitlines()))"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let lines: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(lines, records, "splitlines sees {lines} lines for {records} records");
+    let (ok, report) = verify_output(&path);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn a_trail_written_before_separators_were_escaped_still_verifies() {
+    use sha2::Digest;
+    // Two records as the previous release sealed them: serde_json's escaping, U+2028, U+0085
+    // and U+202E raw in the path, each hash over the line without its hash.
+    let dir = tempfile::tempdir().unwrap();
+    let mut prev = "0".repeat(64);
+    let mut lines = Vec::new();
+    for (seq, path) in ["/v1/a\u{2028}b", "/v1/\u{85}c\u{202e}fdp.exe"].into_iter().enumerate() {
+        let body = format!(
+            "\"path\":{},\"prev_hash\":\"{prev}\",\"seq\":{seq},\"type\":\"request\"",
+            serde_json::to_string(path).unwrap()
+        );
+        let hash = hex::encode(sha2::Sha256::digest(format!("{{{body}}}").as_bytes()));
+        lines.push(format!("{{\"hash\":\"{hash}\",{body}}}"));
+        prev = hash;
+    }
+    let path = dir.path().join("audit.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let (ok, report) = verify_output(&path);
+    assert!(ok, "{report}");
+    // An edit is still caught.
+    std::fs::write(&path, lines.join("\n").replace("fdp", "fdx") + "\n").unwrap();
+    let (ok, report) = verify_output(&path);
+    assert!(!ok, "{report}");
+}

@@ -10,6 +10,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
+use common::raw::*;
 use common::*;
 use futures_util::StreamExt;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -39,6 +40,7 @@ fn leak_forms() -> Vec<String> {
     for canary in CANARIES {
         forms.push(canary.to_string());
         forms.push(utf8_percent_encode(canary, NON_ALPHANUMERIC).to_string());
+        forms.push(canary.bytes().map(|b| format!("{b:02x}")).collect());
         for wrapped in [canary.to_string(), format!("Bearer {canary}"), format!("user:{canary}")] {
             let encoded = b64.encode(&wrapped);
             forms.push(encoded[encoded.len() - canary.len() * 4 / 3 + 4..encoded.len() - 4].to_string());
@@ -47,8 +49,10 @@ fn leak_forms() -> Vec<String> {
     forms
 }
 
+/// Compared case-insensitively: a header name carries a credential lower-cased.
 fn find_leak(text: &str, forms: &[String]) -> Option<String> {
-    forms.iter().find(|f| text.contains(f.as_str())).cloned()
+    let text = text.to_ascii_lowercase();
+    forms.iter().find(|f| text.contains(f.to_ascii_lowercase().as_str())).cloned()
 }
 
 fn pick<'a, T>(rng: &mut StdRng, items: &'a [T]) -> &'a T {
@@ -60,6 +64,24 @@ struct Plan {
     path: String,
     headers: Vec<(String, String)>,
     body: String,
+    /// For the raw hostile upstream: how its body encodes the credential, to undo it.
+    encoding: Option<&'static str>,
+}
+
+/// A call to the raw hostile upstream: a random reason phrase, header names, framing (transfer
+/// codings included) and body encoding, each built from the credential it received.
+fn hostile(rng: &mut StdRng) -> Plan {
+    let encoding = *pick(rng, &ENCODINGS);
+    let path = format!(
+        "/{}/{}/{}/{}/{encoding}/{}",
+        pick(rng, &RAW_ROUTES),
+        pick(rng, &REASONS),
+        pick(rng, &NAMES),
+        pick(rng, &FRAMINGS),
+        rng.random_range(0..160)
+    );
+    let headers = vec![("authorization".to_string(), format!("Bearer {WORKER_KEY}"))];
+    Plan { method: "GET".to_string(), path, headers, body: String::new(), encoding: Some(encoding) }
 }
 
 /// Upstream behaviours, as paths below a route prefix.
@@ -97,10 +119,13 @@ fn granted(rng: &mut StdRng) -> Plan {
     } else {
         &"POST"
     };
-    Plan { method: method.to_string(), path, headers, body: String::new() }
+    Plan { method: method.to_string(), path, headers, body: String::new(), encoding: None }
 }
 
 fn plan(rng: &mut StdRng) -> Plan {
+    if rng.random_bool(0.15) {
+        return hostile(rng);
+    }
     if rng.random_bool(0.6) {
         let mut p = granted(rng);
         if rng.random_bool(0.3) {
@@ -153,7 +178,7 @@ fn plan(rng: &mut StdRng) -> Plan {
     } else {
         String::new()
     };
-    Plan { method, path: format!("{prefix}{tail}"), headers, body }
+    Plan { method, path: format!("{prefix}{tail}"), headers, body, encoding: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +195,8 @@ async fn no_canary_escapes_under_random_traffic() {
     let mut rng = StdRng::seed_from_u64(seed);
     let plans: Vec<Plan> = (0..REQUESTS).map(|_| plan(&mut rng)).collect();
 
-    let h = Harness::start().await;
+    let raw = raw_upstream(hostile_answer);
+    let h = Harness::start_edited(&raw_routes(raw), grant_raw_routes).await;
     let forms = leak_forms();
     let results = futures_util::stream::iter(plans.iter().enumerate())
         .map(|(i, p)| {
@@ -182,13 +208,15 @@ async fn no_canary_escapes_under_random_traffic() {
                 }
                 let text = match request.send().await {
                     Ok(response) => {
-                        let head = format!("{} {:?}", response.status(), response.headers());
-                        let body = response
-                            .bytes()
-                            .await
-                            .map(|b| String::from_utf8_lossy(&b).into_owned())
-                            .unwrap_or_default();
-                        format!("{head}\n{body}")
+                        let reason = response.extensions().get::<hyper::ext::ReasonPhrase>().cloned();
+                        let reason = reason.map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+                        let head = format!("{} {reason:?} {:?}", response.status(), response.headers());
+                        let body = response.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+                        // What the agent could recover: the body, with compression and the
+                        // hostile upstream's encoding undone.
+                        let decoded = p.encoding.map(|e| decode(e, &inflate_all(body.clone()))).unwrap_or_default();
+                        let body = String::from_utf8_lossy(&body);
+                        format!("{head}\n{body}\n{}", String::from_utf8_lossy(&decoded))
                     }
                     Err(error) => format!("client error: {error}"),
                 };

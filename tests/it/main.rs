@@ -25,5 +25,6 @@ mod redis;
 mod restart;
 #[cfg(feature = "aws")]
 mod rotation;
+mod scrub;
 mod unix_socket;
 mod vault;

@@ -4,6 +4,7 @@
 #[cfg(feature = "aws")]
 pub mod moto;
 pub mod process;
+pub mod raw;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
