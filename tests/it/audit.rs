@@ -30,7 +30,7 @@ async fn kill_nine_under_load(durability: &str) {
     let upstream = FakeUpstream::start().await.unwrap();
     let config = write_config(dir.path(), &upstream.url(), &format!("durability = \"{durability}\""));
     let mut spawned = Spawned::serve(dir.path(), &["--config", config.to_str().unwrap()], &[]);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let proxy = spawned.proxy.clone();
     // A bounded load: 400 requests, 16 at a time, each to its own path so it can be traced.
     let load = tokio::spawn(async move {
@@ -110,7 +110,7 @@ async fn an_unwritable_trail_fails_closed_or_is_counted() {
         );
         let config = keyward::config::load_str(&text, "t.toml", false).unwrap();
         let running = keyward::serve::start(config).await.unwrap();
-        let client = reqwest::Client::new();
+        let client = common::client();
         let r = client
             .post(format!("http://{}/openai/v1/chat/completions", running.proxy_addr.unwrap()))
             .bearer_auth(WORKER_KEY)

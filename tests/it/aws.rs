@@ -84,7 +84,7 @@ async fn aws_secret_reaches_the_upstream_once_per_ttl_and_never_the_agent() {
     let env = aws_env(Some(&moto.url));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &env);
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     // 100 concurrent requests as soon as keyward listens: one GetSecretValue serves them all.
     let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
@@ -143,7 +143,7 @@ async fn an_unreachable_secret_store_fails_closed_with_503() {
     let env = aws_env(None);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &env);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let started = Instant::now();
     let r = client
         .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
@@ -195,7 +195,7 @@ async fn the_articles_json_loads_as_is_and_falls_back_to_staging() {
     let env = aws_env(Some(&moto.url));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spawned = Spawned::serve(dir.path(), &["--config", "keyward.toml"], &env);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
     let response = client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -253,7 +253,7 @@ mapping = { OPENAI_API_KEY = "team/openai#{{.}}", ANTHROPIC_API_KEY = "team/anth
     let env = aws_env(Some(&moto.url));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let spawned = Spawned::serve(dir.path(), &["--config", "keyward.toml"], &env);
-    let client = reqwest::Client::new();
+    let client = common::client();
     for _ in 0..3 {
         let r = client.post(format!("{}/openai/v1/chat/completions", spawned.proxy)).bearer_auth(WORKER_KEY).send();
         assert_eq!(r.await.unwrap().status(), 200);
@@ -295,7 +295,7 @@ async fn missing_aws_credentials_log_one_readable_line() {
         "AWS_EC2_METADATA_DISABLED",
     ];
     let spawned = Spawned::serve_without(dir.path(), &["--config", path.to_str().unwrap()], &env, &unset);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let r = client
         .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
         .bearer_auth(WORKER_KEY)

@@ -52,7 +52,7 @@ key_sha256 = "{hash}"
         &["--config", config_path.to_str().unwrap(), "--log", "trace"],
         &[("KW_TEST_OPENAI_KEY", CANARY_OPENAI)],
     );
-    let client = reqwest::Client::new();
+    let client = common::client();
     let chat = format!("{}/openai/v1/chat/completions", spawned.proxy);
     let ok = client.post(&chat).bearer_auth(WORKER_KEY).body(r#"{"stream":true}"#).send().await.unwrap();
     assert_eq!(ok.status(), 200);
@@ -360,7 +360,7 @@ async fn the_embedded_default_serves_from_any_directory() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // An unknown key is refused and audited in the state directory, not in the working directory.
-    let r = reqwest::Client::new()
+    let r = common::client()
         .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
         .bearer_auth("kw_notTheDemoKey")
         .send()
@@ -437,7 +437,7 @@ async fn serve_uses_config_keyward_toml_and_fails_closed_without_its_secrets() {
     assert_eq!(health.status(), 200);
     let ready = reqwest::get(format!("{}/readyz", spawned.admin)).await.unwrap();
     assert_eq!(ready.status(), 503);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let r = client
         .post(format!("{}/openai/v1/chat/completions", spawned.proxy))
         .bearer_auth("kw_demodEi4lqgesStLOpXXiCZZP4OLLW9aXo8Ahw39P9h")
@@ -462,7 +462,7 @@ async fn a_stream_still_open_at_shutdown_is_audited_before_exit() {
     let path = dir.path().join("keyward.toml");
     std::fs::write(&path, text).unwrap();
     let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &[]);
-    let response = reqwest::Client::new()
+    let response = common::client()
         .get(format!("{}/openai/_fake/sse?events=50&interval_ms=200", spawned.proxy))
         .bearer_auth(WORKER_KEY)
         .send()

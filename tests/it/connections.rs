@@ -173,7 +173,7 @@ async fn a_flood_of_silent_connections_under_a_low_fd_limit_does_not_starve_agen
     for _ in 0..600 {
         flood.push(TcpStream::connect(&proxy).await.unwrap());
     }
-    let client = reqwest::Client::new();
+    let client = common::client();
     // The admin listener keeps its own places meanwhile.
     let health =
         client.get(format!("{}/healthz", spawned.admin)).timeout(Duration::from_secs(10)).send().await.unwrap();

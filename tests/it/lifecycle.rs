@@ -31,7 +31,7 @@ impl Rig {
         let path = dir.path().join("keyward.toml");
         std::fs::write(&path, edit(config_text(dir.path(), &upstream.url(), &admin_block()))).unwrap();
         let keyward = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &[]);
-        Rig { upstream, dir, path, keyward, client: reqwest::Client::new() }
+        Rig { upstream, dir, path, keyward, client: common::client() }
     }
 
     async fn call(&self, key: &str, method: reqwest::Method, path: &str) -> (u16, String) {

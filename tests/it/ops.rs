@@ -102,7 +102,7 @@ key_sha256 = "{hash}"
 /// Four attempts: allowed, not granted, unknown key, and a path carrying the credential and the
 /// agent's own key.
 async fn four_attempts(proxy: &str) {
-    let client = reqwest::Client::new();
+    let client = common::client();
     let chat = format!("{proxy}/openai/v1/chat/completions");
     assert_eq!(client.post(&chat).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap().status(), 200);
     let files = format!("{proxy}/openai/v1/files");

@@ -519,7 +519,7 @@ inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
         upstream = upstream.url()
     );
     let running = keyward::serve::start(keyward::config::load_str(&text, "t.toml", false).unwrap()).await.unwrap();
-    let client = reqwest::Client::new();
+    let client = common::client();
     let mut ready = false;
     for _ in 0..50 {
         let r = client.get(format!("http://{}/readyz", running.admin_addr)).send().await.unwrap();

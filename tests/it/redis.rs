@@ -105,7 +105,7 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
     let redis = start_redis(redis_port);
     let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_open");
     let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     // 40 calls spread over both replicas: the shared bucket allows the burst of 5 (plus at most
     // one refill at 30/min), where two separate buckets would allow 10.
@@ -220,7 +220,7 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     let _redis = start_redis(redis_port);
     let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
     let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     // Minted on A, with a budget of 4 calls.
     let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
@@ -288,7 +288,7 @@ async fn a_subtree_budget_and_the_parents_current_rights_hold_on_every_replica()
     let _redis = start_redis(redis_port);
     let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_closed");
     let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     // A child with a budget of 2 mints four grandchildren with 2 each, all on A.
     let body = serde_json::json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["openai"], "methods": ["POST"],
@@ -336,7 +336,7 @@ async fn revocations_quarantines_and_first_uses_survive_a_restart_in_redis() {
     let upstream = FakeUpstream::start().await.unwrap();
     let redis_port = closed_port();
     let _redis = start_redis(redis_port);
-    let client = reqwest::Client::new();
+    let client = common::client();
     let admin = |base: &str, path: &str| {
         let request = client.post(format!("{base}{path}")).bearer_auth(ADMIN_TOKEN);
         async move {

@@ -72,7 +72,7 @@ async fn revocations_quarantines_and_first_uses_survive_a_restart() {
     let config = dir.path().join("keyward.toml");
     std::fs::write(&config, config_text(dir.path(), &upstream.url(), &extra())).unwrap();
     let args = ["--config", config.to_str().unwrap()];
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     let first = Spawned::serve(dir.path(), &args, &[]);
     assert_eq!(chat(&client, &first.proxy, WORKER_KEY).await.0, 200);
@@ -148,7 +148,7 @@ async fn child_keys_survive_a_restart_and_a_crash_cannot_refill_a_budget() {
     let config = dir.path().join("keyward.toml");
     std::fs::write(&config, config_text(dir.path(), &upstream.url(), &extra())).unwrap();
     let args = ["--config", config.to_str().unwrap()];
-    let client = reqwest::Client::new();
+    let client = common::client();
 
     let first = Spawned::serve(dir.path(), &args, &[]);
     let (_, open_key) = mint(&client, &first.proxy, None).await;

@@ -89,7 +89,7 @@ impl Rig {
         let env = aws_env(Some(&moto.url));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let keyward = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap()], &env);
-        Rig { _moto: moto, sdk, upstream, webhook, dir, keyward, client: reqwest::Client::new() }
+        Rig { _moto: moto, sdk, upstream, webhook, dir, keyward, client: common::client() }
     }
 
     async fn chat(&self, body: String) -> (u16, String) {

@@ -153,7 +153,7 @@ peer_uid = 1004
     assert_eq!(running.proxy_unix.as_deref(), Some(socket.as_path()));
     let base = format!("http://{}", running.proxy_addr.expect("TCP too"));
     let admin = format!("http://{}", running.admin_addr);
-    let client = reqwest::Client::new();
+    let client = common::client();
     Setup { harness: Harness { upstream, running: Some(running), dir, base, admin, client }, socket }
 }
 

