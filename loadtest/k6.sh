@@ -60,7 +60,7 @@ rotated_secrets() {
 for name in "${scripts[@]}"; do
   echo "k6: $name"
   # The mix rotates OPENAI_KEY at 15 s: the file gets its new value just before (written aside,
-  # then renamed, as the README advises), so the rotation has something to test and promote.
+  # then renamed, as docs/secrets.md advises), so the rotation has something to test and promote.
   (sleep 13 && rotated_secrets >"$WORK/secrets.json.new" && chmod 600 "$WORK/secrets.json.new" \
     && mv "$WORK/secrets.json.new" "$WORK/secrets.json") &
   k6 run --no-color --quiet --summary-export "$RESULTS/k6-$name.json" \

@@ -14,6 +14,7 @@ mod connections;
 mod dashboard;
 mod delegation;
 mod deploy;
+mod docs;
 mod exec;
 mod hostile;
 mod lifecycle;
