@@ -97,7 +97,7 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             .map(|a| a.id.clone())
             .collect();
         json!({
-            "since": humantime::format_rfc3339_seconds(since).to_string(),
+            "since": crate::timestamp::seconds(since),
             "heatmap": { "by_agent": by_agent, "by_credential": by_credential },
             "recent_denials": recent,
             "endings": endings,
@@ -153,7 +153,7 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .filter(|p| p.enabled)
                 .and_then(|p| p.schedule.as_ref())
                 .and_then(|schedule| schedule.next_after(now))
-                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
             let mut v = serde_json::to_value(s).expect("status serializes");
             v["next_rotation"] = json!(next);

@@ -100,8 +100,8 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         Err(broken) => format!("BROKEN at {broken}"),
     };
     let mut report = Report {
-        since: humantime::format_rfc3339_seconds(since).to_string(),
-        until: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        since: crate::timestamp::seconds(since),
+        until: crate::timestamp::seconds(SystemTime::now()),
         chain,
         attempts: 0,
         totals: Counts::default(),
@@ -294,7 +294,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let mut head = ChainHead::genesis();
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let now = crate::timestamp::seconds(SystemTime::now());
         let mut lines = String::new();
         let mut add = |v: Value| lines.push_str(&(head.seal(v) + "\n"));
         for i in 0..6 {
