@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::admin_error;
+use crate::audit::event::Kind;
 use crate::audit::read::{self, Filter};
 use crate::audit::report;
 use crate::state::AppState;
@@ -59,13 +60,13 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
         let mut endings = crate::audit::report::Endings::default();
         for record in read::records(&audit_files(&state)) {
             let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
-            let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
-            if kind.starts_with("anomaly.") {
-                anomalies.push(record);
-                continue;
-            }
-            if kind != "request" {
-                continue;
+            match Kind::of(&record) {
+                Kind::Anomaly => {
+                    anomalies.push(record);
+                    continue;
+                }
+                Kind::Request => {}
+                Kind::Released | Kind::Rotation | Kind::Other => continue,
             }
             endings.count(&record);
             match record.get("decision").and_then(Value::as_str) {

@@ -178,6 +178,40 @@ pub struct ProbeResult {
     pub passed: bool,
 }
 
+/// What a record read back from the trail is, by its `type`: readers branch on this instead of
+/// on string literals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// An attempt's outcome (`request`).
+    Request,
+    /// Written before a credential went onto the network (`request.released`).
+    Released,
+    /// `anomaly.*`
+    Anomaly,
+    /// `rotation.*`
+    Rotation,
+    /// Any other event, or a line without `type`.
+    Other,
+}
+
+impl Kind {
+    pub fn of(record: &Value) -> Kind {
+        match record.get("type").and_then(Value::as_str).unwrap_or_default() {
+            REQUEST => Kind::Request,
+            REQUEST_RELEASED => Kind::Released,
+            kind if kind.starts_with(ANOMALY_PREFIX) => Kind::Anomaly,
+            kind if kind.starts_with(ROTATION_PREFIX) => Kind::Rotation,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// Whether `record` is a `rotation.promoted` event of `source`.
+pub fn is_promotion_of(record: &Value, source: &str) -> bool {
+    record.get("type").and_then(Value::as_str) == Some(ROTATION_PROMOTED)
+        && record.get("source").and_then(Value::as_str) == Some(source)
+}
+
 impl AuditEvent {
     /// The event as JSON, without `timestamp`: what a notify webhook receives.
     pub fn to_json(&self) -> Value {
@@ -360,6 +394,35 @@ mod tests {
             assert_eq!(event.to_json(), expected);
             assert_eq!(canonical(&event.to_json()), canonical(&expected));
         }
+    }
+
+    #[test]
+    fn readers_classify_records_by_type() {
+        let of = |kind: &str| Kind::of(&json!({ "type": kind }));
+        assert_eq!(of("request"), Kind::Request);
+        assert_eq!(of("request.released"), Kind::Released);
+        assert_eq!(of("anomaly.rate_spike"), Kind::Anomaly);
+        assert_eq!(of("rotation.probe.released"), Kind::Rotation);
+        assert_eq!(of("delegation.minted"), Kind::Other);
+        assert_eq!(Kind::of(&json!({ "seq": 1 })), Kind::Other);
+        let anomaly = AuditEvent::Anomaly {
+            detector: "first_use",
+            agent_id: "a".into(),
+            action: "alert",
+            reason: "r".into(),
+            value: 1.0,
+            threshold: 1.0,
+        };
+        assert_eq!(Kind::of(&anomaly.record_now()), Kind::Anomaly);
+        let promoted = AuditEvent::RotationPromoted {
+            rotation: RotationOf { source: "aws".into(), trigger: "scheduled" },
+            from_version: None,
+            to_version: None,
+            grace_period_minutes: 0,
+        };
+        assert!(is_promotion_of(&promoted.record_now(), "aws"));
+        assert!(!is_promotion_of(&promoted.record_now(), "vault"));
+        assert_eq!(Kind::of(&promoted.record_now()), Kind::Rotation);
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl AuditGuard {
         path: &str,
     ) -> AuditGuard {
         let record = AuditRecord {
-            kind: "request",
+            kind: super::event::REQUEST,
             timestamp: String::new(),
             request_id: new_request_id(),
             agent_id: None,
