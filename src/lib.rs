@@ -30,6 +30,7 @@ pub mod secrets;
 pub mod serve;
 pub mod server;
 pub mod state;
+pub mod timestamp;
 
 use std::sync::Arc;
 

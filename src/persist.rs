@@ -20,6 +20,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::audit::AuditEvent;
 use crate::limit::QuarantineMap;
 use crate::limit::anomaly::FirstUses;
 use crate::state::AppState;
@@ -163,10 +164,11 @@ pub async fn restore(state: &AppState) -> anyhow::Result<()> {
         );
     }
     for id in &uncounted {
-        state.audit_event(serde_json::json!({
-            "type": "delegation.revoked", "delegationId": id,
-            "reason": "its use count is unknown after an unclean stop", "by": "startup",
-        }));
+        state.audit_event(AuditEvent::DelegationRevoked {
+            delegation_id: id.clone(),
+            reason: "its use count is unknown after an unclean stop".into(),
+            by: "startup".into(),
+        });
     }
     tracing::info!(
         path = %file.path().display(),

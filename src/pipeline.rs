@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use zeroize::Zeroizing;
 
-use crate::audit::{AuditGuard, AuditedBody};
+use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::RouteConfig;
 use crate::decode::{self, Coding, DecodedBody};
@@ -336,14 +336,14 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
             AnomalyAction::Quarantine => "quarantine",
         };
         state.metrics.anomalies.get_or_create(&AnomalyLabels { detector: decision.finding.detector, action }).inc();
-        let event = serde_json::json!({
-            "type": format!("anomaly.{}", decision.finding.detector),
-            "agentId": agent,
-            "action": action,
-            "reason": decision.finding.reason,
-            "value": decision.finding.value,
-            "threshold": decision.finding.threshold,
-        });
+        let event = AuditEvent::Anomaly {
+            detector: decision.finding.detector,
+            agent_id: agent.to_string(),
+            action,
+            reason: decision.finding.reason,
+            value: decision.finding.value,
+            threshold: decision.finding.threshold,
+        };
         state.audit_event(event.clone());
         if decision.action == AnomalyAction::Quarantine {
             // Quarantining a parent revokes every key it delegated, transitively.
@@ -351,7 +351,7 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
         }
         if let Some(url) = state.runtime.load().config.limits.notify.clone() {
             let forwarder = state.forwarder.clone();
-            tokio::spawn(async move { forwarder.notify(&url, &event).await });
+            tokio::spawn(async move { forwarder.notify(&url, &event.to_json()).await });
         }
     }
 }

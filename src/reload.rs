@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use serde::Serialize;
-use serde_json::json;
 
+use crate::audit::AuditEvent;
 use crate::config::{self, Config, ConfigErrors};
 use crate::state::{AppState, Runtime};
 
@@ -37,11 +37,10 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
         Ok(config) => config,
         Err(errors) => {
             tracing::error!(config = %name, "config reload refused; still serving the last good config:\n{errors}");
-            state.audit_event(json!({
-                "type": "config.rejected",
-                "path": name,
-                "problems": errors.0.iter().map(|p| p.redacted()).collect::<Vec<_>>(),
-            }));
+            state.audit_event(AuditEvent::ConfigRejected {
+                path: name,
+                problems: errors.0.iter().map(|p| p.redacted()).collect(),
+            });
             return Err(ReloadError::Invalid(errors));
         }
     };
@@ -69,13 +68,12 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     }
     tracing::info!(config = %name, sources, kept_cached = kept, "config reloaded");
     let reloaded = Reloaded { path: name, sources, sources_kept_cached: kept, restart_needed };
-    state.audit_event(json!({
-        "type": "config.reloaded",
-        "path": reloaded.path,
-        "sources": sources,
-        "sourcesKeptCached": kept,
-        "restartNeeded": reloaded.restart_needed,
-    }));
+    state.audit_event(AuditEvent::ConfigReloaded {
+        path: reloaded.path.clone(),
+        sources,
+        sources_kept_cached: kept,
+        restart_needed: reloaded.restart_needed.clone(),
+    });
     Ok(reloaded)
 }
 

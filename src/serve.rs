@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::audit::{AuditGuard, AuditSink};
+use crate::audit::{AuditEvent, AuditGuard, AuditSink};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::server::{self, ConnSettings, Observers, Unparsed};
@@ -243,9 +243,11 @@ async fn delegation_janitor(state: Arc<AppState>, mut shutdown: watch::Receiver<
             _ = shutdown.changed() => return,
         }
         for expired in state.delegations.sweep() {
-            state.audit_event(
-                serde_json::json!({ "type": "delegation.expired", "delegationId": expired.id, "delegatedBy": expired.chain, "used": expired.used() }),
-            );
+            state.audit_event(AuditEvent::DelegationExpired {
+                delegation_id: expired.id.clone(),
+                delegated_by: expired.chain.clone(),
+                used: expired.used(),
+            });
         }
     }
 }

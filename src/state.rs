@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 
-use crate::audit::AuditSink;
+use crate::audit::{AuditEvent, AuditSink};
 use crate::config::Config;
 use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
@@ -70,20 +70,18 @@ pub struct AppState {
 impl AppState {
     /// Writes an event (delegation, anomaly, revocation) to the audit trail, scrubbed like every
     /// record.
-    pub fn audit_event(&self, mut event: serde_json::Value) {
-        event["timestamp"] =
-            serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-        self.runtime.load().secrets.scrubber().scrub_json(&mut event);
-        self.audit.record(event);
+    pub fn audit_event(&self, event: AuditEvent) {
+        let mut record = event.record_now();
+        self.runtime.load().secrets.scrubber().scrub_json(&mut record);
+        self.audit.record(record);
     }
 
     /// Writes an event and waits until it is durable, for events that precede a credential going
     /// onto the network. `Err` when it could not be written and `audit.on_failure = "deny"`.
-    pub async fn audit_event_durably(&self, mut event: serde_json::Value) -> Result<(), ()> {
-        event["timestamp"] =
-            serde_json::json!(humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string());
-        self.runtime.load().secrets.scrubber().scrub_json(&mut event);
-        match self.audit.record_durably(event).await {
+    pub async fn audit_event_durably(&self, event: AuditEvent) -> Result<(), ()> {
+        let mut record = event.record_now();
+        self.runtime.load().secrets.scrubber().scrub_json(&mut record);
+        match self.audit.record_durably(record).await {
             Ok(()) => Ok(()),
             Err(_) if self.audit.on_failure() == crate::config::OnFailure::Allow => Ok(()),
             Err(_) => Err(()),

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::admin_error;
+use crate::audit::AuditEvent;
 use crate::state::AppState;
 
 /// `GET /admin/agents`
@@ -76,7 +77,12 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
             tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent quarantined by admin until released")
         }
     }
-    state.audit_event(json!({ "type": "agent.quarantined", "agentId": id, "by": "admin", "minutes": minutes, "revoked_delegations": revoked }));
+    state.audit_event(AuditEvent::AgentQuarantined {
+        agent_id: id.clone(),
+        by: "admin".into(),
+        minutes,
+        revoked_delegations: revoked.clone(),
+    });
     axum::Json(json!({ "agent": id, "quarantined": true, "revoked_delegations": revoked, "persisted": persisted }))
         .into_response()
 }
@@ -89,7 +95,7 @@ pub async fn release(State(state): State<Arc<AppState>>, Path(id): Path<String>)
     let (was, shared) = state.limits.release(&id).await;
     let persisted = durable(&state, &id, "release", shared).await;
     tracing::info!(agent = %id, was_limited = was, persisted, "agent released by admin");
-    state.audit_event(json!({ "type": "agent.released", "agentId": id, "by": "admin", "was_limited": was }));
+    state.audit_event(AuditEvent::AgentReleased { agent_id: id.clone(), by: "admin".into(), was_limited: was });
     axum::Json(json!({ "agent": id, "released": was, "persisted": persisted })).into_response()
 }
 

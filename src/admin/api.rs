@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::admin_error;
+use crate::audit::event::Kind;
 use crate::audit::read::{self, Filter};
 use crate::audit::report;
 use crate::state::AppState;
@@ -59,13 +60,13 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
         let mut endings = crate::audit::report::Endings::default();
         for record in read::records(&audit_files(&state)) {
             let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
-            let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
-            if kind.starts_with("anomaly.") {
-                anomalies.push(record);
-                continue;
-            }
-            if kind != "request" {
-                continue;
+            match Kind::of(&record) {
+                Kind::Anomaly => {
+                    anomalies.push(record);
+                    continue;
+                }
+                Kind::Request => {}
+                Kind::Released | Kind::Rotation | Kind::Other => continue,
             }
             endings.count(&record);
             match record.get("decision").and_then(Value::as_str) {
@@ -97,7 +98,7 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             .map(|a| a.id.clone())
             .collect();
         json!({
-            "since": humantime::format_rfc3339_seconds(since).to_string(),
+            "since": crate::timestamp::seconds(since),
             "heatmap": { "by_agent": by_agent, "by_credential": by_credential },
             "recent_denials": recent,
             "endings": endings,
@@ -153,7 +154,7 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .filter(|p| p.enabled)
                 .and_then(|p| p.schedule.as_ref())
                 .and_then(|schedule| schedule.next_after(now))
-                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+                .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
             let mut v = serde_json::to_value(s).expect("status serializes");
             v["next_rotation"] = json!(next);

@@ -8,6 +8,8 @@ use std::io::Write;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::event::AUDIT_PRUNED;
+
 /// `prev_hash` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -376,10 +378,8 @@ impl Verifier {
         };
         let Some(seq) = seq else { return Err(broken(None, "no seq".to_string())) };
         let prev = map.get("prev_hash").and_then(Value::as_str).unwrap_or_default().to_string();
-        let is_pruning = map.get("type").and_then(Value::as_str) == Some("audit.pruned");
-        if map.get("type").and_then(Value::as_str) == Some("audit.pruned")
-            && let Some(anchor) = map.get("first_surviving_hash").and_then(Value::as_str)
-        {
+        let is_pruning = map.get("type").and_then(Value::as_str) == Some(AUDIT_PRUNED);
+        if is_pruning && let Some(anchor) = map.get("first_surviving_hash").and_then(Value::as_str) {
             self.pruned_anchors.push(anchor.to_string());
         }
         if hash_of(&value) != claimed && legacy_hash_of(&value) != claimed {

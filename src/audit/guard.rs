@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::Method;
@@ -66,7 +66,7 @@ impl AuditGuard {
         path: &str,
     ) -> AuditGuard {
         let record = AuditRecord {
-            kind: "request",
+            kind: super::event::REQUEST,
             timestamp: String::new(),
             request_id: new_request_id(),
             agent_id: None,
@@ -186,7 +186,7 @@ impl AuditGuard {
     /// goes onto the network. If the audit file cannot be written and `on_failure = "deny"`, the
     /// credential is withheld.
     pub async fn release(&mut self) -> Result<(), ProxyError> {
-        let timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let timestamp = crate::timestamp::now_millis();
         let line =
             scrubbed(&self.scrubber.load(), self.record.released_canonical(&timestamp, &operation(&self.record)));
         let released = match self.sink.record_durably(line).await {
@@ -256,7 +256,7 @@ impl AuditGuard {
         }
         let elapsed = self.started.elapsed();
         let record = &mut self.record;
-        record.timestamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        record.timestamp = crate::timestamp::now_millis();
         record.duration_ms = elapsed.as_millis() as u64;
         record.decision = decision;
         record.outcome = outcome;

@@ -3,6 +3,7 @@
 pub mod access_log;
 mod body;
 pub mod chain;
+pub mod event;
 mod guard;
 pub mod read;
 mod record;
@@ -10,6 +11,7 @@ pub mod report;
 mod sink;
 
 pub use body::AuditedBody;
+pub use event::AuditEvent;
 pub use guard::{AuditGuard, BodyEnd, new_request_id};
 pub use record::{AuditRecord, Decision, Outcome};
 pub use sink::{AuditSink, WriteFailed, chain_files};

@@ -210,7 +210,7 @@ impl AuditRecord {
 
     fn released<'a>(&'a self, timestamp: &'a str, operation: &'a str) -> Released<'a> {
         Released {
-            kind: "request.released",
+            kind: super::event::REQUEST_RELEASED,
             timestamp,
             request_id: &self.request_id,
             agent_id: self.agent_id.as_deref(),

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::event::{Kind, is_promotion_of};
 use super::read::{self, Verified};
 use crate::config::Config;
 
@@ -100,8 +101,8 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         Err(broken) => format!("BROKEN at {broken}"),
     };
     let mut report = Report {
-        since: humantime::format_rfc3339_seconds(since).to_string(),
-        until: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        since: crate::timestamp::seconds(since),
+        until: crate::timestamp::seconds(SystemTime::now()),
         chain,
         attempts: 0,
         totals: Counts::default(),
@@ -115,17 +116,17 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
     };
     let mut last_used: BTreeMap<String, String> = BTreeMap::new();
     for record in read::records(files).filter(|r| read::timestamp(r).is_some_and(|t| t >= since)) {
-        let kind = record.get("type").and_then(Value::as_str).unwrap_or_default();
-        if kind.starts_with("anomaly.") {
-            report.anomalies.push(record);
-            continue;
-        }
-        if kind.starts_with("rotation.") {
-            report.rotations.push(record);
-            continue;
-        }
-        if kind != "request" {
-            continue;
+        match Kind::of(&record) {
+            Kind::Anomaly => {
+                report.anomalies.push(record);
+                continue;
+            }
+            Kind::Rotation => {
+                report.rotations.push(record);
+                continue;
+            }
+            Kind::Request => {}
+            Kind::Released | Kind::Other => continue,
         }
         report.attempts += 1;
         count(&mut report.totals, &record);
@@ -153,7 +154,7 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
                 .rotations
                 .iter()
                 .rev()
-                .find(|e| e["type"] == "rotation.promoted" && e["source"] == source.name.as_str())
+                .find(|e| is_promotion_of(e, &source.name))
                 .and_then(|e| e["timestamp"].as_str().map(str::to_string));
             for name in source.mapping.keys() {
                 report.credentials.push(CredentialStatus {
@@ -294,7 +295,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let mut head = ChainHead::genesis();
-        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        let now = crate::timestamp::seconds(SystemTime::now());
         let mut lines = String::new();
         let mut add = |v: Value| lines.push_str(&(head.seal(v) + "\n"));
         for i in 0..6 {

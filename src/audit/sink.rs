@@ -24,12 +24,14 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 use super::chain::{ChainHead, Line};
+use super::event::AuditEvent;
 use crate::config::{AuditConfig, Durability, OnFailure};
 use crate::metrics::Metrics;
+use crate::timestamp;
 
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 const MAX_BATCH: usize = 512;
@@ -381,11 +383,11 @@ struct Writer {
 }
 
 fn today() -> String {
-    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()[..10].to_string()
+    timestamp::date(SystemTime::now())
 }
 
 fn now() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+    timestamp::now_millis()
 }
 
 impl Writer {
@@ -460,8 +462,8 @@ impl Writer {
     }
 
     /// Writes one record the writer produces itself (rotation and pruning events).
-    fn write_event(&mut self, event: Value) {
-        self.queue(&Line::from_value(event));
+    fn write_event(&mut self, event: AuditEvent) {
+        self.queue(&Line::from_value(event.record_now()));
         let _ = self.write_queued();
     }
 
@@ -531,7 +533,7 @@ impl Writer {
     /// with the hash of the first record that survives.
     fn prune(&mut self) {
         let cutoff = SystemTime::now() - Duration::from_secs(u64::from(self.retention_days) * 86_400);
-        let cutoff = stamp(&humantime::format_rfc3339_millis(cutoff).to_string());
+        let cutoff = stamp(&timestamp::millis(cutoff));
         let files = chain_files(&self.path);
         let mut deleted = Vec::new();
         for file in files.iter().filter(|f| **f != self.path) {
@@ -550,13 +552,11 @@ impl Writer {
         }
         let first_surviving = chain_files(&self.path).into_iter().find_map(|f| first_hash(&f));
         tracing::info!(files = deleted.len(), "expired audit files deleted");
-        self.write_event(json!({
-            "type": "audit.pruned",
-            "timestamp": now(),
-            "deleted": deleted,
-            "retention_days": self.retention_days,
-            "first_surviving_hash": first_surviving,
-        }));
+        self.write_event(AuditEvent::AuditPruned {
+            deleted,
+            retention_days: self.retention_days,
+            first_surviving_hash: first_surviving,
+        });
     }
 }
 
@@ -633,6 +633,7 @@ fn resume_head(active: &Path) -> ChainHead {
 mod tests {
     use super::*;
     use crate::audit::chain::Verifier;
+    use serde_json::json;
 
     fn config(path: &Path) -> AuditConfig {
         AuditConfig {

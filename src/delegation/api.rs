@@ -11,6 +11,7 @@ use http::HeaderName;
 use serde_json::{Value, json};
 
 use super::{Delegation, DelegationRequest, MintError};
+use crate::audit::AuditEvent;
 use crate::config::AgentKeySpec;
 use crate::error::{ProxyError, error_body};
 use crate::principal::{self, Principal};
@@ -23,10 +24,6 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, axum::Json(error_body(code, message))).into_response()
 }
 
-fn stamp(t: std::time::SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 pub fn describe(d: &Delegation) -> Value {
     json!({
         "id": d.id,
@@ -37,8 +34,8 @@ pub fn describe(d: &Delegation) -> Value {
             "methods": match &g.methods { crate::policy::MethodSet::Any => vec!["*".to_string()], crate::policy::MethodSet::Only(m) => m.iter().map(|m| m.to_string()).collect() },
             "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
-        "created_at": stamp(d.created),
-        "expires_at": stamp(d.expires),
+        "created_at": crate::timestamp::seconds(d.created),
+        "expires_at": crate::timestamp::seconds(d.expires),
         "max_requests": d.max_requests,
         "used": d.used(),
         "revoke_on_failure": d.revoke_on_failure,
@@ -90,7 +87,11 @@ pub fn revoke_tree_of_agent(state: &AppState, agent: &str, reason: &str, by: &st
     let revoked = state.delegations.revoke_rooted_at(agent);
     state.limits.changed.notify_one();
     for child in &revoked {
-        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
+        state.audit_event(AuditEvent::DelegationRevoked {
+            delegation_id: child.clone(),
+            reason: reason.into(),
+            by: by.into(),
+        });
     }
     share_revocations(state, &revoked);
     revoked
@@ -131,7 +132,11 @@ pub fn revoke_and_audit(state: &AppState, id: &str, reason: &str, by: &str) -> V
     state.limits.changed.notify_one();
     share_revocations(state, &revoked);
     for child in &revoked {
-        state.audit_event(json!({ "type": "delegation.revoked", "delegationId": child, "reason": reason, "by": by }));
+        state.audit_event(AuditEvent::DelegationRevoked {
+            delegation_id: child.clone(),
+            reason: reason.into(),
+            by: by.into(),
+        });
     }
     revoked
 }
@@ -147,9 +152,12 @@ pub async fn mint(
     let parent = match caller(&state, &runtime, &headers, peer) {
         Ok(parent) => parent,
         Err(e) => {
-            state.audit_event(
-                json!({ "type": "delegation.refused", "status": e.status().as_u16(), "errorCode": e.code() }),
-            );
+            state.audit_event(AuditEvent::DelegationRefused {
+                agent_id: None,
+                status: e.status().as_u16(),
+                error_code: e.code().into(),
+                message: None,
+            });
             return e.into_response();
         }
     };
@@ -183,10 +191,10 @@ pub async fn mint(
             {
                 tracing::warn!(id = %delegation.id, "the delegation could not be shared through redis; it works on this replica only");
             }
-            let mut event = describe(&delegation);
-            event["type"] = json!("delegation.minted");
-            event["delegationId"] = json!(delegation.id);
-            state.audit_event(event);
+            state.audit_event(AuditEvent::DelegationMinted {
+                delegation_id: delegation.id.clone(),
+                description: describe(&delegation),
+            });
             let mut answer = describe(&delegation);
             answer["key"] = json!(key);
             (StatusCode::CREATED, axum::Json(answer)).into_response()
@@ -201,8 +209,12 @@ pub async fn mint(
                     "too many live delegations; try later".to_string(),
                 ),
             };
-            state.audit_event(json!({ "type": "delegation.refused", "agentId": parent.id(), "status": status.as_u16(), "errorCode": code, "message": message }),
-            );
+            state.audit_event(AuditEvent::DelegationRefused {
+                agent_id: Some(parent.id().into()),
+                status: status.as_u16(),
+                error_code: code.into(),
+                message: Some(message.clone()),
+            });
             error(status, code, &message)
         }
     }
@@ -266,7 +278,7 @@ pub async fn admin_revoke_agent(State(state): State<Arc<AppState>>, Path(id): Pa
         set.insert(id.clone());
         set
     });
-    state.audit_event(json!({ "type": "agent.revoked", "agentId": id, "by": "admin" }));
+    state.audit_event(AuditEvent::AgentRevoked { agent_id: id.clone(), by: "admin".into() });
     let revoked = revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
     // With Redis the revocation is already kept there; locally it is written to the state file.
     let persisted = match state.limits.shared {

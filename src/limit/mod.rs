@@ -77,10 +77,6 @@ impl Drop for InFlight {
     }
 }
 
-fn stamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 impl Limits {
     pub fn new(config: &LimitsConfig, metrics: Arc<Metrics>) -> Limits {
         let shared = match &config.backend {
@@ -319,10 +315,10 @@ impl Limits {
         Standing {
             quarantined_until: match state.quarantined {
                 Some(None) => Some("until released".to_string()),
-                Some(Some(until)) if until > now => Some(stamp(until)),
+                Some(Some(until)) if until > now => Some(crate::timestamp::seconds(until)),
                 _ => None,
             },
-            throttled_until: state.throttled.filter(|(u, _)| *u > now).map(|(u, _)| stamp(u)),
+            throttled_until: state.throttled.filter(|(u, _)| *u > now).map(|(u, _)| crate::timestamp::seconds(u)),
             throttle_fraction: state.throttled.filter(|(u, _)| *u > now).map(|(_, f)| f),
             rate_this_minute: state.activity.current_rate(),
             baseline_per_minute: state.activity.baseline(),

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Request, Uri};
 use secrecy::SecretString;
 use serde::Serialize;
-use serde_json::json;
 
+use crate::audit::event::{AuditEvent, ProbeResult, RotationOf};
 use crate::config::{RotationPolicy, RouteConfig};
 use crate::forward::OutboundBody;
 use crate::metrics::RotationLabels;
@@ -140,7 +140,11 @@ pub async fn rotate(
     let _running = Running { log: &state.rotations, source: source.to_string() };
     let phases = Phases { state, policy: &policy, source, trigger };
     if trigger == Trigger::Manual {
-        phases.event("rotation.notified", json!({ "reason": "manual rotation requested" }));
+        phases.event(AuditEvent::RotationNotified {
+            rotation: phases.of(),
+            reason: "manual rotation requested".into(),
+            scheduled_at: None,
+        });
     }
 
     let result: Result<(Option<String>, Option<Fetched>), RotationError> = async {
@@ -161,17 +165,17 @@ pub async fn rotate(
         source: source.to_string(),
         trigger: trigger.as_str(),
         outcome: "failed",
-        at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        at: crate::timestamp::seconds(SystemTime::now()),
         from_version: None,
         to_version: None,
         reason: None,
     };
     let failure = match result {
         Ok((from_version, None)) => {
-            phases.event(
-                "rotation.skipped",
-                json!({ "reason": "nothing to rotate: no pending version is newer than the current one" }),
-            );
+            phases.event(AuditEvent::RotationSkipped {
+                rotation: phases.of(),
+                reason: "nothing to rotate: no pending version is newer than the current one".into(),
+            });
             run.outcome = "nothing_to_rotate";
             run.from_version = from_version;
             run.reason = Some("no pending version".into());
@@ -182,14 +186,12 @@ pub async fn rotate(
             // The store serving now: a reload during the run may have replaced the one it began on.
             let serving = state.runtime.load_full();
             let epoch = serving.secrets.install(source, candidate, policy.grace_period);
-            phases.event(
-                "rotation.promoted",
-                json!({
-                    "fromVersion": from_version,
-                    "toVersion": to_version,
-                    "gracePeriodMinutes": policy.grace_period.as_secs() / 60,
-                }),
-            );
+            phases.event(AuditEvent::RotationPromoted {
+                rotation: phases.of(),
+                from_version: from_version.clone(),
+                to_version: to_version.clone(),
+                grace_period_minutes: policy.grace_period.as_secs() / 60,
+            });
             if let Some(epoch) = epoch {
                 schedule_purge(state.clone(), policy.clone(), source.to_string(), trigger, epoch, from_version.clone());
             }
@@ -199,7 +201,11 @@ pub async fn rotate(
             None
         }
         Err(error) => {
-            phases.event("rotation.failed", json!({ "reason": error.to_string(), "currentUntouched": true }));
+            phases.event(AuditEvent::RotationFailed {
+                rotation: phases.of(),
+                reason: error.to_string(),
+                current_untouched: true,
+            });
             run.reason = Some(error.to_string());
             Some(error)
         }
@@ -225,7 +231,7 @@ fn schedule_purge(
         tokio::time::sleep(policy.grace_period).await;
         if state.runtime.load().secrets.purge_previous(&source, epoch) {
             let phases = Phases { state: &state, policy: &policy, source: &source, trigger };
-            phases.event("rotation.purged", json!({ "purgedVersion": version }));
+            phases.event(AuditEvent::RotationPurged { rotation: phases.of(), purged_version: version });
         }
     });
 }
@@ -239,12 +245,16 @@ struct Phases<'a> {
 }
 
 impl Phases<'_> {
-    fn event(&self, kind: &str, mut detail: serde_json::Value) {
-        detail["type"] = json!(kind);
-        detail["source"] = json!(self.source);
-        detail["trigger"] = json!(self.trigger.as_str());
+    /// The run this phase belongs to, for its event.
+    fn of(&self) -> RotationOf {
+        RotationOf { source: self.source.to_string(), trigger: self.trigger.as_str() }
+    }
+
+    fn event(&self, event: AuditEvent) {
+        let detail = event.to_json();
+        let kind = detail["type"].as_str().unwrap_or_default();
         tracing::info!(source = self.source, event = kind, "rotation");
-        self.state.audit_event(detail.clone());
+        self.state.audit_event(event);
         notify(self.state, self.policy, detail);
     }
 }
@@ -282,8 +292,12 @@ async fn test(
     for (route, name) in pairs {
         let probe = route.validate.as_ref().expect("filtered above");
         // Like every credential keyward sends, the candidate goes out only after a durable record.
-        let released = json!({ "type": "rotation.probe.released", "source": phases.source, "route": route.name,
-                               "credential": name, "toVersion": candidate.version });
+        let released = AuditEvent::RotationProbeReleased {
+            source: phases.source.to_string(),
+            route: route.name.clone(),
+            credential: name.clone(),
+            to_version: candidate.version.clone(),
+        };
         if phases.state.audit_event_durably(released).await.is_err() {
             return Err(RotationError::Failed("the audit trail cannot be written, so no probe was sent".into()));
         }
@@ -299,13 +313,16 @@ async fn test(
         };
         let ok = status.is_some_and(|s| probe.expect.contains(&s));
         passed &= ok;
-        results.push(json!({ "route": route.name, "secret": name, "status": status, "passed": ok }));
+        results.push(ProbeResult { route: route.name.clone(), secret: name.clone(), status, passed: ok });
     }
     let untested = results.is_empty();
-    phases.event(
-        "rotation.tested",
-        json!({ "toVersion": candidate.version, "passed": passed, "probes": results, "untested": untested }),
-    );
+    phases.event(AuditEvent::RotationTested {
+        rotation: phases.of(),
+        to_version: candidate.version.clone(),
+        passed,
+        probes: results,
+        untested,
+    });
     if passed {
         Ok(())
     } else {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use tokio::sync::watch;
 
 use super::{Phases, Trigger, rotate};
+use crate::audit::AuditEvent;
 use crate::state::AppState;
 
 const TICK: Duration = Duration::from_millis(250);
@@ -48,10 +48,11 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
             if !plan.notified && now >= plan.at.checked_sub_signed(ahead).unwrap_or(DateTime::<Utc>::MIN_UTC) {
                 plan.notified = true;
                 let phases = Phases { state: &state, policy, source: &source.name, trigger: Trigger::Scheduled };
-                phases.event(
-                    "rotation.notified",
-                    json!({ "scheduledAt": plan.at.to_rfc3339(), "reason": "scheduled rotation coming up" }),
-                );
+                phases.event(AuditEvent::RotationNotified {
+                    rotation: phases.of(),
+                    reason: "scheduled rotation coming up".into(),
+                    scheduled_at: Some(crate::timestamp::seconds(plan.at)),
+                });
             }
             if now >= plan.at {
                 plan.at = schedule.next_after(now).unwrap_or(DateTime::<Utc>::MAX_UTC);

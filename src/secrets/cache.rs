@@ -323,13 +323,12 @@ impl SecretStore {
                 let slot = &self.slots[*slot];
                 let state = slot.state.lock().expect("secret cache lock poisoned");
                 let entry = state.entries.get(name);
-                let stamp = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
                 SecretStatus {
                     name: name.clone(),
                     source: slot.name.clone(),
                     version: entry.and_then(|e| e.value.version.clone()),
-                    fetched_at: entry.map(|e| stamp(e.fetched_wall)),
-                    expires_at: entry.map(|e| stamp(e.fetched_wall + slot.policy.ttl)),
+                    fetched_at: entry.map(|e| crate::timestamp::seconds(e.fetched_wall)),
+                    expires_at: entry.map(|e| crate::timestamp::seconds(e.fetched_wall + slot.policy.ttl)),
                     age_seconds: entry.map(|e| e.fetched_at.elapsed().as_secs()),
                     cached: entry.is_some(),
                 }
