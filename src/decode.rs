@@ -114,9 +114,43 @@ pub fn coding<B>(response: &Response<B>) -> Coding {
 /// More layers than any real server applies only multiply a decompression bomb.
 const MAX_LAYERS: usize = 3;
 
+/// The most one compressed frame may expand to, per layer. A few hundred bytes of stacked gzip
+/// can inflate to gigabytes; a real answer's frame (at most tens of KiB) stays far below this.
+pub const MAX_DECODED_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// The most one answer may decode to, per layer: past it the body is cut off as an upstream
+/// error, so a bomb streamed frame by frame cannot keep a worker inflating forever.
+pub const MAX_DECODED_BYTES: u64 = 1024 * 1024 * 1024;
+
+/// Where a decoder writes its output: it refuses to grow past the frame and answer limits, so
+/// memory stays bounded whatever the compression ratio (flate2 writes in small pieces, so the
+/// refusal comes before the allocation).
+#[derive(Default)]
+struct Bounded {
+    out: Vec<u8>,
+    total: u64,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.total += buf.len() as u64;
+        if self.out.len() + buf.len() > MAX_DECODED_FRAME_BYTES || self.total > MAX_DECODED_BYTES {
+            return Err(std::io::Error::other(
+                "the upstream's compressed answer expands past keyward's decoding limit",
+            ));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 enum Inflate {
-    Gzip(GzDecoder<Vec<u8>>),
-    Zlib(ZlibDecoder<Vec<u8>>),
+    Gzip(GzDecoder<Bounded>),
+    Zlib(ZlibDecoder<Bounded>),
 }
 
 struct Decoder {
@@ -129,8 +163,8 @@ struct Decoder {
 impl Decoder {
     fn new(layer: Layer) -> Decoder {
         let inflate = match layer {
-            Layer::Gzip => Inflate::Gzip(GzDecoder::new(Vec::new())),
-            Layer::Deflate => Inflate::Zlib(ZlibDecoder::new(Vec::new())),
+            Layer::Gzip => Inflate::Gzip(GzDecoder::new(Bounded::default())),
+            Layer::Deflate => Inflate::Zlib(ZlibDecoder::new(Bounded::default())),
         };
         Decoder { inflate, fed: false }
     }
@@ -140,11 +174,11 @@ impl Decoder {
         match &mut self.inflate {
             Inflate::Gzip(d) => {
                 d.write_all(data)?;
-                Ok(std::mem::take(d.get_mut()))
+                Ok(std::mem::take(&mut d.get_mut().out))
             }
             Inflate::Zlib(d) => {
                 d.write_all(data)?;
-                Ok(std::mem::take(d.get_mut()))
+                Ok(std::mem::take(&mut d.get_mut().out))
             }
         }
     }
@@ -156,11 +190,11 @@ impl Decoder {
         match &mut self.inflate {
             Inflate::Gzip(d) => {
                 d.try_finish()?;
-                Ok(std::mem::take(d.get_mut()))
+                Ok(std::mem::take(&mut d.get_mut().out))
             }
             Inflate::Zlib(d) => {
                 d.try_finish()?;
-                Ok(std::mem::take(d.get_mut()))
+                Ok(std::mem::take(&mut d.get_mut().out))
             }
         }
     }
@@ -230,7 +264,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done
+        // A HEAD, 204 or 304 answer keeps its codings but has no body, and hyper drops such a
+        // body without polling it: it is complete, not cut off.
+        self.done || (!self.decoders.first().is_some_and(|d| d.fed) && self.inner.is_end_stream())
     }
 }
 
@@ -286,6 +322,25 @@ mod tests {
             let decoded = DecodedBody::new(body, layers).collect().await.unwrap().to_bytes();
             assert!(decoded.is_empty());
         }
+    }
+
+    #[tokio::test]
+    async fn a_decompression_bomb_is_cut_off_before_it_is_allocated() {
+        // 20 MiB of zeros gzips to about 20 KiB, delivered in one frame: past the frame limit.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&vec![0u8; MAX_DECODED_FRAME_BYTES + 4 * 1024 * 1024]).unwrap();
+        let wire = gzip.finish().unwrap();
+        assert!(wire.len() < 64 * 1024);
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(Bytes::from(wire)))];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let error = DecodedBody::new(body, &[Layer::Gzip]).collect().await.err().expect("refused");
+        assert!(error.to_string().contains("decoding limit"), "{error}");
+    }
+
+    #[test]
+    fn an_answer_without_a_body_is_complete_before_it_is_polled() {
+        let body = DecodedBody::new(http_body_util::Empty::<Bytes>::new().map_err(|e| match e {}), &[Layer::Gzip]);
+        assert!(body.is_end_stream(), "hyper drops a HEAD/204/304 body unpolled: it must not look cut off");
     }
 
     #[tokio::test]

@@ -67,7 +67,7 @@ fn is_method_name(name: &[u8]) -> bool {
 /// Keys shorter than this are not searched for in other headers, cookies and the URL: a short
 /// string would match ordinary text everywhere. keyward's own keys are 46 characters; the
 /// headers a key is expected in are removed whatever their length.
-const MIN_SEARCHED_KEY_LEN: usize = 8;
+pub const MIN_SEARCHED_KEY_LEN: usize = 8;
 
 /// Whether `value` holds `key`, as is or percent-encoded.
 fn holds_key(value: &[u8], key: &str) -> bool {

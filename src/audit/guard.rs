@@ -139,6 +139,14 @@ impl AuditGuard {
         self.record.path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
     }
 
+    /// The agent's key never stands in the trail: a path that carries it (such a request is
+    /// refused with `agent_key_in_url`) is recorded, and access-logged, with the key replaced.
+    pub fn redact_agent_key(&mut self, key: &str) {
+        if key.len() >= crate::outbound::MIN_SEARCHED_KEY_LEN && self.record.path.contains(key) {
+            self.record.path = self.record.path.replace(key, "[agent-key]");
+        }
+    }
+
     /// The caller came over the Unix socket as `uid`: recorded as its address, `unix:uid=N`.
     pub fn unix_peer(&mut self, uid: u32) {
         self.record.ip = format!("unix:uid={uid}");
@@ -309,8 +317,9 @@ impl Drop for AuditGuard {
     fn drop(&mut self) {
         if !self.emitted {
             // The request future, or a response body never polled, was dropped: the agent went
-            // away before the response head. Allowed only once a credential was resolved.
-            let decision = if self.record.secret_source.is_some() { Decision::Allowed } else { Decision::Denied };
+            // away before the response head. Allowed only once the credential was released: an
+            // agent that leaves while keyward still reads its body took nothing with it.
+            let decision = if self.released { Decision::Allowed } else { Decision::Denied };
             self.record.status = 499;
             if self.sink.is_closing() {
                 self.record.ended = Some(Ended { by: EndedBy::Keyward, at: EndedAt::BeforeHead });
