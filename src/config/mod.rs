@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use crate::policy::{MethodSet, PathPattern};
+pub(crate) use crate::policy::suggest;
+pub use crate::policy::{GrantConfig, Quota};
 
 pub use spans::line_at;
 
@@ -451,48 +452,13 @@ pub struct RoleConfig {
     pub anomaly: AnomalyConfig,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct GrantConfig {
-    pub route: String,
-    pub secret: String,
-    pub methods: MethodSet,
-    pub paths: Vec<PathPattern>,
-    /// The grant's quota, or its role's default; keyed by (agent, route).
-    pub quota: Option<Quota>,
-}
-
-/// `count` requests per `period`, with up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Quota {
-    pub count: u32,
-    pub period: Duration,
-    pub burst: u32,
-}
-
-impl Quota {
-    /// `"60/min"`, `"5/s"`, `"1000/h"` (also `/sec`, `/second`, `/m`, `/minute`, `/hour`).
-    pub fn parse(rate: &str, burst: Option<u32>) -> Result<Quota, String> {
-        let (count, unit) = rate.split_once('/').ok_or_else(|| format!("'{rate}' is not a rate like \"60/min\""))?;
-        let count: u32 = count.trim().parse().map_err(|_| format!("'{rate}': the count must be a whole number"))?;
-        let period = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            other => return Err(format!("'{rate}': unknown unit '{other}' (use /s, /min or /h)")),
-        };
-        if count == 0 {
-            return Err(format!("'{rate}': the count must be at least 1"));
-        }
-        let burst = burst.unwrap_or(count);
-        if burst == 0 {
-            return Err("burst must be at least 1".to_string());
-        }
-        Ok(Quota { count, period, burst })
+impl crate::policy::RoleGrants for RoleConfig {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// The time one request's worth of quota takes to come back.
-    pub fn interval(&self) -> Duration {
-        self.period / self.count
+    fn grants(&self) -> &[GrantConfig] {
+        &self.grants
     }
 }
 
@@ -601,18 +567,6 @@ impl Config {
         }
         out
     }
-}
-
-/// The candidate closest to `word` (ignoring case), if it is near enough to be a likely typo.
-pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let word = word.to_ascii_lowercase();
-    let limit = (word.chars().count() / 3).max(1);
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, c)| (*distance, *c))
-        .map(|(_, c)| c)
 }
 
 /// One problem in a config file, located by line and field path.
