@@ -11,6 +11,7 @@ use super::raw::*;
 use super::spans::SpanIndex;
 use super::*;
 use crate::policy::{MethodSet, PathPattern};
+use crate::secrets;
 
 struct Collector<'a> {
     file: &'a str,
@@ -18,6 +19,16 @@ struct Collector<'a> {
     /// The directory relative paths in this file resolve against: the file's own directory.
     base: &'a Path,
     problems: Vec<Problem>,
+}
+
+impl secrets::Report for Collector<'_> {
+    fn problem(&mut self, field: String, message: String) {
+        Collector::problem(self, field, message);
+    }
+
+    fn path(&self, written: &str) -> PathBuf {
+        Collector::path(self, written)
+    }
 }
 
 impl Collector<'_> {
@@ -690,131 +701,17 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, cx: &mut SourceContext<
     if !valid_name(&s.name) {
         c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
     }
-    // Each provider-specific field, and the providers that read it: any other one set is a mistake.
-    const AWS: &str = "aws-secrets-manager";
-    let specific: [(&str, bool, &[&str]); 14] = [
-        ("region", s.region.is_some(), &[AWS]),
-        ("secret_name", s.secret_name.is_some(), &[AWS]),
-        ("endpoint_url", s.endpoint_url.is_some(), &[AWS]),
-        ("version_stage", s.version_stage.is_some(), &[AWS]),
-        ("path", s.path.is_some(), &["file", "vault"]),
-        ("address", s.address.is_some(), &["vault"]),
-        ("mount", s.mount.is_some(), &["vault"]),
-        ("namespace", s.namespace.is_some(), &["vault"]),
-        ("auth", s.auth.is_some(), &["vault"]),
-        ("command", s.command.is_some(), &["exec"]),
-        ("args", s.args.is_some(), &["exec"]),
-        ("pass_env", s.pass_env.is_some(), &["exec"]),
-        ("timeout_ms", s.timeout_ms.is_some(), &["exec"]),
-        ("max_output_bytes", s.max_output_bytes.is_some(), &["exec"]),
-    ];
-    if [AWS, "file", "env", "vault", "exec"].contains(&s.provider.as_str()) {
-        for (field, present, readers) in specific {
-            if present && !readers.contains(&s.provider.as_str()) {
-                c.problem(format!("{at}.{field}"), format!("is not used by provider '{}'", s.provider));
-            }
-        }
-    }
     let mut mapping_text = s.mapping.clone();
-    let provider = match s.provider.as_str() {
-        "vault" => ProviderConfig::Vault(vault_config(c, at, &s)?),
-        "exec" => ProviderConfig::Exec(exec_config(c, at, &s)?),
-        "aws-secrets-manager" => {
-            let Some(raw_mapping) = &s.mapping else {
-                c.problem(format!("{at}.mapping"), "is required for provider 'aws-secrets-manager'");
-                return None;
-            };
-            // `"<secret-id>#{{FIELD}}"` reads a field of another secret of the same store.
-            let mut secret_ids = BTreeMap::new();
-            let mut plain = BTreeMap::new();
-            for (name, text) in raw_mapping {
-                match text.split_once('#') {
-                    Some((id, rest)) if !id.trim().is_empty() => {
-                        secret_ids.insert(name.clone(), id.trim().to_string());
-                        plain.insert(name.clone(), rest.to_string());
-                    }
-                    _ => {
-                        plain.insert(name.clone(), text.clone());
-                    }
-                }
-            }
-            if s.secret_name.is_none() && secret_ids.len() < raw_mapping.len() {
-                c.problem(
-                    format!("{at}.secret_name"),
-                    "is required for provider 'aws-secrets-manager' unless every mapping entry names its secret (\"<secret-id>#{{FIELD}}\")",
-                );
+    let provider =
+        match ProviderConfig::configure(&s.provider, &s.fields, &mut mapping_text, &mut secrets::Check::new(at, c)) {
+            Ok(provider) => provider?,
+            Err(expected) => {
+                c.problem(format!("{at}.provider"), format!("unknown provider '{}': {expected}", s.provider));
                 return None;
             }
-            mapping_text = Some(plain);
-            let ids: std::collections::BTreeSet<&str> =
-                secret_ids.values().map(String::as_str).chain(s.secret_name.as_deref()).collect();
-            if ids.len() > 1 && s.version_stage.as_deref().is_some_and(|v| v != "AWSCURRENT") {
-                c.problem(
-                    format!("{at}.version_stage"),
-                    "a source that reads several secrets reads each one's AWSCURRENT (BatchGetSecretValue has no stage)",
-                );
-            }
-            if ids.len() > 20 {
-                c.problem(
-                    format!("{at}.mapping"),
-                    "one source reads at most 20 AWS secrets (one BatchGetSecretValue call)",
-                );
-            }
-            if let Some(url) = &s.endpoint_url
-                && !(url.starts_with("http://") || url.starts_with("https://"))
-            {
-                c.problem(format!("{at}.endpoint_url"), "must be an http:// or https:// URL");
-            }
-            ProviderConfig::Aws {
-                region: s.region.clone(),
-                secret_name: s.secret_name.clone(),
-                secret_ids,
-                endpoint_url: s.endpoint_url.clone(),
-                version_stage: s.version_stage.clone().unwrap_or_else(|| "AWSCURRENT".to_string()),
-            }
-        }
-        "file" => {
-            let Some(path) = s.path.clone() else {
-                c.problem(format!("{at}.path"), "is required for provider 'file'");
-                return None;
-            };
-            ProviderConfig::File { path: c.path(&path) }
-        }
-        "env" => {
-            if s.mapping.is_none() {
-                c.problem(format!("{at}.mapping"), "is required for provider 'env' (secret name = \"{{ENV_VAR}}\")");
-            }
-            ProviderConfig::Env
-        }
-        other => {
-            c.problem(
-                format!("{at}.provider"),
-                format!("unknown provider '{other}': expected 'aws-secrets-manager', 'file', 'env', 'vault' or 'exec'"),
-            );
-            return None;
-        }
-    };
-    let mapping = match (mapping_text, &provider) {
-        (Some(m), _) => m,
-        (None, ProviderConfig::File { path }) => match crate::secrets::discover_names(path) {
-            Ok(names) => names.into_iter().map(|n| (n.clone(), format!("{{{{{n}}}}}"))).collect(),
-            Err(e) => {
-                c.problem(
-                    format!("{at}.path"),
-                    format!("{e} (a file source without `mapping` is read at load to learn its names)"),
-                );
-                BTreeMap::new()
-            }
-        },
-        (None, _) => BTreeMap::new(),
-    };
-    if matches!(provider, ProviderConfig::Vault(_) | ProviderConfig::Exec(_)) && mapping.is_empty() {
-        c.problem(
-            format!("{at}.mapping"),
-            format!("is required for provider '{}' (secret name = \"{{{{FIELD}}}}\")", provider.kind()),
-        );
-    }
-    let env = matches!(provider, ProviderConfig::Env | ProviderConfig::Exec(_));
+        };
+    let mapping = mapping_text.unwrap_or_default();
+    let whole_value = provider.whole_value();
     let mapping: BTreeMap<String, Selector> = {
         mapping.into_iter()
             .filter_map(|(name, text)| {
@@ -822,7 +719,7 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, cx: &mut SourceContext<
                     c.problem(format!("{at}.mapping.{name}"), "secret names use letters, digits, '-', '_', '.' or ':'");
                 }
                 match selector(&text) {
-                    Some(Selector::Whole) if env => {
+                    Some(Selector::Whole) if !whole_value => {
                         c.problem(format!("{at}.mapping.{name}"), "must name one variable or id, not the whole {{.}}");
                         None
                     }
@@ -911,30 +808,9 @@ fn rotation(
         None => None,
     };
     if raw.enabled {
-        match provider {
-            ProviderConfig::Env => c.problem(
-                format!("{at}.enabled"),
-                "an env source cannot rotate: its values are fixed when keyward starts",
-            ),
-            ProviderConfig::Exec(_) => c.problem(
-                format!("{at}.enabled"),
-                "an exec source cannot rotate: its resolver has no versions (rotate in the store it reads)",
-            ),
-            ProviderConfig::Aws { secret_ids, .. } if !secret_ids.is_empty() => c.problem(
-                format!("{at}.enabled"),
-                "rotation works on one AWS secret per source; move the \"<secret-id>#\" entries to sources of their own",
-            ),
-            _ => {}
+        for refusal in provider.rotation_refusals() {
+            c.problem(format!("{at}.enabled"), refusal);
         }
-    }
-    if let ProviderConfig::Aws { version_stage, .. } = provider
-        && raw.enabled
-        && version_stage != "AWSCURRENT"
-    {
-        c.problem(
-            format!("{at}.enabled"),
-            format!("rotation promotes to AWSCURRENT, but this source reads version_stage '{version_stage}'; read AWSCURRENT or turn rotation off"),
-        );
     }
     const MAX_GRACE_MINUTES: u64 = 7 * 24 * 60;
     const MAX_AHEAD_HOURS: u64 = 366 * 24;
@@ -954,170 +830,6 @@ fn rotation(
         notify_ahead: Duration::from_secs(ahead.min(MAX_AHEAD_HOURS) * 3600),
     };
     (Some(policy), raw.fallback_to)
-}
-
-/// A credential keyward itself reads: exactly one of an environment variable or a file.
-fn secret_ref(c: &mut Collector<'_>, field: &str, env: Option<&String>, file: Option<&String>) -> Option<SecretRef> {
-    match (env, file) {
-        (Some(var), None) if !var.is_empty() => Some(SecretRef::Env(var.clone())),
-        (None, Some(path)) if path.starts_with('/') => Some(SecretRef::File(PathBuf::from(path))),
-        (None, Some(_)) => {
-            c.problem(format!("{field}_file"), "must be an absolute path");
-            None
-        }
-        _ => {
-            c.problem(format!("{field}_env"), format!("set exactly one of {field}_env or {field}_file"));
-            None
-        }
-    }
-}
-
-fn vault_config(c: &mut Collector<'_>, at: &str, s: &RawSource) -> Option<VaultConfig> {
-    let address = s.address.clone().unwrap_or_default();
-    let address_ok = match address.parse::<http::Uri>() {
-        Ok(uri) => {
-            matches!(uri.scheme_str(), Some("http" | "https"))
-                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
-                && uri.query().is_none()
-        }
-        Err(_) => false,
-    };
-    if !address_ok {
-        c.problem(
-            format!("{at}.address"),
-            "is required for provider 'vault': an http:// or https:// URL without user info",
-        );
-    } else if address.starts_with("http://")
-        && !address.parse::<http::Uri>().is_ok_and(|u| u.host().is_some_and(is_loopback_host))
-    {
-        c.problem(
-            format!("{at}.address"),
-            "would send the Vault token in cleartext; use https (http:// only on loopback)",
-        );
-    }
-    let segment_ok = |text: &str| {
-        !text.is_empty()
-            && text.split('/').all(|seg| {
-                !seg.is_empty()
-                    && seg != "."
-                    && seg != ".."
-                    && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@+=:".contains(ch))
-            })
-    };
-    let mount = s.mount.clone().unwrap_or_else(|| "secret".to_string());
-    if !segment_ok(&mount) {
-        c.problem(format!("{at}.mount"), format!("'{mount}' is not a mount path like \"secret\""));
-    }
-    let path = s.path.clone().unwrap_or_default();
-    if !segment_ok(&path) {
-        c.problem(
-            format!("{at}.path"),
-            "is required for provider 'vault': the secret's path below the mount, like \"agents/openai\"",
-        );
-    }
-    if let Some(ns) = &s.namespace
-        && !segment_ok(ns)
-    {
-        c.problem(format!("{at}.namespace"), format!("'{ns}' is not a namespace path"));
-    }
-    let Some(auth) = &s.auth else {
-        c.problem(
-            format!("{at}.auth"),
-            "is required for provider 'vault': { method = \"token\" } or { method = \"approle\", ... }",
-        );
-        return None;
-    };
-    let field = format!("{at}.auth");
-    let unused_auth = |c: &mut Collector<'_>, fields: &[(&str, bool)]| {
-        for (name, present) in fields {
-            if *present {
-                c.problem(format!("{field}.{name}"), format!("is not used by auth method '{}'", auth.method));
-            }
-        }
-    };
-    let auth = match auth.method.as_str() {
-        "token" => {
-            unused_auth(
-                c,
-                &[
-                    ("role_id", auth.role_id.is_some()),
-                    ("secret_id_env", auth.secret_id_env.is_some()),
-                    ("secret_id_file", auth.secret_id_file.is_some()),
-                    ("approle_mount", auth.approle_mount.is_some()),
-                ],
-            );
-            let default_env = "VAULT_TOKEN".to_string();
-            let env = if auth.token_file.is_none() {
-                Some(auth.token_env.as_ref().unwrap_or(&default_env))
-            } else {
-                auth.token_env.as_ref()
-            };
-            VaultAuth::Token { from: secret_ref(c, &format!("{field}.token"), env, auth.token_file.as_ref())? }
-        }
-        "approle" => {
-            unused_auth(c, &[("token_env", auth.token_env.is_some()), ("token_file", auth.token_file.is_some())]);
-            let Some(role_id) = auth.role_id.clone().filter(|r| !r.is_empty()) else {
-                c.problem(format!("{field}.role_id"), "is required for auth method 'approle'");
-                return None;
-            };
-            let mount = auth.approle_mount.clone().unwrap_or_else(|| "approle".to_string());
-            if !segment_ok(&mount) {
-                c.problem(format!("{field}.approle_mount"), format!("'{mount}' is not a mount path"));
-            }
-            let secret_id = secret_ref(
-                c,
-                &format!("{field}.secret_id"),
-                auth.secret_id_env.as_ref(),
-                auth.secret_id_file.as_ref(),
-            )?;
-            VaultAuth::AppRole { mount, role_id, secret_id }
-        }
-        other => {
-            c.problem(format!("{field}.method"), format!("'{other}' is not \"token\" or \"approle\""));
-            return None;
-        }
-    };
-    Some(VaultConfig {
-        address: address.trim_end_matches('/').to_string(),
-        mount,
-        path,
-        namespace: s.namespace.clone(),
-        auth,
-    })
-}
-
-fn exec_config(c: &mut Collector<'_>, at: &str, s: &RawSource) -> Option<ExecConfig> {
-    let Some(command) = s.command.clone() else {
-        c.problem(format!("{at}.command"), "is required for provider 'exec': an absolute path to the resolver");
-        return None;
-    };
-    if !command.starts_with('/') {
-        c.problem(
-            format!("{at}.command"),
-            "must be an absolute path (it is never looked up in PATH or run by a shell)",
-        );
-    }
-    let pass_env = s.pass_env.clone().unwrap_or_default();
-    for (i, var) in pass_env.iter().enumerate() {
-        if var.is_empty() || !var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
-            c.problem(format!("{at}.pass_env[{i}]"), format!("'{var}' is not an environment variable name"));
-        }
-    }
-    let timeout = Duration::from_millis(s.timeout_ms.unwrap_or(5_000));
-    if timeout.is_zero() || timeout > Duration::from_secs(300) {
-        c.problem(format!("{at}.timeout_ms"), "must be between 1 and 300000");
-    }
-    let max_output_bytes = s.max_output_bytes.unwrap_or(1024 * 1024);
-    if max_output_bytes == 0 || max_output_bytes > 16 * 1024 * 1024 {
-        c.problem(format!("{at}.max_output_bytes"), "must be between 1 and 16777216");
-    }
-    Some(ExecConfig {
-        command: PathBuf::from(command),
-        args: s.args.clone().unwrap_or_default(),
-        pass_env,
-        timeout,
-        max_output_bytes,
-    })
 }
 
 fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
@@ -1269,15 +981,6 @@ fn header_name(c: &mut Collector<'_>, field: &str, text: &str) -> Option<HeaderN
     Some(name)
 }
 
-fn is_loopback_host(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
 fn upstream(text: &str, allow_plaintext: bool) -> Result<Upstream, String> {
     let uri: http::Uri = text.parse().map_err(|_| format!("'{text}' is not a URL"))?;
     let scheme = uri.scheme().cloned().ok_or_else(|| format!("'{text}' needs a scheme (https:// or http://)"))?;
@@ -1291,7 +994,7 @@ fn upstream(text: &str, allow_plaintext: bool) -> Result<Upstream, String> {
     if uri.query().is_some() {
         return Err("must not carry a query string".to_string());
     }
-    if scheme == http::uri::Scheme::HTTP && !allow_plaintext && !is_loopback_host(authority.host()) {
+    if scheme == http::uri::Scheme::HTTP && !allow_plaintext && !crate::policy::is_loopback_host(authority.host()) {
         return Err(format!(
             "'{text}' would send credentials in cleartext; use https, or set allow_plaintext = true on this route"
         ));

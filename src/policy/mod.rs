@@ -10,7 +10,7 @@ use http::Method;
 
 pub use grant::{GrantConfig, Quota};
 pub use pattern::{MethodSet, PathPattern, suggest};
-pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target};
+pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
 
 use crate::error::{Missing, ProxyError};
 

@@ -3,13 +3,14 @@
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.
 
-#[cfg(feature = "aws")]
 mod aws;
 mod cache;
 mod env;
 mod exec;
 mod file;
 mod held;
+mod registry;
+mod source;
 mod vault;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,10 +20,20 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 
-use crate::config::{ProviderConfig, Selector, SourceConfig};
-
 pub use cache::{Rejection, Resolved, SecretStatus, SecretStore};
-pub use file::discover_names;
+pub use registry::{Check, Provider, ProviderFields, Report};
+pub use source::{CachePolicy, RotationPolicy, Schedule, Selector, SourceConfig};
+
+use registry::{either, field_names, knows, read_one};
+
+// The registry: one line per provider module, `Variant => module::Config`.
+registry::providers! {
+    Aws => aws::AwsConfig,
+    File => file::FileConfig,
+    Env => env::EnvConfig,
+    Vault => vault::VaultConfig,
+    Exec => exec::ExecConfig,
+}
 
 /// The values one fetch produced, by secret name. Deliberately not `Debug`.
 pub struct Fetched {
@@ -80,37 +91,7 @@ pub trait Rotatable: Send + Sync {
 }
 
 pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
-    let mapping = source.mapping.clone();
-    match &source.provider {
-        #[cfg(feature = "aws")]
-        ProviderConfig::Aws { region, secret_name, secret_ids, endpoint_url, version_stage } => {
-            Arc::new(aws::AwsProvider::new(aws::AwsSettings {
-                region: region.clone(),
-                endpoint_url: endpoint_url.clone(),
-                secret_name: secret_name.clone(),
-                secret_ids: secret_ids.clone(),
-                version_stage: version_stage.clone(),
-                mapping,
-            }))
-        }
-        #[cfg(not(feature = "aws"))]
-        ProviderConfig::Aws { .. } => Arc::new(Unavailable("keyward was built without the `aws` feature")),
-        ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),
-        ProviderConfig::Env => Arc::new(env::EnvProvider::new(mapping)),
-        ProviderConfig::Vault(config) => Arc::new(vault::VaultProvider::new(config.clone(), mapping)),
-        ProviderConfig::Exec(config) => Arc::new(exec::ExecProvider::new(source.name.clone(), config.clone(), mapping)),
-    }
-}
-
-/// A provider that always fails closed, for backends left out of this build.
-#[cfg(not(feature = "aws"))]
-struct Unavailable(&'static str);
-
-#[cfg(not(feature = "aws"))]
-impl SecretProvider for Unavailable {
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>> {
-        Box::pin(async move { Err(StoreError::Unreachable(self.0.to_string())) })
-    }
+    source.provider.build(&source.name, source.mapping.clone())
 }
 
 /// Applies a mapping to a document string: `{{.}}` takes it whole, `{{FIELD}}` a string field
