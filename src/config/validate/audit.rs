@@ -36,3 +36,24 @@ pub(super) fn audit(c: &mut Collector<'_>, raw: RawAudit) -> AuditConfig {
     }
     audit
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn audit_problems_are_reported_with_their_lines() {
+        check(&[
+            ("valid settings", "[audit]\ndurability = \"fsync\"\non_failure = \"allow\"\nretention_days = 7\n", &[]),
+            (
+                "unknown durability and failure mode",
+                "[audit]\ndurability = \"sometimes\"\non_failure = \"maybe\"\n",
+                &[
+                    "k.toml:2: audit.durability: 'sometimes' is not one of \"os\", \"fsync\", \"none\"",
+                    "k.toml:3: audit.on_failure: 'maybe' is not one of \"deny\", \"allow\"",
+                ],
+            ),
+            ("no retention", "[audit]\nretention_days = 0\n", &["k.toml:2: audit.retention_days: must be at least 1"]),
+        ]);
+    }
+}

@@ -24,3 +24,36 @@ pub(super) fn reserved_prefix(c: &mut Collector<'_>, at: &str, prefix: &str) {
         c.problem(format!("{at}.prefix"), format!("{DELEGATIONS_PATH} is reserved for minting delegated keys"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn delegation_problems_are_reported_with_their_lines() {
+        check(&[
+            ("a delegating role with depth", "[roles.r]\ndelegate = true\nmax_delegation_depth = 1\n", &[]),
+            (
+                "a delegating role without depth",
+                "[roles.r]\ndelegate = true\nmax_delegation_depth = 0\n",
+                &["k.toml:3: roles.r.max_delegation_depth: must be at least 1 when delegate = true"],
+            ),
+            ("depth 0 on a role that does not delegate", "[roles.r]\nmax_delegation_depth = 0\n", &[]),
+            (
+                "a route on the delegation endpoint",
+                "[[routes]]\nname = \"r\"\nprefix = \"/v1/delegations\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &["k.toml:3: routes[0].prefix: /v1/delegations is reserved for minting delegated keys"],
+            ),
+            (
+                "a route below the delegation endpoint",
+                "[[routes]]\nname = \"r\"\nprefix = \"/v1/delegations/x\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &["k.toml:3: routes[0].prefix: /v1/delegations is reserved for minting delegated keys"],
+            ),
+            (
+                "a route that only starts with its letters",
+                "[[routes]]\nname = \"r\"\nprefix = \"/v1/delegationsx\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[],
+            ),
+        ]);
+    }
+}

@@ -129,3 +129,53 @@ pub(super) fn anomaly(c: &mut Collector<'_>, at: &str, raw: RawAnomaly) -> Anoma
     }
     config
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn limits_and_anomaly_problems_are_reported_with_their_lines() {
+        check(&[
+            (
+                "a valid Redis backend",
+                "[limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_failure = \"fail_closed\"\n",
+                &[],
+            ),
+            (
+                "an unknown backend",
+                "[limits]\nbackend = \"memcached\"\n",
+                &["k.toml:2: limits.backend: 'memcached' is not \"local\" or \"redis\""],
+            ),
+            (
+                "Redis without a URL",
+                "[limits]\nbackend = \"redis\"\n",
+                &["k.toml:1: limits.redis_url: is required with backend = \"redis\""],
+            ),
+            (
+                "Redis with another URL, an unknown failure mode and a bad notify URL",
+                "[limits]\nbackend = \"redis\"\nredis_url = \"http://x\"\nredis_failure = \"shrug\"\nnotify = \"ftp://x\"\n",
+                &[
+                    "k.toml:3: limits.redis_url: 'http://x' is not a redis:// URL",
+                    "k.toml:4: limits.redis_failure: 'shrug' is not \"fail_open\" or \"fail_closed\"",
+                    "k.toml:5: limits.notify: must be an http:// or https:// URL",
+                ],
+            ),
+            (
+                "detector settings out of range",
+                "[roles.r.anomaly.rate_spike]\naction = \"explode\"\nthrottle_fraction = 1.5\n[roles.r.anomaly.off_hours]\nactive_hours = \"8-20\"\nutc_offset = \"CET\"\n",
+                &[
+                    "k.toml:2: roles.r.anomaly.rate_spike.action: 'explode' is not alert, throttle or quarantine",
+                    "k.toml:3: roles.r.anomaly.rate_spike.throttle_fraction: must be between 0 and 1",
+                    "k.toml:5: roles.r.anomaly.off_hours.active_hours: '8-20' is not a window like \"08:00-20:00\"",
+                    "k.toml:6: roles.r.anomaly.off_hours.utc_offset: 'CET' is not an offset like \"+08:00\"",
+                ],
+            ),
+            (
+                "off hours without a window",
+                "[roles.r.anomaly.off_hours]\naction = \"alert\"\n",
+                &["k.toml:1: roles.r.anomaly.off_hours.active_hours: is required for the off_hours detector"],
+            ),
+        ]);
+    }
+}

@@ -109,3 +109,27 @@ fn check_unique(c: &mut Collector<'_>, items: impl Iterator<Item = (String, Stri
         }
     }
 }
+
+/// What the section tests share: config text in, the whole list of problems out.
+#[cfg(test)]
+mod table {
+    /// Every problem the TOML config `text` has, as `k.toml:line: field: message`.
+    pub fn problems(text: &str) -> Vec<String> {
+        match super::super::load_str(text, "k.toml", false) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Checks each `(case, config text, expected problems)`, reporting every mismatch at once.
+    pub fn check(cases: &[(&str, &str, &[&str])]) {
+        let mut failed = Vec::new();
+        for (case, text, expected) in cases {
+            let got = problems(text);
+            if got != *expected {
+                failed.push(format!("{case}:\n  expected {expected:#?}\n  got {got:?}"));
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
+}

@@ -139,3 +139,80 @@ pub(super) fn agents(
 
     agents
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn role_and_agent_problems_are_reported_with_their_lines() {
+        check(&[
+            (
+                "a grant of an unknown route and secret",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n[roles.w]\ngrants = [{ route = \"rr\", secret = \"T\", methods = [\"GET\"], paths = [\"/**\"] }]\n",
+                &[
+                    "k.toml:12: roles.w.grants[0].route: no route named 'rr' (did you mean 'r'?)",
+                    "k.toml:12: roles.w.grants[0].secret: no source provides a secret named 'T'",
+                ],
+            ),
+            (
+                "a grant with a bad method, no paths and a burst without rate",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n[roles.w]\ngrants = [{ route = \"r\", secret = \"S\", methods = [\"FROB\"], paths = [], burst = 3 }]\n",
+                &[
+                    "k.toml:12: roles.w.grants[0].methods: 'FROB' is not an HTTP method keyward knows; use one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, QUERY, PROPFIND, PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK, REPORT, SEARCH, MERGE, or \"*\"",
+                    "k.toml:12: roles.w.grants[0].paths: grants no path: list at least one, or \"/**\" for all",
+                    "k.toml:12: roles.w.grants[0].burst: needs a rate",
+                ],
+            ),
+            (
+                "a bad path pattern and rate",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n[roles.w]\ngrants = [{ route = \"r\", secret = \"S\", methods = [\"GET\"], paths = [\"nope\"], rate = \"5/fortnight\" }]\n",
+                &[
+                    "k.toml:12: roles.w.grants[0].paths[0]: 'nope' must start with '/'",
+                    "k.toml:12: roles.w.grants[0].rate: '5/fortnight': unknown unit 'fortnight' (use /s, /min or /h)",
+                ],
+            ),
+            (
+                "role quotas and in-flight limit",
+                "[roles.w]\nrate = \"0/s\"\nmax_in_flight = 0\n[roles.v]\nburst = 2\n",
+                &[
+                    "k.toml:2: roles.w.rate: '0/s': the count must be at least 1",
+                    "k.toml:3: roles.w.max_in_flight: must be at least 1",
+                    "k.toml:5: roles.v.burst: needs a rate",
+                ],
+            ),
+            (
+                "an agent of an unknown role with a bad id and hash",
+                "[roles.worker]\n[[agents]]\nid = \"a b\"\nrole = \"workr\"\nkey_sha256 = \"xyz\"\n",
+                &[
+                    "k.toml:3: agents[0].id: use letters, digits, '-', '_', '.' or ':' (1-128 characters)",
+                    "k.toml:4: agents[0].role: no role named 'workr' (did you mean 'worker'?)",
+                    "k.toml:5: agents[0].key_sha256: must be 64 hex characters (see `keyward agents new`)",
+                ],
+            ),
+            (
+                "an agent with neither key nor uid",
+                "[roles.w]\n[[agents]]\nid = \"a\"\nrole = \"w\"\n",
+                &[
+                    "k.toml:2: agents[0].key_sha256: is required unless the agent is identified by peer_uid on a Unix socket",
+                ],
+            ),
+            (
+                "a peer uid without a Unix socket",
+                "[roles.w]\n[[agents]]\nid = \"a\"\nrole = \"w\"\npeer_uid = 1000\n",
+                &[
+                    "k.toml:5: agents[0].peer_uid: needs a Unix-socket listener (server.listen = \"unix:/path\"): TCP peers have no uid",
+                ],
+            ),
+            (
+                "duplicate ids, key hashes and bare uids",
+                "[server]\nlisten = \"unix:/run/k.sock\"\n[roles.w]\n[[agents]]\nid = \"a\"\nrole = \"w\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n[[agents]]\nid = \"a\"\nrole = \"w\"\nkey_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n[[agents]]\nid = \"u0\"\nrole = \"w\"\npeer_uid = 7\n[[agents]]\nid = \"u1\"\nrole = \"w\"\npeer_uid = 7\n",
+                &[
+                    "k.toml:9: agents[1].id: duplicate agent id 'a' (first at agents[0].id)",
+                    "k.toml:11: agents[1].key_sha256: duplicate agent key hash '0000000000000000000000000000000000000000000000000000000000000000' (first at agents[0].key_sha256)",
+                    "k.toml:19: agents[3].peer_uid: duplicate peer_uid for an agent without a key '7' (first at agents[2].peer_uid)",
+                ],
+            ),
+        ]);
+    }
+}

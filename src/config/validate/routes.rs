@@ -254,3 +254,106 @@ fn inject(c: &mut Collector<'_>, at: &str, i: RawInject) -> Option<InjectSpec> {
     }
     Some(spec)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn route_problems_are_reported_with_their_lines() {
+        check(&[
+            (
+                "a valid route",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[],
+            ),
+            (
+                "a bad name and prefix",
+                "[[routes]]\nname = \"a b\"\nprefix = \"/r/\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[
+                    "k.toml:2: routes[0].name: use letters, digits, '-', '_', '.' or ':' (1-128 characters)",
+                    "k.toml:3: routes[0].prefix: must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments",
+                ],
+            ),
+            (
+                "a cleartext upstream",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"http://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[
+                    "k.toml:4: routes[0].upstream: 'http://x.example' would send credentials in cleartext; use https, or set allow_plaintext = true on this route",
+                ],
+            ),
+            (
+                "cleartext to loopback is fine",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"http://127.0.0.1:9\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[],
+            ),
+            (
+                "an upstream with user info",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://u:p@x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &["k.toml:4: routes[0].upstream: must not carry user info; use inject for credentials"],
+            ),
+            (
+                "an upstream with a query",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example/?a=1\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &["k.toml:4: routes[0].upstream: must not carry a query string"],
+            ),
+            (
+                "an upstream of another scheme",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"ftp://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &["k.toml:4: routes[0].upstream: 'ftp://x.example': only http and https upstreams are supported"],
+            ),
+            (
+                "two injections",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", query = \"key\" }\n",
+                &["k.toml:6: routes[0].inject: set exactly one of `header`, `query` or `basic`"],
+            ),
+            (
+                "an unknown placeholder",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{token}}\" }\n",
+                &["k.toml:6: routes[0].inject.value: unknown placeholder '{{token}}': only {{secret}} is supported"],
+            ),
+            (
+                "a framing header as the target",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"content-length\", value = \"Bearer {{secret}}\" }\n",
+                &[
+                    "k.toml:6: routes[0].inject.header: 'content-length' is a connection or framing header and cannot be used here",
+                ],
+            ),
+            (
+                "a query name that is not plain",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { query = \"a&b\" }\n",
+                &["k.toml:6: routes[0].inject.query: 'a&b' is not a plain query parameter name"],
+            ),
+            (
+                "basic with a value",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { basic = { username = \"u\", password = \"{{secret}}\" }, value = \"x\" }\n",
+                &[
+                    "k.toml:6: routes[0].inject.value: is not used with `basic`; template `username` and `password` instead",
+                ],
+            ),
+            (
+                "a probe with a bad method",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\nvalidate = { method = \"GE T\", path = \"/v1/models\" }\n",
+                &["k.toml:7: routes[0].validate.method: 'GE T' is not an HTTP method"],
+            ),
+            (
+                "a probe with a relative path",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\nvalidate = { path = \"v1/models\" }\n",
+                &["k.toml:7: routes[0].validate.path: 'v1/models' must be a path starting with '/'"],
+            ),
+            (
+                "a probe expecting nothing",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\nvalidate = { path = \"/v1/models\", expect = [] }\n",
+                &["k.toml:7: routes[0].validate.expect: must list HTTP status codes, like [200]"],
+            ),
+            (
+                "duplicate names and prefixes",
+                "[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n",
+                &[
+                    "k.toml:8: routes[1].name: duplicate route name 'r' (first at routes[0].name)",
+                    "k.toml:9: routes[1].prefix: duplicate route prefix '/r' (first at routes[0].prefix)",
+                ],
+            ),
+        ]);
+    }
+}

@@ -119,3 +119,68 @@ fn listeners(c: &mut Collector<'_>, raw: Option<OneOrMany>) -> (Option<SocketAdd
     }
     (tcp, unix)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn server_forward_and_admin_problems_are_reported_with_their_lines() {
+        check(&[
+            (
+                "a valid Unix-socket listener",
+                "[server]\nlisten = \"unix:/run/k.sock\"\nunix_socket_mode = \"0600\"\n",
+                &[],
+            ),
+            (
+                "a listen address that is not one",
+                "[server]\nlisten = \"nope\"\n",
+                &["k.toml:2: server.listen: 'nope' is not an address like 127.0.0.1:8080"],
+            ),
+            (
+                "a relative socket and two TCP addresses",
+                "[server]\nlisten = [\"unix:k.sock\", \"127.0.0.1:1\", \"127.0.0.1:2\"]\n",
+                &[
+                    "k.toml:2: server.listen: 'unix:k.sock': the socket path must be absolute, like unix:/run/keyward/keyward.sock",
+                    "k.toml:2: server.listen: at most one TCP address",
+                ],
+            ),
+            ("no listener at all", "[server]\nlisten = []\n", &["k.toml:2: server.listen: needs at least one address"]),
+            (
+                "a socket mode without a socket, and one that is not octal",
+                "[server]\nunix_socket_mode = \"999\"\n",
+                &[
+                    "k.toml:2: server.unix_socket_mode: '999' is not an octal file mode like \"0660\"",
+                    "k.toml:2: server.unix_socket_mode: is only used with listen = \"unix:/path\"",
+                ],
+            ),
+            (
+                "zero limits",
+                "[server]\nmax_connections = 0\nheader_read_timeout_ms = 0\npark_idle_after_ms = 0\nmax_header_bytes = 100\n",
+                &[
+                    "k.toml:2: server.max_connections: must be greater than 0",
+                    "k.toml:3: server.header_read_timeout_ms: must be greater than 0",
+                    "k.toml:4: server.park_idle_after_ms: must be greater than 0",
+                    "k.toml:5: server.max_header_bytes: must be at least 8192",
+                ],
+            ),
+            (
+                "zero outbound timeouts",
+                "[forward]\nconnect_timeout_ms = 0\nread_timeout_ms = 0\ntotal_timeout_ms = 0\n",
+                &[
+                    "k.toml:2: forward.connect_timeout_ms: must be greater than 0",
+                    "k.toml:3: forward.read_timeout_ms: must be greater than 0",
+                    "k.toml:4: forward.total_timeout_ms: must be greater than 0",
+                ],
+            ),
+            (
+                "a bad admin address and token hash",
+                "[server]\nadmin_listen = \"localhost\"\n[admin]\ntoken_sha256 = \"abc\"\n",
+                &[
+                    "k.toml:2: server.admin_listen: 'localhost' is not an address like 127.0.0.1:8080",
+                    "k.toml:4: admin.token_sha256: must be 64 hex characters (see `keyward admin token`)",
+                ],
+            ),
+        ]);
+    }
+}

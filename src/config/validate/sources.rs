@@ -380,3 +380,142 @@ fn rotation(
     };
     (Some(policy), raw.fallback_to)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::table::check;
+
+    #[test]
+    fn source_problems_are_reported_with_their_lines() {
+        check(&[
+            ("a valid env source", "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n", &[]),
+            (
+                "a bad name and an unknown provider",
+                "[[sources]]\nname = \"a b\"\nprovider = \"keychain\"\n",
+                &[
+                    "k.toml:2: sources[0].name: use letters, digits, '-', '_', '.' or ':' (1-128 characters)",
+                    "k.toml:3: sources[0].provider: unknown provider 'keychain': expected 'aws-secrets-manager', 'file', 'env', 'vault' or 'exec'",
+                ],
+            ),
+            (
+                "a misspelt field names its near match",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\nadress = \"https://v\"\n",
+                &[
+                    "k.toml:5: sources[0].adress: unknown field `adress`, expected one of `name`, `provider`, `mapping`, `cache`, `rotationPolicy`, `rotation`, `auditTrail`, `audit_trail`, `region`, `secretName`, `secret_name`, `endpointUrl`, `endpoint_url`, `versionStage`, `version_stage`, `path`, `address`, `mount`, `namespace`, `auth`, `command`, `args`, `pass_env`, `timeout_ms`, `max_output_bytes` (did you mean `address`?)",
+                ],
+            ),
+            (
+                "another provider's fields",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\ncommand = \"/bin/true\"\nregion = \"eu-west-1\"\n",
+                &[
+                    "k.toml:5: sources[0].command: is not used by provider 'env'",
+                    "k.toml:6: sources[0].region: is not used by provider 'env'",
+                ],
+            ),
+            (
+                "a provider field of the wrong type, at its own path",
+                "[[sources]]\nname = \"e\"\nprovider = \"exec\"\ncommand = \"/bin/true\"\ntimeout_ms = \"soon\"\nmapping = { K = \"{{K}}\" }\n",
+                &["k.toml:5: sources[0].timeout_ms: invalid type: string \"soon\", expected u64"],
+            ),
+            (
+                "an unknown field nested in a provider field",
+                "[[sources]]\nname = \"v\"\nprovider = \"vault\"\naddress = \"https://v\"\npath = \"a\"\nauth = { method = \"token\", tokn = \"x\" }\nmapping = { K = \"{{K}}\" }\n",
+                &[
+                    "k.toml:6: sources[0].auth.tokn: unknown field `tokn`, expected one of `method`, `token_env`, `token_file`, `role_id`, `secret_id_env`, `secret_id_file`, `approle_mount`",
+                ],
+            ),
+            (
+                "env without a mapping",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\n",
+                &["k.toml:1: sources[0].mapping: is required for provider 'env' (secret name = \"{{ENV_VAR}}\")"],
+            ),
+            (
+                "env taking a whole value, and bad mapping entries",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { W = \"{{.}}\", \"a b\" = \"{{X}}\", P = \"plain\" }\n",
+                &[
+                    "k.toml:4: sources[0].mapping.P: is not a selector: write \"{{FIELD}}\" (a field of the secret) or \"{{.}}\" (the whole value)",
+                    "k.toml:4: sources[0].mapping.W: must name one variable or id, not the whole {{.}}",
+                    "k.toml:4: sources[0].mapping.a b: secret names use letters, digits, '-', '_', '.' or ':'",
+                ],
+            ),
+            (
+                "aws without a secret name",
+                "[[sources]]\nname = \"a\"\nprovider = \"aws-secrets-manager\"\nmapping = { K = \"{{K}}\" }\n",
+                &[
+                    "k.toml:1: sources[0].secret_name: is required for provider 'aws-secrets-manager' unless every mapping entry names its secret (\"<secret-id>#{{FIELD}}\")",
+                ],
+            ),
+            (
+                "aws reading two secrets at another stage",
+                "[[sources]]\nname = \"a\"\nprovider = \"aws-secrets-manager\"\nsecret_name = \"one\"\nversion_stage = \"AWSPREVIOUS\"\nendpoint_url = \"localhost\"\nmapping = { K = \"{{K}}\", L = \"two#{{L}}\" }\n",
+                &[
+                    "k.toml:5: sources[0].version_stage: a source that reads several secrets reads each one's AWSCURRENT (BatchGetSecretValue has no stage)",
+                    "k.toml:6: sources[0].endpoint_url: must be an http:// or https:// URL",
+                ],
+            ),
+            (
+                "a file source without a mapping whose file is missing",
+                "[[sources]]\nname = \"f\"\nprovider = \"file\"\npath = \"/nonexistent/keyward-secrets.json\"\n",
+                &[
+                    "k.toml:4: sources[0].path: cannot read /nonexistent/keyward-secrets.json: No such file or directory (os error 2) (a file source without `mapping` is read at load to learn its names)",
+                ],
+            ),
+            (
+                "exec with a relative command and bad limits",
+                "[[sources]]\nname = \"e\"\nprovider = \"exec\"\ncommand = \"resolver\"\npass_env = [\"A-B\"]\ntimeout_ms = 0\nmax_output_bytes = 0\n",
+                &[
+                    "k.toml:1: sources[0].mapping: is required for provider 'exec' (secret name = \"{{FIELD}}\")",
+                    "k.toml:4: sources[0].command: must be an absolute path (it is never looked up in PATH or run by a shell)",
+                    "k.toml:5: sources[0].pass_env[0]: 'A-B' is not an environment variable name",
+                    "k.toml:6: sources[0].timeout_ms: must be between 1 and 300000",
+                    "k.toml:7: sources[0].max_output_bytes: must be between 1 and 16777216",
+                ],
+            ),
+            (
+                "vault without an address, auth or mapping",
+                "[[sources]]\nname = \"v\"\nprovider = \"vault\"\npath = \"a\"\n",
+                &[
+                    "k.toml:1: sources[0].address: is required for provider 'vault': an http:// or https:// URL without user info",
+                    "k.toml:1: sources[0].auth: is required for provider 'vault': { method = \"token\" } or { method = \"approle\", ... }",
+                ],
+            ),
+            (
+                "vault approle without a role id",
+                "[[sources]]\nname = \"v\"\nprovider = \"vault\"\naddress = \"https://v\"\npath = \"a\"\nauth = { method = \"approle\", secret_id_env = \"S\" }\nmapping = { K = \"{{K}}\" }\n",
+                &["k.toml:6: sources[0].auth.role_id: is required for auth method 'approle'"],
+            ),
+            (
+                "the same secret from two sources",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n[[sources]]\nname = \"t\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n",
+                &[
+                    "k.toml:8: sources[1].mapping.S: secret 'S' is already provided by source 's'; secret names are global",
+                ],
+            ),
+            (
+                "a cache too small, an audit trail turned off",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\ncache = { max_size = 0 }\naudit_trail = { enabled = false, retention_days = 0 }\n",
+                &[
+                    "k.toml:5: sources[0].cache.max_size: is 0 but this source provides 1 secrets, so every call would refetch; raise it to at least 1",
+                    "k.toml:6: sources[0].audit_trail.enabled: keyward audits every use of every credential; the audit trail cannot be turned off",
+                    "k.toml:6: sources[0].audit_trail.retention_days: must be at least 1",
+                ],
+            ),
+            (
+                "rotation of an env source, to an unknown channel and fallback",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\nrotation = { schedule = \"0 0 * * 9\", notify = \"telegram\", fallback_to = \"nowhere\", grace_period_minutes = 99999 }\n",
+                &[
+                    "k.toml:5: sources[0].rotation.schedule: '0 0 * * 9': the day-of-week field '9' is out of range (allowed: 0-7 or SUN-SAT, with * , - /)",
+                    "k.toml:5: sources[0].rotation.notify: 'telegram' is neither a webhook URL nor a channel under [notifications]; add `telegram = \"https://…\"` there",
+                    "k.toml:5: sources[0].rotation.enabled: an env source cannot rotate: its values are fixed when keyward starts",
+                    "k.toml:5: sources[0].rotation.grace_period_minutes: must be at most 10080 (a week)",
+                    "k.toml:5: sources[0].rotation.fallback_to: no source is named 'nowhere'",
+                ],
+            ),
+            (
+                "a fallback to itself",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\nrotation = { enabled = false, fallback_to = \"s\" }\n",
+                &["k.toml:5: sources[0].rotation.fallback_to: a source cannot fall back to itself"],
+            ),
+        ]);
+    }
+}
