@@ -147,17 +147,29 @@ impl<'de> Deserialize<'de> for RawSource {
 
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawSource, A::Error> {
                 use serde::de::Error;
+                /// Reads a field's value, refusing a second one as serde's derive does.
+                fn once<'de, T: Deserialize<'de>, A: serde::de::MapAccess<'de>>(
+                    slot: &mut Option<T>,
+                    field: &'static str,
+                    map: &mut A,
+                ) -> Result<(), A::Error> {
+                    if slot.is_some() {
+                        return Err(A::Error::duplicate_field(field));
+                    }
+                    *slot = Some(map.next_value()?);
+                    Ok(())
+                }
                 let (mut name, mut provider, mut mapping, mut cache, mut rotation, mut audit_trail) =
                     (None, None, None, None, None, None);
                 let mut fields = ProviderFields::default();
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
-                        "name" => name = Some(map.next_value()?),
-                        "provider" => provider = Some(map.next_value()?),
-                        "mapping" => mapping = map.next_value()?,
-                        "cache" => cache = map.next_value()?,
-                        "rotation" | "rotationPolicy" => rotation = map.next_value()?,
-                        "audit_trail" | "auditTrail" => audit_trail = map.next_value()?,
+                        "name" => once(&mut name, "name", &mut map)?,
+                        "provider" => once(&mut provider, "provider", &mut map)?,
+                        "mapping" => once(&mut mapping, "mapping", &mut map)?,
+                        "cache" => once(&mut cache, "cache", &mut map)?,
+                        "rotation" | "rotationPolicy" => once(&mut rotation, "rotation", &mut map)?,
+                        "audit_trail" | "auditTrail" => once(&mut audit_trail, "audit_trail", &mut map)?,
                         other if secrets::is_provider_field(other) => fields.read(other, &mut map)?,
                         other => return Err(A::Error::unknown_field(other, expected_source_fields())),
                     }
@@ -165,10 +177,10 @@ impl<'de> Deserialize<'de> for RawSource {
                 Ok(RawSource {
                     name: name.ok_or_else(|| A::Error::missing_field("name"))?,
                     provider: provider.ok_or_else(|| A::Error::missing_field("provider"))?,
-                    mapping,
-                    cache,
-                    rotation,
-                    audit_trail,
+                    mapping: mapping.flatten(),
+                    cache: cache.flatten(),
+                    rotation: rotation.flatten(),
+                    audit_trail: audit_trail.flatten(),
                     fields,
                 })
             }

@@ -3,15 +3,10 @@
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.
 
-mod aws;
 mod cache;
-mod env;
-mod exec;
-mod file;
 mod held;
 mod registry;
 mod source;
-mod vault;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -26,7 +21,8 @@ pub use source::{CachePolicy, RotationPolicy, Schedule, Selector, SourceConfig};
 
 use registry::{either, field_names, knows, read_one};
 
-// The registry: one line per provider module, `Variant => module::Config`.
+// The registry: one line per provider module (`Variant => module::Config`), which declares the
+// module too. Adding a provider is its file under `secrets/` and its line here.
 registry::providers! {
     Aws => aws::AwsConfig,
     File => file::FileConfig,

@@ -238,10 +238,13 @@ pub(super) fn either(kinds: &[&str]) -> String {
     }
 }
 
-/// Lists the providers: generates `ProviderConfig` (one variant per provider config) and the
-/// dispatch from a `provider` name or a field name to the module that owns it.
+/// Lists the providers: declares each module, and generates `ProviderConfig` (one variant per
+/// provider config) and the dispatch from a `provider` name or a field name to the module that
+/// owns it.
 macro_rules! providers {
     ($($variant:ident => $module:ident::$config:ident),* $(,)?) => {
+        $(mod $module;)*
+
         /// A source's validated provider settings: one variant per provider module.
         #[derive(Debug, Clone, PartialEq, Eq)]
         pub enum ProviderConfig {
