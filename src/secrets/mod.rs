@@ -1,4 +1,5 @@
-//! Secret sources: one `SecretProvider` trait, one small file per backend, and the cache in front.
+//! Secret sources: one `SecretProvider` trait, one file per backend (its config fields,
+//! validation, rotation capability and runtime), the `providers!` registry, and the cache in front.
 //!
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.

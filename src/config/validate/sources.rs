@@ -138,8 +138,6 @@ fn selector(text: &str) -> Option<Selector> {
     }
 }
 
-/// Loads a file of the article's `external-secrets` blocks (one object or a list), reporting
-/// problems at that file's own lines.
 /// What validating a source needs beyond the source itself.
 struct SourceContext<'a> {
     /// Every `auditTrail.retentionDays`, to raise the audit retention to the largest.
@@ -148,6 +146,8 @@ struct SourceContext<'a> {
     channels: &'a BTreeMap<String, String>,
 }
 
+/// Loads a file of the article's `external-secrets` blocks (one object or a list), reporting
+/// problems at that file's own lines.
 fn external_sources(c: &mut Collector<'_>, at: &str, written: &str, cx: &mut SourceContext<'_>) -> Vec<SourceConfig> {
     let resolved = c.path(written);
     let path = &*resolved.to_string_lossy();
