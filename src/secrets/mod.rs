@@ -144,6 +144,55 @@ mod tests {
     }
 
     #[test]
+    fn the_registry_knows_each_providers_fields_once() {
+        for field in ["region", "secretName", "path", "address", "auth", "command", "timeout_ms"] {
+            assert!(is_provider_field(field), "{field}");
+        }
+        for field in ["name", "provider", "mapping", "cache", "rotation", "adress"] {
+            assert!(!is_provider_field(field), "{field}");
+        }
+        // `path` is read by both file and vault, and listed once.
+        assert_eq!(provider_field_names().iter().filter(|n| **n == "path").count(), 1);
+        let kinds = ["aws-secrets-manager", "file", "env", "vault", "exec"];
+        let mut report = Vec::new();
+        let unknown = ProviderConfig::configure(
+            "keychain",
+            &ProviderFields::default(),
+            &mut None,
+            &mut Check::new("s", &mut report),
+        );
+        assert_eq!(unknown.unwrap_err(), format!("expected {}", either(&kinds)));
+    }
+
+    impl Report for Vec<(String, String)> {
+        fn problem(&mut self, field: String, message: String) {
+            self.push((field, message));
+        }
+
+        fn path(&self, written: &str) -> std::path::PathBuf {
+            written.into()
+        }
+    }
+
+    #[test]
+    fn a_provider_reports_fields_of_other_providers_then_its_own() {
+        let fields = ProviderFields::from_pairs([("region", Some("eu-west-1".to_string())), ("path", None)]);
+        let mut report = Vec::new();
+        let config = ProviderConfig::configure("exec", &fields, &mut None, &mut Check::new("sources[0]", &mut report));
+        assert!(config.unwrap().is_none(), "exec needs a command");
+        assert_eq!(
+            report,
+            [
+                ("sources[0].region".to_string(), "is not used by provider 'exec'".to_string()),
+                (
+                    "sources[0].command".to_string(),
+                    "is required for provider 'exec': an absolute path to the resolver".to_string()
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn malformed_documents_do_not_echo_content() {
         let mapping: BTreeMap<String, Selector> = [("A".to_string(), Selector::Field("a".into()))].into();
         let err = apply_mapping("sk-canary-not-json", &mapping).unwrap_err();
