@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use crate::policy::{MethodSet, PathPattern};
+pub(crate) use crate::policy::suggest;
+pub use crate::policy::{GrantConfig, Quota};
+pub use crate::secrets::{CachePolicy, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig};
 
 pub use spans::line_at;
 
@@ -170,198 +172,6 @@ impl fmt::Debug for AdminConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct SourceConfig {
-    pub name: String,
-    pub provider: ProviderConfig,
-    /// Secret name → which part of the source's document holds it. A file source written without
-    /// a mapping gets one entry per key of its file, read when the config is loaded.
-    pub mapping: BTreeMap<String, Selector>,
-    pub cache: CachePolicy,
-    pub rotation: Option<RotationPolicy>,
-    /// The source to use when this one cannot be fetched or its credential is refused.
-    pub fallback_to: Option<String>,
-}
-
-impl SourceConfig {
-    /// Whether a cache built for `self` can keep serving `other`: same store, same mapping,
-    /// same cache policy. Rotation settings may differ.
-    /// The rotation policy in words, for reports and the admin API.
-    pub fn rotation_summary(&self) -> String {
-        match &self.rotation {
-            None => "no rotation policy configured".to_string(),
-            Some(p) if !p.enabled => "rotation disabled".to_string(),
-            Some(p) => {
-                let when =
-                    p.schedule.as_ref().map_or("manual only".to_string(), |s| format!("schedule '{}' UTC", s.text));
-                format!("{when}, grace {} min", p.grace_period.as_secs() / 60)
-            }
-        }
-    }
-
-    pub fn same_store(&self, other: &SourceConfig) -> bool {
-        self.name == other.name
-            && self.provider == other.provider
-            && self.mapping == other.mapping
-            && self.cache == other.cache
-    }
-}
-
-/// The article's `rotationPolicy`.
-#[derive(Debug, Clone)]
-pub struct RotationPolicy {
-    pub enabled: bool,
-    /// When scheduled rotation runs (UTC); `None`: only on the manual trigger.
-    pub schedule: Option<Schedule>,
-    /// How long the previous version stays usable where the new one is refused upstream.
-    pub grace_period: Duration,
-    /// Where each phase is POSTed as JSON.
-    pub notify: Option<String>,
-    /// How long before a scheduled run the `rotation.notified` notice goes out.
-    pub notify_ahead: Duration,
-}
-
-/// A cron schedule: 5 fields (minute hour day month weekday), or 6 with seconds first, in UTC.
-#[derive(Clone)]
-pub struct Schedule {
-    pub text: String,
-    pub cron: croner::Cron,
-}
-
-impl fmt::Debug for Schedule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
-    }
-}
-
-impl Schedule {
-    pub fn parse(text: &str) -> Result<Schedule, String> {
-        use croner::parser::{CronParser, Seconds};
-        let fields = text.split_whitespace().count();
-        if !(5..=6).contains(&fields) {
-            return Err(format!("'{text}' has {fields} fields; use 5 (minute hour day month weekday), UTC"));
-        }
-        let parser = CronParser::builder().seconds(Seconds::Optional).build();
-        let cron = parser.parse(text).map_err(|e| Schedule::explain(text, &e.to_string()))?;
-        Ok(Schedule { text: text.to_string(), cron })
-    }
-
-    /// Names the field a refused schedule fails on: each field is parsed alone, the others `*`.
-    fn explain(text: &str, error: &str) -> String {
-        use croner::parser::{CronParser, Seconds};
-        const FIELDS: [(&str, &str); 6] = [
-            ("second", "0-59"),
-            ("minute", "0-59"),
-            ("hour", "0-23"),
-            ("day-of-month", "1-31"),
-            ("month", "1-12 or JAN-DEC"),
-            ("day-of-week", "0-7 or SUN-SAT"),
-        ];
-        let parts: Vec<&str> = text.split_whitespace().collect();
-        let names = if parts.len() == 6 { &FIELDS[..] } else { &FIELDS[1..] };
-        let parser = CronParser::builder().seconds(Seconds::Optional).build();
-        for (i, ((name, range), part)) in names.iter().zip(&parts).enumerate() {
-            let alone: Vec<&str> = (0..parts.len()).map(|j| if j == i { *part } else { "*" }).collect();
-            if let Err(e) = parser.parse(&alone.join(" ")) {
-                let why = if e.to_string().contains("out of bounds") { "is out of range" } else { "is not valid" };
-                return format!("'{text}': the {name} field '{part}' {why} (allowed: {range}, with * , - /)");
-            }
-        }
-        format!("'{text}' is not a cron schedule: {error}")
-    }
-
-    /// The first time strictly after `after` that the schedule fires.
-    pub fn next_after(&self, after: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.cron.find_next_occurrence(&after, false).ok()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProviderConfig {
-    /// `secret_name` is the default secret; `secret_ids` names the secret of mapping entries
-    /// written `"<secret-id>#{{FIELD}}"`. More than one secret is read with one batch call.
-    Aws {
-        region: Option<String>,
-        secret_name: Option<String>,
-        secret_ids: BTreeMap<String, String>,
-        endpoint_url: Option<String>,
-        version_stage: String,
-    },
-    File {
-        path: PathBuf,
-    },
-    Env,
-    Vault(VaultConfig),
-    Exec(ExecConfig),
-}
-
-/// A HashiCorp Vault or OpenBao KV v2 secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultConfig {
-    /// The server's base URL, e.g. `https://vault.internal:8200`.
-    pub address: String,
-    /// The KV v2 mount (default `secret`).
-    pub mount: String,
-    /// The secret's path below the mount.
-    pub path: String,
-    pub namespace: Option<String>,
-    pub auth: VaultAuth,
-}
-
-/// Where keyward's Vault credentials come from: never written in the config itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VaultAuth {
-    Token { from: SecretRef },
-    AppRole { mount: String, role_id: String, secret_id: SecretRef },
-}
-
-/// A credential keyward itself needs, named by where it is read from at fetch time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SecretRef {
-    Env(String),
-    File(PathBuf),
-}
-
-/// An OpenClaw-compatible exec resolver: run without a shell, ids on stdin, values on stdout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecConfig {
-    /// An absolute path; never looked up in PATH, never run through a shell.
-    pub command: PathBuf,
-    pub args: Vec<String>,
-    /// Environment variables passed through; everything else is cleared.
-    pub pass_env: Vec<String>,
-    pub timeout: Duration,
-    pub max_output_bytes: usize,
-}
-
-impl ProviderConfig {
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ProviderConfig::Aws { .. } => "aws-secrets-manager",
-            ProviderConfig::File { .. } => "file",
-            ProviderConfig::Env => "env",
-            ProviderConfig::Vault(_) => "vault",
-            ProviderConfig::Exec(_) => "exec",
-        }
-    }
-}
-
-/// `{{FIELD}}` selects a field of a JSON document (or an env var); `{{.}}` the whole value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Selector {
-    Whole,
-    Field(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CachePolicy {
-    /// Zero means runtime reveal: fetch for every request.
-    pub ttl: Duration,
-    pub max_size: usize,
-    /// How long past expiry a cached value may still be served while the store is down. Zero: fail closed.
-    pub stale_if_error: Duration,
-}
-
 /// Headers where clients put API credentials. They are removed from every outbound request,
 /// with the route's own `agent_key` headers, unless the route's `pass_headers` names them.
 pub const CREDENTIAL_HEADERS: [&str; 5] =
@@ -451,48 +261,13 @@ pub struct RoleConfig {
     pub anomaly: AnomalyConfig,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct GrantConfig {
-    pub route: String,
-    pub secret: String,
-    pub methods: MethodSet,
-    pub paths: Vec<PathPattern>,
-    /// The grant's quota, or its role's default; keyed by (agent, route).
-    pub quota: Option<Quota>,
-}
-
-/// `count` requests per `period`, with up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Quota {
-    pub count: u32,
-    pub period: Duration,
-    pub burst: u32,
-}
-
-impl Quota {
-    /// `"60/min"`, `"5/s"`, `"1000/h"` (also `/sec`, `/second`, `/m`, `/minute`, `/hour`).
-    pub fn parse(rate: &str, burst: Option<u32>) -> Result<Quota, String> {
-        let (count, unit) = rate.split_once('/').ok_or_else(|| format!("'{rate}' is not a rate like \"60/min\""))?;
-        let count: u32 = count.trim().parse().map_err(|_| format!("'{rate}': the count must be a whole number"))?;
-        let period = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            other => return Err(format!("'{rate}': unknown unit '{other}' (use /s, /min or /h)")),
-        };
-        if count == 0 {
-            return Err(format!("'{rate}': the count must be at least 1"));
-        }
-        let burst = burst.unwrap_or(count);
-        if burst == 0 {
-            return Err("burst must be at least 1".to_string());
-        }
-        Ok(Quota { count, period, burst })
+impl crate::policy::RoleGrants for RoleConfig {
+    fn name(&self) -> &str {
+        &self.name
     }
 
-    /// The time one request's worth of quota takes to come back.
-    pub fn interval(&self) -> Duration {
-        self.period / self.count
+    fn grants(&self) -> &[GrantConfig] {
+        &self.grants
     }
 }
 
@@ -601,18 +376,6 @@ impl Config {
         }
         out
     }
-}
-
-/// The candidate closest to `word` (ignoring case), if it is near enough to be a likely typo.
-pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let word = word.to_ascii_lowercase();
-    let limit = (word.chars().count() / 3).max(1);
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, c)| (*distance, *c))
-        .map(|(_, c)| c)
 }
 
 /// One problem in a config file, located by line and field path.

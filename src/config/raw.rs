@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::secrets::{self, ProviderFields};
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -114,52 +116,84 @@ pub struct RawAudit {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// One secret source (the article's `external-secrets`). Provider-specific fields are checked
-/// in validation, so a misplaced field gets a message that names the provider.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One secret source (the article's `external-secrets`): the fields every source has, and the
+/// fields of its provider, written flat beside them. Each provider field is read with the type
+/// its provider module declares; one no provider declares is an unknown field.
+#[derive(Debug)]
 pub struct RawSource {
     pub name: String,
     pub provider: String,
-    pub region: Option<String>,
-    #[serde(alias = "secretName")]
-    pub secret_name: Option<String>,
-    #[serde(alias = "endpointUrl")]
-    pub endpoint_url: Option<String>,
-    #[serde(alias = "versionStage")]
-    pub version_stage: Option<String>,
-    pub path: Option<String>,
     pub mapping: Option<BTreeMap<String, String>>,
     pub cache: Option<RawCache>,
-    #[serde(alias = "rotationPolicy")]
     pub rotation: Option<RawRotation>,
-    #[serde(alias = "auditTrail")]
     pub audit_trail: Option<RawAuditTrail>,
-    /// vault: the server's base URL, KV v2 mount, secret path, auth.
-    pub address: Option<String>,
-    pub mount: Option<String>,
-    pub namespace: Option<String>,
-    pub auth: Option<RawVaultAuth>,
-    /// exec: an absolute command path, its arguments, and its limits.
-    pub command: Option<String>,
-    pub args: Option<Vec<String>>,
-    pub pass_env: Option<Vec<String>>,
-    pub timeout_ms: Option<u64>,
-    pub max_output_bytes: Option<usize>,
+    /// The provider's own fields; validation reports those its provider does not read.
+    pub fields: ProviderFields,
 }
 
-/// How keyward logs in to Vault/OpenBao: a token, or an AppRole. Secrets are named by the
-/// environment variable or file that holds them, never written in the config.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawVaultAuth {
-    pub method: String,
-    pub token_env: Option<String>,
-    pub token_file: Option<String>,
-    pub role_id: Option<String>,
-    pub secret_id_env: Option<String>,
-    pub secret_id_file: Option<String>,
-    pub approle_mount: Option<String>,
+/// The fields every source has, with the article's camelCase aliases (as serde lists them).
+const SOURCE_FIELDS: [&str; 8] =
+    ["name", "provider", "mapping", "cache", "rotationPolicy", "rotation", "auditTrail", "audit_trail"];
+
+impl<'de> Deserialize<'de> for RawSource {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = RawSource;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("struct RawSource")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawSource, A::Error> {
+                use serde::de::Error;
+                /// Reads a field's value, refusing a second one as serde's derive does.
+                fn once<'de, T: Deserialize<'de>, A: serde::de::MapAccess<'de>>(
+                    slot: &mut Option<T>,
+                    field: &'static str,
+                    map: &mut A,
+                ) -> Result<(), A::Error> {
+                    if slot.is_some() {
+                        return Err(A::Error::duplicate_field(field));
+                    }
+                    *slot = Some(map.next_value()?);
+                    Ok(())
+                }
+                let (mut name, mut provider, mut mapping, mut cache, mut rotation, mut audit_trail) =
+                    (None, None, None, None, None, None);
+                let mut fields = ProviderFields::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "name" => once(&mut name, "name", &mut map)?,
+                        "provider" => once(&mut provider, "provider", &mut map)?,
+                        "mapping" => once(&mut mapping, "mapping", &mut map)?,
+                        "cache" => once(&mut cache, "cache", &mut map)?,
+                        "rotation" | "rotationPolicy" => once(&mut rotation, "rotation", &mut map)?,
+                        "audit_trail" | "auditTrail" => once(&mut audit_trail, "audit_trail", &mut map)?,
+                        other if secrets::is_provider_field(other) => fields.read(other, &mut map)?,
+                        other => return Err(A::Error::unknown_field(other, expected_source_fields())),
+                    }
+                }
+                Ok(RawSource {
+                    name: name.ok_or_else(|| A::Error::missing_field("name"))?,
+                    provider: provider.ok_or_else(|| A::Error::missing_field("provider"))?,
+                    mapping: mapping.flatten(),
+                    cache: cache.flatten(),
+                    rotation: rotation.flatten(),
+                    audit_trail: audit_trail.flatten(),
+                    fields,
+                })
+            }
+        }
+        deserializer.deserialize_struct("RawSource", &SOURCE_FIELDS, Fields)
+    }
+}
+
+/// Every field a source table may hold: its own, then each provider's.
+fn expected_source_fields() -> &'static [&'static str] {
+    static ALL: std::sync::LazyLock<Vec<&'static str>> =
+        std::sync::LazyLock::new(|| SOURCE_FIELDS.iter().chain(secrets::provider_field_names()).copied().collect());
+    &ALL
 }
 
 /// The article's `rotationPolicy`, with snake_case names and the article's camelCase as aliases.
@@ -228,27 +262,21 @@ pub struct RawExternalSource {
 
 impl RawExternal {
     pub fn into_source(self, default_name: String) -> RawSource {
+        let source = self.source;
         RawSource {
             name: self.name.unwrap_or(default_name),
-            provider: self.source.provider,
-            region: self.source.region,
-            secret_name: self.source.secret_name,
-            endpoint_url: self.source.endpoint_url,
-            version_stage: self.source.version_stage,
-            path: self.source.path,
+            provider: source.provider,
             mapping: self.mapping,
             cache: self.cache,
             rotation: self.rotation,
             audit_trail: self.audit_trail,
-            address: None,
-            mount: None,
-            namespace: None,
-            auth: None,
-            command: None,
-            args: None,
-            pass_env: None,
-            timeout_ms: None,
-            max_output_bytes: None,
+            fields: ProviderFields::from_pairs([
+                ("region", source.region),
+                ("secret_name", source.secret_name),
+                ("endpoint_url", source.endpoint_url),
+                ("version_stage", source.version_stage),
+                ("path", source.path),
+            ]),
         }
     }
 }

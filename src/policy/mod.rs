@@ -2,21 +2,38 @@
 //!
 //! Nothing here does I/O or reads a clock; everything is tested with tables of cases.
 
+mod grant;
 mod pattern;
 mod routing;
 
 use http::Method;
 
-pub use pattern::{MethodSet, PathPattern};
-pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target};
+pub use grant::{GrantConfig, Quota};
+pub use pattern::{MethodSet, PathPattern, suggest};
+pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
 
-use crate::config::{GrantConfig, RoleConfig};
 use crate::error::{Missing, ProxyError};
+
+/// What authorization reads of a role: its name (for the 403 message) and its grants.
+pub trait RoleGrants {
+    fn name(&self) -> &str;
+    fn grants(&self) -> &[GrantConfig];
+}
+
+impl<T: RoleGrants + ?Sized> RoleGrants for &T {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn grants(&self) -> &[GrantConfig] {
+        (**self).grants()
+    }
+}
 
 /// Who is asking, for the 403 message.
 pub struct Subject<'a> {
     pub agent: &'a str,
-    pub role: &'a RoleConfig,
+    pub role: &'a dyn RoleGrants,
 }
 
 /// Deny by default: the first grant of `role` on `route` that covers `method` and `path`, or a 403
@@ -28,7 +45,7 @@ pub fn authorize<'r>(
     path: &str,
 ) -> Result<&'r GrantConfig, ProxyError> {
     let mut missing = Missing::Route;
-    for grant in subject.role.grants.iter().filter(|g| g.route == route) {
+    for grant in subject.role.grants().iter().filter(|g| g.route == route) {
         if !grant.methods.allows(method) {
             if missing == Missing::Route {
                 missing = Missing::Method;
@@ -42,7 +59,7 @@ pub fn authorize<'r>(
     }
     Err(ProxyError::Forbidden {
         agent: subject.agent.to_string(),
-        role: subject.role.name.clone(),
+        role: subject.role.name().to_string(),
         route: route.to_string(),
         method: method.to_string(),
         path: if path.is_empty() { "/".to_string() } else { path.to_string() },
@@ -62,7 +79,7 @@ pub fn authorize_within<'r>(
     path: &str,
 ) -> Result<&'r GrantConfig, ProxyError> {
     root.role
-        .grants
+        .grants()
         .iter()
         .filter(|g| g.route == own.route && g.secret == own.secret && g.methods.allows(method))
         .find(|g| g.paths.iter().any(|p| p.matches(path)))
@@ -78,6 +95,7 @@ pub fn authorize_within<'r>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RoleConfig;
 
     fn grant(route: &str, secret: &str, methods: &[&str], paths: &[&str]) -> GrantConfig {
         GrantConfig {

@@ -58,7 +58,7 @@ impl MethodSet {
             }
             if !GRANTABLE_METHODS.contains(&upper.as_str()) {
                 // Any token is a valid method to `http`, so a typo like "GTE" would grant nothing.
-                let hint = match crate::config::suggest(&upper, GRANTABLE_METHODS) {
+                let hint = match suggest(&upper, GRANTABLE_METHODS) {
                     Some(near) => format!("did you mean \"{near}\"?"),
                     None => format!("use one of {}, or \"*\"", GRANTABLE_METHODS.join(", ")),
                 };
@@ -168,6 +168,18 @@ fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
         Some((Segment::One, rest)) => !path.is_empty() && match_segments(rest, &path[1..]),
         Some((Segment::Literal(lit), rest)) => path.first() == Some(&lit.as_str()) && match_segments(rest, &path[1..]),
     }
+}
+
+/// The candidate closest to `word` (ignoring case), if it is near enough to be a likely typo.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    let limit = (word.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, c)| (*distance, *c))
+        .map(|(_, c)| c)
 }
 
 #[cfg(test)]

@@ -9,15 +9,93 @@
 //! command, the limit or the id, never a value. stderr is discarded for the same reason.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use super::{Fetched, SecretProvider, StoreError};
-use crate::config::{ExecConfig, Selector};
+use super::{Check, Fetched, Provider, SecretProvider, Selector, StoreError};
+
+/// An OpenClaw-compatible exec resolver: run without a shell, ids on stdin, values on stdout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecConfig {
+    /// An absolute path; never looked up in PATH, never run through a shell.
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    /// Environment variables passed through; everything else is cleared.
+    pub pass_env: Vec<String>,
+    pub timeout: Duration,
+    pub max_output_bytes: usize,
+}
+
+/// The exec fields of a source table: an absolute command path, its arguments, and its limits.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecFields {
+    command: Option<String>,
+    args: Option<Vec<String>>,
+    pass_env: Option<Vec<String>>,
+    timeout_ms: Option<u64>,
+    max_output_bytes: Option<usize>,
+}
+
+impl Provider for ExecConfig {
+    const KIND: &'static str = "exec";
+    const WHOLE_VALUE: bool = false;
+    type Fields = ExecFields;
+
+    fn configure(
+        fields: ExecFields,
+        mapping: &mut Option<BTreeMap<String, String>>,
+        check: &mut Check<'_>,
+    ) -> Option<ExecConfig> {
+        let Some(command) = fields.command else {
+            check.problem("command", "is required for provider 'exec': an absolute path to the resolver");
+            return None;
+        };
+        if !command.starts_with('/') {
+            check.problem("command", "must be an absolute path (it is never looked up in PATH or run by a shell)");
+        }
+        let pass_env = fields.pass_env.unwrap_or_default();
+        for (i, var) in pass_env.iter().enumerate() {
+            if var.is_empty() || !var.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
+                check.problem(&format!("pass_env[{i}]"), format!("'{var}' is not an environment variable name"));
+            }
+        }
+        let timeout = Duration::from_millis(fields.timeout_ms.unwrap_or(5_000));
+        if timeout.is_zero() || timeout > Duration::from_secs(300) {
+            check.problem("timeout_ms", "must be between 1 and 300000");
+        }
+        let max_output_bytes = fields.max_output_bytes.unwrap_or(1024 * 1024);
+        if max_output_bytes == 0 || max_output_bytes > 16 * 1024 * 1024 {
+            check.problem("max_output_bytes", "must be between 1 and 16777216");
+        }
+        if mapping.as_ref().is_none_or(BTreeMap::is_empty) {
+            check.problem("mapping", "is required for provider 'exec' (secret name = \"{{FIELD}}\")");
+        }
+        Some(ExecConfig {
+            command: PathBuf::from(command),
+            args: fields.args.unwrap_or_default(),
+            pass_env,
+            timeout,
+            max_output_bytes,
+        })
+    }
+
+    fn rotation_refusals(&self) -> Vec<String> {
+        vec!["an exec source cannot rotate: its resolver has no versions (rotate in the store it reads)".to_string()]
+    }
+
+    fn build(&self, source: &str, mapping: BTreeMap<String, Selector>) -> Arc<dyn SecretProvider> {
+        Arc::new(ExecProvider::new(source.to_string(), self.clone(), mapping))
+    }
+}
 
 pub struct ExecProvider {
     source: String,

@@ -3,14 +3,62 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::future::BoxFuture;
-
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 
-use super::{Fetched, Rotatable, SecretProvider, StoreError, apply_mapping};
-use crate::config::Selector;
+use super::{Check, Fetched, Provider, Rotatable, SecretProvider, Selector, StoreError, apply_mapping};
+
+/// A JSON file of NAME → value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// Resolved against the config file's directory.
+    pub path: PathBuf,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFields {
+    path: Option<String>,
+}
+
+impl Provider for FileConfig {
+    const KIND: &'static str = "file";
+    type Fields = FileFields;
+
+    /// Without a mapping, the file is read now to learn its names: one secret per key.
+    fn configure(
+        fields: FileFields,
+        mapping: &mut Option<BTreeMap<String, String>>,
+        check: &mut Check<'_>,
+    ) -> Option<FileConfig> {
+        let Some(path) = fields.path else {
+            check.problem("path", "is required for provider 'file'");
+            return None;
+        };
+        let path = check.path(&path);
+        if mapping.is_none() {
+            *mapping = Some(match discover_names(&path) {
+                Ok(names) => names.into_iter().map(|n| (n.clone(), format!("{{{{{n}}}}}"))).collect(),
+                Err(e) => {
+                    check.problem(
+                        "path",
+                        format!("{e} (a file source without `mapping` is read at load to learn its names)"),
+                    );
+                    BTreeMap::new()
+                }
+            });
+        }
+        Some(FileConfig { path })
+    }
+
+    fn build(&self, _source: &str, mapping: BTreeMap<String, Selector>) -> Arc<dyn SecretProvider> {
+        Arc::new(FileProvider::new(self.path.clone(), mapping))
+    }
+}
 
 pub struct FileProvider {
     path: PathBuf,

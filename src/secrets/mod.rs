@@ -1,16 +1,13 @@
-//! Secret sources: one `SecretProvider` trait, one small file per backend, and the cache in front.
+//! Secret sources: one `SecretProvider` trait, one file per backend (its config fields,
+//! validation, rotation capability and runtime), the `providers!` registry, and the cache in front.
 //!
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.
 
-#[cfg(feature = "aws")]
-mod aws;
 mod cache;
-mod env;
-mod exec;
-mod file;
 mod held;
-mod vault;
+mod registry;
+mod source;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -19,10 +16,21 @@ use std::sync::Arc;
 use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 
-use crate::config::{ProviderConfig, Selector, SourceConfig};
-
 pub use cache::{Rejection, Resolved, SecretStatus, SecretStore};
-pub use file::discover_names;
+pub use registry::{Check, Provider, ProviderFields, Report};
+pub use source::{CachePolicy, RotationPolicy, Schedule, Selector, SourceConfig};
+
+use registry::{either, field_names, knows, read_one};
+
+// The registry: one line per provider module (`Variant => module::Config`), which declares the
+// module too. Adding a provider is its file under `secrets/` and its line here.
+registry::providers! {
+    Aws => aws::AwsConfig,
+    File => file::FileConfig,
+    Env => env::EnvConfig,
+    Vault => vault::VaultConfig,
+    Exec => exec::ExecConfig,
+}
 
 /// The values one fetch produced, by secret name. Deliberately not `Debug`.
 pub struct Fetched {
@@ -80,37 +88,7 @@ pub trait Rotatable: Send + Sync {
 }
 
 pub fn build_provider(source: &SourceConfig) -> Arc<dyn SecretProvider> {
-    let mapping = source.mapping.clone();
-    match &source.provider {
-        #[cfg(feature = "aws")]
-        ProviderConfig::Aws { region, secret_name, secret_ids, endpoint_url, version_stage } => {
-            Arc::new(aws::AwsProvider::new(aws::AwsSettings {
-                region: region.clone(),
-                endpoint_url: endpoint_url.clone(),
-                secret_name: secret_name.clone(),
-                secret_ids: secret_ids.clone(),
-                version_stage: version_stage.clone(),
-                mapping,
-            }))
-        }
-        #[cfg(not(feature = "aws"))]
-        ProviderConfig::Aws { .. } => Arc::new(Unavailable("keyward was built without the `aws` feature")),
-        ProviderConfig::File { path } => Arc::new(file::FileProvider::new(path.clone(), mapping)),
-        ProviderConfig::Env => Arc::new(env::EnvProvider::new(mapping)),
-        ProviderConfig::Vault(config) => Arc::new(vault::VaultProvider::new(config.clone(), mapping)),
-        ProviderConfig::Exec(config) => Arc::new(exec::ExecProvider::new(source.name.clone(), config.clone(), mapping)),
-    }
-}
-
-/// A provider that always fails closed, for backends left out of this build.
-#[cfg(not(feature = "aws"))]
-struct Unavailable(&'static str);
-
-#[cfg(not(feature = "aws"))]
-impl SecretProvider for Unavailable {
-    fn fetch(&self) -> BoxFuture<'_, Result<Fetched, StoreError>> {
-        Box::pin(async move { Err(StoreError::Unreachable(self.0.to_string())) })
-    }
+    source.provider.build(&source.name, source.mapping.clone())
 }
 
 /// Applies a mapping to a document string: `{{.}}` takes it whole, `{{FIELD}}` a string field
@@ -163,6 +141,55 @@ mod tests {
 
         let whole: BTreeMap<String, Selector> = [("W".to_string(), Selector::Whole)].into();
         assert_eq!(apply_mapping("plain-token", &whole).unwrap()["W"].expose_secret(), "plain-token");
+    }
+
+    #[test]
+    fn the_registry_knows_each_providers_fields_once() {
+        for field in ["region", "secretName", "path", "address", "auth", "command", "timeout_ms"] {
+            assert!(is_provider_field(field), "{field}");
+        }
+        for field in ["name", "provider", "mapping", "cache", "rotation", "adress"] {
+            assert!(!is_provider_field(field), "{field}");
+        }
+        // `path` is read by both file and vault, and listed once.
+        assert_eq!(provider_field_names().iter().filter(|n| **n == "path").count(), 1);
+        let kinds = ["aws-secrets-manager", "file", "env", "vault", "exec"];
+        let mut report = Vec::new();
+        let unknown = ProviderConfig::configure(
+            "keychain",
+            &ProviderFields::default(),
+            &mut None,
+            &mut Check::new("s", &mut report),
+        );
+        assert_eq!(unknown.unwrap_err(), format!("expected {}", either(&kinds)));
+    }
+
+    impl Report for Vec<(String, String)> {
+        fn problem(&mut self, field: String, message: String) {
+            self.push((field, message));
+        }
+
+        fn path(&self, written: &str) -> std::path::PathBuf {
+            written.into()
+        }
+    }
+
+    #[test]
+    fn a_provider_reports_fields_of_other_providers_then_its_own() {
+        let fields = ProviderFields::from_pairs([("region", Some("eu-west-1".to_string())), ("path", None)]);
+        let mut report = Vec::new();
+        let config = ProviderConfig::configure("exec", &fields, &mut None, &mut Check::new("sources[0]", &mut report));
+        assert!(config.unwrap().is_none(), "exec needs a command");
+        assert_eq!(
+            report,
+            [
+                ("sources[0].region".to_string(), "is not used by provider 'exec'".to_string()),
+                (
+                    "sources[0].command".to_string(),
+                    "is required for provider 'exec': an absolute path to the resolver".to_string()
+                ),
+            ]
+        );
     }
 
     #[test]

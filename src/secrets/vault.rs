@@ -6,6 +6,8 @@
 //! and never logged. Error messages carry HTTP statuses, never response bodies.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,10 +19,197 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::{Fetched, SecretProvider, StoreError, apply_mapping};
-use crate::config::{SecretRef, Selector, VaultAuth, VaultConfig};
+use super::{Check, Fetched, Provider, SecretProvider, Selector, StoreError, apply_mapping};
+
+/// A HashiCorp Vault or OpenBao KV v2 secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultConfig {
+    /// The server's base URL, e.g. `https://vault.internal:8200`.
+    pub address: String,
+    /// The KV v2 mount (default `secret`).
+    pub mount: String,
+    /// The secret's path below the mount.
+    pub path: String,
+    pub namespace: Option<String>,
+    pub auth: VaultAuth,
+}
+
+/// Where keyward's Vault credentials come from: never written in the config itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultAuth {
+    Token { from: SecretRef },
+    AppRole { mount: String, role_id: String, secret_id: SecretRef },
+}
+
+/// A credential keyward itself needs, named by where it is read from at fetch time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+/// The vault fields of a source table: the server's base URL, KV v2 mount, secret path, auth.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultFields {
+    address: Option<String>,
+    mount: Option<String>,
+    namespace: Option<String>,
+    path: Option<String>,
+    auth: Option<RawVaultAuth>,
+}
+
+/// How keyward logs in to Vault/OpenBao: a token, or an AppRole. Secrets are named by the
+/// environment variable or file that holds them, never written in the config.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVaultAuth {
+    method: String,
+    token_env: Option<String>,
+    token_file: Option<String>,
+    role_id: Option<String>,
+    secret_id_env: Option<String>,
+    secret_id_file: Option<String>,
+    approle_mount: Option<String>,
+}
+
+impl Provider for VaultConfig {
+    const KIND: &'static str = "vault";
+    type Fields = VaultFields;
+
+    fn configure(
+        fields: VaultFields,
+        mapping: &mut Option<BTreeMap<String, String>>,
+        check: &mut Check<'_>,
+    ) -> Option<VaultConfig> {
+        let config = vault_config(fields, check)?;
+        if mapping.as_ref().is_none_or(BTreeMap::is_empty) {
+            check.problem("mapping", "is required for provider 'vault' (secret name = \"{{FIELD}}\")");
+        }
+        Some(config)
+    }
+
+    fn build(&self, _source: &str, mapping: BTreeMap<String, Selector>) -> Arc<dyn SecretProvider> {
+        Arc::new(VaultProvider::new(self.clone(), mapping))
+    }
+}
+
+/// A credential keyward itself reads: exactly one of an environment variable or a file.
+fn secret_ref(check: &mut Check<'_>, field: &str, env: Option<&String>, file: Option<&String>) -> Option<SecretRef> {
+    match (env, file) {
+        (Some(var), None) if !var.is_empty() => Some(SecretRef::Env(var.clone())),
+        (None, Some(path)) if path.starts_with('/') => Some(SecretRef::File(PathBuf::from(path))),
+        (None, Some(_)) => {
+            check.problem(&format!("{field}_file"), "must be an absolute path");
+            None
+        }
+        _ => {
+            let at = check.at();
+            check.problem(&format!("{field}_env"), format!("set exactly one of {at}.{field}_env or {at}.{field}_file"));
+            None
+        }
+    }
+}
+
+fn vault_config(s: VaultFields, check: &mut Check<'_>) -> Option<VaultConfig> {
+    let address = s.address.clone().unwrap_or_default();
+    let address_ok = match address.parse::<http::Uri>() {
+        Ok(uri) => {
+            matches!(uri.scheme_str(), Some("http" | "https"))
+                && uri.authority().is_some_and(|a| !a.as_str().contains('@'))
+                && uri.query().is_none()
+        }
+        Err(_) => false,
+    };
+    if !address_ok {
+        check.problem("address", "is required for provider 'vault': an http:// or https:// URL without user info");
+    } else if address.starts_with("http://")
+        && !address.parse::<http::Uri>().is_ok_and(|u| u.host().is_some_and(crate::policy::is_loopback_host))
+    {
+        check.problem("address", "would send the Vault token in cleartext; use https (http:// only on loopback)");
+    }
+    let segment_ok = |text: &str| {
+        !text.is_empty()
+            && text.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.@+=:".contains(ch))
+            })
+    };
+    let mount = s.mount.clone().unwrap_or_else(|| "secret".to_string());
+    if !segment_ok(&mount) {
+        check.problem("mount", format!("'{mount}' is not a mount path like \"secret\""));
+    }
+    let path = s.path.clone().unwrap_or_default();
+    if !segment_ok(&path) {
+        check.problem(
+            "path",
+            "is required for provider 'vault': the secret's path below the mount, like \"agents/openai\"",
+        );
+    }
+    if let Some(ns) = &s.namespace
+        && !segment_ok(ns)
+    {
+        check.problem("namespace", format!("'{ns}' is not a namespace path"));
+    }
+    let Some(auth) = &s.auth else {
+        check.problem(
+            "auth",
+            "is required for provider 'vault': { method = \"token\" } or { method = \"approle\", ... }",
+        );
+        return None;
+    };
+    let unused_auth = |check: &mut Check<'_>, fields: &[(&str, bool)]| {
+        for (name, present) in fields {
+            if *present {
+                check.problem(&format!("auth.{name}"), format!("is not used by auth method '{}'", auth.method));
+            }
+        }
+    };
+    let auth = match auth.method.as_str() {
+        "token" => {
+            unused_auth(
+                check,
+                &[
+                    ("role_id", auth.role_id.is_some()),
+                    ("secret_id_env", auth.secret_id_env.is_some()),
+                    ("secret_id_file", auth.secret_id_file.is_some()),
+                    ("approle_mount", auth.approle_mount.is_some()),
+                ],
+            );
+            let default_env = "VAULT_TOKEN".to_string();
+            let env = if auth.token_file.is_none() {
+                Some(auth.token_env.as_ref().unwrap_or(&default_env))
+            } else {
+                auth.token_env.as_ref()
+            };
+            VaultAuth::Token { from: secret_ref(check, "auth.token", env, auth.token_file.as_ref())? }
+        }
+        "approle" => {
+            unused_auth(check, &[("token_env", auth.token_env.is_some()), ("token_file", auth.token_file.is_some())]);
+            let Some(role_id) = auth.role_id.clone().filter(|r| !r.is_empty()) else {
+                check.problem("auth.role_id", "is required for auth method 'approle'");
+                return None;
+            };
+            let mount = auth.approle_mount.clone().unwrap_or_else(|| "approle".to_string());
+            if !segment_ok(&mount) {
+                check.problem("auth.approle_mount", format!("'{mount}' is not a mount path"));
+            }
+            let secret_id =
+                secret_ref(check, "auth.secret_id", auth.secret_id_env.as_ref(), auth.secret_id_file.as_ref())?;
+            VaultAuth::AppRole { mount, role_id, secret_id }
+        }
+        other => {
+            check.problem("auth.method", format!("'{other}' is not \"token\" or \"approle\""));
+            return None;
+        }
+    };
+    Some(VaultConfig { address: address.trim_end_matches('/').to_string(), mount, path, namespace: s.namespace, auth })
+}
 
 /// Largest Vault response read: a KV secret is small.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;

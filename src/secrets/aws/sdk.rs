@@ -17,8 +17,7 @@ use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
-use super::{Fetched, Rotatable, SecretProvider, StoreError, apply_mapping};
-use crate::config::Selector;
+use crate::secrets::{Fetched, Rotatable, SecretProvider, Selector, StoreError, apply_mapping};
 
 const CURRENT: &str = "AWSCURRENT";
 const PENDING: &str = "AWSPENDING";

@@ -1,0 +1,51 @@
+//! What a role grants: a route, a secret, methods, path patterns and a quota. Pure types that
+//! `config` builds and authorization reads.
+
+use std::time::Duration;
+
+use super::{MethodSet, PathPattern};
+
+#[derive(Debug, Clone, Default)]
+pub struct GrantConfig {
+    pub route: String,
+    pub secret: String,
+    pub methods: MethodSet,
+    pub paths: Vec<PathPattern>,
+    /// The grant's quota, or its role's default; keyed by (agent, route).
+    pub quota: Option<Quota>,
+}
+
+/// `count` requests per `period`, with up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    pub count: u32,
+    pub period: Duration,
+    pub burst: u32,
+}
+
+impl Quota {
+    /// `"60/min"`, `"5/s"`, `"1000/h"` (also `/sec`, `/second`, `/m`, `/minute`, `/hour`).
+    pub fn parse(rate: &str, burst: Option<u32>) -> Result<Quota, String> {
+        let (count, unit) = rate.split_once('/').ok_or_else(|| format!("'{rate}' is not a rate like \"60/min\""))?;
+        let count: u32 = count.trim().parse().map_err(|_| format!("'{rate}': the count must be a whole number"))?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => return Err(format!("'{rate}': unknown unit '{other}' (use /s, /min or /h)")),
+        };
+        if count == 0 {
+            return Err(format!("'{rate}': the count must be at least 1"));
+        }
+        let burst = burst.unwrap_or(count);
+        if burst == 0 {
+            return Err("burst must be at least 1".to_string());
+        }
+        Ok(Quota { count, period, burst })
+    }
+
+    /// The time one request's worth of quota takes to come back.
+    pub fn interval(&self) -> Duration {
+        self.period / self.count
+    }
+}
