@@ -333,7 +333,7 @@ mod tests {
         assert!(wire.len() < 64 * 1024);
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![Ok(Frame::data(Bytes::from(wire)))];
         let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let error = DecodedBody::new(body, &[Layer::Gzip]).collect().await.err().expect("refused");
+        let error = DecodedBody::new(body, &[Layer::Gzip]).collect().await.map(|_| ()).expect_err("refused");
         assert!(error.to_string().contains("decoding limit"), "{error}");
     }
 
