@@ -12,7 +12,9 @@ use http::header::{CONTENT_ENCODING, TRANSFER_ENCODING};
 use http::{HeaderMap, Response};
 use http_body::{Body, Frame};
 
-use crate::forward::BoxError;
+/// The body error type of every body keyward forwards (`forward` re-exports it); defined here,
+/// at the bottom, so that this module, which `forward` uses, does not import `forward` back.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One compression layer that keyward can undo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use crate::config::ForwardConfig;
 use crate::error::ProxyError;
 use crate::resolve::GuardedResolver;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::decode::BoxError;
 pub type OutboundBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy ones.

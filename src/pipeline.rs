@@ -300,22 +300,20 @@ async fn keep_for_replay(
 
 /// A form-encoded body is read whole (it is bounded by the body limit, and such bodies are small
 /// form posts) and refused if it sets `_method`, which Rails, Laravel and Symfony honour as the
-/// request's method. A body without a `Content-Type` counts as a form, since Rack parses it as
-/// one. Other bodies, multipart uploads and JSON included, stream through unread (SECURITY.md).
+/// request's method. Other bodies stream through unread: multipart uploads, JSON, and bodies
+/// without a `Content-Type` (which Rack also parses as a form); SECURITY.md lists the gap.
 async fn refuse_form_method_override(
     request: Request<Body>,
     limit: u64,
     route: &str,
 ) -> Result<Request<Body>, ProxyError> {
     use http_body_util::BodyExt;
-    let is_form = match request.headers().get(http::header::CONTENT_TYPE) {
-        None => !http_body::Body::is_end_stream(request.body()),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded")),
-    };
+    let is_form = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
     if !is_form {
         return Ok(request);
     }
