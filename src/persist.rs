@@ -150,7 +150,19 @@ pub async fn restore(state: &AppState) -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(file) = &state.state_file else { return Ok(()) };
+    let missing = !file.path().exists();
     let persisted = file.load()?;
+    let audit_path = state.runtime.load().config.audit.path.clone();
+    if missing && std::fs::metadata(&audit_path).is_ok_and(|m| m.len() > 0) {
+        // keyward writes its state file at every start, so an audit trail without one means the
+        // file was deleted or moved (or this is the first start of a version that keeps one).
+        tracing::warn!(
+            state_file = %file.path().display(),
+            audit = %audit_path.display(),
+            "no state file beside an audit trail that already has records: starting with no revocations, \
+             quarantines or child keys; if keyward kept state here before, restore the file"
+        );
+    }
     let first_start = persisted == Persisted::default();
     state.limits.restore(&persisted.quarantined, &FirstUses::from_map(persisted.first_uses));
     if !persisted.revoked_agents.is_empty() {

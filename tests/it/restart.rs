@@ -128,6 +128,12 @@ async fn revocations_quarantines_and_first_uses_survive_a_restart() {
     assert!(!output.status.success(), "keyward started over a damaged state file:\n{stderr}");
     assert!(stderr.contains("keyward-state.json") && stderr.contains("not valid"), "{stderr}");
     assert!(!stderr.contains("keyward listening"), "{stderr}");
+
+    // A state file that went missing beside a trail with records is said out loud, not a quiet reset.
+    std::fs::remove_file(dir.path().join("keyward-state.json")).unwrap();
+    let third = Spawned::serve(dir.path(), &["--config", config.to_str().unwrap()], &[]);
+    let logs = third.terminate();
+    assert!(logs.lines().any(|l| l.contains("WARN") && l.contains("no state file beside an audit trail")), "{logs}");
 }
 
 /// Mints a chat-only child key as the lead; returns (id, key).
