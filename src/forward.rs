@@ -125,7 +125,9 @@ impl Forwarder {
             Ok(Ok(response)) => {
                 tracing::warn!(status = response.status().as_u16(), "the notify webhook refused an alert")
             }
-            Ok(Err(error)) => tracing::warn!(error = %error_chain(&error), "the notify webhook could not be reached"),
+            Ok(Err(error)) => {
+                tracing::warn!(error = %crate::error::error_chain(&error), "the notify webhook could not be reached")
+            }
             Err(_) => tracing::warn!("the notify webhook timed out"),
         }
     }
@@ -143,19 +145,8 @@ fn classify(error: &hyper_util::client::legacy::Error, route: &str) -> ProxyErro
         }
         source = e.source();
     }
-    tracing::warn!(route, error = %error_chain(error), "upstream request failed");
+    tracing::warn!(route, error = %crate::error::error_chain(error), "upstream request failed");
     ProxyError::UpstreamUnavailable { route: route.to_string() }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// The agent's body went over `forward.max_request_body_bytes`.

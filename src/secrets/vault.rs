@@ -267,7 +267,7 @@ impl VaultProvider {
             .map_err(|_| StoreError::Unreachable(format!("'{url}' is not a valid request URL")))?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
-                StoreError::Unreachable(format!("Vault at {} cannot be reached: {}", self.config.address, chain(&e)))
+                StoreError::Unreachable(format!("Vault at {} cannot be reached: {}", self.config.address, crate::error::error_chain(&e)))
             })?;
             let status = response.status();
             let bytes = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
@@ -409,13 +409,3 @@ fn read_ref(from: &SecretRef, what: &str) -> Result<SecretString, StoreError> {
     Ok(SecretString::from(trimmed.to_string()))
 }
 
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
