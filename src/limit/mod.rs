@@ -283,8 +283,26 @@ impl Limits {
         self.changed.notify_one();
         // Awaited, not spawned: an admin's release right after cannot overtake it in Redis.
         match &self.shared {
-            Some(shared) => shared.quarantine(agent, until).await,
+            Some(shared) => {
+                let written = shared.quarantine(agent, until).await;
+                if written.is_ok() {
+                    self.confirm_quarantine(agent, until);
+                }
+                written
+            }
             None => Ok(()),
+        }
+    }
+
+    /// Redis holds this replica's quarantine of `agent` now, so a poll that no longer lists it
+    /// means another replica released it. Without this, a release made before this replica's
+    /// next poll would never reach it (the quarantine would stay unconfirmed, so never lifted).
+    fn confirm_quarantine(&self, agent: &str, until: Option<SystemTime>) {
+        let mut agents = self.agents.lock().expect("limits lock");
+        if let Some(state) = agents.get_mut(agent)
+            && state.quarantined == Some(until)
+        {
+            state.quarantine_confirmed = true;
         }
     }
 

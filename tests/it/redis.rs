@@ -148,6 +148,20 @@ async fn two_replicas_share_quota_quarantine_and_survive_redis_loss() {
         poll_call(&client, &a.proxy, LIMITED_KEY, Duration::from_millis(3000), |(_, code)| code != "agent_quarantined")
             .await;
     assert_ne!(code, "agent_quarantined", "replica A did not see the release");
+    // A quarantine that another replica releases before this one's next poll still lifts here.
+    for (admin, action) in [(&a.admin, "quarantine"), (&b.admin, "release")] {
+        let r = client
+            .post(format!("{admin}/admin/agents/limited-1/{action}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{action}");
+    }
+    let (_, code) =
+        poll_call(&client, &a.proxy, LIMITED_KEY, Duration::from_millis(3000), |(_, code)| code != "agent_quarantined")
+            .await;
+    assert_ne!(code, "agent_quarantined", "replica A kept a quarantine released at once on B");
 
     // Redis dies: A (fail_open) falls back to its local limits and keeps serving; B
     // (fail_closed) refuses limited calls with 429. Neither answers 5xx.
