@@ -22,7 +22,6 @@ use crate::audit::{AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::RouteConfig;
 use crate::decode::{self, Coding, DecodedBody};
-use crate::delegation::api as delegation_api;
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
 use crate::identity;
@@ -31,7 +30,7 @@ use crate::limit::Decision;
 use crate::metrics::AnomalyLabels;
 use crate::outbound::{self, OVERRIDE_HEADERS};
 use crate::policy;
-use crate::principal;
+use crate::principal::{self, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
 use crate::server::PeerCred;
@@ -116,17 +115,19 @@ async fn proxy(
         audit.unix_peer(uid);
     }
     let key = identity::extract_key(&route.agent_key, request.headers(), &route.name);
-    let by_uid = peer_uid.and_then(|uid| principal::identify_peer(state, runtime, uid));
+    let by_uid = peer_uid.and_then(|uid| principal::identify_peer(&state.revoked_agents, runtime, uid));
     // The key the agent presented, kept to make sure it goes nowhere near the upstream.
     let (caller, presented_key) = match (key, by_uid) {
         (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => (by_uid?, None),
         (key, _) => {
             let key = key?;
-            let caller = principal::identify(state, runtime, key, &route.name, peer_uid).inspect_err(|e| {
-                if matches!(e, ProxyError::UnknownAgentKey { .. }) {
-                    audit.key_fingerprint(identity::fingerprint(key));
-                }
-            })?;
+            let caller =
+                principal::identify(&state.delegations, &state.revoked_agents, runtime, key, &route.name, peer_uid)
+                    .inspect_err(|e| {
+                        if matches!(e, ProxyError::UnknownAgentKey { .. }) {
+                            audit.key_fingerprint(identity::fingerprint(key));
+                        }
+                    })?;
             (caller, Some(Zeroizing::new(key.to_string())))
         }
     };
@@ -159,7 +160,7 @@ async fn proxy(
     }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
-        delegation_api::admit(state, delegation).await?;
+        delegations::admit(&state.delegations, state.limits.shared.as_deref(), delegation).await?;
     }
     report_anomalies(state, root, state.limits.observe_call(root, detectors, &route.name, &grant.secret, now));
 
@@ -206,7 +207,7 @@ async fn proxy(
     let status = response.status();
     audit.upstream_status(status.as_u16());
     if is_refusal(status) || status.is_server_error() {
-        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16())).await;
+        delegations::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16())).await;
     }
     if is_refusal(status) {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
@@ -231,7 +232,7 @@ async fn send(
 ) -> Result<http::Response<TimedBody>, ProxyError> {
     let sent = state.forwarder.send(outbound, &route.name).await;
     if sent.is_err() {
-        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached").await;
+        delegations::revoke_on_failure(state, caller, "the upstream could not be reached").await;
     }
     sent
 }
@@ -347,7 +348,7 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
         state.audit_event(event.clone());
         if decision.action == AnomalyAction::Quarantine {
             // Quarantining a parent revokes every key it delegated, transitively.
-            delegation_api::revoke_tree_of_agent(state, agent, "parent agent quarantined", "anomaly");
+            delegations::revoke_tree_of_agent(state, agent, "parent agent quarantined", "anomaly");
         }
         if let Some(url) = state.runtime.load().config.limits.notify.clone() {
             let forwarder = state.forwarder.clone();

@@ -4,6 +4,7 @@
 
 mod agents;
 mod api;
+mod delegations;
 mod lifecycle;
 mod ui;
 
@@ -30,12 +31,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/secrets", get(api::secrets))
         .route("/admin/secrets/{name}/rotate", axum::routing::post(lifecycle::rotate))
         .route("/admin/reload", axum::routing::post(lifecycle::reload))
-        .route("/admin/delegations", get(crate::delegation::api::admin_list))
-        .route("/admin/delegations/{id}", axum::routing::delete(crate::delegation::api::admin_revoke))
+        .route("/admin/delegations", get(delegations::list))
+        .route("/admin/delegations/{id}", axum::routing::delete(delegations::revoke))
         .route("/admin/agents", get(agents::list))
         .route("/admin/agents/{id}/quarantine", axum::routing::post(agents::quarantine))
         .route("/admin/agents/{id}/release", axum::routing::post(agents::release))
-        .route("/admin/agents/{id}/revoke", axum::routing::post(crate::delegation::api::admin_revoke_agent))
+        .route("/admin/agents/{id}/revoke", axum::routing::post(agents::revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))

@@ -4,8 +4,6 @@
 //!
 //! Child keys are stored only as hashes; revocation cascades to every descendant.
 
-pub mod api;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -132,6 +130,27 @@ impl Delegation {
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+/// A delegation as the admin API and the minting agent see it (never the key).
+pub fn describe(d: &Delegation) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id,
+        "delegatedBy": d.chain,
+        "label": d.label,
+        "grants": d.role.grants.iter().map(|g| serde_json::json!({
+            "route": g.route, "secret": g.secret,
+            "methods": match &g.methods { MethodSet::Any => vec!["*".to_string()], MethodSet::Only(m) => m.iter().map(|m| m.to_string()).collect() },
+            "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "created_at": humantime::format_rfc3339_seconds(d.created).to_string(),
+        "expires_at": humantime::format_rfc3339_seconds(d.expires).to_string(),
+        "max_requests": d.max_requests,
+        "used": d.used(),
+        "revoke_on_failure": d.revoke_on_failure,
+        "allow_subdelegation": d.allow_subdelegation,
+        "depth": d.depth,
+    })
 }
 
 /// A delegation as stored in Redis for other replicas: everything but the key (only its hash).

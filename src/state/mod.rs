@@ -14,10 +14,14 @@ use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
-use crate::persist::StateFile;
 use crate::policy::RouteTable;
-use crate::rotation::RotationLog;
 use crate::secrets::SecretStore;
+
+pub mod file;
+pub mod rotations;
+
+pub use file::StateFile;
+pub use rotations::{RotationLog, RotationRun};
 
 /// Everything derived from one config, prepared at load so the request path only looks things up.
 pub struct Runtime {
