@@ -7,7 +7,7 @@ pub mod schedule;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Request, Uri};
+use http::{HeaderMap, Request};
 use secrecy::SecretString;
 use serde_json::json;
 
@@ -277,16 +277,7 @@ fn probe_request(route: &RouteConfig, value: &SecretString) -> Result<Request<Ou
     let mut headers = HeaderMap::new();
     let mut query = query;
     crate::inject::apply(&route.inject, value, &mut headers, &mut query)?;
-    let mut path_and_query = format!("{}{}", route.upstream.base_path, path);
-    if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(&query);
-    }
-    let uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    let uri = crate::outbound::upstream_uri(&route.upstream, path, query.as_deref())
         .map_err(|_| crate::error::ProxyError::Internal("could not build the probe URI"))?;
     let mut request = Request::new(crate::forward::empty_body());
     *request.method_mut() = probe.method.clone();
