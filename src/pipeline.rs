@@ -117,9 +117,9 @@ async fn proxy(
     let admitted = admit(state, audit, &routed, &identified, request.method(), request.uri()).await?;
     let request = check_body(request, runtime.config.forward.max_request_body_bytes, &routed.route.name).await?;
     let secret = resolve(runtime, audit, admitted.grant).await?;
-    let response = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
-    settle(state, audit, &identified.caller, response.status()).await;
-    answer(routed.route, response)
+    let forwarded = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
+    settle(state, audit, &identified.caller, &forwarded).await;
+    answer(routed.route, forwarded)
 }
 
 /// `route`: the route a request is for.
@@ -249,6 +249,13 @@ async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig)
     Ok(secret)
 }
 
+/// `forward`: what came of sending the call upstream.
+enum Forwarded {
+    Answered(http::Response<TimedBody>),
+    /// The upstream could not be reached, or timed out.
+    Unreachable(ProxyError),
+}
+
 /// `release`, `inject` and `forward`: the request goes upstream with the credential, once its
 /// release is durably audited; a refused credential gets one retry (`retry_refused`).
 async fn forward(
@@ -259,16 +266,17 @@ async fn forward(
     identified: &Identified<'_>,
     secret: Arc<Resolved>,
     request: Request<Body>,
-) -> Result<http::Response<TimedBody>, ProxyError> {
+) -> Result<Forwarded, ProxyError> {
     let limit = runtime.config.forward.max_request_body_bytes;
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
     let attempt = Attempt { state, routed, identified, body_limit: limit };
-    let response = attempt.send(audit, request, &secret).await?;
-    if !is_refusal(response.status()) {
-        return Ok(response);
+    match attempt.send(audit, request, &secret).await? {
+        Forwarded::Answered(response) if is_refusal(response.status()) => {
+            retry_refused(runtime, audit, &attempt, &secret, response, replay).await
+        }
+        forwarded => Ok(forwarded),
     }
-    retry_refused(runtime, audit, &attempt, &secret, response, replay).await
 }
 
 /// What every send of one call shares: where it goes, who is calling, and the body limit.
@@ -287,18 +295,16 @@ impl Attempt<'_> {
         audit: &mut AuditGuard,
         request: Request<Body>,
         secret: &Resolved,
-    ) -> Result<http::Response<TimedBody>, ProxyError> {
+    ) -> Result<Forwarded, ProxyError> {
         let route = self.routed.route;
         let presented_key = self.identified.presented_key();
         let outbound =
             outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?;
         audit.release().await?;
-        let sent = self.state.forwarder.send(outbound, &route.name).await;
-        if sent.is_err() {
-            delegations::revoke_on_failure(self.state, &self.identified.caller, "the upstream could not be reached")
-                .await;
-        }
-        sent
+        Ok(match self.state.forwarder.send(outbound, &route.name).await {
+            Ok(response) => Forwarded::Answered(response),
+            Err(unreachable) => Forwarded::Unreachable(unreachable),
+        })
     }
 }
 
@@ -312,7 +318,7 @@ async fn retry_refused(
     secret: &Resolved,
     refused: http::Response<TimedBody>,
     replay: Option<Replay>,
-) -> Result<http::Response<TimedBody>, ProxyError> {
+) -> Result<Forwarded, ProxyError> {
     let status = refused.status().as_u16();
     let next = match runtime.secrets.rejected(secret, status).await {
         Rejection::Newer(next) => Some(("new_version", next)),
@@ -331,19 +337,26 @@ async fn retry_refused(
         }
         (Some(_), None) => {
             audit.invalidated(status, secret.version.as_deref(), "not_replayable");
-            Ok(refused)
+            Ok(Forwarded::Answered(refused))
         }
         (None, _) => {
             audit.invalidated(status, secret.version.as_deref(), "none");
-            Ok(refused)
+            Ok(Forwarded::Answered(refused))
         }
     }
 }
 
-/// What the upstream's answer means for the caller: a refusal or a server error revokes a
-/// child key minted with `revoke_on_failure`, and a refusal counts against the root agent's
-/// detectors.
-async fn settle(state: &AppState, audit: &mut AuditGuard, caller: &Principal<'_>, status: StatusCode) {
+/// What came of the call means for the caller, the one place that acts on it: an unreachable
+/// upstream, a refusal or a server error revokes a child key minted with `revoke_on_failure`,
+/// and a refusal counts against the root agent's detectors.
+async fn settle(state: &AppState, audit: &mut AuditGuard, caller: &Principal<'_>, forwarded: &Forwarded) {
+    let status = match forwarded {
+        Forwarded::Answered(response) => response.status(),
+        Forwarded::Unreachable(_) => {
+            delegations::revoke_on_failure(state, caller, "the upstream could not be reached").await;
+            return;
+        }
+    };
     audit.upstream_status(status.as_u16());
     if is_refusal(status) || status.is_server_error() {
         delegations::revoke_on_failure(state, caller, &format!("the upstream answered {}", status.as_u16())).await;
@@ -355,8 +368,13 @@ async fn settle(state: &AppState, audit: &mut AuditGuard, caller: &Principal<'_>
     }
 }
 
-/// The answer, unless its body is coded in a way the scrubber cannot read.
-fn answer(route: &RouteConfig, response: http::Response<TimedBody>) -> Result<Answer, ProxyError> {
+/// The answer, unless the upstream could not be reached or its body is coded in a way the
+/// scrubber cannot read.
+fn answer(route: &RouteConfig, forwarded: Forwarded) -> Result<Answer, ProxyError> {
+    let response = match forwarded {
+        Forwarded::Answered(response) => response,
+        Forwarded::Unreachable(error) => return Err(error),
+    };
     let coding = decode::coding(&response);
     if coding == Coding::Unsupported {
         tracing::warn!(route = %route.name, "upstream used a content or transfer coding that cannot be scrubbed; refused");

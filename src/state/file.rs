@@ -14,28 +14,28 @@ use crate::limit::QuarantineMap;
 
 /// The file's name, in the audit file's directory.
 pub const STATE_FILE: &str = "keyward-state.json";
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// The state file's content. Unknown fields are refused: a file from a newer keyward is an
 /// error, not something to half-read and then overwrite.
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Persisted {
-    pub format: u32,
+pub(crate) struct Persisted {
+    pub(crate) format: u32,
     #[serde(default)]
-    pub revoked_agents: BTreeSet<String>,
+    pub(crate) revoked_agents: BTreeSet<String>,
     /// Agent → quarantined until (unix ms), or `null` for until released.
     #[serde(default)]
-    pub quarantined: QuarantineMap,
+    pub(crate) quarantined: QuarantineMap,
     /// Agent → the [route, credential] pairs it has used.
     #[serde(default)]
-    pub first_uses: BTreeMap<String, BTreeSet<(String, String)>>,
+    pub(crate) first_uses: BTreeMap<String, BTreeSet<(String, String)>>,
     /// Delegated child keys (hashes only), with their use counts and revocation.
     #[serde(default)]
-    pub delegations: Vec<serde_json::Value>,
+    pub(crate) delegations: Vec<serde_json::Value>,
     /// Written by a clean shutdown: the use counts are exact.
     #[serde(default)]
-    pub clean_shutdown: bool,
+    pub(crate) clean_shutdown: bool,
 }
 
 /// The local state file, for the local limits backend.
@@ -63,7 +63,7 @@ impl StateFile {
     }
 
     /// The saved state; an absent file is a first start.
-    pub fn load(&self) -> anyhow::Result<Persisted> {
+    pub(crate) fn load(&self) -> anyhow::Result<Persisted> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
@@ -87,7 +87,7 @@ impl StateFile {
     }
 
     /// Replaces the file with `state`, atomically: a crash leaves the old file or the new one.
-    pub fn write(&self, state: &Persisted) -> std::io::Result<()> {
+    pub(crate) fn write(&self, state: &Persisted) -> std::io::Result<()> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)?;
         let mut temp = tempfile::Builder::new().prefix(".keyward-state.").suffix(".tmp").tempfile_in(dir)?;
