@@ -140,7 +140,7 @@ pub fn describe(d: &Delegation) -> serde_json::Value {
         "label": d.label,
         "grants": d.role.grants.iter().map(|g| serde_json::json!({
             "route": g.route, "secret": g.secret,
-            "methods": match &g.methods { MethodSet::Any => vec!["*".to_string()], MethodSet::Only(m) => m.iter().map(|m| m.to_string()).collect() },
+            "methods": method_list(&g.methods),
             "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "created_at": humantime::format_rfc3339_seconds(d.created).to_string(),
@@ -153,12 +153,15 @@ pub fn describe(d: &Delegation) -> serde_json::Value {
     })
 }
 
-/// A delegation as stored in Redis for other replicas: everything but the key (only its hash).
-pub fn export(d: &Delegation) -> serde_json::Value {
-    let method_list = |m: &MethodSet| match m {
+fn method_list(methods: &MethodSet) -> Vec<String> {
+    match methods {
         MethodSet::Any => vec!["*".to_string()],
         MethodSet::Only(list) => list.iter().map(|m| m.to_string()).collect(),
-    };
+    }
+}
+
+/// A delegation as stored in Redis for other replicas: everything but the key (only its hash).
+pub fn export(d: &Delegation) -> serde_json::Value {
     serde_json::json!({
         "id": d.id,
         "key_sha256": hex::encode(d.key_sha256),

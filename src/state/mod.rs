@@ -1,5 +1,7 @@
 //! Shared state: the process-wide parts (client, audit sink, metrics) and the per-config
-//! `Runtime` snapshot that a request reads once and keeps until it ends.
+//! `Runtime` snapshot that a request reads once and keeps until it ends. The modules that act
+//! on it (persist, rotation, admin, the pipeline) import it; it imports none of them, so the
+//! state file's format (`file`) and the rotation log (`rotations`) live here.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
