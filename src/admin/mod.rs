@@ -19,7 +19,6 @@ use axum::routing::get;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::error::error_body;
 use crate::metrics::Exposition;
 use crate::state::AppState;
 
@@ -48,9 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub(crate) fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(error_body(code, message))).into_response()
-}
+pub(crate) use crate::error::error_response as admin_error;
 
 /// `Authorization: Bearer <token>` whose SHA-256 matches `admin.token_sha256`, compared in
 /// constant time. Without a configured token the admin API is off.

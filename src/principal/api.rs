@@ -14,15 +14,11 @@ use serde_json::json;
 use super::Principal;
 use crate::config::AgentKeySpec;
 use crate::delegation::{DelegationRequest, MintError, describe};
-use crate::error::{ProxyError, error_body};
+use crate::error::{ProxyError, error_response as error};
 use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
 
 const MAX_BODY: usize = 64 * 1024;
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(error_body(code, message))).into_response()
-}
 
 /// The parent's key: `Authorization: Bearer|token <key>`, `x-api-key`, or `Proxy-Authorization`.
 fn parent_key(headers: &HeaderMap) -> Result<&str, ProxyError> {
