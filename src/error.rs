@@ -319,6 +319,12 @@ pub fn error_body(code: &str, message: &str) -> serde_json::Value {
     json!({ "error": { "code": code, "message": message } })
 }
 
+/// An error answer of the API handlers (admin, delegation) that is not a `ProxyError`: `status`
+/// with the same JSON body.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(error_body(code, message))).into_response()
+}
+
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(error_body(self.code(), &self.message()))).into_response();

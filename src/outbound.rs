@@ -2,16 +2,21 @@
 //! the request head, and the parameters and headers that would change the authorized call.
 //!
 //! Pure functions over the request head; the pipeline calls them before a credential is
-//! resolved (refusals) and while it builds the outbound request (removals).
+//! resolved (refusals) and to build the outbound request (removals, injection, the upstream
+//! URI, which rotation probes are addressed with too).
 
 use std::borrow::Cow;
 
-use http::header::COOKIE;
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use axum::body::Body;
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, COOKIE, HOST};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, Version};
 use percent_encoding::percent_decode;
 
-use crate::config::{CREDENTIAL_HEADERS, RANGE_HEADERS, RouteConfig};
+use crate::config::{CREDENTIAL_HEADERS, RANGE_HEADERS, RouteConfig, Upstream};
 use crate::error::ProxyError;
+use crate::forward::{OutboundBody, limited_body, strip_hop_by_hop};
+use crate::inject;
+use crate::secrets::Resolved;
 
 /// Headers that some upstream frameworks use to change the method or path after the fact, which
 /// would let an agent run a call its grant does not cover.
@@ -115,6 +120,55 @@ pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &RouteConfig, age
     }
 }
 
+/// The agent's request re-addressed to the route's upstream: every credential the agent
+/// presented and hop-by-hop headers removed, Host left for the client to set from the URI, and
+/// the credential injected.
+pub fn build_request(
+    request: Request<Body>,
+    route: &RouteConfig,
+    raw_rest: &str,
+    secret: &Resolved,
+    agent_key: Option<&str>,
+    body_limit: u64,
+) -> Result<Request<OutboundBody>, ProxyError> {
+    let (mut parts, body) = request.into_parts();
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers);
+    strip_agent_credentials(headers, route, agent_key);
+    // Framing is rebuilt by the client from the body; overrides could change what was authorized.
+    for name in [HOST, CONTENT_LENGTH] {
+        headers.remove(name);
+    }
+    for name in OVERRIDE_HEADERS {
+        headers.remove(name);
+    }
+    // Compressed answers could hide an echoed credential from the scrubber.
+    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    let mut query = parts.uri.query().map(str::to_string);
+    inject::apply(&route.inject, &secret.value, headers, &mut query)?;
+    parts.uri = upstream_uri(&route.upstream, raw_rest, query.as_deref())
+        .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
+    parts.version = Version::HTTP_11;
+    Ok(Request::from_parts(parts, limited_body(body, body_limit)))
+}
+
+/// The URI of `path` (below the upstream's base path) with `query` on `upstream`.
+pub fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+    let mut path_and_query = format!("{}{}", upstream.base_path, path);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    if let Some(query) = query {
+        path_and_query.push('?');
+        path_and_query.push_str(query);
+    }
+    Uri::builder()
+        .scheme(upstream.scheme.clone())
+        .authority(upstream.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +253,20 @@ inject = { header = "x-api-key", value = "{{secret}}" }
         assert_eq!(check_url(&"/v1/x?k=1".parse().unwrap(), None, "r"), Ok(()));
         // A key too short to search for is not matched in ordinary text.
         assert_eq!(check_url(&"/v1/abc?abc=1".parse().unwrap(), Some("abc"), "r"), Ok(()));
+    }
+
+    #[test]
+    fn the_upstream_uri_is_the_base_path_then_the_rest_then_the_query() {
+        let upstream = |base: &str| Upstream {
+            scheme: http::uri::Scheme::HTTPS,
+            authority: "api.example.com:8443".parse().unwrap(),
+            base_path: base.to_string(),
+        };
+        let uri = |base: &str, path: &str, query: Option<&str>| upstream_uri(&upstream(base), path, query).unwrap();
+        assert_eq!(uri("/base", "/v1/x", Some("a=1&b=%20")), "https://api.example.com:8443/base/v1/x?a=1&b=%20");
+        assert_eq!(uri("", "/v1/x", None), "https://api.example.com:8443/v1/x");
+        assert_eq!(uri("/base", "", None), "https://api.example.com:8443/base");
+        assert_eq!(uri("", "", Some("q=1")), "https://api.example.com:8443/?q=1", "an empty path is '/'");
+        assert!(upstream_uri(&upstream(""), "/a b", None).is_err(), "not a valid path");
     }
 }

@@ -10,103 +10,16 @@
 //! says whether its last writer stopped cleanly, and after a crash every restored child key
 //! with a `max_requests` budget is revoked, since its count may be short.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::audit::AuditEvent;
-use crate::limit::QuarantineMap;
 use crate::limit::anomaly::FirstUses;
+use crate::limit::shared::SharedState;
 use crate::state::AppState;
-
-/// The file's name, in the audit file's directory.
-pub const STATE_FILE: &str = "keyward-state.json";
-const FORMAT: u32 = 1;
-
-/// The state file's content. Unknown fields are refused: a file from a newer keyward is an
-/// error, not something to half-read and then overwrite.
-#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Persisted {
-    format: u32,
-    #[serde(default)]
-    revoked_agents: BTreeSet<String>,
-    /// Agent → quarantined until (unix ms), or `null` for until released.
-    #[serde(default)]
-    quarantined: QuarantineMap,
-    /// Agent → the [route, credential] pairs it has used.
-    #[serde(default)]
-    first_uses: BTreeMap<String, BTreeSet<(String, String)>>,
-    /// Delegated child keys (hashes only), with their use counts and revocation.
-    #[serde(default)]
-    delegations: Vec<serde_json::Value>,
-    /// Written by a clean shutdown: the use counts are exact.
-    #[serde(default)]
-    clean_shutdown: bool,
-}
-
-/// The local state file, for the local limits backend.
-pub struct StateFile {
-    path: PathBuf,
-    /// One writer at a time; each takes its snapshot while holding it, so the newest state is
-    /// always the one left on disk.
-    writing: tokio::sync::Mutex<()>,
-}
-
-impl StateFile {
-    /// The state file that goes with an audit file: in the same directory.
-    pub fn beside(audit_path: &Path) -> StateFile {
-        let dir = audit_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        StateFile { path: dir.join(STATE_FILE), writing: tokio::sync::Mutex::new(()) }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The saved state; an absent file is a first start.
-    fn load(&self) -> anyhow::Result<Persisted> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
-            Err(e) => return Err(e).context(format!("cannot read the state file {}", self.path.display())),
-        };
-        let persisted: Persisted = serde_json::from_str(&text).with_context(|| {
-            format!(
-                "the state file {} (revocations, quarantines, first uses) is not valid; \
-                 fix it or move it aside to start without that state",
-                self.path.display()
-            )
-        })?;
-        if persisted.format != FORMAT {
-            anyhow::bail!(
-                "the state file {} has format {}; this keyward reads format {FORMAT}",
-                self.path.display(),
-                persisted.format
-            );
-        }
-        Ok(persisted)
-    }
-
-    /// Replaces the file with `state`, atomically: a crash leaves the old file or the new one.
-    fn write(&self, state: &Persisted) -> std::io::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let mut temp = tempfile::Builder::new().prefix(".keyward-state.").suffix(".tmp").tempfile_in(dir)?;
-        temp.write_all(&serde_json::to_vec_pretty(state).expect("the state always serializes"))?;
-        temp.write_all(b"\n")?;
-        temp.as_file().sync_all()?;
-        temp.persist(&self.path).map_err(|e| e.error)?;
-        // The rename itself is durable only once the directory is.
-        std::fs::File::open(dir)?.sync_all()
-    }
-}
+use crate::state::file::{FORMAT, Persisted};
 
 fn snapshot(state: &AppState, clean_shutdown: bool) -> Persisted {
     let (quarantined, first_uses) = state.limits.persisted(SystemTime::now());
@@ -127,7 +40,7 @@ pub async fn restore(state: &AppState) -> anyhow::Result<()> {
         // Redis may still be starting next to keyward: a few tries over about three seconds.
         for attempt in 0..6 {
             if let Ok(polled) = shared.poll().await {
-                crate::serve::apply_polled(state, &polled);
+                apply_polled(state, &polled);
                 tracing::info!(
                     revoked = polled.revoked.len(),
                     quarantined = polled.quarantined.len(),
@@ -215,7 +128,7 @@ async fn write(state: &AppState, clean_shutdown: bool) -> Result<(), String> {
         return Ok(());
     }
     let Some(file) = state.state_file.clone() else { return Ok(()) };
-    let _one_at_a_time = file.writing.lock().await;
+    let _one_at_a_time = file.one_writer().await;
     let snapshot = snapshot(state, clean_shutdown);
     let path = file.path().display().to_string();
     let writer = file.clone();
@@ -257,34 +170,26 @@ pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_file_round_trips_and_a_damaged_one_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = StateFile::beside(&dir.path().join("audit.jsonl"));
-        assert_eq!(file.path(), dir.path().join(STATE_FILE));
-        assert_eq!(file.load().unwrap(), Persisted::default(), "no file: a first start");
-        let mut state = Persisted { format: FORMAT, clean_shutdown: true, ..Persisted::default() };
-        state.delegations.push(serde_json::json!({ "id": "dlg_1", "used": 3 }));
-        state.revoked_agents.insert("a1".into());
-        state.quarantined.insert("a2".into(), None);
-        state.quarantined.insert("a3".into(), Some(1_900_000_000_000));
-        state.first_uses.entry("a1".into()).or_default().insert(("openai".into(), "OPENAI_API_KEY".into()));
-        file.write(&state).unwrap();
-        assert_eq!(file.load().unwrap(), state);
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert_eq!(leftovers, vec![std::ffi::OsString::from(STATE_FILE)], "no temp file is left behind");
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(file.path()).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "the state file is readable by its owner only");
-
-        for damaged in ["{\"format\":1,\"revoked_agents\":", "[]", "{\"format\":1,\"extra\":true}", "{\"format\":9}"] {
-            std::fs::write(file.path(), damaged).unwrap();
-            let error = format!("{:#}", file.load().unwrap_err());
-            assert!(error.contains(&file.path().display().to_string()), "{error}");
+/// Mirrors what Redis holds (quarantines, agent and delegation revocations, delegations, first
+/// uses) into this replica: on every poll, and once at start before the listeners serve.
+pub fn apply_polled(state: &AppState, polled: &SharedState) {
+    state.limits.apply_shared(polled);
+    state.delegations.import(&polled.delegations);
+    for id in &polled.revoked_delegations {
+        if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
+            state.delegations.revoke(id);
+        }
+    }
+    let known = state.revoked_agents.load();
+    let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
+    if !newly.is_empty() {
+        state.revoked_agents.rcu(|set| {
+            let mut set = (**set).clone();
+            set.extend(newly.iter().cloned());
+            set
+        });
+        for agent in &newly {
+            state.delegations.revoke_rooted_at(agent);
         }
     }
 }

@@ -1,37 +1,36 @@
-//! The request flow, in the one place that knows its order:
+//! The request flow, in the one place that knows its order (`proxy` lists the stages):
 //!
 //! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
-//! key, no `_method`) → admit → resolve → release (audit) → strip what the agent presented and
-//! inject → forward → scrub → stream back,
-//! with the audit guard created first and ended exactly once on every path.
+//! key, no `_method`) → admit → body check → resolve → release (audit) → strip what the agent
+//! presented and inject → forward (one retry of a refused credential) → settle → scrub →
+//! stream back, with the audit guard created first and ended exactly once on every path.
+//!
+//! Each stage is a function that returns its own type. Detector decisions from the limits are
+//! acted on in one place, `report_anomalies`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
-use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, HOST};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderValue, Request, StatusCode, Uri, Version};
-
-use std::time::SystemTime;
-
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
-use crate::config::RouteConfig;
+use crate::config::{GrantConfig, RouteConfig};
 use crate::decode::{self, Coding, DecodedBody};
-use crate::delegation::api as delegation_api;
 use crate::error::ProxyError;
-use crate::forward::{self, TimedBody, limited_body, strip_hop_by_hop};
+use crate::forward::{self, TimedBody};
 use crate::identity;
-use crate::inject;
 use crate::limit::Decision;
 use crate::metrics::AnomalyLabels;
-use crate::outbound::{self, OVERRIDE_HEADERS};
+use crate::outbound;
 use crate::policy;
-use crate::principal;
+use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::secrets::{Rejection, Resolved};
 use crate::server::PeerCred;
@@ -55,7 +54,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     audit.access_log(runtime.config.server.access_log);
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
-        Ok((upstream, coding, scrub)) => {
+        Ok(Answer { response: upstream, coding, scrub }) => {
             let (mut parts, body) = upstream.into_parts();
             // Only the status code and the (scrubbed) headers of the upstream's head go on: the
             // reason phrase (kept by hyper as an extension) and anything else in the extensions
@@ -98,143 +97,295 @@ where
     }
 }
 
+/// What the pipeline hands back: the upstream's answer, how its body is coded, and whether the
+/// route scrubs it.
+struct Answer {
+    response: http::Response<TimedBody>,
+    coding: Coding,
+    scrub: bool,
+}
+
+/// The stages, in order. Each takes what the ones before it established.
 async fn proxy(
     state: &AppState,
     runtime: &Runtime,
     audit: &mut AuditGuard,
     request: Request<Body>,
-) -> Result<(http::Response<TimedBody>, Coding, bool), ProxyError> {
+) -> Result<Answer, ProxyError> {
+    let routed = route(runtime, audit, &request)?;
+    let identified = identify(state, runtime, audit, routed.route, &request)?;
+    let admitted = admit(state, audit, &routed, &identified, request.method(), request.uri()).await?;
+    let request = check_body(request, runtime.config.forward.max_request_body_bytes, &routed.route.name).await?;
+    let secret = resolve(runtime, audit, admitted.grant).await?;
+    let forwarded = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
+    settle(state, audit, &identified.caller, &forwarded).await;
+    answer(routed.route, forwarded)
+}
+
+/// `route`: the route a request is for.
+struct Routed<'r> {
+    route: &'r RouteConfig,
+    /// The path below the route's prefix, decoded, as grants are written.
+    rest: String,
+    /// The same, as the agent sent it, for the upstream.
+    raw_rest: String,
+}
+
+/// Refuses what is not a plain request for a path (an absolute or authority form, a bad
+/// version, a path that escapes), then finds the route by prefix.
+fn route<'r>(runtime: &'r Runtime, audit: &mut AuditGuard, request: &Request<Body>) -> Result<Routed<'r>, ProxyError> {
     policy::check_target(request.method(), request.version(), request.uri())?;
     let path = policy::check_path(request.uri().path())?;
     let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
     let route = &runtime.config.routes[matched.route];
     audit.route(&route.name, &matched.rest);
+    Ok(Routed { route, rest: matched.rest.into_owned(), raw_rest: matched.raw_rest.to_string() })
+}
 
-    // On the Unix socket the kernel names the caller's uid; an agent may be bound to it.
+/// `identify`: who is calling.
+struct Identified<'r> {
+    caller: Principal<'r>,
+    /// The key the agent presented, kept to make sure it goes nowhere near the upstream.
+    presented_key: Option<Zeroizing<String>>,
+}
+
+impl Identified<'_> {
+    fn presented_key(&self) -> Option<&str> {
+        self.presented_key.as_deref().map(String::as_str)
+    }
+}
+
+/// The caller by its key, or, with no key on the Unix socket, by the uid the kernel names
+/// (an agent may be bound to it).
+fn identify<'r>(
+    state: &AppState,
+    runtime: &'r Runtime,
+    audit: &mut AuditGuard,
+    route: &RouteConfig,
+    request: &Request<Body>,
+) -> Result<Identified<'r>, ProxyError> {
     let peer_uid = request.extensions().get::<PeerCred>().map(|cred| cred.uid);
     if let Some(uid) = peer_uid {
         audit.unix_peer(uid);
     }
     let key = identity::extract_key(&route.agent_key, request.headers(), &route.name);
-    let by_uid = peer_uid.and_then(|uid| principal::identify_peer(state, runtime, uid));
-    // The key the agent presented, kept to make sure it goes nowhere near the upstream.
-    let (caller, presented_key) = match (key, by_uid) {
-        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => (by_uid?, None),
+    let by_uid = peer_uid.and_then(|uid| principal::identify_peer(&state.revoked_agents, runtime, uid));
+    let identified = match (key, by_uid) {
+        (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => Identified { caller: by_uid?, presented_key: None },
         (key, _) => {
             let key = key?;
             audit.redact_agent_key(key);
-            let caller = principal::identify(state, runtime, key, &route.name, peer_uid).inspect_err(|e| {
-                if matches!(e, ProxyError::UnknownAgentKey { .. }) {
-                    audit.key_fingerprint(identity::fingerprint(key));
-                }
-            })?;
-            (caller, Some(Zeroizing::new(key.to_string())))
+            let caller =
+                principal::identify(&state.delegations, &state.revoked_agents, runtime, key, &route.name, peer_uid)
+                    .inspect_err(|e| {
+                        if matches!(e, ProxyError::UnknownAgentKey { .. }) {
+                            audit.key_fingerprint(identity::fingerprint(key));
+                        }
+                    })?;
+            Identified { caller, presented_key: Some(Zeroizing::new(key.to_string())) }
         }
     };
-    let presented_key = presented_key.as_deref().map(String::as_str);
-    audit.agent(caller.id());
-    if let Some(delegation) = caller.delegation() {
+    audit.agent(identified.caller.id());
+    if let Some(delegation) = identified.caller.delegation() {
         audit.delegation(&delegation.chain, delegation.label.as_deref());
     }
+    Ok(identified)
+}
 
-    // Limits, quarantine and detectors belong to the root agent: delegating never escapes them.
+/// `authorize` and `admit`: the grant that allows this call, once the limits let it through.
+struct Admitted<'r> {
+    grant: &'r GrantConfig,
+}
+
+/// Limits, quarantine and detectors belong to the root agent: delegating never escapes them.
+/// They run before the secret store is touched, so a refused or throttled call costs it nothing.
+async fn admit<'r>(
+    state: &AppState,
+    audit: &mut AuditGuard,
+    routed: &Routed<'_>,
+    identified: &'r Identified<'_>,
+    method: &http::Method,
+    uri: &Uri,
+) -> Result<Admitted<'r>, ProxyError> {
+    let caller = &identified.caller;
+    let route = &routed.route.name;
     let now = SystemTime::now();
     let root = caller.root();
     let throttled = state.limits.gate(root, now)?;
     let limits_role = caller.limits_role();
     let detectors = &limits_role.anomaly;
-    let grant = caller.authorize(&route.name, request.method(), &matched.rest).inspect_err(|_| {
+    let grant = caller.authorize(route, method, &routed.rest).inspect_err(|_| {
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
     })?;
     audit.credential(&grant.secret);
-    // Refused before limits and the secret store: the request line would carry the agent's key
-    // upstream, or a `_method` that changes what was authorized.
-    outbound::check_url(request.uri(), presented_key, &route.name)?;
-
-    // Limits run before the secret store is touched: a throttled call costs it nothing.
+    // The request line would carry the agent's key upstream, or a `_method` that changes what
+    // was authorized.
+    outbound::check_url(uri, identified.presented_key(), route)?;
     if let Some(quota) = &grant.quota {
-        state.limits.check_quota(root, &route.name, quota, throttled).await?;
+        state.limits.check_quota(root, route, quota, throttled).await?;
     }
     if let Some(max) = limits_role.max_in_flight {
         audit.hold(state.limits.enter(root, max)?);
     }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
-        delegation_api::admit(state, delegation).await?;
+        delegations::admit(&state.delegations, state.limits.shared.as_deref(), delegation).await?;
     }
-    report_anomalies(state, root, state.limits.observe_call(root, detectors, &route.name, &grant.secret, now));
+    report_anomalies(state, root, state.limits.observe_call(root, detectors, route, &grant.secret, now));
+    Ok(Admitted { grant })
+}
 
-    let limit = runtime.config.forward.max_request_body_bytes;
+/// Refuses a body declared larger than the limit, and a form body that sets `_method`.
+async fn check_body(request: Request<Body>, limit: u64, route: &str) -> Result<Request<Body>, ProxyError> {
     if declared_length(&request).is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    let raw_rest = matched.raw_rest.to_string();
-    let request = refuse_form_method_override(request, limit, &route.name).await?;
+    refuse_form_method_override(request, limit, route).await
+}
 
+/// `resolve`: the credential the grant names, from its store (or the cache).
+async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig) -> Result<Arc<Resolved>, ProxyError> {
     let secret = runtime.secrets.resolve(&grant.secret).await?;
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
+    Ok(secret)
+}
 
+/// `forward`: what came of sending the call upstream.
+enum Forwarded {
+    Answered(http::Response<TimedBody>),
+    /// The upstream could not be reached, or timed out.
+    Unreachable(ProxyError),
+}
+
+/// `release`, `inject` and `forward`: the request goes upstream with the credential, once its
+/// release is durably audited; a refused credential gets one retry (`retry_refused`).
+async fn forward(
+    state: &AppState,
+    runtime: &Runtime,
+    audit: &mut AuditGuard,
+    routed: &Routed<'_>,
+    identified: &Identified<'_>,
+    secret: Arc<Resolved>,
+    request: Request<Body>,
+) -> Result<Forwarded, ProxyError> {
+    let limit = runtime.config.forward.max_request_body_bytes;
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
-    let outbound = outbound_request(request, route, &raw_rest, &secret, presented_key, limit)?;
-    // No credential goes onto the network without a durable record of its release.
-    audit.release().await?;
-    let mut response = send(state, &caller, route, outbound).await?;
-    if is_refusal(response.status()) {
-        // The article's automatic invalidation: the refused credential leaves the cache at once.
-        let status = response.status().as_u16();
-        let next = match runtime.secrets.rejected(&secret, status).await {
-            Rejection::Newer(next) => Some(("new_version", next)),
-            Rejection::Previous(next) => Some(("grace_previous", next)),
-            Rejection::Fallback(next) => Some(("fallback_source", next)),
-            Rejection::Nothing => None,
-        };
-        match (next, replay) {
-            (Some((why, next)), Some(replay)) => {
-                tracing::info!(route = %route.name, secret = %secret.name, retry = why,
-                    "upstream refused the credential; retrying once with another version");
-                audit.invalidated(status, secret.version.as_deref(), why);
-                audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
-                let outbound = outbound_request(replay.into_request(), route, &raw_rest, &next, presented_key, limit)?;
-                audit.release().await?;
-                drop(response);
-                response = send(state, &caller, route, outbound).await?;
-            }
-            (Some(_), None) => audit.invalidated(status, secret.version.as_deref(), "not_replayable"),
-            (None, _) => audit.invalidated(status, secret.version.as_deref(), "none"),
+    let attempt = Attempt { state, routed, identified, body_limit: limit };
+    match attempt.send(audit, request, &secret).await? {
+        Forwarded::Answered(response) if is_refusal(response.status()) => {
+            retry_refused(runtime, audit, &attempt, &secret, response, replay).await
+        }
+        forwarded => Ok(forwarded),
+    }
+}
+
+/// What every send of one call shares: where it goes, who is calling, and the body limit.
+struct Attempt<'a> {
+    state: &'a AppState,
+    routed: &'a Routed<'a>,
+    identified: &'a Identified<'a>,
+    body_limit: u64,
+}
+
+impl Attempt<'_> {
+    /// Builds the outbound request with `secret`, records its release (no credential goes onto
+    /// the network without a durable record of it), and sends it.
+    async fn send(
+        &self,
+        audit: &mut AuditGuard,
+        request: Request<Body>,
+        secret: &Resolved,
+    ) -> Result<Forwarded, ProxyError> {
+        let route = self.routed.route;
+        let presented_key = self.identified.presented_key();
+        let outbound =
+            outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?;
+        audit.release().await?;
+        Ok(match self.state.forwarder.send(outbound, &route.name).await {
+            Ok(response) => Forwarded::Answered(response),
+            Err(unreachable) => Forwarded::Unreachable(unreachable),
+        })
+    }
+}
+
+/// The upstream refused the credential: it leaves the cache at once (automatic invalidation),
+/// and if the store has another version and the body was kept, the call goes once more with
+/// it. Otherwise the refusal is the answer.
+async fn retry_refused(
+    runtime: &Runtime,
+    audit: &mut AuditGuard,
+    attempt: &Attempt<'_>,
+    secret: &Resolved,
+    refused: http::Response<TimedBody>,
+    replay: Option<Replay>,
+) -> Result<Forwarded, ProxyError> {
+    let status = refused.status().as_u16();
+    let next = match runtime.secrets.rejected(secret, status).await {
+        Rejection::Newer(next) => Some(("new_version", next)),
+        Rejection::Previous(next) => Some(("grace_previous", next)),
+        Rejection::Fallback(next) => Some(("fallback_source", next)),
+        Rejection::Nothing => None,
+    };
+    match (next, replay) {
+        (Some((why, next)), Some(replay)) => {
+            tracing::info!(route = %attempt.routed.route.name, secret = %secret.name, retry = why,
+                "upstream refused the credential; retrying once with another version");
+            audit.invalidated(status, secret.version.as_deref(), why);
+            audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
+            drop(refused);
+            attempt.send(audit, replay.into_request(), &next).await
+        }
+        (Some(_), None) => {
+            audit.invalidated(status, secret.version.as_deref(), "not_replayable");
+            Ok(Forwarded::Answered(refused))
+        }
+        (None, _) => {
+            audit.invalidated(status, secret.version.as_deref(), "none");
+            Ok(Forwarded::Answered(refused))
         }
     }
-    let status = response.status();
+}
+
+/// What came of the call means for the caller, the one place that acts on it: an unreachable
+/// upstream, a refusal or a server error revokes a child key minted with `revoke_on_failure`,
+/// and a refusal counts against the root agent's detectors.
+async fn settle(state: &AppState, audit: &mut AuditGuard, caller: &Principal<'_>, forwarded: &Forwarded) {
+    let status = match forwarded {
+        Forwarded::Answered(response) => response.status(),
+        Forwarded::Unreachable(_) => {
+            delegations::revoke_on_failure(state, caller, "the upstream could not be reached").await;
+            return;
+        }
+    };
     audit.upstream_status(status.as_u16());
     if is_refusal(status) || status.is_server_error() {
-        delegation_api::revoke_on_failure(state, &caller, &format!("the upstream answered {}", status.as_u16())).await;
+        delegations::revoke_on_failure(state, caller, &format!("the upstream answered {}", status.as_u16())).await;
     }
     if is_refusal(status) {
+        let root = caller.root();
+        let detectors = &caller.limits_role().anomaly;
         report_anomalies(state, root, state.limits.observe_failure(root, detectors, SystemTime::now()));
     }
+}
+
+/// The answer, unless the upstream could not be reached or its body is coded in a way the
+/// scrubber cannot read.
+fn answer(route: &RouteConfig, forwarded: Forwarded) -> Result<Answer, ProxyError> {
+    let response = match forwarded {
+        Forwarded::Answered(response) => response,
+        Forwarded::Unreachable(error) => return Err(error),
+    };
     let coding = decode::coding(&response);
     if coding == Coding::Unsupported {
         tracing::warn!(route = %route.name, "upstream used a content or transfer coding that cannot be scrubbed; refused");
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
-    Ok((response, coding, route.scrub_responses))
+    Ok(Answer { response, coding, scrub: route.scrub_responses })
 }
 
 fn is_refusal(status: StatusCode) -> bool {
     status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
-}
-
-async fn send(
-    state: &AppState,
-    caller: &principal::Principal<'_>,
-    route: &RouteConfig,
-    outbound: Request<forward::OutboundBody>,
-) -> Result<http::Response<TimedBody>, ProxyError> {
-    let sent = state.forwarder.send(outbound, &route.name).await;
-    if sent.is_err() {
-        delegation_api::revoke_on_failure(state, caller, "the upstream could not be reached").await;
-    }
-    sent
 }
 
 /// A request kept whole, to be sent again.
@@ -329,7 +480,8 @@ async fn refuse_form_method_override(
     Ok(Request::from_parts(parts, Body::from(body)))
 }
 
-/// Audits each detector decision, counts it, and sends it to the notify webhook.
+/// Acts on the detectors' decisions, the one place that does: each is audited, counted and sent
+/// to the notify webhook, and a quarantine revokes what the agent delegated.
 fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
     for decision in decisions {
         let action = match decision.action {
@@ -349,7 +501,7 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
         state.audit_event(event.clone());
         if decision.action == AnomalyAction::Quarantine {
             // Quarantining a parent revokes every key it delegated, transitively.
-            delegation_api::revoke_tree_of_agent(state, agent, "parent agent quarantined", "anomaly");
+            delegations::revoke_tree_of_agent(state, agent, "parent agent quarantined", "anomaly");
         }
         if let Some(url) = state.runtime.load().config.limits.notify.clone() {
             let forwarder = state.forwarder.clone();
@@ -360,49 +512,4 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
 
 fn declared_length(request: &Request<Body>) -> Option<u64> {
     request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
-/// The agent's request re-addressed to the route's upstream: every credential the agent
-/// presented and hop-by-hop headers removed, Host left for the client to set from the URI, and
-/// the credential injected.
-fn outbound_request(
-    request: Request<Body>,
-    route: &RouteConfig,
-    raw_rest: &str,
-    secret: &Resolved,
-    agent_key: Option<&str>,
-    body_limit: u64,
-) -> Result<Request<forward::OutboundBody>, ProxyError> {
-    let (mut parts, body) = request.into_parts();
-    let headers = &mut parts.headers;
-    strip_hop_by_hop(headers);
-    outbound::strip_agent_credentials(headers, route, agent_key);
-    // Framing is rebuilt by the client from the body; overrides could change what was authorized.
-    for name in [HOST, CONTENT_LENGTH] {
-        headers.remove(name);
-    }
-    for name in OVERRIDE_HEADERS {
-        headers.remove(name);
-    }
-    // Compressed answers could hide an echoed credential from the scrubber.
-    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let mut query = parts.uri.query().map(str::to_string);
-    inject::apply(&route.inject, &secret.value, headers, &mut query)?;
-
-    let mut path_and_query = format!("{}{}", route.upstream.base_path, raw_rest);
-    if path_and_query.is_empty() {
-        path_and_query.push('/');
-    }
-    if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(&query);
-    }
-    parts.uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
-    parts.version = Version::HTTP_11;
-    Ok(Request::from_parts(parts, limited_body(body, body_limit)))
 }

@@ -262,7 +262,7 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
             _ = shutdown.changed() => return,
         }
         let Ok(polled) = shared.poll().await else { continue };
-        apply_polled(&state, &polled);
+        crate::persist::apply_polled(&state, &polled);
         let hour_ago = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -275,30 +275,6 @@ async fn shared_limits_poller(state: Arc<AppState>, mut shutdown: watch::Receive
             .filter_map(|d| d["id"].as_str().map(str::to_string))
             .collect();
         let _ = shared.forget_delegations(&expired).await;
-    }
-}
-
-/// Mirrors what Redis holds (quarantines, agent and delegation revocations, delegations, first
-/// uses) into this replica: on every poll, and once at start before the listeners serve.
-pub fn apply_polled(state: &AppState, polled: &crate::limit::shared::SharedState) {
-    state.limits.apply_shared(polled);
-    state.delegations.import(&polled.delegations);
-    for id in &polled.revoked_delegations {
-        if state.delegations.get(id).is_some_and(|d| !d.is_revoked()) {
-            state.delegations.revoke(id);
-        }
-    }
-    let known = state.revoked_agents.load();
-    let newly: Vec<String> = polled.revoked.iter().filter(|a| !known.contains(*a)).cloned().collect();
-    if !newly.is_empty() {
-        state.revoked_agents.rcu(|set| {
-            let mut set = (**set).clone();
-            set.extend(newly.iter().cloned());
-            set
-        });
-        for agent in &newly {
-            state.delegations.revoke_rooted_at(agent);
-        }
     }
 }
 

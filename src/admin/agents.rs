@@ -1,5 +1,5 @@
 //! Admin views and actions on agents: standing (rate, baseline, quarantine, throttle, flags),
-//! quarantine and release. Revocation lives with delegation, which it cascades into.
+//! quarantine, release and revocation (which cascades into every delegation the agent minted).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -67,7 +67,7 @@ pub async fn quarantine(State(state): State<Arc<AppState>>, Path(id): Path<Strin
         }
     };
     let shared = state.limits.quarantine(&id, minutes.map(|m| Duration::from_secs(m * 60)), SystemTime::now()).await;
-    let revoked = crate::delegation::api::revoke_tree_of_agent(&state, &id, "parent agent quarantined", "admin");
+    let revoked = crate::principal::delegation::revoke_tree_of_agent(&state, &id, "parent agent quarantined", "admin");
     let persisted = durable(&state, &id, "quarantine", shared).await;
     match minutes {
         Some(minutes) => {
@@ -110,4 +110,37 @@ async fn durable(state: &Arc<AppState>, agent: &str, what: &str, shared: Result<
         }
         (None, _) => crate::persist::save_or_log(state, agent, what).await,
     }
+}
+
+/// `POST /admin/agents/{id}/revoke`: the agent's key stops working at once, and every
+/// delegation it minted, directly or not, is revoked with it.
+pub async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if !known(&state, &id) {
+        return admin_error(StatusCode::NOT_FOUND, "unknown_agent", &format!("no agent '{id}'"));
+    }
+    // With Redis, the other replicas learn of it within a second; say so if Redis is down.
+    let all_replicas = match &state.limits.shared {
+        Some(shared) => shared.revoke(&id).await.is_ok(),
+        None => true,
+    };
+    if !all_replicas {
+        tracing::error!(agent = %id, "revoked on this replica only: redis is unreachable");
+    }
+    state.revoked_agents.rcu(|set| {
+        let mut set = (**set).clone();
+        set.insert(id.clone());
+        set
+    });
+    state.audit_event(AuditEvent::AgentRevoked { agent_id: id.clone(), by: "admin".into() });
+    let revoked = crate::principal::delegation::revoke_tree_of_agent(&state, &id, "parent agent revoked", "admin");
+    // With Redis the revocation is already kept there; locally it is written to the state file.
+    let persisted = match state.limits.shared {
+        Some(_) => all_replicas,
+        None => crate::persist::save_or_log(&state, &id, "revocation").await,
+    };
+    tracing::info!(agent = %id, revoked_delegations = revoked.len(), persisted, "agent revoked by admin");
+    axum::Json(
+        json!({ "agent": id, "revoked_delegations": revoked, "all_replicas": all_replicas, "persisted": persisted }),
+    )
+    .into_response()
 }

@@ -4,6 +4,7 @@
 
 mod agents;
 mod api;
+mod delegations;
 mod lifecycle;
 mod ui;
 
@@ -18,7 +19,6 @@ use axum::routing::get;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::error::error_body;
 use crate::metrics::Exposition;
 use crate::state::AppState;
 
@@ -30,12 +30,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/secrets", get(api::secrets))
         .route("/admin/secrets/{name}/rotate", axum::routing::post(lifecycle::rotate))
         .route("/admin/reload", axum::routing::post(lifecycle::reload))
-        .route("/admin/delegations", get(crate::delegation::api::admin_list))
-        .route("/admin/delegations/{id}", axum::routing::delete(crate::delegation::api::admin_revoke))
+        .route("/admin/delegations", get(delegations::list))
+        .route("/admin/delegations/{id}", axum::routing::delete(delegations::revoke))
         .route("/admin/agents", get(agents::list))
         .route("/admin/agents/{id}/quarantine", axum::routing::post(agents::quarantine))
         .route("/admin/agents/{id}/release", axum::routing::post(agents::release))
-        .route("/admin/agents/{id}/revoke", axum::routing::post(crate::delegation::api::admin_revoke_agent))
+        .route("/admin/agents/{id}/revoke", axum::routing::post(agents::revoke))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))
@@ -47,9 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-pub(crate) fn admin_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, axum::Json(error_body(code, message))).into_response()
-}
+pub(crate) use crate::error::error_response as admin_error;
 
 /// `Authorization: Bearer <token>` whose SHA-256 matches `admin.token_sha256`, compared in
 /// constant time. Without a configured token the admin API is off.

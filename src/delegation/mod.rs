@@ -4,8 +4,6 @@
 //!
 //! Child keys are stored only as hashes; revocation cascades to every descendant.
 
-pub mod api;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -134,12 +132,36 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-/// A delegation as stored in Redis for other replicas: everything but the key (only its hash).
-pub fn export(d: &Delegation) -> serde_json::Value {
-    let method_list = |m: &MethodSet| match m {
+/// A delegation as the admin API and the minting agent see it (never the key).
+pub fn describe(d: &Delegation) -> serde_json::Value {
+    serde_json::json!({
+        "id": d.id,
+        "delegatedBy": d.chain,
+        "label": d.label,
+        "grants": d.role.grants.iter().map(|g| serde_json::json!({
+            "route": g.route, "secret": g.secret,
+            "methods": method_list(&g.methods),
+            "paths": g.paths.iter().map(|p| p.as_str().to_string()).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "created_at": crate::timestamp::seconds(d.created),
+        "expires_at": crate::timestamp::seconds(d.expires),
+        "max_requests": d.max_requests,
+        "used": d.used(),
+        "revoke_on_failure": d.revoke_on_failure,
+        "allow_subdelegation": d.allow_subdelegation,
+        "depth": d.depth,
+    })
+}
+
+fn method_list(methods: &MethodSet) -> Vec<String> {
+    match methods {
         MethodSet::Any => vec!["*".to_string()],
         MethodSet::Only(list) => list.iter().map(|m| m.to_string()).collect(),
-    };
+    }
+}
+
+/// A delegation as stored in Redis for other replicas: everything but the key (only its hash).
+pub fn export(d: &Delegation) -> serde_json::Value {
     serde_json::json!({
         "id": d.id,
         "key_sha256": hex::encode(d.key_sha256),

@@ -4,20 +4,18 @@
 
 pub mod schedule;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Request, Uri};
+use http::{HeaderMap, Request};
 use secrecy::SecretString;
-use serde::Serialize;
 
 use crate::audit::event::{AuditEvent, ProbeResult, RotationOf};
 use crate::config::{RotationPolicy, RouteConfig};
 use crate::forward::OutboundBody;
 use crate::metrics::RotationLabels;
 use crate::secrets::{Fetched, StoreError};
-use crate::state::{AppState, Runtime};
+use crate::state::{AppState, RotationRun, Runtime};
 
 /// Why a rotation run started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,22 +33,6 @@ impl Trigger {
     }
 }
 
-/// How a rotation run ended, for the admin API and `GET /admin/secrets`.
-#[derive(Debug, Clone, Serialize)]
-pub struct RotationRun {
-    pub source: String,
-    pub trigger: &'static str,
-    /// `promoted`, `nothing_to_rotate`, or `failed`.
-    pub outcome: &'static str,
-    pub at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from_version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_version: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
 /// Why a rotation could not start or did not promote.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RotationError {
@@ -64,32 +46,6 @@ pub enum RotationError {
     Store(StoreError),
     #[error("the candidate failed validation: {0}")]
     Failed(String),
-}
-
-/// What keyward remembers about rotations across config reloads: the last run of each source
-/// and which sources are rotating right now.
-#[derive(Default)]
-pub struct RotationLog {
-    last: Mutex<BTreeMap<String, RotationRun>>,
-    running: Mutex<HashSet<String>>,
-}
-
-impl RotationLog {
-    pub fn last(&self, source: &str) -> Option<RotationRun> {
-        self.last.lock().expect("rotation log lock poisoned").get(source).cloned()
-    }
-}
-
-/// Releases the per-source run lock however the run ends.
-struct Running<'a> {
-    log: &'a RotationLog,
-    source: String,
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.log.running.lock().expect("rotation log lock poisoned").remove(&self.source);
-    }
 }
 
 /// The source a name refers to: a secret's source, or a source by its own name.
@@ -134,10 +90,9 @@ pub async fn rotate(
             format!("provider '{}' has no versions to rotate", config.provider.kind()),
         ));
     };
-    if !state.rotations.running.lock().expect("rotation log lock poisoned").insert(source.to_string()) {
+    let Some(_running) = state.rotations.start(source) else {
         return Err(RotationError::AlreadyRunning(source.to_string()));
-    }
-    let _running = Running { log: &state.rotations, source: source.to_string() };
+    };
     let phases = Phases { state, policy: &policy, source, trigger };
     if trigger == Trigger::Manual {
         phases.event(AuditEvent::RotationNotified {
@@ -211,7 +166,7 @@ pub async fn rotate(
         }
     };
     state.metrics.rotations.get_or_create(&RotationLabels { source: source.to_string(), outcome: run.outcome }).inc();
-    state.rotations.last.lock().expect("rotation log lock poisoned").insert(source.to_string(), run.clone());
+    state.rotations.record(run.clone());
     match failure {
         Some(error) => Err(error),
         None => Ok(run),
@@ -339,16 +294,7 @@ fn probe_request(route: &RouteConfig, value: &SecretString) -> Result<Request<Ou
     let mut headers = HeaderMap::new();
     let mut query = query;
     crate::inject::apply(&route.inject, value, &mut headers, &mut query)?;
-    let mut path_and_query = format!("{}{}", route.upstream.base_path, path);
-    if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(&query);
-    }
-    let uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
+    let uri = crate::outbound::upstream_uri(&route.upstream, path, query.as_deref())
         .map_err(|_| crate::error::ProxyError::Internal("could not build the probe URI"))?;
     let mut request = Request::new(crate::forward::empty_body());
     *request.method_mut() = probe.method.clone();

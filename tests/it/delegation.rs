@@ -238,6 +238,41 @@ async fn revoke_on_failure_fires_on_an_upstream_401_and_on_a_5xx() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_on_failure_fires_when_the_upstream_cannot_be_reached() {
+    let grant = r#"  { route = "dead", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/**"] },
+"#;
+    let extra = extra().replacen("grants = [\n", &format!("grants = [\n{grant}"), 1)
+        + &format!(
+            r#"
+[[routes]]
+name = "dead"
+prefix = "/dead"
+upstream = "http://127.0.0.1:{port}"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+"#,
+            port = closed_port()
+        );
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "secretref": ["OPENAI_API_KEY"], "routes": ["dead"], "methods": ["GET"],
+                       "paths": ["/**"], "revoke_on_failure": true });
+    let (status, child) = mint(&h, LEAD_KEY, body).await;
+    assert_eq!(status, 201, "{child}");
+    let key = child["key"].as_str().unwrap();
+    let r = h.client.get(h.url("/dead/v1/models")).bearer_auth(key).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(code(r).await, "upstream_unavailable");
+    let revoked = h.wait_for_audit_event("delegation.revoked").await;
+    assert_eq!(revoked["delegationId"], child["id"]);
+    assert_eq!(revoked["reason"], "the upstream could not be reached");
+    assert_eq!(revoked["by"], "revoke_on_failure");
+    let r = h.client.get(h.url("/dead/v1/models")).bearer_auth(key).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(code(r).await, "delegation_revoked");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_child_key_is_refused_and_its_expiry_audited() {
     let h = Harness::start_with(&extra()).await;
     let mut body = chat_child(None);

@@ -2,17 +2,29 @@
 //! grants apply. Revoked agents and revoked or expired child keys are refused here, and so is a
 //! child key whose root agent no longer holds the authority it was minted under (disabled,
 //! removed, revoked, or its role no longer allows delegating that deep or that long).
+//!
+//! `delegation` holds what the pipeline and the admin API do to a caller's delegations (count a
+//! use, revoke); `api` the endpoints an agent mints and revokes child keys with.
 
+pub mod api;
+pub mod delegation;
+
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
 
 use http::Method;
 
 use crate::config::{AgentConfig, GrantConfig, RoleConfig};
-use crate::delegation::{Delegation, Delegator};
+use crate::delegation::{Delegation, DelegationStore, Delegator};
 use crate::error::ProxyError;
 use crate::policy::{self, Subject};
-use crate::state::{AppState, Runtime};
+use crate::state::Runtime;
+
+/// The agents revoked through the admin API (or another replica), refused at once.
+pub type RevokedAgents = ArcSwap<HashSet<String>>;
 
 pub enum Principal<'r> {
     Agent {
@@ -112,11 +124,11 @@ impl Principal<'_> {
 
 /// The configured agent as a principal, unless it was revoked.
 fn agent_principal<'r>(
-    state: &AppState,
+    revoked: &RevokedAgents,
     runtime: &'r Runtime,
     agent: &'r AgentConfig,
 ) -> Result<Principal<'r>, ProxyError> {
-    if state.revoked_agents.load().contains(&agent.id) {
+    if revoked.load().contains(&agent.id) {
         return Err(ProxyError::AgentRevoked { agent: agent.id.clone() });
     }
     let role = runtime.config.roles.get(&agent.role).ok_or(ProxyError::Internal("the agent's role is not loaded"))?;
@@ -127,7 +139,8 @@ fn agent_principal<'r>(
 /// root agent configured, enabled and not revoked, and the root's role (as the config holds it
 /// now) still allowing delegation this deep and this long.
 fn delegated_principal<'r>(
-    state: &AppState,
+    delegations: &DelegationStore,
+    revoked: &RevokedAgents,
     runtime: &'r Runtime,
     delegation: Arc<Delegation>,
     now: SystemTime,
@@ -135,8 +148,8 @@ fn delegated_principal<'r>(
     let withdrawn = |reason: String| ProxyError::DelegationWithdrawn { id: delegation.id.clone(), reason };
     let root_id = delegation.chain.last().ok_or(ProxyError::Internal("a delegation without a parent"))?;
     // A child of a revoked parent (or of a revoked agent) is refused, whatever its own flag.
-    let ancestor_revoked = delegation.chain.iter().any(|id| state.delegations.get(id).is_some_and(|a| a.is_revoked()));
-    if ancestor_revoked || state.revoked_agents.load().contains(root_id) {
+    let ancestor_revoked = delegation.chain.iter().any(|id| delegations.get(id).is_some_and(|a| a.is_revoked()));
+    if ancestor_revoked || revoked.load().contains(root_id) {
         return Err(ProxyError::DelegationRevoked { id: delegation.id.clone() });
     }
     let Some(root) = runtime.config.agents.iter().find(|a| &a.id == root_id) else {
@@ -170,17 +183,18 @@ fn delegated_principal<'r>(
 /// On the Unix socket, for a request without a key: the agent identified by the caller's uid
 /// alone (`peer_uid` without `key_sha256`), if there is one.
 pub fn identify_peer<'r>(
-    state: &AppState,
+    revoked: &RevokedAgents,
     runtime: &'r Runtime,
     uid: u32,
 ) -> Option<Result<Principal<'r>, ProxyError>> {
-    runtime.agents.identify_uid(uid).map(|agent| agent_principal(state, runtime, agent))
+    runtime.agents.identify_uid(uid).map(|agent| agent_principal(revoked, runtime, agent))
 }
 
 /// The principal a key belongs to; `route` names where it was used, for the 401 message.
 /// `peer_uid` is the caller's uid on the Unix socket: an agent bound to a uid must match it.
 pub fn identify<'r>(
-    state: &AppState,
+    delegations: &DelegationStore,
+    revoked: &RevokedAgents,
     runtime: &'r Runtime,
     key: &str,
     route: &str,
@@ -191,10 +205,10 @@ pub fn identify<'r>(
             if agent.peer_uid.is_some() && agent.peer_uid != peer_uid {
                 return Err(ProxyError::PeerMismatch { agent: agent.id.clone() });
             }
-            agent_principal(state, runtime, agent)
+            agent_principal(revoked, runtime, agent)
         }
-        Err(unknown) => match state.delegations.identify(key) {
-            Some(Ok(delegation)) => delegated_principal(state, runtime, delegation, SystemTime::now()),
+        Err(unknown) => match delegations.identify(key) {
+            Some(Ok(delegation)) => delegated_principal(delegations, revoked, runtime, delegation, SystemTime::now()),
             Some(Err(refused)) => Err(refused),
             None => Err(unknown),
         },

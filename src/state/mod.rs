@@ -1,5 +1,7 @@
 //! Shared state: the process-wide parts (client, audit sink, metrics) and the per-config
-//! `Runtime` snapshot that a request reads once and keeps until it ends.
+//! `Runtime` snapshot that a request reads once and keeps until it ends. The modules that act
+//! on it (persist, rotation, admin, the pipeline) import it; it imports none of them, so the
+//! state file's format (`file`) and the rotation log (`rotations`) live here.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -14,10 +16,14 @@ use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
-use crate::persist::StateFile;
 use crate::policy::RouteTable;
-use crate::rotation::RotationLog;
 use crate::secrets::SecretStore;
+
+pub mod file;
+pub mod rotations;
+
+pub use file::StateFile;
+pub use rotations::{RotationLog, RotationRun};
 
 /// Everything derived from one config, prepared at load so the request path only looks things up.
 pub struct Runtime {
