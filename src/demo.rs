@@ -104,7 +104,7 @@ key_sha256 = "{hash}"
         hash = hex::encode(identity::hash_key(&agent_key)),
     );
     let config = config::load_str(&config_text, "<demo>", false).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = crate::serve::start(config).await?;
+    let running = crate::instance::start(config).await?;
 
     let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#;
     let url = format!("http://{}/openai/v1/chat/completions", running.proxy_addr.expect("the demo listens on TCP"));

@@ -21,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
 use crate::config::ForwardConfig;
+use crate::dns::GuardedResolver;
 use crate::error::ProxyError;
-use crate::resolve::GuardedResolver;
 
 pub use crate::decode::BoxError;
 pub type OutboundBody = UnsyncBoxBody<Bytes, BoxError>;

@@ -1,36 +1,38 @@
 //! keyward: a credential-injecting reverse proxy for AI agents.
 //!
 //! The request flow lives in `pipeline`; each stage module is independent of the others.
+//! Modules the integration tests, benches and the binary use are `pub`; the rest are
+//! `pub(crate)`, so what the crate offers stays as small as what it is tested through.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod audit;
 pub mod config;
-pub mod decode;
-pub mod delegation;
+pub(crate) mod decode;
+pub(crate) mod delegation;
 pub mod demo;
+pub(crate) mod dns;
 pub mod error;
 pub mod fake_upstream;
-pub mod forward;
+pub(crate) mod forward;
 pub mod health;
 pub mod identity;
 pub mod inject;
-pub mod limit;
-pub mod metrics;
-pub mod outbound;
-pub mod persist;
-pub mod pipeline;
+pub mod instance;
+pub(crate) mod limit;
+pub(crate) mod metrics;
+pub(crate) mod outbound;
+pub(crate) mod persist;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod principal;
+pub(crate) mod principal;
 pub mod reload;
-pub mod resolve;
-pub mod rotation;
+pub(crate) mod rotation;
 pub mod scrub;
 pub mod secrets;
-pub mod serve;
-pub mod server;
-pub mod state;
-pub mod timestamp;
+pub(crate) mod server;
+pub(crate) mod state;
+pub(crate) mod timestamp;
 
 use std::sync::Arc;
 

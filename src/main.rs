@@ -288,15 +288,16 @@ fn main() -> ExitCode {
 }
 
 fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime =
+    // `executor`, not `runtime`: in keyward, `Runtime` is the snapshot of a loaded config.
+    let executor =
         match tokio::runtime::Builder::new_multi_thread().enable_all().on_thread_park(return_freed_memory).build() {
-            Ok(runtime) => runtime,
+            Ok(executor) => executor,
             Err(error) => {
                 eprintln!("keyward: cannot start the async runtime: {error}");
                 return ExitCode::FAILURE;
             }
         };
-    match runtime.block_on(future) {
+    match executor.block_on(future) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("keyward: {error:#}");
@@ -306,7 +307,7 @@ fn run_async(future: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
 }
 
 async fn serve(config: Config, path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
-    let running = keyward::serve::start(config).await?;
+    let running = keyward::instance::start(config).await?;
     if let Some(path) = path {
         let _ = running.state.config_path.set(path);
     }

@@ -26,7 +26,7 @@ use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody};
 use crate::identity;
-use crate::limit::Decision;
+use crate::limit::Detection;
 use crate::metrics::AnomalyLabels;
 use crate::outbound;
 use crate::policy;
@@ -482,7 +482,7 @@ async fn refuse_form_method_override(
 
 /// Acts on the detectors' decisions, the one place that does: each is audited, counted and sent
 /// to the notify webhook, and a quarantine revokes what the agent delegated.
-fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Decision>) {
+fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Detection>) {
     for decision in decisions {
         let action = match decision.action {
             AnomalyAction::Alert => "alert",

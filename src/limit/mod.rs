@@ -42,8 +42,9 @@ struct AgentState {
     flags: Vec<Finding>,
 }
 
-/// What a detector decided, for the audit trail and the notify webhook.
-pub struct Decision {
+/// What a detector found and the action it takes, for the audit trail and the notify webhook
+/// (named apart from `audit::Decision`, which is what became of a request).
+pub struct Detection {
     pub finding: Finding,
     pub action: AnomalyAction,
 }
@@ -164,7 +165,7 @@ impl Limits {
         state: &mut AgentState,
         fired: Vec<(Finding, crate::config::Detector)>,
         now: SystemTime,
-    ) -> Vec<Decision> {
+    ) -> Vec<Detection> {
         fired
             .into_iter()
             .map(|(finding, detector)| {
@@ -183,7 +184,7 @@ impl Limits {
                 if state.flags.len() > 20 {
                     state.flags.remove(0);
                 }
-                Decision { finding, action: detector.action }
+                Detection { finding, action: detector.action }
             })
             .collect()
     }
@@ -196,7 +197,7 @@ impl Limits {
         route: &str,
         credential: &str,
         now: SystemTime,
-    ) -> Vec<Decision> {
+    ) -> Vec<Detection> {
         let first_ever = {
             let mut first_uses = self.first_uses.lock().expect("limits lock");
             let (seen, unsaved) = &mut *first_uses;
@@ -253,7 +254,7 @@ impl Limits {
     }
 
     /// Feeds one failure (upstream 401/403 or a keyward denial) to the detectors.
-    pub fn observe_failure(&self, agent: &str, config: &AnomalyConfig, now: SystemTime) -> Vec<Decision> {
+    pub fn observe_failure(&self, agent: &str, config: &AnomalyConfig, now: SystemTime) -> Vec<Detection> {
         let mut agents = self.agents.lock().expect("limits lock");
         let state = state_of(&mut agents, agent);
         let fired = state.activity.observe_failure(config, now);

@@ -109,7 +109,7 @@ async fn an_unwritable_trail_fails_closed_or_is_counted() {
             &format!("path = \"/dev/full\"\non_failure = \"{policy}\""),
         );
         let config = keyward::config::load_str(&text, "t.toml", false).unwrap();
-        let running = keyward::serve::start(config).await.unwrap();
+        let running = keyward::instance::start(config).await.unwrap();
         let client = common::client();
         let r = client
             .post(format!("http://{}/openai/v1/chat/completions", running.proxy_addr.unwrap()))

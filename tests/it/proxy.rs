@@ -518,7 +518,7 @@ inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
         dir = dir.path().display(),
         upstream = upstream.url()
     );
-    let running = keyward::serve::start(keyward::config::load_str(&text, "t.toml", false).unwrap()).await.unwrap();
+    let running = keyward::instance::start(keyward::config::load_str(&text, "t.toml", false).unwrap()).await.unwrap();
     let client = common::client();
     let mut ready = false;
     for _ in 0..50 {

@@ -149,7 +149,7 @@ peer_uid = 1004
             1,
         );
     let config = keyward::config::load_str(&text, "unix.toml", false).unwrap_or_else(|e| panic!("{e}"));
-    let running = keyward::serve::start(config).await.unwrap();
+    let running = keyward::instance::start(config).await.unwrap();
     assert_eq!(running.proxy_unix.as_deref(), Some(socket.as_path()));
     let base = format!("http://{}", running.proxy_addr.expect("TCP too"));
     let admin = format!("http://{}", running.admin_addr);
@@ -262,7 +262,7 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
     );
     let config = keyward::config::load_str(&text, "unix.toml", false).unwrap_or_else(|e| panic!("{e}"));
     assert!(config.server.listen.is_none());
-    let running = keyward::serve::start(config.clone()).await.unwrap();
+    let running = keyward::instance::start(config.clone()).await.unwrap();
     assert!(running.proxy_addr.is_none(), "unix: alone opens no TCP listener");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660, "the default socket mode");
@@ -273,7 +273,7 @@ async fn a_stale_socket_is_replaced_and_other_files_are_not() {
 
     // A regular file at the socket path is never deleted.
     std::fs::write(&socket, "not a socket").unwrap();
-    let error = keyward::serve::start(config).await.err().expect("refused");
+    let error = keyward::instance::start(config).await.err().expect("refused");
     assert!(format!("{error:#}").contains("is not a socket"), "{error:#}");
     assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
 }

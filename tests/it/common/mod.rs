@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keyward::fake_upstream::FakeUpstream;
-use keyward::serve::Running;
+use keyward::instance::Running;
 
 /// Canary credentials: none of these may ever appear in a response, audit line or log.
 pub const CANARY_OPENAI: &str = "sk-canary-OPENAI-7f3a9c1e5b2d4068a1c3e5f7";
@@ -216,7 +216,7 @@ impl Harness {
         write_secrets(dir.path());
         let text = edit(config_text(dir.path(), &upstream.url(), extra));
         let config = keyward::config::load_str(&text, "test.toml", false).unwrap_or_else(|e| panic!("{e}"));
-        let running = keyward::serve::start(config).await.unwrap();
+        let running = keyward::instance::start(config).await.unwrap();
         let base = format!("http://{}", running.proxy_addr.expect("the test config listens on TCP"));
         let admin = format!("http://{}", running.admin_addr);
         let client = client();
