@@ -23,6 +23,24 @@ pub fn mask(value: &str) -> String {
     format!("{shown}…[masked, {} chars]", value.chars().count())
 }
 
+/// The default config's `[[routes]]` tables (each official client's key placement), every one
+/// pointed at `upstream`: the demo and the test harness serve exactly the routes keyward ships.
+pub fn shipped_routes_to(upstream: &str) -> String {
+    let text = config::EMBEDDED_DEFAULT;
+    let start = text.find("[[routes]]").expect("the default config has routes");
+    let end = text[start..].find("\n[roles.").map_or(text.len(), |i| start + i + 1);
+    let mut routes = String::new();
+    for line in text[start..end].lines() {
+        if line.starts_with("upstream = ") {
+            routes.push_str(&format!("upstream = \"{upstream}\""));
+        } else {
+            routes.push_str(line);
+        }
+        routes.push('\n');
+    }
+    routes
+}
+
 /// Runs the demo and returns the text it prints.
 pub async fn run() -> anyhow::Result<String> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
@@ -30,7 +48,6 @@ pub async fn run() -> anyhow::Result<String> {
     let demo_secret = format!("sk-demo-{}", &identity::generate_key()[3..]);
     let secrets_path = dir.path().join("secrets.json");
     std::fs::write(&secrets_path, serde_json::json!({ "OPENAI_API_KEY": demo_secret }).to_string())?;
-    // The demo's routes read the agent key where `config/keyward.toml`'s do.
     std::fs::set_permissions(&secrets_path, std::fs::Permissions::from_mode(0o600))?;
     let agent_key = identity::generate_key();
     let audit_path = dir.path().join("audit.jsonl");
@@ -49,41 +66,7 @@ name = "demo"
 provider = "file"
 path = "{secrets}"
 
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "{upstream}"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-
-[[routes]]
-name = "anthropic"
-prefix = "/anthropic"
-upstream = "{upstream}"
-agent_key = [{{ header = "x-api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
-inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
-
-[[routes]]
-name = "github"
-prefix = "/github"
-upstream = "{upstream}"
-agent_key = {{ header = "authorization", scheme = ["Bearer", "token"] }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-
-[[routes]]
-name = "azure-openai"
-prefix = "/azure-openai"
-upstream = "{upstream}"
-agent_key = [{{ header = "api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
-inject = {{ header = "api-key", value = "{{{{secret}}}}" }}
-
-[[routes]]
-name = "gemini"
-prefix = "/gemini"
-upstream = "{upstream}"
-agent_key = {{ header = "x-goog-api-key" }}
-inject = {{ header = "x-goog-api-key", value = "{{{{secret}}}}" }}
-
+{routes}
 [roles.worker]
 grants = [
   {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }},
@@ -100,7 +83,7 @@ key_sha256 = "{hash}"
 "#,
         audit = audit_path.display(),
         secrets = secrets_path.display(),
-        upstream = upstream.url(),
+        routes = shipped_routes_to(&upstream.url()),
         hash = hex::encode(identity::hash_key(&agent_key)),
     );
     let config = config::load_str(&config_text, "<demo>", false).map_err(|e| anyhow::anyhow!("{e}"))?;

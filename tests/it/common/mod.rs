@@ -109,41 +109,7 @@ name = "envsrc"
 provider = "env"
 mapping = {{ UNSET_SECRET = "{{{{KEYWARD_TEST_VARIABLE_THAT_IS_NEVER_SET}}}}" }}
 
-[[routes]]
-name = "openai"
-prefix = "/openai"
-upstream = "{upstream}"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-
-[[routes]]
-name = "anthropic"
-prefix = "/anthropic"
-upstream = "{upstream}"
-agent_key = [{{ header = "x-api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
-inject = {{ header = "x-api-key", value = "{{{{secret}}}}" }}
-
-[[routes]]
-name = "github"
-prefix = "/github"
-upstream = "{upstream}"
-agent_key = {{ header = "authorization", scheme = ["Bearer", "token"] }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-
-[[routes]]
-name = "azure-openai"
-prefix = "/azure-openai"
-upstream = "{upstream}"
-agent_key = [{{ header = "api-key" }}, {{ header = "authorization", scheme = "Bearer" }}]
-inject = {{ header = "api-key", value = "{{{{secret}}}}" }}
-
-[[routes]]
-name = "gemini"
-prefix = "/gemini"
-upstream = "{upstream}"
-agent_key = {{ header = "x-goog-api-key" }}
-inject = {{ header = "x-goog-api-key", value = "{{{{secret}}}}" }}
-
+{routes}
 [[routes]]
 name = "deadend"
 prefix = "/deadend"
@@ -185,6 +151,7 @@ disabled = true
 {extra}
 "#,
         dir = dir.display(),
+        routes = keyward::demo::shipped_routes_to(upstream),
         worker = sha(WORKER_KEY),
         reader = sha(READER_KEY),
         disabled = sha(DISABLED_KEY),
