@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A/B of two keyward binaries (for a hot-path change): the bench.sh keyward config on 1 KiB JSON,
-# both binaries running side by side, ROUNDS interleaved saturation rounds.
+# both binaries running side by side, ROUNDS interleaved rounds (the order rotating) of saturation
+# and of latency at a fixed RATE, with the upstream answered directly as the baseline for added p99.
 # usage: loadtest/compare.sh OLD_BINARY NEW_BINARY   Writes loadtest/results/compare.{json,md}.
 source "$(dirname "$0")/lib.sh"
 ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-32}
+RATE=${RATE:-2000}
 OLD=$1 NEW=$2
 
 NO_BUILD=1 build_release
@@ -17,6 +19,14 @@ for side in old:19180 new:19182; do
 done
 KEYWARD=$OLD start_keyward "$WORK/old.toml" 19190
 KEYWARD=$NEW start_keyward "$WORK/new.toml" 19192
-run_rounds /bench/json1k old=19180 new=19182
-export TITLE="keyward A/B" SCENARIO="1 KiB JSON through keyward (bench.sh config), $OLD vs $NEW"
-summarise compare old old new
+MODES=(direct=19181 old=19180 new=19182)
+for round in $(seq "$ROUNDS"); do
+  shift_by=$(((round - 1) % ${#MODES[@]}))
+  order=("${MODES[@]:shift_by}" "${MODES[@]:0:shift_by}")
+  TAG="" OHA_EXTRA=()
+  run_round "$round" /bench/json1k "${order[@]}"
+  TAG="rate-" OHA_EXTRA=(-q "$RATE" --latency-correction)
+  run_round "$round" /bench/json1k "${order[@]}"
+done
+export TITLE="keyward A/B" RATE SCENARIO="1 KiB JSON through keyward (bench.sh config): old = $OLD, new = $NEW"
+summarise compare --bench direct new old
