@@ -5,7 +5,7 @@
 //! base64 (at all three alignments, standard and URL-safe, and MIME/PEM-wrapped at every line
 //! position), percent-encoding (with the safe characters of Python, JavaScript, Go, PHP, Java and
 //! WHATWG forms, and `%XX` on every byte), JSON escaping (including Go's `\u003c`-style HTML
-//! escaping and `\uXXXX` on every character), HTML escaping and numeric entities, hex and
+//! escaping and `\uHHHH` on every character), HTML escaping and numeric entities, hex and
 //! UTF-16LE/BE. A match is replaced by a mask of the same length (`[REDACTED:NAME]` padded with
 //! `*`), so `Content-Length` stays true. Header names that hold a credential are dropped.
 //!
@@ -166,8 +166,8 @@ fn percent_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
 
 /// The JSON string body (without quotes) as serde_json, `JSON.stringify` and Python write it,
 /// then with the optional escapes other encoders add: `\/` (PHP), `<>&` as `\u003c` (Go), `'`
-/// and `"` as `\u0027`/`\u0022` (PHP `JSON_HEX_*`), non-ASCII as `\uXXXX` (Python), and every
-/// character as `\uXXXX`.
+/// and `"` as `\u0027`/`\u0022` (PHP `JSON_HEX_*`), non-ASCII as `\uHHHH` (Python), and every
+/// character as `\uHHHH`.
 fn json_forms(value: &str, forms: &mut Vec<Vec<u8>>) {
     let plain = serde_json::to_string(value).expect("strings serialize");
     let plain = &plain[1..plain.len() - 1];

@@ -13,7 +13,7 @@ use super::event::AUDIT_PRUNED;
 /// `prev_hash` of the very first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Whether `c` is escaped as `\uXXXX` in audit records: characters that line-based tools count
+/// Whether `c` is escaped as `\uHHHH` in audit records: characters that line-based tools count
 /// as line breaks (U+0085 and the other C1 controls, U+2028, U+2029) and invisible characters
 /// that reorder or hide text in a viewer (bidi embeddings, overrides and isolates, zero-width
 /// characters, the BOM). serde_json already escapes the C0 controls. Delegation labels refuse them.

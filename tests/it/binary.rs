@@ -17,36 +17,7 @@ fn repo_root() -> &'static Path {
 async fn env_provider_end_to_end_with_trace_logs_free_of_canaries() {
     let dir = tempfile::tempdir().unwrap();
     let upstream = FakeUpstream::start().await.unwrap();
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-[audit]
-path = "{dir}/audit.jsonl"
-[[sources]]
-name = "environment"
-provider = "env"
-mapping = {{ OPENAI_API_KEY = "{{{{KW_TEST_OPENAI_KEY}}}}" }}
-[[routes]]
-name = "openai"
-prefix = "/openai/v1"
-upstream = "{upstream}/v1"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-[roles.worker]
-grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/chat/completions"] }}]
-[[agents]]
-id = "subagent-abc123"
-role = "worker"
-key_sha256 = "{hash}"
-"#,
-        dir = dir.path().display(),
-        upstream = upstream.url(),
-        hash = sha(WORKER_KEY)
-    );
-    let config_path = dir.path().join("keyward.toml");
-    std::fs::write(&config_path, config).unwrap();
+    let config_path = binary_config(dir.path(), &upstream.url(), "");
     let spawned = Spawned::serve(
         dir.path(),
         &["--config", config_path.to_str().unwrap(), "--log", "trace"],

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const ADMIN_TOKEN: &str = "kwadm_dashboardToken0123456789abcdefghijklmno";
-
 /// Runs headless Chromium with `args`, bounded in time, and returns its stdout.
 fn chromium(profile: &Path, args: &[String]) -> String {
     let mut child = Command::new("chromium")
@@ -58,7 +56,7 @@ fn chromium(profile: &Path, args: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_the_trail_in_headless_chromium() {
-    let h = Harness::start_with(&format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))).await;
+    let h = Harness::start_with(&admin_block()).await;
     for (key, method, path) in [
         (WORKER_KEY, "POST", "/openai/v1/chat/completions"),
         (WORKER_KEY, "POST", "/openai/v1/chat/completions"),
@@ -297,7 +295,7 @@ impl Browser {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_sign_in_form_takes_a_corrected_token() {
-    let h = Harness::start_with(&format!("\n[admin]\ntoken_sha256 = \"{}\"\n", sha(ADMIN_TOKEN))).await;
+    let h = Harness::start_with(&admin_block()).await;
     let r =
         h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).body("{}").send().await.unwrap();
     assert_eq!(r.status(), 200);

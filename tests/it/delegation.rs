@@ -10,7 +10,6 @@ use common::*;
 use serde_json::{Value, json};
 
 const LEAD_KEY: &str = "kw_testLeadAgentKey123456789abcdefghijklmnopq";
-const ADMIN_TOKEN: &str = "kwadm_delegationAdmin0123456789abcdefghijkl";
 
 fn extra() -> String {
     format!(
@@ -82,16 +81,7 @@ async fn a_child_key_works_in_scope_only_and_is_audited_by_id() {
     assert_eq!(used.len(), 3);
     assert!(used.iter().all(|r| r["delegatedBy"] == json!(["lead-1"]) && r["label"] == "summarise-report-42"));
     assert!(records.iter().any(|r| r["type"] == "delegation.minted" && r["delegationId"] == id.as_str()));
-    let listed: Value = h
-        .client
-        .get(format!("{}/admin/delegations", h.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = admin_get(&h.client, &format!("{}/admin/delegations", h.admin)).await;
     assert_eq!(listed["delegations"][0]["id"], id.as_str());
     assert_eq!(listed["delegations"][0]["used"], 1);
     let dir = h.stop().await;
@@ -405,16 +395,7 @@ async fn a_budget_bounds_every_key_below_it() {
     assert_eq!(answers.iter().filter(|a| a.0 == 200).count(), 2, "{answers:?}");
     assert!(answers.iter().filter(|a| a.0 != 200).all(|a| *a == (401, "delegation_exhausted".to_string())));
     assert_eq!(h.upstream.count() - before, 2, "the tree made more upstream calls than the child's budget");
-    let listed: Value = h
-        .client
-        .get(format!("{}/admin/delegations", h.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = admin_get(&h.client, &format!("{}/admin/delegations", h.admin)).await;
     let child_row = listed["delegations"].as_array().unwrap().iter().find(|d| d["id"] == child_id).unwrap().clone();
     assert_eq!(child_row["used"], 2, "the child's count includes its subtree's calls");
     h.stop().await;

@@ -11,7 +11,6 @@ use keyward::fake_upstream::FakeUpstream;
 use serde_json::Value;
 
 const LIMITED_KEY: &str = "kw_testLimitedAgentKey456789abcdefghijklmnopq";
-const ADMIN_TOKEN: &str = "kwadm_limitsAdminToken0123456789abcdefghijk";
 
 fn extra(webhook: &str) -> String {
     format!(
@@ -129,16 +128,7 @@ async fn quarantine_and_release_through_the_admin_api() {
     let r = h.client.get(h.url("/openai/_fake/status/200")).bearer_auth(LIMITED_KEY).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"]["code"], "agent_quarantined");
-    let agents: Value = h
-        .client
-        .get(format!("{}/admin/agents", h.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agents: Value = admin_get(&h.client, &format!("{}/admin/agents", h.admin)).await;
     let limited = agents["agents"].as_array().unwrap().iter().find(|a| a["id"] == "limited-1").unwrap();
     assert_eq!(limited["status"], "quarantined");
     assert_eq!(admin("/admin/agents/limited-1/release").send().await.unwrap().status(), 200);

@@ -64,41 +64,6 @@ async fn metrics_negotiate_the_format_and_pass_promtool() {
     assert_eq!(asked_text.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
 }
 
-/// A config for the real binary: one route whose credential comes from the environment.
-fn binary_config(dir: &std::path::Path, upstream: &str, server_extra: &str) -> std::path::PathBuf {
-    let config = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-{server_extra}
-[audit]
-path = "{dir}/audit.jsonl"
-[[sources]]
-name = "environment"
-provider = "env"
-mapping = {{ OPENAI_API_KEY = "{{{{KW_TEST_OPENAI_KEY}}}}" }}
-[[routes]]
-name = "openai"
-prefix = "/openai/v1"
-upstream = "{upstream}/v1"
-agent_key = {{ header = "authorization", scheme = "Bearer" }}
-inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
-[roles.worker]
-grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/chat/completions"] }}]
-[[agents]]
-id = "subagent-abc123"
-role = "worker"
-key_sha256 = "{hash}"
-"#,
-        dir = dir.display(),
-        hash = sha(WORKER_KEY)
-    );
-    let path = dir.join("keyward.toml");
-    std::fs::write(&path, config).unwrap();
-    path
-}
-
 /// Four attempts: allowed, not granted, unknown key, and a path carrying the credential and the
 /// agent's own key.
 async fn four_attempts(proxy: &str) {

@@ -14,7 +14,6 @@ use keyward::fake_upstream::FakeUpstream;
 use serde_json::Value;
 
 const LIMITED_KEY: &str = "kw_testRedisLimitedKey3456789abcdefghijklmnop";
-const ADMIN_TOKEN: &str = "kwadm_redisAdminToken0123456789abcdefghijkl";
 const LEAD_KEY: &str = "kw_testRedisLeadKey0123456789abcdefghijklmnop";
 
 struct Redis(Child);
@@ -250,15 +249,7 @@ async fn delegations_budgets_and_revocations_reach_every_replica() {
     })
     .await;
     assert_eq!(first.0, 200, "replica B did not learn the delegation within a second");
-    let listed: Value = client
-        .get(format!("{}/admin/delegations", b.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = admin_get(&client, &format!("{}/admin/delegations", b.admin)).await;
     assert!(listed["delegations"].as_array().unwrap().iter().any(|d| d["id"] == id.as_str()), "{listed}");
 
     // The budget is one budget across both replicas: 4 in all, however the calls are spread.

@@ -91,15 +91,7 @@ async fn revocations_quarantines_and_first_uses_survive_a_restart() {
     assert_eq!(chat(&client, &second.proxy, HELD_KEY).await, (403, "agent_quarantined".to_string()));
     assert_eq!(chat(&client, &second.proxy, BRIEF_KEY).await.0, 200, "a release is kept too");
     assert_eq!(chat(&client, &second.proxy, WORKER_KEY).await.0, 200);
-    let agents: Value = client
-        .get(format!("{}/admin/agents", second.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agents: Value = admin_get(&client, &format!("{}/admin/agents", second.admin)).await;
     let status =
         |id: &str| agents["agents"].as_array().unwrap().iter().find(|a| a["id"] == id).unwrap()["status"].clone();
     assert_eq!((status("reader-1"), status("held-1")), ("revoked".into(), "quarantined".into()), "{agents}");

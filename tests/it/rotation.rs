@@ -219,16 +219,7 @@ async fn a_scheduled_rotation_tests_and_promotes_the_pending_version() {
     rig.wait_for_event("rotation.purged").await;
     assert!(rig.events().iter().any(|e| e["type"] == "rotation.notified"));
 
-    let secrets: Value = rig
-        .client
-        .get(format!("{}/admin/secrets", rig.keyward.admin))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let secrets: Value = admin_get(&rig.client, &format!("{}/admin/secrets", rig.keyward.admin)).await;
     let entry = &secrets["secrets"][0];
     assert_eq!(entry["version"], pending.as_str());
     assert_eq!(entry["last_rotation"]["outcome"], "promoted");

@@ -264,3 +264,44 @@ pub fn assert_no_canary(what: &str, text: &str) {
         assert!(!text.contains(canary), "a canary credential leaked into {what}");
     }
 }
+
+/// A config for the real binary: one route whose credential comes from the environment
+/// (`KW_TEST_OPENAI_KEY`), the worker agent, and `server_extra` in `[server]`.
+pub fn binary_config(dir: &std::path::Path, upstream: &str, server_extra: &str) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+{server_extra}
+[audit]
+path = "{dir}/audit.jsonl"
+[[sources]]
+name = "environment"
+provider = "env"
+mapping = {{ OPENAI_API_KEY = "{{{{KW_TEST_OPENAI_KEY}}}}" }}
+[[routes]]
+name = "openai"
+prefix = "/openai/v1"
+upstream = "{upstream}/v1"
+agent_key = {{ header = "authorization", scheme = "Bearer" }}
+inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
+[roles.worker]
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/chat/completions"] }}]
+[[agents]]
+id = "subagent-abc123"
+role = "worker"
+key_sha256 = "{hash}"
+"#,
+        dir = dir.display(),
+        hash = sha(WORKER_KEY)
+    );
+    let path = dir.join("keyward.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// A GET on the admin API with the admin token, answered as JSON.
+pub async fn admin_get(client: &reqwest::Client, url: &str) -> serde_json::Value {
+    client.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap().json().await.unwrap()
+}
