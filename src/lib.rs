@@ -8,6 +8,7 @@
 pub(crate) mod admin;
 pub mod audit;
 pub mod config;
+pub mod credentials;
 pub(crate) mod decode;
 pub(crate) mod delegation;
 pub mod demo;
@@ -29,7 +30,6 @@ pub(crate) mod principal;
 pub mod reload;
 pub(crate) mod rotation;
 pub mod scrub;
-pub mod secrets;
 pub(crate) mod server;
 pub(crate) mod state;
 pub(crate) mod timestamp;

@@ -13,10 +13,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, Version};
 use percent_encoding::percent_decode;
 
 use crate::config::{CREDENTIAL_HEADERS, RANGE_HEADERS, RouteConfig, Upstream};
+use crate::credentials::Resolved;
 use crate::error::ProxyError;
 use crate::forward::{OutboundBody, limited_body, strip_hop_by_hop};
 use crate::inject;
-use crate::secrets::Resolved;
 
 /// Headers that some upstream frameworks use to change the method or path after the fact, which
 /// would let an agent run a call its grant does not cover.

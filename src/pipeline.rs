@@ -22,6 +22,7 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::{GrantConfig, RouteConfig};
+use crate::credentials::{Rejection, Resolved};
 use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody};
@@ -32,7 +33,6 @@ use crate::outbound;
 use crate::policy;
 use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
-use crate::secrets::{Rejection, Resolved};
 use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
 

@@ -11,9 +11,9 @@ use serde_json::json;
 use zeroize::Zeroize;
 
 use super::admin_error;
+use crate::credentials::StoreError;
 use crate::reload::{self, ReloadError};
 use crate::rotation::{self, RotationError, Trigger};
-use crate::secrets::StoreError;
 use crate::state::AppState;
 
 /// `POST /admin/secrets/{name}/rotate`, optionally with `{"value": "<new credential>"}`: stages

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+pub use crate::credentials::{CachePolicy, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig};
 pub(crate) use crate::policy::suggest;
 pub use crate::policy::{GrantConfig, Quota};
-pub use crate::secrets::{CachePolicy, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig};
 
 pub use spans::line_at;
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::secrets::{self, ProviderFields};
+use crate::credentials::{self, ProviderFields};
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -170,7 +170,7 @@ impl<'de> Deserialize<'de> for RawSource {
                         "cache" => once(&mut cache, "cache", &mut map)?,
                         "rotation" | "rotationPolicy" => once(&mut rotation, "rotation", &mut map)?,
                         "audit_trail" | "auditTrail" => once(&mut audit_trail, "audit_trail", &mut map)?,
-                        other if secrets::is_provider_field(other) => fields.read(other, &mut map)?,
+                        other if credentials::is_provider_field(other) => fields.read(other, &mut map)?,
                         other => return Err(A::Error::unknown_field(other, expected_source_fields())),
                     }
                 }
@@ -192,7 +192,7 @@ impl<'de> Deserialize<'de> for RawSource {
 /// Every field a source table may hold: its own, then each provider's.
 fn expected_source_fields() -> &'static [&'static str] {
     static ALL: std::sync::LazyLock<Vec<&'static str>> =
-        std::sync::LazyLock::new(|| SOURCE_FIELDS.iter().chain(secrets::provider_field_names()).copied().collect());
+        std::sync::LazyLock::new(|| SOURCE_FIELDS.iter().chain(credentials::provider_field_names()).copied().collect());
     &ALL
 }
 

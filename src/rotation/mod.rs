@@ -12,9 +12,9 @@ use secrecy::SecretString;
 
 use crate::audit::event::{AuditEvent, ProbeResult, RotationOf};
 use crate::config::{RotationPolicy, RouteConfig};
+use crate::credentials::{Fetched, StoreError};
 use crate::forward::OutboundBody;
 use crate::metrics::RotationLabels;
-use crate::secrets::{Fetched, StoreError};
 use crate::state::{AppState, RotationRun, Runtime};
 
 /// Why a rotation run started.

@@ -11,13 +11,13 @@ use arc_swap::ArcSwap;
 
 use crate::audit::{AuditEvent, AuditSink};
 use crate::config::Config;
+use crate::credentials::SecretStore;
 use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
 use crate::policy::RouteTable;
-use crate::secrets::SecretStore;
 
 pub mod file;
 pub mod rotations;

@@ -102,15 +102,15 @@ key_sha256 = "{hash}"
 }
 
 /// The `exec` source of a config, as a provider the test can call directly.
-fn provider(dir: &Path, script: &str) -> std::sync::Arc<dyn keyward::secrets::SecretProvider> {
+fn provider(dir: &Path, script: &str) -> std::sync::Arc<dyn keyward::credentials::SecretProvider> {
     write_secrets(dir);
     let text = config_text(dir, "http://127.0.0.1:9", &exec_extra(script));
     let config = keyward::config::load_str(&text, "exec.toml", false).unwrap_or_else(|e| panic!("{e}"));
     let source = config.sources.iter().find(|s| s.name == "resolver").unwrap();
-    keyward::secrets::build_provider(source)
+    keyward::credentials::build_provider(source)
 }
 
-async fn fetch_error(provider: &dyn keyward::secrets::SecretProvider) -> String {
+async fn fetch_error(provider: &dyn keyward::credentials::SecretProvider) -> String {
     match provider.fetch().await {
         Ok(_) => panic!("the fetch succeeded"),
         Err(error) => {

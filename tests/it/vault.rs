@@ -233,9 +233,9 @@ async fn failures_are_clear_and_never_name_the_token() {
         let text =
             config_text(dir.path(), "http://127.0.0.1:9", &vault_extra(&bao.url, path, auth, "{ ttl_seconds = 0 }"));
         let config = keyward::config::load_str(&text, "vault.toml", false).unwrap_or_else(|e| panic!("{e}"));
-        keyward::secrets::build_provider(config.sources.iter().find(|s| s.name == "bao").unwrap())
+        keyward::credentials::build_provider(config.sources.iter().find(|s| s.name == "bao").unwrap())
     };
-    let error = |result: Result<keyward::secrets::Fetched, keyward::secrets::StoreError>| match result {
+    let error = |result: Result<keyward::credentials::Fetched, keyward::credentials::StoreError>| match result {
         Ok(_) => panic!("the fetch succeeded"),
         Err(e) => e.to_string(),
     };

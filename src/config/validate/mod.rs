@@ -18,7 +18,7 @@ use std::time::Duration;
 use super::raw::RawConfig;
 use super::spans::SpanIndex;
 use super::{Config, ConfigErrors, Problem};
-use crate::secrets;
+use crate::credentials;
 
 struct Collector<'a> {
     file: &'a str,
@@ -28,7 +28,7 @@ struct Collector<'a> {
     problems: Vec<Problem>,
 }
 
-impl secrets::Report for Collector<'_> {
+impl credentials::Report for Collector<'_> {
     fn problem(&mut self, field: String, message: String) {
         Collector::problem(self, field, message);
     }

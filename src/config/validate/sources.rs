@@ -11,7 +11,7 @@ use super::super::{
     AuditConfig, CachePolicy, Problem, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig,
 };
 use super::{Collector, check_unique, valid_name};
-use crate::secrets;
+use crate::credentials;
 
 /// Validates every source, inline and from `sources_from` files, raising the audit retention to
 /// the longest `auditTrail.retentionDays`. Returns the sources and which source serves each
@@ -252,7 +252,8 @@ fn source(c: &mut Collector<'_>, at: &str, s: RawSource, cx: &mut SourceContext<
     }
     let mut mapping_text = s.mapping.clone();
     let provider =
-        match ProviderConfig::configure(&s.provider, &s.fields, &mut mapping_text, &mut secrets::Check::new(at, c)) {
+        match ProviderConfig::configure(&s.provider, &s.fields, &mut mapping_text, &mut credentials::Check::new(at, c))
+        {
             Ok(provider) => provider?,
             Err(expected) => {
                 c.problem(format!("{at}.provider"), format!("unknown provider '{}': {expected}", s.provider));

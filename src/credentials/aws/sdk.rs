@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
-use crate::secrets::{Fetched, Rotatable, SecretProvider, Selector, StoreError, apply_mapping};
+use crate::credentials::{Fetched, Rotatable, SecretProvider, Selector, StoreError, apply_mapping};
 
 const CURRENT: &str = "AWSCURRENT";
 const PENDING: &str = "AWSPENDING";

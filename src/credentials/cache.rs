@@ -661,7 +661,7 @@ mod tests {
         });
         let source = SourceConfig {
             name: "s".into(),
-            provider: ProviderConfig::Env(crate::secrets::env::EnvConfig),
+            provider: ProviderConfig::Env(crate::credentials::env::EnvConfig),
             mapping: [("A".to_string(), Selector::Whole), ("B".to_string(), Selector::Whole)].into(),
             cache: policy,
             rotation: None,
@@ -761,7 +761,7 @@ mod tests {
     async fn a_panicking_provider_gives_503_and_does_not_wedge_the_source() {
         let source = SourceConfig {
             name: "p".into(),
-            provider: ProviderConfig::Env(crate::secrets::env::EnvConfig),
+            provider: ProviderConfig::Env(crate::credentials::env::EnvConfig),
             mapping: [("A".to_string(), Selector::Whole)].into(),
             cache: policy(60_000, 10, 0),
             rotation: None,
@@ -866,7 +866,7 @@ mod tests {
             Arc::new(Counting { calls: AtomicUsize::new(0), fail: AtomicBool::new(false), delay: Duration::ZERO });
         let source = |name: &str, fallback: Option<&str>| SourceConfig {
             name: name.into(),
-            provider: ProviderConfig::Env(crate::secrets::env::EnvConfig),
+            provider: ProviderConfig::Env(crate::credentials::env::EnvConfig),
             mapping: [("A".to_string(), Selector::Whole)].into(),
             cache: policy(60_000, 10, 0),
             rotation: None,
