@@ -33,6 +33,7 @@ pub mod scrub;
 pub(crate) mod server;
 pub(crate) mod state;
 pub(crate) mod timestamp;
+pub mod usage;
 
 use std::sync::Arc;
 
