@@ -3,6 +3,7 @@
 //! Loading goes text → (JSON value + span index) → raw serde types → validated `Config`.
 //! Every problem is reported with file:line and the field path.
 
+pub mod budget;
 mod raw;
 mod spans;
 mod structural;
@@ -89,6 +90,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
     pub agents: Vec<AgentConfig>,
+    /// The price table and how calls are reserved (`[usage]`).
+    pub usage: budget::UsageConfig,
+    pub budgets: Vec<budget::BudgetConfig>,
 }
 
 #[derive(Debug, Clone)]

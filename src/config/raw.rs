@@ -33,6 +33,57 @@ pub struct RawConfig {
     pub roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     pub agents: Vec<RawAgent>,
+    /// The price table and how calls are reserved before their usage is known.
+    #[serde(default)]
+    pub usage: RawUsage,
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    pub default_max_output_tokens: Option<u64>,
+    /// `"refuse"` or `"default_price"`.
+    pub unknown_model: Option<String>,
+    pub default_price: Option<RawPrice>,
+    #[serde(default)]
+    pub prices: BTreeMap<String, RawPrice>,
+}
+
+/// USD per million tokens; cached tokens cost the input price unless set.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cache_read: Option<f64>,
+    pub cache_write: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub name: String,
+    pub agent: Option<String>,
+    pub role: Option<String>,
+    pub pool: Option<RawPool>,
+    pub tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub window: String,
+    pub mode: Option<String>,
+    pub redis_failure: Option<String>,
+    #[serde(default)]
+    pub cut_off: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    #[serde(default)]
+    pub agents: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -4,6 +4,7 @@
 //! grant them, roles before the agents that hold them).
 
 mod audit;
+mod budgets;
 mod delegation;
 mod limits;
 mod roles;
@@ -90,7 +91,9 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
-    Config { server, forward, audit, admin, limits, sources, routes, roles, agents }
+    let usage = budgets::usage(c, raw.usage);
+    let budgets = budgets::budgets(c, raw.budgets, &agents, &roles, limits.fail_open);
+    Config { server, forward, audit, admin, limits, sources, routes, roles, agents, usage, budgets }
 }
 
 fn valid_name(name: &str) -> bool {
