@@ -185,6 +185,9 @@ fn audit(c: &mut Criterion) {
         label: None,
         fallback_from: None,
         invalidated: None,
+        budgets: Vec::new(),
+        usage: None,
+        would_deny: Vec::new(),
     };
     let mut group = c.benchmark_group("audit");
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&record).to_json())));
@@ -208,5 +211,38 @@ fn audit(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, stages, scrubber, audit);
+/// The usage meter over a 16 KiB chat completion stream, in the 1 KiB reads a socket gives:
+/// passing it through while reading the final usage chunk, and with keyward's own
+/// `include_usage` taken out again (every chunk edited, the usage chunk dropped).
+fn usage_meter(c: &mut Criterion) {
+    use keyward::usage::{Api, UsageMeter};
+    let mut stream = String::new();
+    let mut i = 0;
+    while stream.len() < 16 * 1024 - 300 {
+        stream.push_str(&format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        ));
+        i += 1;
+    }
+    stream.push_str("data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":40,\"total_tokens\":49}}\n\ndata: [DONE]\n\n");
+    let chunks: Vec<bytes::Bytes> = stream.as_bytes().chunks(1024).map(bytes::Bytes::copy_from_slice).collect();
+    let mut group = c.benchmark_group("usage");
+    group.throughput(Throughput::Bytes(stream.len() as u64));
+    for (name, strip) in [("sse_16k_observe", false), ("sse_16k_strip_usage", true)] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut meter = UsageMeter::new(Api::ChatCompletions, true, strip, false);
+                let mut sent = 0;
+                for chunk in &chunks {
+                    sent += meter.push(chunk.clone(), &mut |_| false).0.len();
+                }
+                assert!(meter.usage().is_some());
+                black_box(sent)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, stages, scrubber, audit, usage_meter);
 criterion_main!(benches);

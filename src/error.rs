@@ -107,6 +107,20 @@ pub enum ProxyError {
         agent: String,
         max: u32,
     },
+    /// The call's reservation does not fit in what is left of a budget.
+    BudgetExceeded {
+        budget: String,
+        agent: String,
+        /// `tokens` or `cost`.
+        limit: &'static str,
+        window: String,
+        retry_after: std::time::Duration,
+    },
+    /// A cost budget applies, the model has no price, and `usage.unknown_model = "refuse"`.
+    ModelNotPriced {
+        budget: String,
+        model: Option<String>,
+    },
     /// The shared limiter (Redis) is down and `redis_failure = "fail_closed"`.
     LimiterUnavailable,
     DelegationRevoked {
@@ -189,6 +203,8 @@ impl ProxyError {
             ProxyError::Quarantined { .. } => (StatusCode::FORBIDDEN, "agent_quarantined", Downstream),
             ProxyError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited", Downstream),
             ProxyError::TooManyInFlight { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_in_flight", Downstream),
+            ProxyError::BudgetExceeded { .. } => (StatusCode::TOO_MANY_REQUESTS, "budget_exceeded", Downstream),
+            ProxyError::ModelNotPriced { .. } => (StatusCode::FORBIDDEN, "model_not_priced", Downstream),
             ProxyError::LimiterUnavailable => (StatusCode::TOO_MANY_REQUESTS, "rate_limiter_unavailable", Downstream),
             ProxyError::DelegationRevoked { .. } => (StatusCode::UNAUTHORIZED, "delegation_revoked", Downstream),
             ProxyError::DelegationExpired { .. } => (StatusCode::UNAUTHORIZED, "delegation_expired", Downstream),
@@ -264,6 +280,14 @@ impl ProxyError {
             ProxyError::TooManyInFlight { agent, max } => {
                 format!("agent '{agent}' already has {max} requests in flight")
             }
+            ProxyError::BudgetExceeded { budget, agent, limit, window, retry_after } => format!(
+                "budget '{budget}' has no room left for this call of agent '{agent}' ({limit} per {window}); it resets in {} s",
+                retry_after.as_secs_f64().ceil() as u64
+            ),
+            ProxyError::ModelNotPriced { budget, model } => format!(
+                "budget '{budget}' limits cost, and model '{}' has no price in [usage.prices] (usage.unknown_model = \"refuse\")",
+                model.as_deref().unwrap_or("(none named)")
+            ),
             ProxyError::DelegationRevoked { id } => format!("delegated key '{id}' has been revoked"),
             ProxyError::DelegationExpired { id } => format!("delegated key '{id}' has expired"),
             ProxyError::DelegationExhausted { id } => {
@@ -341,6 +365,11 @@ impl IntoResponse for ProxyError {
                 if let Ok(value) = http::HeaderValue::from_str(&policy) {
                     headers.insert("ratelimit-policy", value);
                 }
+            }
+            ProxyError::BudgetExceeded { retry_after, .. } => {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry(retry_after.as_secs_f64().ceil() as u64));
             }
             ProxyError::TooManyInFlight { .. } | ProxyError::LimiterUnavailable => {
                 response.headers_mut().insert(http::header::RETRY_AFTER, retry(1));

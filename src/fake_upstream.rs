@@ -233,10 +233,14 @@ async fn respond(
         // The end of a real stream reaches the client a little after `data: [DONE]`, and the
         // OpenAI SDK closes the connection as soon as it reads [DONE].
         if wants_stream(&body) {
-            sse(5, Duration::from_millis(50), Duration::from_millis(300))
+            let events = body_number(&body, "fake_events").unwrap_or(5) as usize;
+            let interval = body_number(&body, "fake_interval_ms").unwrap_or(50);
+            chat_stream(events, Duration::from_millis(interval), Duration::from_millis(300), includes_usage(&body))
         } else {
             chat_completion()
         }
+    } else if path.ends_with("/responses") && parts.method == Method::POST && wants_stream(&body) {
+        responses_stream()
     } else if path.ends_with("/responses") && parts.method == Method::POST {
         json_response(
             StatusCode::OK,
@@ -260,7 +264,8 @@ async fn respond(
             StatusCode::OK,
             json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
                     "content": [{ "type": "text", "text": "Hello from the fake upstream." }],
-                    "stop_reason": "end_turn", "usage": { "input_tokens": 5, "output_tokens": 7 } }),
+                    "stop_reason": "end_turn",
+                    "usage": { "input_tokens": 5, "output_tokens": 7, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4 } }),
         )
     } else if path.ends_with("/user") {
         json_response(StatusCode::OK, json!({ "login": "fake-user", "id": 1 }))
@@ -268,6 +273,99 @@ async fn respond(
         json_response(StatusCode::OK, json!({ "ok": true, "method": parts.method.as_str(), "target": target }))
     };
     Ok(response)
+}
+
+/// A number field of a JSON request body (the fake's own `fake_events`, `fake_interval_ms`).
+fn body_number(body: &[u8], field: &str) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body).ok()?.get(field)?.as_u64()
+}
+
+/// Whether a chat request asks for usage in its stream (`stream_options.include_usage`).
+fn includes_usage(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/stream_options/include_usage").and_then(|u| u.as_bool()))
+        .unwrap_or(false)
+}
+
+/// A streamed chat completion as OpenAI sends it: `events` content chunks `interval` apart,
+/// with `include_usage` a `"usage":null` on each and a last chunk with no choices and the usage
+/// (`prompt_tokens` 9, 2 of them cached, and one completion token a chunk), then `data: [DONE]`,
+/// and the body's end `linger` after that.
+fn chat_stream(events: usize, interval: Duration, linger: Duration, usage: bool) -> Response<FakeBody> {
+    let stream = futures_util::stream::unfold(0usize, move |i| async move {
+        if i > events + 1 {
+            tokio::time::sleep(linger).await;
+            return None;
+        }
+        if i > 0 && i < events {
+            tokio::time::sleep(interval).await;
+        }
+        let data = if i < events {
+            let content = format!("tok{i} ");
+            let chunk = if usage {
+                format!(
+                    r#"{{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":"gpt-fake","choices":[{{"index":0,"delta":{{"content":"{content}"}},"finish_reason":null}}],"usage":null}}"#
+                )
+            } else {
+                format!(
+                    r#"{{"id":"chatcmpl-fake","object":"chat.completion.chunk","created":0,"model":"gpt-fake","choices":[{{"index":0,"delta":{{"content":"{content}"}},"finish_reason":null}}]}}"#
+                )
+            };
+            format!("data: {chunk}\n\n")
+        } else if i == events && usage {
+            let chunk = json!({ "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "gpt-fake",
+                                "choices": [],
+                                "usage": { "prompt_tokens": 9, "completion_tokens": events, "total_tokens": 9 + events,
+                                           "prompt_tokens_details": { "cached_tokens": 2 } } });
+            format!("data: {chunk}\n\n")
+        } else {
+            // Without usage there is no usage chunk: [DONE] comes right after the content.
+            return Some((Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))), events + 2));
+        };
+        Some((Ok::<_, Infallible>(Frame::data(Bytes::from(data))), i + 1))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .expect("valid SSE response")
+}
+
+/// A streamed Responses answer, as the openai SDK's `responses.create(stream=True)` reads it:
+/// created, text deltas, the finished item, and `response.completed` with the usage (11 input
+/// tokens, 3 of them cached, 6 output).
+fn responses_stream() -> Response<FakeBody> {
+    let item = json!({ "type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                       "content": [{ "type": "output_text", "text": "Hello from the fake upstream.", "annotations": [] }] });
+    let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
+        json!({ "id": "resp_fake", "object": "response", "created_at": 0, "status": status, "model": "gpt-fake",
+                "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "usage": usage })
+    };
+    let usage = json!({ "input_tokens": 11, "input_tokens_details": { "cached_tokens": 3 }, "output_tokens": 6,
+                        "output_tokens_details": { "reasoning_tokens": 0 }, "total_tokens": 17 });
+    let events = [
+        json!({ "type": "response.created", "sequence_number": 0, "response": response("in_progress", json!([]), serde_json::Value::Null) }),
+        json!({ "type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "Hello from ", "logprobs": [] }),
+        json!({ "type": "response.output_text.delta", "sequence_number": 2, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "the fake upstream.", "logprobs": [] }),
+        json!({ "type": "response.output_item.done", "sequence_number": 3, "output_index": 0, "item": item.clone() }),
+        json!({ "type": "response.completed", "sequence_number": 4, "response": response("completed", json!([item]), usage) }),
+    ];
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = events
+        .into_iter()
+        .map(|data| {
+            Ok(Frame::data(Bytes::from(format!(
+                "event: {}\ndata: {data}\n\n",
+                data["type"].as_str().unwrap_or_default()
+            ))))
+        })
+        .collect();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(futures_util::stream::iter(frames))))
+        .expect("valid SSE response")
 }
 
 /// Whether a JSON request body asks for `"stream": true`.
@@ -281,7 +379,8 @@ fn wants_stream(body: &[u8]) -> bool {
 /// An Anthropic Messages event stream, as the anthropic SDK's `stream=True` reads it.
 fn anthropic_stream() -> Response<FakeBody> {
     let message = json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
-                          "content": [], "stop_reason": null, "usage": { "input_tokens": 5, "output_tokens": 0 } });
+                          "content": [], "stop_reason": null,
+                          "usage": { "input_tokens": 5, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4, "output_tokens": 1 } });
     let events = [
         ("message_start", json!({ "type": "message_start", "message": message })),
         (
@@ -366,7 +465,8 @@ fn chat_completion() -> Response<FakeBody> {
         json!({ "id": "chatcmpl-fake", "object": "chat.completion", "model": "gpt-fake",
                 "choices": [{ "index": 0, "finish_reason": "stop",
                               "message": { "role": "assistant", "content": "Hello from the fake upstream." } }],
-                "usage": { "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12 } }),
+                "usage": { "prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
+                           "prompt_tokens_details": { "cached_tokens": 2 } } }),
     )
 }
 

@@ -237,6 +237,7 @@ async fn delegation_janitor(state: Arc<AppState>, mut shutdown: watch::Receiver<
         ticks += 1;
         if ticks.is_multiple_of(60) {
             state.limits.janitor(std::time::SystemTime::now());
+            state.limits.budgets.janitor(&state.runtime.load().config.budgets, crate::limit::budget::unix_now());
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -48,6 +48,36 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// A configured agent (a delegated key counts under its root agent).
+    pub agent: String,
+    /// A model from the price table, or `other`.
+    pub model: String,
+    pub route: String,
+    /// `input`, `output`, `cache_read` or `cache_write`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CostLabels {
+    pub agent: String,
+    pub model: String,
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabel {
+    pub budget: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WouldDenyLabels {
+    pub agent: String,
+    /// `budget`, `quota`, `grant` or `role`.
+    pub policy: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -63,6 +93,13 @@ pub struct Metrics {
     pub connections_parked: Gauge,
     pub connections_open: Gauge,
     pub connections_refused: Counter,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost_usd: Family<CostLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Metered calls whose answer reported no usage (settled at their reservation).
+    pub usage_missing: Family<RouteLabel, Counter>,
+    pub budget_refusals: Family<BudgetLabel, Counter>,
+    pub budget_cuts: Family<BudgetLabel, Counter>,
+    pub would_deny: Family<WouldDenyLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -118,8 +155,42 @@ impl Metrics {
             "Connections refused because their listener held server.max_connections already",
             connections_refused.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens used, by agent, model (price-table name or other), route and kind",
+            tokens.clone(),
+        );
+        let cost_usd = Family::<CostLabels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register("cost_usd", "Cost in USD from the price table, by agent, model and route", cost_usd.clone());
+        let usage_missing = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "usage_missing",
+            "Metered calls whose answer reported no usage, settled at their reservation",
+            usage_missing.clone(),
+        );
+        let budget_refusals = Family::<BudgetLabel, Counter>::default();
+        registry.register("budget_refusals", "Calls refused because a budget had no room", budget_refusals.clone());
+        let budget_cuts = Family::<BudgetLabel, Counter>::default();
+        registry.register(
+            "budget_cuts",
+            "Streams ended early because they would exhaust a budget",
+            budget_cuts.clone(),
+        );
+        let would_deny = Family::<WouldDenyLabels, Counter>::default();
+        registry.register(
+            "would_deny",
+            "Calls a policy in shadow mode would have refused, by agent and kind of policy",
+            would_deny.clone(),
+        );
         Metrics {
             registry,
+            tokens,
+            cost_usd,
+            usage_missing,
+            budget_refusals,
+            budget_cuts,
+            would_deny,
             requests,
             request_duration,
             secret_fetches,

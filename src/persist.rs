@@ -6,6 +6,9 @@
 //! directory). It is loaded before the listeners open; a file that cannot be read or parsed
 //! stops the start with its path and the reason, never a silent reset.
 //!
+//! Budget accounts (used tokens and cost of the windows under way) are written at most once a
+//! second while they change, and at shutdown.
+//!
 //! Child keys' use counts are written at a clean shutdown only (not on every call); the file
 //! says whether its last writer stopped cleanly, and after a crash every restored child key
 //! with a `max_requests` budget is revoked, since its count may be short.
@@ -30,6 +33,7 @@ fn snapshot(state: &AppState, clean_shutdown: bool) -> Persisted {
         first_uses: first_uses.as_map().clone(),
         delegations: state.delegations.export_all(),
         clean_shutdown,
+        budgets: state.limits.budgets.export(),
     }
 }
 
@@ -78,6 +82,7 @@ pub async fn restore(state: &AppState) -> anyhow::Result<()> {
     }
     let first_start = persisted == Persisted::default();
     state.limits.restore(&persisted.quarantined, &FirstUses::from_map(persisted.first_uses));
+    state.limits.budgets.import(&persisted.budgets);
     if !persisted.revoked_agents.is_empty() {
         state.revoked_agents.store(Arc::new(persisted.revoked_agents.iter().cloned().collect()));
     }
@@ -154,9 +159,18 @@ pub async fn save_or_log(state: &AppState, agent: &str, what: &str) -> bool {
 /// also save at once and wait for it, and `Running::shutdown` saves once more after the last
 /// request has finished.
 pub async fn run(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+    // Budget accounts change with every metered call: they are written at most once a second
+    // (a crash loses at most that second's charges), not on every call.
+    let mut budget_tick = tokio::time::interval(Duration::from_secs(1));
+    budget_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = state.limits.changed.notified() => {}
+            _ = budget_tick.tick() => {
+                if state.limits.shared.is_some() || !state.limits.budgets.take_dirty() {
+                    continue;
+                }
+            }
             _ = shutdown.changed() => return,
         }
         if let Err(error) = save(&state).await {

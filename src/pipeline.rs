@@ -1,9 +1,10 @@
 //! The request flow, in the one place that knows its order (`proxy` lists the stages):
 //!
 //! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
-//! key, no `_method`) → admit → body check → resolve → release (audit) → strip what the agent
-//! presented and inject → forward (one retry of a refused credential) → settle → scrub →
-//! stream back, with the audit guard created first and ended exactly once on every path.
+//! key, no `_method`) → admit → body check → meter (reserve budgets) → resolve → release
+//! (audit) → strip what the agent presented and inject → forward (one retry of a refused
+//! credential) → settle → meter usage and scrub → stream back, with the audit guard created
+//! first and ended exactly once on every path (it settles the budgets too).
 //!
 //! Each stage is a function that returns its own type. Detector decisions from the limits are
 //! acted on in one place, `report_anomalies`.
@@ -21,6 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
+use crate::config::budget::Mode;
 use crate::config::{GrantConfig, RouteConfig};
 use crate::credentials::{Rejection, Resolved};
 use crate::decode::{self, Coding, DecodedBody};
@@ -28,13 +30,16 @@ use crate::error::ProxyError;
 use crate::forward::{self, TimedBody};
 use crate::identity;
 use crate::limit::Detection;
-use crate::metrics::AnomalyLabels;
+use crate::limit::budget::{self, Amount, Claim};
+use crate::limit::metered::{Handles, MeteredBody, Metering, Reserved};
+use crate::metrics::{AnomalyLabels, BudgetLabel, WouldDenyLabels};
 use crate::outbound;
 use crate::policy;
 use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
+use crate::usage::{self, Api, Usage};
 
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
@@ -54,7 +59,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     audit.access_log(runtime.config.server.access_log);
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
-        Ok(Answer { response: upstream, coding, scrub }) => {
+        Ok(Answer { response: upstream, coding, scrub, metering }) => {
             let (mut parts, body) = upstream.into_parts();
             // Only the status code and the (scrubbed) headers of the upstream's head go on: the
             // reason phrase (kept by hyper as an extension) and anything else in the extensions
@@ -62,6 +67,12 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
             parts.extensions = http::Extensions::new();
             let scrubber = if scrub { runtime.secrets.scrubber() } else { Arc::new(Scrubber::empty()) };
             scrubber.scrub_headers(&mut parts.headers);
+            if let Some(metering) = &metering {
+                // A metered stream may lose the usage chunk keyward asked for, or end early.
+                if metering.answered(parts.status, &parts.headers) {
+                    parts.headers.remove(CONTENT_LENGTH);
+                }
+            }
             let body = match coding {
                 Coding::Decode { layers, content } => {
                     // Decoded here, so the agent gets the plain body and its true length.
@@ -69,9 +80,9 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
                         parts.headers.remove(CONTENT_ENCODING);
                     }
                     parts.headers.remove(CONTENT_LENGTH);
-                    agent_body(DecodedBody::new(body, &layers), scrubber, audit)
+                    agent_body(MeteredBody::new(DecodedBody::new(body, &layers), metering), scrubber, audit)
                 }
-                _ => agent_body(body, scrubber, audit),
+                _ => agent_body(MeteredBody::new(body, metering), scrubber, audit),
             };
             Response::from_parts(parts, body)
         }
@@ -97,18 +108,19 @@ where
     }
 }
 
-/// What the pipeline hands back: the upstream's answer, how its body is coded, and whether the
-/// route scrubs it.
+/// What the pipeline hands back: the upstream's answer, how its body is coded, whether the
+/// route scrubs it, and the meter of a metered call.
 struct Answer {
     response: http::Response<TimedBody>,
     coding: Coding,
     scrub: bool,
+    metering: Option<Arc<Metering>>,
 }
 
 /// The stages, in order. Each takes what the ones before it established.
 async fn proxy(
     state: &AppState,
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
     audit: &mut AuditGuard,
     request: Request<Body>,
 ) -> Result<Answer, ProxyError> {
@@ -116,10 +128,11 @@ async fn proxy(
     let identified = identify(state, runtime, audit, routed.route, &request)?;
     let admitted = admit(state, audit, &routed, &identified, request.method(), request.uri()).await?;
     let request = check_body(request, runtime.config.forward.max_request_body_bytes, &routed.route.name).await?;
+    let (request, metering) = meter(state, runtime, audit, &routed, &identified, request).await?;
     let secret = resolve(runtime, audit, admitted.grant).await?;
     let forwarded = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
     settle(state, audit, &identified.caller, &forwarded).await;
-    answer(routed.route, forwarded)
+    answer(routed.route, forwarded, metering)
 }
 
 /// `route`: the route a request is for.
@@ -241,6 +254,119 @@ async fn check_body(request: Request<Body>, limit: u64, route: &str) -> Result<R
         return Err(ProxyError::BodyTooLarge { limit });
     }
     refuse_form_method_override(request, limit, route).await
+}
+
+/// `meter`: a call to an LLM API (`usage::Api`) has its body read (bounded by the body limit),
+/// a streamed chat completion is made to report its usage, and the call's worst case is
+/// reserved in every budget of its root agent, before the secret store is touched. Any other
+/// call is counted as a request in those budgets.
+async fn meter(
+    state: &AppState,
+    runtime: &Arc<Runtime>,
+    audit: &mut AuditGuard,
+    routed: &Routed<'_>,
+    identified: &Identified<'_>,
+    request: Request<Body>,
+) -> Result<(Request<Body>, Option<Arc<Metering>>), ProxyError> {
+    let config = &runtime.config;
+    let agent = identified.caller.root();
+    let role = &identified.caller.limits_role().name;
+    let budgets = budget::applicable(&config.budgets, agent, role);
+    let shared = state.limits.shared.as_deref();
+    let Some(api) = Api::detect(request.method(), &routed.rest) else {
+        if !budgets.is_empty() {
+            state.limits.budgets.count_request(shared, &budgets, agent, budget::unix_now()).await;
+        }
+        return Ok((request, None));
+    };
+    let (mut parts, body) = request.into_parts();
+    let limit = config.forward.max_request_body_bytes;
+    let body = {
+        use http_body_util::BodyExt;
+        match http_body_util::Limited::new(body, limit as usize).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
+            Err(_) => return Err(ProxyError::BadBody),
+        }
+    };
+    let facts = usage::read_request(api, &body);
+    // About four bytes of request a token: more than the prompt's tokens, as JSON adds bytes.
+    let input_estimate = (body.len() as u64).div_ceil(4);
+    let max_output = facts.max_output_tokens.unwrap_or(config.usage.default_max_output_tokens);
+    let price = config.usage.price(facts.model.as_deref());
+    let mut would_deny = Vec::new();
+    if price.is_none()
+        && let Some(cost_budget) = budgets.iter().find(|b| b.cost_micro_usd.is_some())
+    {
+        let refusal = ProxyError::ModelNotPriced {
+            budget: cost_budget.name.clone(),
+            model: facts.model.as_deref().map(|m| m.chars().take(80).collect()),
+        };
+        if cost_budget.mode == Mode::Enforce {
+            return Err(refusal);
+        }
+        would_deny.push((cost_budget.name.clone(), refusal.message()));
+    }
+    let reservation = if budgets.is_empty() {
+        None
+    } else {
+        let reserved = Usage { input_tokens: input_estimate, output_tokens: max_output, ..Usage::default() };
+        let worst_input = price.map_or(0.0, |p| p.input.max(p.cache_write).max(p.cache_read));
+        let claim = Claim {
+            amount: Amount {
+                tokens: input_estimate + max_output,
+                micro_usd: price
+                    .map_or(0, |p| (worst_input * input_estimate as f64 + p.output * max_output as f64).ceil() as u64),
+            },
+            max_output: reserved.output_tokens,
+            output_micro_per_token: price.map_or(0.0, |p| p.output),
+        };
+        let reserved = state.limits.budgets.reserve(shared, &budgets, agent, claim, budget::unix_now()).await;
+        if let Err(ProxyError::BudgetExceeded { budget, .. }) = &reserved {
+            state.metrics.budget_refusals.get_or_create(&BudgetLabel { budget: budget.clone() }).inc();
+        }
+        Some(reserved?)
+    };
+    if let Some(reservation) = &reservation {
+        would_deny.extend(reservation.would_deny.iter().cloned());
+    }
+    for (budget, reason) in would_deny {
+        shadow_denied(state, audit, agent, "budget", format!("budget:{budget}"), reason);
+    }
+    let strip_usage_chunk = facts.rewritten.is_some();
+    let body = match facts.rewritten {
+        Some(rewritten) => {
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
+            rewritten
+        }
+        None => body,
+    };
+    let charged = reservation.as_ref().map(|r| r.budgets()).unwrap_or_default();
+    let handles = Handles {
+        usage_config: config.usage.clone(),
+        budgets: state.limits.budgets.clone(),
+        shared: state.limits.shared.clone(),
+        metrics: state.metrics.clone(),
+    };
+    let reserved = Reserved { input_tokens: input_estimate, output_tokens: max_output };
+    let metering =
+        Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, agent, &routed.route.name);
+    audit.settle_with(charged, metering.settle_hook());
+    Ok((Request::from_parts(parts, Body::from(body)), Some(metering)))
+}
+
+/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes on.
+fn shadow_denied(
+    state: &AppState,
+    audit: &mut AuditGuard,
+    agent: &str,
+    kind: &'static str,
+    policy: String,
+    reason: String,
+) {
+    tracing::info!(agent, policy = %policy, reason = %reason, "shadow mode: a policy would have refused this call");
+    state.metrics.would_deny.get_or_create(&WouldDenyLabels { agent: agent.to_string(), policy: kind }).inc();
+    audit.would_deny(policy, reason);
 }
 
 /// `resolve`: the credential the grant names, from its store (or the cache).
@@ -371,7 +497,7 @@ async fn settle(state: &AppState, audit: &mut AuditGuard, caller: &Principal<'_>
 
 /// The answer, unless the upstream could not be reached or its body is coded in a way the
 /// scrubber cannot read.
-fn answer(route: &RouteConfig, forwarded: Forwarded) -> Result<Answer, ProxyError> {
+fn answer(route: &RouteConfig, forwarded: Forwarded, metering: Option<Arc<Metering>>) -> Result<Answer, ProxyError> {
     let response = match forwarded {
         Forwarded::Answered(response) => response,
         Forwarded::Unreachable(error) => return Err(error),
@@ -381,7 +507,7 @@ fn answer(route: &RouteConfig, forwarded: Forwarded) -> Result<Answer, ProxyErro
         tracing::warn!(route = %route.name, "upstream used a content or transfer coding that cannot be scrubbed; refused");
         return Err(ProxyError::UpstreamEncoding { route: route.name.clone() });
     }
-    Ok(Answer { response, coding, scrub: route.scrub_responses })
+    Ok(Answer { response, coding, scrub: route.scrub_responses, metering })
 }
 
 fn is_refusal(status: StatusCode) -> bool {

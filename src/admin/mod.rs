@@ -4,6 +4,7 @@
 
 mod agents;
 mod api;
+mod budgets;
 mod delegations;
 mod lifecycle;
 mod ui;
@@ -33,6 +34,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/delegations", get(delegations::list))
         .route("/admin/delegations/{id}", axum::routing::delete(delegations::revoke))
         .route("/admin/agents", get(agents::list))
+        .route("/admin/budgets", get(budgets::list))
         .route("/admin/agents/{id}/quarantine", axum::routing::post(agents::quarantine))
         .route("/admin/agents/{id}/release", axum::routing::post(agents::release))
         .route("/admin/agents/{id}/revoke", axum::routing::post(agents::revoke))

@@ -12,7 +12,9 @@ use http::Method;
 use rand::Rng;
 
 use super::chain::Line;
-use super::record::{AuditRecord, Decision, Ended, EndedAt, EndedBy, InvalidatedCredential, Outcome};
+use super::record::{
+    AuditRecord, Decision, Ended, EndedAt, EndedBy, InvalidatedCredential, Outcome, UsageRecord, WouldDeny,
+};
 use super::sink::AuditSink;
 use crate::config::OnFailure;
 use crate::error::{Origin, ProxyError};
@@ -34,6 +36,18 @@ pub struct AuditGuard {
     released: bool,
     /// Released with the guard, when the response is done (an in-flight slot).
     held: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Settles a metered call's budgets once it has ended, exactly once, on every path.
+    settle: Option<Settle>,
+}
+
+/// Called when the attempt ends with whether the credential was released; returns what the
+/// call used and whether keyward cut its stream off for a budget.
+pub type Settle = Box<dyn FnOnce(bool) -> Settled + Send + Sync>;
+
+/// What settling a metered call found.
+pub struct Settled {
+    pub usage: Option<UsageRecord>,
+    pub cut: bool,
 }
 
 /// How a proxied response body ended, once the agent had the response head.
@@ -92,6 +106,9 @@ impl AuditGuard {
             label: None,
             fallback_from: None,
             invalidated: None,
+            budgets: Vec::new(),
+            usage: None,
+            would_deny: Vec::new(),
         };
         AuditGuard {
             sink,
@@ -103,6 +120,7 @@ impl AuditGuard {
             access_log: true,
             released: false,
             held: None,
+            settle: None,
         }
     }
 
@@ -165,6 +183,17 @@ impl AuditGuard {
     pub fn delegation(&mut self, chain: &[String], label: Option<&str>) {
         self.record.delegated_by = Some(chain.to_vec());
         self.record.label = label.map(str::to_string);
+    }
+
+    /// The call is metered: `settle` runs when it ends, and its usage goes into the record.
+    pub fn settle_with(&mut self, budgets: Vec<String>, settle: Settle) {
+        self.record.budgets = budgets;
+        self.settle = Some(settle);
+    }
+
+    /// A policy in shadow mode would have refused the call.
+    pub fn would_deny(&mut self, policy: String, reason: String) {
+        self.record.would_deny.push(WouldDeny { policy, reason });
     }
 
     pub fn key_fingerprint(&mut self, fingerprint: String) {
@@ -258,9 +287,20 @@ impl AuditGuard {
         self.emit(Decision::Allowed, outcome);
     }
 
-    fn emit(&mut self, decision: Decision, outcome: Outcome) {
+    fn emit(&mut self, mut decision: Decision, mut outcome: Outcome) {
         if std::mem::replace(&mut self.emitted, true) {
             return;
+        }
+        if let Some(settle) = self.settle.take() {
+            let settled = settle(self.released);
+            self.record.usage = settled.usage;
+            if settled.cut && matches!(outcome, Outcome::Success | Outcome::UpstreamStatus) {
+                outcome = Outcome::BudgetCut;
+                self.record.ended = Some(Ended { by: EndedBy::Keyward, at: EndedAt::MidBody });
+            }
+        }
+        if decision == Decision::Allowed && !self.record.would_deny.is_empty() {
+            decision = Decision::WouldDeny;
         }
         let elapsed = self.started.elapsed();
         let record = &mut self.record;
@@ -276,6 +316,7 @@ impl AuditGuard {
             Decision::Denied => "denied",
             Decision::Throttled => "throttled",
             Decision::Error => "error",
+            Decision::WouldDeny => "would_deny",
         };
         self.metrics
             .requests

@@ -12,6 +12,6 @@ mod sink;
 
 pub use body::AuditedBody;
 pub use event::AuditEvent;
-pub use guard::{AuditGuard, BodyEnd, new_request_id};
-pub use record::{AuditRecord, Decision, Outcome};
+pub use guard::{AuditGuard, BodyEnd, Settle, Settled, new_request_id};
+pub use record::{AuditRecord, Decision, Outcome, UsageRecord, WouldDeny};
 pub use sink::{AuditSink, WriteFailed, chain_files};

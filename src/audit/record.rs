@@ -20,6 +20,8 @@ pub enum Decision {
     Throttled,
     /// keyward could not complete it: secret store or upstream failure.
     Error,
+    /// Forwarded, but a policy in shadow mode would have refused it (`wouldDeny` says which).
+    WouldDeny,
 }
 
 /// How the attempt ended.
@@ -51,6 +53,34 @@ pub enum Outcome {
     /// The credential had been released and the request was on its way upstream when keyward
     /// cut it off because of the agent's request body: over the limit, malformed, or broken off.
     RequestAborted,
+    /// keyward ended the stream at an event boundary because it would exhaust a budget with
+    /// `cut_off = true`.
+    BudgetCut,
+}
+
+/// What a metered call used and cost (fields in sorted order).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRecord {
+    pub cache_read_tokens: u64,
+    pub cache_write_tokens: u64,
+    /// `null` when the model has no price (and no cost budget applied).
+    pub cost_usd: Option<f64>,
+    pub input_tokens: u64,
+    /// The model the answer named, else the one the request asked for.
+    pub model: Option<String>,
+    pub output_tokens: u64,
+    /// `false` when the answer reported no usage and the call was charged its reservation
+    /// (or, for a stream keyward cut off, its estimate).
+    pub reported: bool,
+}
+
+/// A policy in shadow mode that would have refused the call (fields in sorted order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WouldDeny {
+    /// `budget:NAME`, `grant:ROLE[i]`, `quota:ROUTE` or `role:NAME`.
+    pub policy: String,
+    pub reason: String,
 }
 
 /// Who ended the response body (fields in sorted order).
@@ -85,6 +115,9 @@ pub enum EndedAt {
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord {
     pub agent_id: Option<String>,
+    /// The budgets the call was charged to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
     /// The secret's name, never its value.
@@ -134,6 +167,12 @@ pub struct AuditRecord {
     /// a credential goes onto the network.
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// Tokens and cost of a metered call (LLM APIs); absent for calls that report no usage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageRecord>,
+    /// Shadow-mode policies that would have refused the call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_deny: Vec<WouldDeny>,
 }
 
 /// What happened after the upstream refused an injected credential (fields in sorted order).
@@ -292,6 +331,21 @@ mod tests {
                 version: some("v0"),
                 retry: "new_version",
             }),
+            budgets: if filled { vec!["daily".to_string()] } else { Vec::new() },
+            usage: filled.then(|| UsageRecord {
+                cache_read_tokens: 1,
+                cache_write_tokens: 2,
+                cost_usd: Some(0.5),
+                input_tokens: 3,
+                model: some("gpt-4o"),
+                output_tokens: 4,
+                reported: true,
+            }),
+            would_deny: if filled {
+                vec![WouldDeny { policy: "budget:daily".into(), reason: "r".into() }]
+            } else {
+                Vec::new()
+            },
         }
     }
 

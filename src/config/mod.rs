@@ -91,7 +91,7 @@ pub struct Config {
     pub roles: BTreeMap<String, RoleConfig>,
     pub agents: Vec<AgentConfig>,
     /// The price table and how calls are reserved (`[usage]`).
-    pub usage: budget::UsageConfig,
+    pub usage: std::sync::Arc<budget::UsageConfig>,
     pub budgets: Vec<budget::BudgetConfig>,
 }
 

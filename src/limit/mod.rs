@@ -3,6 +3,8 @@
 //! did the call tell the anomaly detectors. State survives config reloads.
 
 pub mod anomaly;
+pub mod budget;
+pub mod metered;
 pub mod quota;
 pub mod shared;
 
@@ -61,6 +63,8 @@ pub struct Limits {
     pub changed: tokio::sync::Notify,
     /// The Redis backend, when `limits.backend = "redis"`.
     pub shared: Option<Arc<Shared>>,
+    /// Token and cost budgets (their accounts; the budgets themselves are config).
+    pub budgets: Arc<budget::Budgets>,
 }
 
 /// One (agent, route, credential) first use.

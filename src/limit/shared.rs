@@ -203,6 +203,38 @@ impl Shared {
         Ok(usize::try_from(spent).ok().filter(|i| *i > 0).map(|i| i - 1))
     }
 
+    /// Runs `script` over `keys` with integer `args`; its answer as integers (budgets).
+    pub async fn eval_ints(&self, script: &redis::Script, keys: &[String], args: &[i64]) -> Result<Vec<i64>, ()> {
+        let mut connection = self.manager.clone();
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let answer = invocation.invoke_async(&mut connection).await.map_err(|e| self.note(false, Some(&e)))?;
+        self.note(true, None);
+        Ok(answer)
+    }
+
+    /// A hash of integer fields (a budget account); absent fields are absent.
+    pub async fn hash_ints(&self, key: &str) -> Result<HashMap<String, i64>, ()> {
+        let mut connection = self.manager.clone();
+        connection.hgetall(key).await.map_err(|e| self.note(false, Some(&e)))
+    }
+
+    /// Counts one request in each budget account of `keys` (args: five per key, the last the
+    /// seconds to keep it).
+    pub async fn count_requests(&self, keys: &[String], args: &[i64]) -> Result<(), ()> {
+        let mut connection = self.manager.clone();
+        let mut pipe = redis::pipe();
+        for (i, key) in keys.iter().enumerate() {
+            pipe.hincr(key, "n", 1).ignore().expire(key, args[i * 5 + 4]).ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await.map_err(|e| self.note(false, Some(&e)))
+    }
+
     /// Records first uses, so no replica reports them again, even after a restart.
     pub async fn record_first_uses(&self, triples: &[(String, String, String)]) -> Result<(), ()> {
         if triples.is_empty() {

@@ -36,6 +36,9 @@ pub(crate) struct Persisted {
     /// Written by a clean shutdown: the use counts are exact.
     #[serde(default)]
     pub(crate) clean_shutdown: bool,
+    /// Budget accounts of the windows under way (reservations in flight counted as used).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) budgets: Vec<crate::limit::budget::SavedAccount>,
 }
 
 /// The local state file, for the local limits backend.

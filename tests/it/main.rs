@@ -8,6 +8,7 @@ mod audit;
 #[cfg(feature = "aws")]
 mod aws;
 mod binary;
+mod budgets;
 mod canary;
 mod clients;
 mod connections;

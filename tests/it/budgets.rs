@@ -1,0 +1,351 @@
+//! Token and cost budgets from the usage the upstream reports: the official openai and
+//! anthropic clients each charge exactly what the fake upstream reported; a budget admits calls
+//! until a reservation no longer fits, answers 429 with Retry-After, and admits again in the
+//! next window; cost budgets use the price table; a stream that would exhaust a `cut_off`
+//! budget ends at an event boundary; shadow budgets let the call through and record
+//! `would_deny`; accounts survive a restart; and two replicas with one Redis share a budget.
+
+use crate::common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{Value, json};
+use tokio::process::Command;
+
+const PRICES: &str = r#"
+[usage.prices]
+"gpt-fake" = { input = 1.0, output = 2.0, cache_read = 0.5 }
+"claude-fake" = { input = 3.0, output = 15.0, cache_read = 0.3, cache_write = 3.75 }
+"#;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/py/usage_clients.py")
+}
+
+async fn run_client(case: &str, base: &str) -> Value {
+    let mut command = Command::new("python3");
+    command.env("NO_PROXY", "127.0.0.1,localhost").env_remove("HTTP_PROXY").env_remove("HTTPS_PROXY");
+    command.env_remove("ALL_PROXY").env("PYTHONDONTWRITEBYTECODE", "1").kill_on_drop(true);
+    command.args([script().to_str().unwrap(), case, base, WORKER_KEY]);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{case} did not finish within 60 s"))
+        .expect("python3 runs (scripts/test.sh installs openai and anthropic)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{case} failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{case} printed no JSON ({e}):\n{stdout}"))
+}
+
+async fn budgets(h: &Harness) -> Value {
+    admin_get(&h.client, &format!("{}/admin/budgets", h.admin)).await
+}
+
+/// The account of budget `name` for `holder`, once no reservation is in flight (settling runs
+/// just after the response ends).
+async fn settled_account(h: &Harness, name: &str, holder: &str) -> Value {
+    for _ in 0..100 {
+        let all = budgets(h).await;
+        let account = all["budgets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .and_then(|b| b["accounts"].as_array().unwrap().iter().find(|a| a["holder"] == holder).cloned())
+            .unwrap_or_else(|| panic!("no account {name}/{holder}: {all}"));
+        let reserved = account["tokens"]["reserved"].as_u64().unwrap_or(0)
+            + (account["costUsd"]["reserved"].as_f64().unwrap_or(0.0) > 0.0) as u64;
+        if reserved == 0 {
+            return account;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("budget {name} still has a reservation in flight");
+}
+
+/// The outcome records with `usage`, once there are `count` of them (a stream's record is
+/// written when the client closes it).
+async fn usage_records(h: &Harness, count: usize) -> Vec<Value> {
+    for _ in 0..200 {
+        let records: Vec<Value> = h.audit().into_iter().filter(|r| r["usage"].is_object()).collect();
+        if records.len() >= count {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("fewer than {count} metered records: {:#?}", h.audit());
+}
+
+fn usage_of(record: &Value) -> (u64, u64, u64, u64) {
+    let u = &record["usage"];
+    let n = |k: &str| u[k].as_u64().unwrap_or_else(|| panic!("no {k} in {record}"));
+    (n("inputTokens"), n("outputTokens"), n("cacheReadTokens"), n("cacheWriteTokens"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_and_anthropic_clients_are_charged_exactly_what_the_upstream_reported() {
+    let extra = format!(
+        "{PRICES}\n[[budgets]]\nname = \"worker-day\"\nagent = \"worker-1\"\ntokens = 1000000\ncost_usd = 100\nwindow = \"day\"\n{}",
+        admin_block()
+    );
+    let h = Harness::start_with(&extra).await;
+    // (case, text, usage as keyward normalises it: input without cached, output, cache read, cache write)
+    let cases = [
+        ("chat", "Hello from the fake upstream.", (3, 7, 2, 0)),
+        ("chat-stream", "tok0 tok1 tok2 tok3 tok4 ", (7, 5, 2, 0)),
+        ("chat-stream-usage", "tok0 tok1 tok2 tok3 tok4 ", (7, 5, 2, 0)),
+        ("responses-stream", "Hello from the fake upstream.", (8, 6, 3, 0)),
+        ("anthropic", "Hello from the fake upstream.", (5, 7, 4, 3)),
+        ("anthropic-stream", "Hello from the fake upstream.", (5, 7, 4, 3)),
+    ];
+    let mut total_tokens = 0;
+    let mut total_cost = 0.0;
+    for (i, (case, text, expected)) in cases.iter().enumerate() {
+        let out = run_client(case, &h.base).await;
+        assert_eq!(out["text"], *text, "{case}: {out}");
+        let records = usage_records(&h, i + 1).await;
+        let record = &records[i];
+        assert_eq!(usage_of(record), *expected, "{case}: {record}");
+        assert_eq!(record["usage"]["reported"], true, "{case}: {record}");
+        assert_eq!(record["budgets"], json!(["worker-day"]), "{case}: {record}");
+        assert_eq!(record["outcome"], "success", "{case}: {record}");
+        let (input, output, read, write) = *expected;
+        total_tokens += input + output + read + write;
+        let (pi, po, pr, pw) =
+            if case.starts_with("anthropic") { (3.0, 15.0, 0.3, 3.75) } else { (1.0, 2.0, 0.5, 1.0) };
+        let cost = (pi * input as f64 + po * output as f64 + pr * read as f64 + pw * write as f64) / 1e6;
+        let recorded = record["usage"]["costUsd"].as_f64().unwrap();
+        assert!((recorded - cost).abs() < 1.5e-6, "{case}: cost {recorded} != {cost}");
+        total_cost += recorded;
+        let account = settled_account(&h, "worker-day", "worker-1").await;
+        assert_eq!(account["tokens"]["used"], total_tokens, "{case}: {account}");
+        assert!((account["costUsd"]["used"].as_f64().unwrap() - total_cost).abs() < 1e-9, "{case}: {account}");
+    }
+
+    // The stream without include_usage: keyward asked for usage upstream, and the client saw
+    // exactly what it asked for (no usage chunk, no `usage` field on any chunk).
+    let out = run_client("chat-stream", &h.base).await;
+    assert_eq!(out["chunks"], 5, "{out}");
+    assert_eq!(out["usage"], json!([]), "{out}");
+    assert_eq!(out["without_choices"], 0, "{out}");
+    assert!(!out["fields"].as_array().unwrap().contains(&json!("usage")), "{out}");
+    let asked: Value = serde_json::from_slice(&h.upstream.last().unwrap().body).unwrap();
+    assert_eq!(asked["stream_options"]["include_usage"], true, "keyward asked the upstream for usage");
+    // The client that asked for usage got the usage chunk.
+    let out = run_client("chat-stream-usage", &h.base).await;
+    assert_eq!(out["without_choices"], 1, "{out}");
+    assert_eq!(out["usage"][0]["prompt_tokens"], 9, "{out}");
+
+    // Byte for byte: the stream keyward hands on is the one the upstream sends a client that
+    // did not ask for usage.
+    let body = json!({ "model": "gpt-fake", "messages": [{ "role": "user", "content": "hi" }], "stream": true });
+    let direct = h.client.post(format!("{}/v1/chat/completions", h.upstream.url())).json(&body).send().await.unwrap();
+    let direct = direct.bytes().await.unwrap();
+    let via =
+        h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).json(&body).send().await.unwrap();
+    assert!(via.headers().get("content-length").is_none());
+    let via = via.bytes().await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&via), String::from_utf8_lossy(&direct));
+
+    // Token and cost counters, labelled by agent, price-table model and route.
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(
+            "keyward_tokens_total{agent=\"worker-1\",model=\"claude-fake\",route=\"anthropic\",kind=\"cache_write\"} 6"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("keyward_cost_usd_total{agent=\"worker-1\",model=\"gpt-fake\",route=\"openai\"}"));
+    let audit = std::fs::read_to_string(h.audit_path()).unwrap();
+    assert_no_canary("the audit file", &audit);
+    h.stop().await;
+}
+
+/// Sleeps until just after the start of the next `seconds`-long window (epoch-aligned, as the
+/// budget's windows are), so a short sequence of calls falls in one window.
+async fn at_window_start(seconds: u64) {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64;
+    let next = (now / (seconds * 1000) + 1) * seconds * 1000;
+    tokio::time::sleep(Duration::from_millis(next - now + 30)).await;
+}
+
+async fn chat(h: &Harness, body: &Value) -> reqwest::Response {
+    h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).json(body).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_admits_until_the_reservation_no_longer_fits_then_429_until_the_window_turns() {
+    let extra =
+        format!("[[budgets]]\nname = \"tight\"\nrole = \"worker\"\ntokens = 100\nwindow = \"3s\"\n{}", admin_block());
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
+    let reservation = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) + 50;
+    assert!(reservation > 100 / 2 && reservation < 100 - 2 * 12, "the test assumes 3 calls fit: {reservation}");
+    at_window_start(3).await;
+    let started = Instant::now();
+    // Each call reserves `reservation` and settles at the 12 tokens the fake reports.
+    let mut admitted = 0;
+    loop {
+        let response = chat(&h, &body).await;
+        if response.status() == 429 {
+            let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=3).contains(&retry_after), "Retry-After {retry_after} points at the window's end");
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
+            let message = error["error"]["message"].as_str().unwrap();
+            assert!(message.contains("budget 'tight'") && message.contains("worker-1"), "{message}");
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        admitted += 1;
+        settled_account(&h, "tight", "worker-1").await;
+        assert!(admitted < 10, "the budget never refused");
+    }
+    assert!(started.elapsed() < Duration::from_millis(2900), "the calls spanned a window; the machine is too slow");
+    assert_eq!(admitted, (100 - reservation) / 12 + 1, "admitted until 12 × n + {reservation} > 100");
+    let upstream_calls = h.upstream.count();
+    assert_eq!(upstream_calls, admitted as usize, "the refused call never reached the upstream");
+    let refused = h.wait_for_audit(|r| r["errorCode"] == "budget_exceeded").await;
+    assert_eq!(refused["decision"], "throttled");
+    assert!(refused.get("secretSource").is_none(), "the secret store was not touched: {refused}");
+    let account = settled_account(&h, "tight", "worker-1").await;
+    assert_eq!(account["tokens"]["used"], 12 * admitted);
+    assert_eq!(account["tokens"]["remaining"], 100 - 12 * admitted);
+    // The next window admits again.
+    at_window_start(3).await;
+    assert_eq!(chat(&h, &body).await.status(), 200);
+    // A call that reports no usage (GitHub) is counted as a request only.
+    let r = h.client.get(h.url("/github/user")).bearer_auth(WORKER_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let account = settled_account(&h, "tight", "worker-1").await;
+    assert_eq!(account["requests"], 2, "{account}");
+    assert_eq!(account["tokens"]["used"], 12, "{account}");
+    let metrics = h.metrics().await;
+    assert!(metrics.contains("keyward_budget_refusals_total{budget=\"tight\"} 1"), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_budget_charges_from_the_price_table_and_refuses_unpriced_models() {
+    // 1000 µUSD per input token, 2000 per output token: a call reports 3 + 2 cached input and
+    // 7 output tokens = 3000 + 1000 + 14000 = 18000 µUSD.
+    let extra = format!(
+        "[usage.prices]\n\"gpt-fake\" = {{ input = 1000, output = 2000, cache_read = 500 }}\n[[budgets]]\nname = \"spend\"\npool = {{ agents = [\"worker-1\"] }}\ncost_usd = 0.2\nwindow = \"month\"\n{}",
+        admin_block()
+    );
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
+    let input_estimate = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4);
+    let reservation = input_estimate * 1000 + 50 * 2000;
+    let mut admitted = 0u64;
+    loop {
+        let response = chat(&h, &body).await;
+        if response.status() == 429 {
+            let error: Value = response.json().await.unwrap();
+            assert!(error["error"]["message"].as_str().unwrap().contains("cost per month"), "{error}");
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        admitted += 1;
+        settled_account(&h, "spend", "pool").await;
+        assert!(admitted < 20);
+    }
+    assert_eq!(admitted, (200_000 - reservation) / 18_000 + 1);
+    let account = settled_account(&h, "spend", "pool").await;
+    assert!((account["costUsd"]["used"].as_f64().unwrap() - 0.018 * admitted as f64).abs() < 1e-9, "{account}");
+    let record = h.audit().into_iter().find(|r| r["usage"].is_object()).unwrap();
+    assert_eq!(record["usage"]["costUsd"], 0.018);
+    // A model that is not in the price table cannot be charged: refused before the upstream.
+    let before = h.upstream.count();
+    let response = chat(&h, &json!({ "model": "o9-secret", "messages": [] })).await;
+    assert_eq!(response.status(), 403);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_priced", "{error}");
+    assert_eq!(h.upstream.count(), before);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_would_exhaust_a_cut_off_budget_ends_at_an_event_boundary() {
+    let extra = format!(
+        "[usage]\ndefault_max_output_tokens = 5\n[[budgets]]\nname = \"stream-cap\"\nagent = \"worker-1\"\ntokens = 60\nwindow = \"day\"\ncut_off = true\n{}",
+        admin_block()
+    );
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "model": "gpt-fake", "messages": [{ "role": "user", "content": "go" }], "stream": true,
+                       "fake_events": 40, "fake_interval_ms": 1 });
+    let response = chat(&h, &body).await;
+    assert_eq!(response.status(), 200);
+    let text = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.ends_with("\n\n"), "the stream ended at an event boundary: {text:?}");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() > 3 && events.len() < 40, "cut mid-way: {} events", events.len());
+    for event in &events {
+        let data = event.strip_prefix("data: ").unwrap_or_else(|| panic!("whole event: {event:?}"));
+        let chunk: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data:?}"));
+        assert!(chunk.get("usage").is_none(), "{chunk}");
+    }
+    let record = h.wait_for_audit(|r| r["outcome"] == "budget_cut").await;
+    assert_eq!(record["ended"], json!({ "by": "keyward", "at": "mid_body" }), "{record}");
+    assert_eq!(record["success"], false);
+    assert_eq!(record["usage"]["reported"], false);
+    let metrics = h.metrics().await;
+    assert!(metrics.contains("keyward_budget_cuts_total{budget=\"stream-cap\"} 1"), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_budget_lets_the_call_through_and_records_would_deny() {
+    let extra = format!(
+        "[[budgets]]\nname = \"trial\"\nrole = \"worker\"\ntokens = 10\nwindow = \"day\"\nmode = \"shadow\"\n{}",
+        admin_block()
+    );
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "model": "gpt-fake", "messages": [{ "role": "user", "content": "hello" }] });
+    assert_eq!(chat(&h, &body).await.status(), 200);
+    let record = h.wait_for_audit(|r| r["usage"].is_object()).await;
+    assert_eq!(record["decision"], "would_deny", "{record}");
+    assert_eq!(record["outcome"], "success", "{record}");
+    assert_eq!(record["wouldDeny"][0]["policy"], "budget:trial", "{record}");
+    assert!(record["wouldDeny"][0]["reason"].as_str().unwrap().contains("budget 'trial'"), "{record}");
+    // Still charged, so the burn shows what enforcing it would have meant.
+    let account = settled_account(&h, "trial", "worker-1").await;
+    assert_eq!(account["tokens"]["used"], 12);
+    let metrics = h.metrics().await;
+    assert!(metrics.contains("keyward_would_deny_total{agent=\"worker-1\",policy=\"budget\"} 1"), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_accounts_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keyward::fake_upstream::FakeUpstream::start().await.unwrap();
+    write_secrets(dir.path());
+    let extra = format!(
+        "[[budgets]]\nname = \"kept\"\nagent = \"worker-1\"\ntokens = 1000\nwindow = \"month\"\n{}",
+        admin_block()
+    );
+    let text = config_text(dir.path(), &upstream.url(), &extra);
+    let client = client();
+    let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
+    let used = |budgets: &Value| budgets["budgets"][0]["accounts"][0]["tokens"]["used"].clone();
+    for round in 1..=2u64 {
+        let config = keyward::config::load_str(&text, "test.toml", false).unwrap();
+        let running = keyward::instance::start(config).await.unwrap();
+        let base = format!("http://{}", running.proxy_addr.unwrap());
+        let admin = format!("http://{}/admin/budgets", running.admin_addr);
+        let r = client.post(format!("{base}/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).json(&body).send();
+        assert_eq!(r.await.unwrap().status(), 200);
+        let mut seen = Value::Null;
+        for _ in 0..100 {
+            seen = admin_get(&client, &admin).await;
+            if used(&seen) == json!(12 * round) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(used(&seen), json!(12 * round), "round {round}: {seen}");
+        running.shutdown().await;
+    }
+}
