@@ -349,3 +349,134 @@ async fn budget_accounts_survive_a_restart() {
         running.shutdown().await;
     }
 }
+
+/// A replica (the real binary) with the Redis backend and one token budget shared by the
+/// worker role's pool; `failure` is the budget's own Redis failure policy.
+fn replica(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: &str,
+    redis_port: u16,
+    failure: &str,
+) -> common::process::Spawned {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap();
+    write_secrets(&sub);
+    let extra = format!(
+        r#"
+[limits]
+backend = "redis"
+redis_url = "redis://127.0.0.1:{redis_port}"
+redis_failure = "fail_open"
+
+[[budgets]]
+name = "shared-pool"
+pool = {{ roles = ["worker"] }}
+tokens = 600
+window = "day"
+redis_failure = "{failure}"
+
+[roles.worker.anomaly]
+rate_spike = {{ enabled = false }}
+first_use = {{ enabled = false }}
+{admin}"#,
+        admin = admin_block()
+    );
+    let path = sub.join("keyward.toml");
+    std::fs::write(&path, config_text(&sub, upstream, &extra)).unwrap();
+    common::process::Spawned::serve(&sub, &["--config", path.to_str().unwrap()], &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = keyward::fake_upstream::FakeUpstream::start().await.unwrap();
+    let redis_port = closed_port();
+    let redis = crate::redis::start_redis(redis_port);
+    let a = replica(dir.path(), "a", &upstream.url(), redis_port, "fail_open");
+    let b = replica(dir.path(), "b", &upstream.url(), redis_port, "fail_closed");
+    let client = client();
+    let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
+    let reservation = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) + 50;
+
+    // Eight concurrent workers, four on each replica, each calling until it is refused (at
+    // most 40 calls each).
+    let mut workers = Vec::new();
+    for i in 0..8 {
+        let base = if i % 2 == 0 { a.proxy.clone() } else { b.proxy.clone() };
+        let (client, body) = (client.clone(), body.clone());
+        workers.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            for _ in 0..40 {
+                let r = client
+                    .post(format!("{base}/openai/v1/chat/completions"))
+                    .bearer_auth(WORKER_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("{base}: {e:?}"))?;
+                match r.status().as_u16() {
+                    200 => {
+                        r.bytes().await.unwrap();
+                        admitted += 1;
+                    }
+                    429 => {
+                        let error: Value = r.json().await.unwrap();
+                        assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
+                        break;
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+            Ok::<u64, String>(admitted)
+        }));
+    }
+    let mut admitted = 0;
+    for worker in workers {
+        match worker.await.unwrap() {
+            Ok(n) => admitted += n,
+            Err(e) => panic!("{e}\nreplica a:\n{}\nreplica b:\n{}", a.logs.lock().unwrap(), b.logs.lock().unwrap()),
+        }
+    }
+    // Each call reports 12 tokens. One replica alone would admit (600 - reservation) / 12 + 1
+    // calls; two counting apart would admit twice that.
+    let alone = (600 - reservation) / 12 + 1;
+    assert_eq!(upstream.count() as u64, admitted);
+    assert!(12 * admitted <= 600 + reservation, "{admitted} calls charged {} tokens", 12 * admitted);
+    assert!(admitted <= alone, "{admitted} admitted, more than the {alone} one budget allows");
+    // Both replicas read the one account from Redis, settled.
+    let mut account = Value::Null;
+    for _ in 0..100 {
+        let seen = admin_get(&client, &format!("{}/admin/budgets", b.admin)).await;
+        account = seen["budgets"][0]["accounts"][0].clone();
+        if account["tokens"]["reserved"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(account["tokens"]["used"], 12 * admitted, "{account}");
+    assert_eq!(account["requests"], admitted, "every reservation counted, refused ones not: {account}");
+    let from_a = admin_get(&client, &format!("{}/admin/budgets", a.admin)).await;
+    assert_eq!(from_a["budgets"][0]["accounts"][0]["tokens"]["used"], 12 * admitted);
+
+    // Redis gone: the replica whose budget fails closed refuses, the other counts on its own.
+    drop(redis);
+    let small = json!({ "model": "gpt-fake", "max_tokens": 5, "messages": [] });
+    let call = |base: String| {
+        let (client, small) = (client.clone(), small.clone());
+        async move {
+            let r = client
+                .post(format!("{base}/openai/v1/chat/completions"))
+                .bearer_auth(WORKER_KEY)
+                .json(&small)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let body: Value = r.json().await.unwrap_or_default();
+            (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    assert_eq!(call(b.proxy.clone()).await, (429, "rate_limiter_unavailable".to_string()));
+    assert_eq!(call(a.proxy.clone()).await.0, 200);
+}
