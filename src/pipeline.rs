@@ -227,18 +227,51 @@ async fn admit<'r>(
     let throttled = state.limits.gate(root, now)?;
     let limits_role = caller.limits_role();
     let detectors = &limits_role.anomaly;
-    let grant = caller.authorize(route, method, &routed.rest).inspect_err(|_| {
-        report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
-    })?;
+    // A role in shadow mode lets its own agents' refused calls through (not its delegated keys').
+    let role_shadow = limits_role.mode == Mode::Shadow && caller.delegation().is_none();
+    let role_policy = || format!("role:{}", limits_role.name);
+    let grant = match caller.authorize(route, method, &routed.rest) {
+        Ok(grant) => {
+            if grant.mode == Mode::Shadow
+                && let Some(refusal) = caller.refusal_without_shadow(route, method, &routed.rest)
+            {
+                let index = limits_role.grants.iter().position(|g| std::ptr::eq(g, grant)).unwrap_or_default();
+                let policy = format!("grant:{}[{index}]", limits_role.name);
+                shadow_denied(state, audit, root, "grant", policy, refusal.message());
+            }
+            grant
+        }
+        // The call goes with the credential of the role's first grant on the route; with none
+        // there is no credential to send, and the refusal stands.
+        Err(refusal) if role_shadow && limits_role.grants.iter().any(|g| g.route == *route) => {
+            shadow_denied(state, audit, root, "role", role_policy(), refusal.message());
+            limits_role.grants.iter().find(|g| g.route == *route).expect("checked above")
+        }
+        Err(refusal) => {
+            report_anomalies(state, root, state.limits.observe_failure(root, detectors, now));
+            return Err(refusal);
+        }
+    };
     audit.credential(&grant.secret);
     // The request line would carry the agent's key upstream, or a `_method` that changes what
     // was authorized.
     outbound::check_url(uri, identified.presented_key(), route)?;
     if let Some(quota) = &grant.quota {
-        state.limits.check_quota(root, route, quota, throttled).await?;
+        match state.limits.check_quota(root, route, quota, throttled).await {
+            Err(over @ ProxyError::Throttled { .. }) if grant.quota_mode == Mode::Shadow || role_shadow => {
+                let kind = if grant.quota_mode == Mode::Shadow { "quota" } else { "role" };
+                let policy = if kind == "quota" { format!("quota:{route}") } else { role_policy() };
+                shadow_denied(state, audit, root, kind, policy, over.message());
+            }
+            checked => checked?,
+        }
     }
     if let Some(max) = limits_role.max_in_flight {
-        audit.hold(state.limits.enter(root, max)?);
+        match state.limits.enter(root, max) {
+            Ok(slot) => audit.hold(slot),
+            Err(over) if role_shadow => shadow_denied(state, audit, root, "role", role_policy(), over.message()),
+            Err(over) => return Err(over),
+        }
     }
     if let Some(delegation) = caller.delegation() {
         // Counted only for calls the child key may make, exactly, however many race.
@@ -270,7 +303,9 @@ async fn meter(
 ) -> Result<(Request<Body>, Option<Arc<Metering>>), ProxyError> {
     let config = &runtime.config;
     let agent = identified.caller.root();
-    let role = &identified.caller.limits_role().name;
+    let limits_role = identified.caller.limits_role();
+    let role = &limits_role.name;
+    let role_shadow = limits_role.mode == Mode::Shadow && identified.caller.delegation().is_none();
     let budgets = budget::applicable(&config.budgets, agent, role);
     let shared = state.limits.shared.as_deref();
     let Some(api) = Api::detect(request.method(), &routed.rest) else {
@@ -302,7 +337,7 @@ async fn meter(
             budget: cost_budget.name.clone(),
             model: facts.model.as_deref().map(|m| m.chars().take(80).collect()),
         };
-        if cost_budget.mode == Mode::Enforce {
+        if cost_budget.mode == Mode::Enforce && !role_shadow {
             return Err(refusal);
         }
         would_deny.push((cost_budget.name.clone(), refusal.message()));
@@ -321,7 +356,8 @@ async fn meter(
             max_output: reserved.output_tokens,
             output_micro_per_token: price.map_or(0.0, |p| p.output),
         };
-        let reserved = state.limits.budgets.reserve(shared, &budgets, agent, claim, budget::unix_now()).await;
+        let reserved =
+            state.limits.budgets.reserve(shared, &budgets, agent, claim, role_shadow, budget::unix_now()).await;
         if let Err(ProxyError::BudgetExceeded { budget, .. }) = &reserved {
             state.metrics.budget_refusals.get_or_create(&BudgetLabel { budget: budget.clone() }).inc();
         }

@@ -58,6 +58,8 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
         let mut denials: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
         let mut anomalies: Vec<Value> = Vec::new();
         let mut endings = crate::audit::report::Endings::default();
+        let mut would_deny = BTreeMap::new();
+        let mut spend: BTreeMap<String, crate::audit::report::Spend> = BTreeMap::new();
         for record in read::records(&audit_files(&state)) {
             let Some(time) = read::timestamp(&record).filter(|t| *t >= since) else { continue };
             match Kind::of(&record) {
@@ -69,8 +71,13 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
                 Kind::Released | Kind::Rotation | Kind::Other => continue,
             }
             endings.count(&record);
+            crate::audit::report::count_would_deny(&mut would_deny, &record);
+            if record.get("usage").is_some_and(Value::is_object) {
+                let agent = record.get("agentId").and_then(Value::as_str).unwrap_or("(unidentified)");
+                spend.entry(agent.to_string()).or_default().count(&record);
+            }
             match record.get("decision").and_then(Value::as_str) {
-                Some("allowed") => {
+                Some("allowed" | "would_deny") => {
                     let hour =
                         (time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs() / 3600 % 24) as usize;
                     let text = |k: &str| record.get(k).and_then(Value::as_str).unwrap_or("(none)").to_string();
@@ -104,6 +111,8 @@ pub async fn summary(State(state): State<Arc<AppState>>, Query(q): Query<Since>)
             "endings": endings,
             "anomalies": anomalies.iter().rev().take(50).collect::<Vec<_>>(),
             "quarantined": quarantined,
+            "would_deny": would_deny,
+            "spend": spend,
         })
     })
     .await;

@@ -19,6 +19,8 @@ pub struct Counts {
     pub denied: u64,
     pub throttled: u64,
     pub errors: u64,
+    /// Allowed, but a policy in shadow mode would have refused them.
+    pub would_deny: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -40,6 +42,43 @@ pub struct Report {
     pub rotations: Vec<Value>,
     /// Credentials in the config, with when each was last seen in use.
     pub credentials: Vec<CredentialStatus>,
+    /// Calls a policy in shadow mode would have refused: agent → policy → count.
+    pub would_deny: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Tokens and cost of metered calls, per agent.
+    pub spend: BTreeMap<String, Spend>,
+}
+
+/// What an agent's metered calls used over the period.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Spend {
+    pub calls: u64,
+    pub tokens: u64,
+    pub cost_usd: f64,
+    /// Calls settled at their reservation because the answer reported no usage.
+    pub unreported: u64,
+}
+
+impl Spend {
+    pub fn count(&mut self, record: &Value) {
+        let Some(usage) = record.get("usage").filter(|u| u.is_object()) else { return };
+        let n = |k: &str| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+        self.calls += 1;
+        self.tokens += n("inputTokens") + n("outputTokens") + n("cacheReadTokens") + n("cacheWriteTokens");
+        self.cost_usd += usage.get("costUsd").and_then(Value::as_f64).unwrap_or(0.0);
+        if usage.get("reported") == Some(&Value::Bool(false)) {
+            self.unreported += 1;
+        }
+    }
+}
+
+/// Counts each `wouldDeny` entry of an outcome record under its agent and policy.
+pub fn count_would_deny(table: &mut BTreeMap<String, BTreeMap<String, u64>>, record: &Value) {
+    let Some(entries) = record.get("wouldDeny").and_then(Value::as_array) else { return };
+    let agent = record.get("agentId").and_then(Value::as_str).unwrap_or("(unidentified)");
+    for entry in entries {
+        let policy = entry.get("policy").and_then(Value::as_str).unwrap_or("?").to_string();
+        *table.entry(agent.to_string()).or_default().entry(policy).or_default() += 1;
+    }
 }
 
 /// Who ended each forwarded response (the records' `ended`). An agent that closes a stream it
@@ -86,6 +125,10 @@ pub struct CredentialStatus {
 fn count(counts: &mut Counts, record: &Value) {
     match record.get("decision").and_then(Value::as_str) {
         Some("allowed") => counts.allowed += 1,
+        Some("would_deny") => {
+            counts.allowed += 1;
+            counts.would_deny += 1;
+        }
         Some("denied") => counts.denied += 1,
         Some("throttled") => counts.throttled += 1,
         _ => counts.errors += 1,
@@ -113,6 +156,8 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         anomalies: Vec::new(),
         rotations: Vec::new(),
         credentials: Vec::new(),
+        would_deny: BTreeMap::new(),
+        spend: BTreeMap::new(),
     };
     let mut last_used: BTreeMap<String, String> = BTreeMap::new();
     for record in read::records(files).filter(|r| read::timestamp(r).is_some_and(|t| t >= since)) {
@@ -130,11 +175,16 @@ pub fn build(files: &[PathBuf], since: SystemTime, config: Option<&Config>) -> R
         }
         report.attempts += 1;
         count(&mut report.totals, &record);
+        count_would_deny(&mut report.would_deny, &record);
+        if record.get("usage").is_some_and(Value::is_object) {
+            let agent = record.get("agentId").and_then(Value::as_str).unwrap_or("(unidentified)");
+            report.spend.entry(agent.to_string()).or_default().count(&record);
+        }
         report.endings.count(&record);
         let text = |k: &str| record.get(k).and_then(Value::as_str).map(str::to_string);
         if let Some(credential) = text("credential") {
             count(report.by_credential.entry(credential.clone()).or_default(), &record);
-            if record.get("decision").and_then(Value::as_str) == Some("allowed")
+            if matches!(record.get("decision").and_then(Value::as_str), Some("allowed" | "would_deny"))
                 && let Some(ts) = text("timestamp")
             {
                 last_used.insert(credential, ts);
@@ -200,6 +250,26 @@ pub fn text(r: &Report) -> String {
     for (code, n) in &r.denials {
         let _ = writeln!(out, "  {code:<32} {n:>8}");
     }
+    if !r.would_deny.is_empty() {
+        let _ = writeln!(out, "\nwould have been refused (policies in shadow mode):");
+        for (agent, policies) in &r.would_deny {
+            for (policy, n) in policies {
+                let _ = writeln!(out, "  {agent:<24} {policy:<32} {n:>8}");
+            }
+        }
+    }
+    if !r.spend.is_empty() {
+        let _ = writeln!(out, "\nspend by agent:");
+        let _ =
+            writeln!(out, "  {:<32} {:>8} {:>12} {:>12} {:>10}", "agent", "calls", "tokens", "cost USD", "unreported");
+        for (agent, s) in &r.spend {
+            let _ = writeln!(
+                out,
+                "  {agent:<32} {:>8} {:>12} {:>12.6} {:>10}",
+                s.calls, s.tokens, s.cost_usd, s.unreported
+            );
+        }
+    }
     let _ = writeln!(out, "\nanomalies: {}", r.anomalies.len());
     let _ = writeln!(out, "rotations: {}", r.rotations.len());
     if !r.credentials.is_empty() {
@@ -246,6 +316,24 @@ pub fn html(r: &Report) -> String {
     rows.push_str("<h2>Denials by reason</h2><table><tr><th>code</th><th>count</th></tr>");
     for (code, n) in &r.denials {
         let _ = write!(rows, "<tr><td>{}</td><td>{n}</td></tr>", escape(code));
+    }
+    rows.push_str("</table><h2>Would have been refused (shadow mode)</h2><table><tr><th>agent</th><th>policy</th><th>count</th></tr>");
+    for (agent, policies) in &r.would_deny {
+        for (policy, n) in policies {
+            let _ = write!(rows, "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>", escape(agent), escape(policy));
+        }
+    }
+    rows.push_str("</table><h2>Spend by agent</h2><table><tr><th>agent</th><th>calls</th><th>tokens</th><th>cost USD</th><th>unreported</th></tr>");
+    for (agent, s) in &r.spend {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.6}</td><td>{}</td></tr>",
+            escape(agent),
+            s.calls,
+            s.tokens,
+            s.cost_usd,
+            s.unreported
+        );
     }
     rows.push_str(
         "</table><h2>Credentials</h2><table><tr><th>name</th><th>source</th><th>last used</th><th>rotation</th><th>last rotated</th></tr>",
@@ -330,10 +418,10 @@ mod tests {
         let r = build(&[path], since, None);
         assert!(r.chain.starts_with("intact: 17 records"), "{}", r.chain);
         assert_eq!(r.attempts, 9);
-        assert_eq!(r.totals, Counts { allowed: 6, success: 5, denied: 2, throttled: 1, errors: 0 });
+        assert_eq!(r.totals, Counts { allowed: 6, success: 5, denied: 2, throttled: 1, errors: 0, would_deny: 0 });
         assert_eq!(
             r.by_credential["OPENAI_API_KEY"],
-            Counts { allowed: 6, success: 5, denied: 0, throttled: 1, errors: 0 }
+            Counts { allowed: 6, success: 5, denied: 0, throttled: 1, errors: 0, would_deny: 0 }
         );
         assert_eq!(r.by_agent["(unidentified)"].denied, 1);
         assert_eq!(r.denials["forbidden"], 1);

@@ -89,23 +89,7 @@ pub enum BudgetScope {
     Pool { agents: Vec<String>, roles: Vec<String> },
 }
 
-/// Enforce refuses; shadow records `would_deny` and lets the call through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    #[default]
-    Enforce,
-    Shadow,
-}
-
-impl Mode {
-    pub fn parse(text: &str) -> Option<Mode> {
-        match text {
-            "enforce" => Some(Mode::Enforce),
-            "shadow" => Some(Mode::Shadow),
-            _ => None,
-        }
-    }
-}
+pub use crate::policy::Mode;
 
 /// A budget's window, in UTC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

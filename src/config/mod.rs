@@ -263,6 +263,9 @@ pub struct RoleConfig {
     /// Most requests one agent of this role may have in flight at once.
     pub max_in_flight: Option<u32>,
     pub anomaly: AnomalyConfig,
+    /// `Shadow`: what the role's grants, quotas, in-flight limit and budgets would refuse goes
+    /// through (for its own agents, not their delegated keys), recorded as `would_deny`.
+    pub mode: crate::policy::Mode,
 }
 
 impl crate::policy::RoleGrants for RoleConfig {

@@ -481,6 +481,10 @@ pub struct RawRole {
     pub anomaly: Option<RawAnomaly>,
     pub max_delegation_ttl_seconds: Option<u64>,
     pub max_delegation_depth: Option<u32>,
+    /// `"shadow"`: everything the role would refuse goes through, recorded as `would_deny`.
+    pub mode: Option<String>,
+    /// `"shadow"` for the role's default quota.
+    pub quota_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -492,6 +496,8 @@ pub struct RawGrant {
     pub paths: Vec<String>,
     pub rate: Option<String>,
     pub burst: Option<u32>,
+    pub mode: Option<String>,
+    pub quota_mode: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -213,6 +213,7 @@ fn import(v: &serde_json::Value) -> Option<Delegation> {
             methods: MethodSet::parse(&strings(&g["methods"])?).ok()?,
             paths: strings(&g["paths"])?.iter().map(|p| PathPattern::parse(p)).collect::<Result<_, _>>().ok()?,
             quota,
+            ..GrantConfig::default()
         });
     }
     let id = v["id"].as_str()?.to_string();
@@ -320,6 +321,7 @@ pub fn narrow(parent: &Delegator<'_>, request: &DelegationRequest) -> Result<Vec
                 methods: methods.clone(),
                 paths: paths.clone(),
                 quota,
+                ..GrantConfig::default()
             });
         }
     }
@@ -634,6 +636,7 @@ mod tests {
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
             quota: None,
+            ..GrantConfig::default()
         }
     }
 

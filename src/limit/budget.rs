@@ -200,8 +200,18 @@ impl Budgets {
         budgets: &[&BudgetConfig],
         agent: &str,
         claim: Claim,
+        shadow_all: bool,
         now: u64,
     ) -> Result<Reservation, ProxyError> {
+        // A role in shadow mode shadows every budget of its agents.
+        let shadowed: Vec<BudgetConfig>;
+        let budgets: Vec<&BudgetConfig> = if shadow_all {
+            shadowed = budgets.iter().map(|b| BudgetConfig { mode: Mode::Shadow, ..(*b).clone() }).collect();
+            shadowed.iter().collect()
+        } else {
+            budgets.to_vec()
+        };
+        let budgets = budgets.as_slice();
         if let Some(shared) = shared {
             match self.reserve_shared(shared, budgets, agent, claim, now).await {
                 Ok(answer) => return answer,
@@ -541,35 +551,35 @@ mod tests {
         let cost = budget("c", None, Some(1000), Mode::Enforce);
         let both = [&tokens, &cost];
         let now = 1000;
-        let first = budgets.reserve(None, &both, "a", claim(60, 100), now).await.unwrap();
+        let first = budgets.reserve(None, &both, "a", claim(60, 100), false, now).await.unwrap();
         assert_eq!(first.cut_after_output, Some((10 + 40, "t".to_string())));
         // 60 reserved + 60 > 100: refused, and the cost budget is not charged either.
-        let refused = budgets.reserve(None, &both, "a", claim(60, 100), now).await.unwrap_err();
+        let refused = budgets.reserve(None, &both, "a", claim(60, 100), false, now).await.unwrap_err();
         assert_eq!(refused.code(), "budget_exceeded");
         assert!(refused.message().contains("budget 't'"), "{}", refused.message());
         assert_eq!(budgets.account(None, &cost, "a", now).await.reserved_micro_usd, 100);
         // Another agent of the role has its own account.
-        budgets.reserve(None, &both, "b", claim(60, 100), now).await.unwrap();
+        budgets.reserve(None, &both, "b", claim(60, 100), false, now).await.unwrap();
         // Settled at 12 tokens: room again.
         budgets.settle(None, &first, Amount { tokens: 12, micro_usd: 30 }, now).await;
         let account = budgets.account(None, &tokens, "a", now).await;
         assert_eq!((account.used_tokens, account.reserved_tokens, account.requests), (12, 0, 1));
-        budgets.reserve(None, &both, "a", claim(60, 100), now).await.unwrap();
+        budgets.reserve(None, &both, "a", claim(60, 100), false, now).await.unwrap();
         // The next window starts empty; Retry-After pointed at it.
         let ProxyError::BudgetExceeded { retry_after, .. } =
-            budgets.reserve(None, &both, "a", claim(60, 100), now + 5).await.unwrap_err()
+            budgets.reserve(None, &both, "a", claim(60, 100), false, now + 5).await.unwrap_err()
         else {
             panic!()
         };
         assert_eq!(retry_after, Duration::from_secs(5));
-        budgets.reserve(None, &both, "a", claim(60, 100), now + 10).await.unwrap();
+        budgets.reserve(None, &both, "a", claim(60, 100), false, now + 10).await.unwrap();
     }
 
     #[tokio::test]
     async fn a_shadow_budget_reserves_and_reports_what_it_would_refuse() {
         let budgets = Budgets::default();
         let shadow = budget("s", Some(10), None, Mode::Shadow);
-        let reservation = budgets.reserve(None, &[&shadow], "a", claim(60, 0), 0).await.unwrap();
+        let reservation = budgets.reserve(None, &[&shadow], "a", claim(60, 0), false, 0).await.unwrap();
         assert_eq!(reservation.would_deny.len(), 1);
         assert_eq!(reservation.would_deny[0].0, "s");
         assert_eq!(budgets.account(None, &shadow, "a", 0).await.reserved_tokens, 60);
@@ -579,7 +589,7 @@ mod tests {
     async fn saved_accounts_count_reservations_in_flight_as_used() {
         let budgets = Budgets::default();
         let b = budget("t", Some(100), None, Mode::Enforce);
-        budgets.reserve(None, &[&b], "a", claim(30, 0), 0).await.unwrap();
+        budgets.reserve(None, &[&b], "a", claim(30, 0), false, 0).await.unwrap();
         let saved = budgets.export();
         assert_eq!(saved[0].used_tokens, 30);
         let restored = Budgets::default();

@@ -13,6 +13,30 @@ pub struct GrantConfig {
     pub paths: Vec<PathPattern>,
     /// The grant's quota, or its role's default; keyed by (agent, route).
     pub quota: Option<Quota>,
+    /// `Shadow`: the grant still lets its calls through, but a call no enforced grant allows is
+    /// recorded as `would_deny` (how a grant is withdrawn without breaking agents).
+    pub mode: Mode,
+    /// `Shadow`: a call over the quota goes through and is recorded as `would_deny`.
+    pub quota_mode: Mode,
+}
+
+/// Enforce refuses; shadow decides as usual, records `would_deny` when it would refuse, and
+/// lets the call through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Option<Mode> {
+        match text {
+            "enforce" => Some(Mode::Enforce),
+            "shadow" => Some(Mode::Shadow),
+            _ => None,
+        }
+    }
 }
 
 /// `count` requests per `period`, with up to `burst` at once.

@@ -8,7 +8,7 @@ mod routing;
 
 use http::Method;
 
-pub use grant::{GrantConfig, Quota};
+pub use grant::{GrantConfig, Mode, Quota};
 pub use pattern::{MethodSet, PathPattern, suggest};
 pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
 
@@ -38,14 +38,37 @@ pub struct Subject<'a> {
 
 /// Deny by default: the first grant of `role` on `route` that covers `method` and `path`, or a 403
 /// naming the most specific thing that is missing.
+///
+/// Enforced grants are tried first; a grant in shadow mode allows only what no enforced grant
+/// does, and the caller records that as `would_deny` (`refusal_without_shadow` says why).
 pub fn authorize<'r>(
     subject: &Subject<'r>,
     route: &str,
     method: &Method,
     path: &str,
 ) -> Result<&'r GrantConfig, ProxyError> {
+    let enforced = decide(subject, route, method, path, Mode::Enforce);
+    if enforced.is_ok() || !subject.role.grants().iter().any(|g| g.mode == Mode::Shadow) {
+        return enforced;
+    }
+    decide(subject, route, method, path, Mode::Shadow).or(enforced)
+}
+
+/// The refusal the role's enforced grants alone give this call (a grant in shadow mode let it
+/// through).
+pub fn refusal_without_shadow(subject: &Subject<'_>, route: &str, method: &Method, path: &str) -> Option<ProxyError> {
+    decide(subject, route, method, path, Mode::Enforce).err()
+}
+
+fn decide<'r>(
+    subject: &Subject<'r>,
+    route: &str,
+    method: &Method,
+    path: &str,
+    mode: Mode,
+) -> Result<&'r GrantConfig, ProxyError> {
     let mut missing = Missing::Route;
-    for grant in subject.role.grants().iter().filter(|g| g.route == route) {
+    for grant in subject.role.grants().iter().filter(|g| g.route == route && g.mode == mode) {
         if !grant.methods.allows(method) {
             if missing == Missing::Route {
                 missing = Missing::Method;
@@ -78,11 +101,19 @@ pub fn authorize_within<'r>(
     method: &Method,
     path: &str,
 ) -> Result<&'r GrantConfig, ProxyError> {
-    root.role
-        .grants()
+    let allows = |g: &&GrantConfig| {
+        g.route == own.route
+            && g.secret == own.secret
+            && g.methods.allows(method)
+            && g.paths.iter().any(|p| p.matches(path))
+    };
+    // An enforced grant of the root first; its shadow grant only when none allows the call.
+    let grants = root.role.grants();
+    grants
         .iter()
-        .filter(|g| g.route == own.route && g.secret == own.secret && g.methods.allows(method))
-        .find(|g| g.paths.iter().any(|p| p.matches(path)))
+        .filter(|g| g.mode == Mode::Enforce)
+        .find(allows)
+        .or_else(|| grants.iter().filter(|g| g.mode == Mode::Shadow).find(allows))
         .ok_or_else(|| ProxyError::ParentForbidden {
             agent: child.agent.to_string(),
             parent: root.agent.to_string(),
@@ -104,6 +135,7 @@ mod tests {
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
             quota: None,
+            ..GrantConfig::default()
         }
     }
 

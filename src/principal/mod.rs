@@ -90,6 +90,16 @@ impl Principal<'_> {
         }
     }
 
+    /// Why the call would be refused without the grants in shadow mode (the one `authorize`
+    /// returned is one): the role's enforced grants alone, the root's for a child key.
+    pub fn refusal_without_shadow(&self, route: &str, method: &Method, path: &str) -> Option<ProxyError> {
+        let subject = match self {
+            Principal::Agent { .. } => Subject { agent: self.id(), role: self.role() },
+            Principal::Delegated { root, root_role, .. } => Subject { agent: &root.id, role: *root_role },
+        };
+        policy::refusal_without_shadow(&subject, route, method, path)
+    }
+
     pub fn delegation(&self) -> Option<&Arc<Delegation>> {
         match self {
             Principal::Agent { .. } => None,

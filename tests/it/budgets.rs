@@ -480,3 +480,84 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
     assert_eq!(call(b.proxy.clone()).await, (429, "rate_limiter_unavailable".to_string()));
     assert_eq!(call(a.proxy.clone()).await.0, 200);
 }
+
+const TRIAL_KEY: &str = "kw_testTrialAgentKey456789abcdefghijklmnopqrs";
+const ROLLOUT_KEY: &str = "kw_testRolloutAgentKey6789abcdefghijklmnopqrs";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadowed_grants_quotas_and_roles_let_the_call_through_and_record_would_deny() {
+    let extra = format!(
+        r#"
+[roles.trialist]
+grants = [
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"], rate = "1/min", burst = 1, quota_mode = "shadow" }},
+  {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/v1/models"], mode = "shadow" }},
+]
+[[agents]]
+id = "trial-1"
+role = "trialist"
+key_sha256 = "{trial}"
+
+[roles.rollout]
+mode = "shadow"
+grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], paths = ["/v1/chat/completions"] }}]
+[[agents]]
+id = "rollout-1"
+role = "rollout"
+key_sha256 = "{rollout}"
+{admin}"#,
+        trial = sha(TRIAL_KEY),
+        rollout = sha(ROLLOUT_KEY),
+        admin = admin_block()
+    );
+    let h = Harness::start_with(&extra).await;
+    let body = json!({ "model": "gpt-fake", "messages": [] });
+    let post =
+        |key: &'static str| h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(key).json(&body).send();
+    // The shadowed grant: GET /v1/models goes through, recorded as what the enforced grants
+    // alone would have refused.
+    let r = h.client.get(h.url("/openai/v1/models")).bearer_auth(TRIAL_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let record = h.wait_for_audit(|r| r["agentId"] == "trial-1" && r["method"] == "GET").await;
+    assert_eq!(record["decision"], "would_deny", "{record}");
+    assert_eq!(record["outcome"], "success", "{record}");
+    assert_eq!(record["wouldDeny"][0]["policy"], "grant:trialist[1]", "{record}");
+    assert!(record["wouldDeny"][0]["reason"].as_str().unwrap().contains("is not granted"), "{record}");
+    // The shadowed quota of 1 a minute: three calls pass, the second and third would not have.
+    for _ in 0..3 {
+        assert_eq!(post(TRIAL_KEY).await.unwrap().status(), 200);
+    }
+    let posts: Vec<Value> =
+        h.audit().into_iter().filter(|r| r["agentId"] == "trial-1" && r["method"] == "POST").collect();
+    let decisions: Vec<&str> = posts.iter().map(|r| r["decision"].as_str().unwrap()).collect();
+    assert_eq!(decisions, ["allowed", "would_deny", "would_deny"], "{posts:#?}");
+    assert_eq!(posts[1]["wouldDeny"][0]["policy"], "quota:openai");
+    assert!(posts[1]["wouldDeny"][0]["reason"].as_str().unwrap().contains("over its quota"));
+
+    // The shadowed role: an ungranted path on a route it holds goes through with that route's
+    // credential; a route it holds nothing on has no credential to send, so it stays refused.
+    let r = h.client.get(h.url("/openai/v1/models")).bearer_auth(ROLLOUT_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let record = h.wait_for_audit(|r| r["agentId"] == "rollout-1").await;
+    assert_eq!(record["decision"], "would_deny", "{record}");
+    assert_eq!(record["wouldDeny"][0]["policy"], "role:rollout", "{record}");
+    let r = h.client.get(h.url("/github/user")).bearer_auth(ROLLOUT_KEY).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    let metrics = h.metrics().await;
+    for line in [
+        "keyward_would_deny_total{agent=\"trial-1\",policy=\"grant\"} 1",
+        "keyward_would_deny_total{agent=\"trial-1\",policy=\"quota\"} 2",
+        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 1",
+        "keyward_requests_total{route=\"openai\",status=\"200\",decision=\"would_deny\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    // The audit report and the dashboard's summary list them per agent and policy.
+    let report = admin_get(&h.client, &format!("{}/admin/report?format=json", h.admin)).await;
+    assert_eq!(report["would_deny"]["trial-1"]["quota:openai"], 2, "{report}");
+    assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 1, "{report}");
+    let summary = admin_get(&h.client, &format!("{}/admin/audit/summary", h.admin)).await;
+    assert_eq!(summary["would_deny"]["trial-1"]["grant:trialist[1]"], 1, "{summary}");
+    h.stop().await;
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::super::raw::{RawAgent, RawRole};
 use super::super::{AgentConfig, GrantConfig, Quota, RoleConfig, ServerConfig};
 use super::{Collector, check_unique, delegation, did_you_mean, limits, valid_name};
-use crate::policy::{MethodSet, PathPattern};
+use crate::policy::{MethodSet, Mode, PathPattern};
 
 pub(super) fn roles(
     c: &mut Collector<'_>,
@@ -15,7 +15,15 @@ pub(super) fn roles(
     secret_owner: &HashMap<String, String>,
 ) -> BTreeMap<String, RoleConfig> {
     let mut roles = BTreeMap::new();
+    let mode = |c: &mut Collector<'_>, field: String, text: Option<&str>| {
+        Mode::parse(text.unwrap_or("enforce")).unwrap_or_else(|| {
+            c.problem(field, "is not \"enforce\" or \"shadow\"");
+            Mode::Enforce
+        })
+    };
     for (name, mut raw_role) in raw {
+        let role_mode = mode(c, format!("roles.{name}.mode"), raw_role.mode.as_deref());
+        let role_quota_mode = mode(c, format!("roles.{name}.quota_mode"), raw_role.quota_mode.as_deref());
         let role_quota = match &raw_role.rate {
             Some(rate) => {
                 Quota::parse(rate, raw_role.burst).map_err(|e| c.problem(format!("roles.{name}.rate"), e)).ok()
@@ -50,16 +58,34 @@ pub(super) fn roles(
                 .enumerate()
                 .filter_map(|(j, p)| PathPattern::parse(p).map_err(|e| c.problem(format!("{at}.paths[{j}]"), e)).ok())
                 .collect();
-            let quota = match &g.rate {
-                Some(rate) => Quota::parse(rate, g.burst).map_err(|e| c.problem(format!("{at}.rate"), e)).ok(),
+            let (quota, inherited_quota_mode) = match &g.rate {
+                Some(rate) => {
+                    (Quota::parse(rate, g.burst).map_err(|e| c.problem(format!("{at}.rate"), e)).ok(), Mode::Enforce)
+                }
                 None => {
                     if g.burst.is_some() {
                         c.problem(format!("{at}.burst"), "needs a rate");
                     }
-                    role_quota
+                    (role_quota, role_quota_mode)
                 }
             };
-            grants.push(GrantConfig { route: g.route, secret: g.secret, methods, paths, quota });
+            let grant_mode = mode(c, format!("{at}.mode"), g.mode.as_deref());
+            let quota_mode = match g.quota_mode.as_deref() {
+                Some(text) => mode(c, format!("{at}.quota_mode"), Some(text)),
+                None => inherited_quota_mode,
+            };
+            if quota.is_none() && g.quota_mode.is_some() {
+                c.problem(format!("{at}.quota_mode"), "applies to no quota: set a rate on the grant or its role");
+            }
+            grants.push(GrantConfig {
+                route: g.route,
+                secret: g.secret,
+                methods,
+                paths,
+                quota,
+                mode: grant_mode,
+                quota_mode,
+            });
         }
         let (max_delegation_ttl, max_delegation_depth) = delegation::role_limits(c, &name, &raw_role);
         if raw_role.max_in_flight == Some(0) {
@@ -74,6 +100,7 @@ pub(super) fn roles(
             delegate: raw_role.delegate,
             max_delegation_ttl,
             max_delegation_depth,
+            mode: role_mode,
         };
         roles.insert(name, role);
     }
@@ -170,6 +197,15 @@ mod tests {
                 &[
                     "k.toml:12: roles.w.grants[0].paths[0]: 'nope' must start with '/'",
                     "k.toml:12: roles.w.grants[0].rate: '5/fortnight': unknown unit 'fortnight' (use /s, /min or /h)",
+                ],
+            ),
+            (
+                "shadow modes that are neither, and a quota mode without a quota",
+                "[[sources]]\nname = \"s\"\nprovider = \"env\"\nmapping = { S = \"{{S}}\" }\n[[routes]]\nname = \"r\"\nprefix = \"/r\"\nupstream = \"https://x.example\"\nagent_key = { header = \"x-api-key\" }\ninject = { header = \"authorization\", value = \"Bearer {{secret}}\" }\n[roles.w]\nmode = \"quiet\"\nquota_mode = \"shadow\"\ngrants = [{ route = \"r\", secret = \"S\", methods = [\"GET\"], paths = [\"/**\"], mode = \"dry\", quota_mode = \"shadow\" }]\n",
+                &[
+                    "k.toml:12: roles.w.mode: is not \"enforce\" or \"shadow\"",
+                    "k.toml:14: roles.w.grants[0].mode: is not \"enforce\" or \"shadow\"",
+                    "k.toml:14: roles.w.grants[0].quota_mode: applies to no quota: set a rate on the grant or its role",
                 ],
             ),
             (
