@@ -96,6 +96,32 @@ async function load() {
     list.appendChild(li);
   }
   if (!list.children.length) list.textContent = "none";
+  const budgets = await (await get("/admin/budgets")).json();
+  const burn = document.getElementById("budgets");
+  clear(burn);
+  for (const b of budgets.budgets) {
+    for (const a of b.accounts) {
+      const of = (x) => (x ? x.used + " / " + x.limit : "-");
+      const tr = row(burn, [b.name + (b.mode === "shadow" ? " (shadow)" : ""), a.holder, b.window.kind,
+        of(a.tokens), of(a.costUsd), Math.round(100 * a.burn) + "%"]);
+      const cell = tr.lastChild;
+      cell.className = "cell";
+      cell.style.background = "linear-gradient(90deg, rgba(207, 34, 46, 0.6) " + Math.min(100, 100 * a.burn).toFixed(0) + "%, #f6f8fa 0)";
+    }
+  }
+  if (burn.rows.length === 1) row(burn, ["no budgets configured"]);
+  const spend = document.getElementById("spend");
+  clear(spend);
+  for (const [agent, s] of Object.entries(summary.spend)) {
+    row(spend, [agent, s.calls, s.tokens, s.cost_usd.toFixed(6), s.unreported]);
+  }
+  if (spend.rows.length === 1) row(spend, ["no metered calls in this period"]);
+  const shadow = document.getElementById("would-deny");
+  clear(shadow);
+  for (const [agent, policies] of Object.entries(summary.would_deny)) {
+    for (const [policy, n] of Object.entries(policies)) row(shadow, [agent, policy, n]);
+  }
+  if (shadow.rows.length === 1) row(shadow, ["none"]);
   const e = summary.endings;
   row(document.getElementById("endings"), [e.upstream, e.agent, e.keyward, e.before_head]);
   const denials = document.getElementById("denials");

@@ -56,7 +56,8 @@ fn chromium(profile: &Path, args: &[String]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_renders_the_trail_in_headless_chromium() {
-    let h = Harness::start_with(&admin_block()).await;
+    let budget = "[[budgets]]\nname = \"worker-day\"\nrole = \"worker\"\ntokens = 100000\nwindow = \"day\"\n";
+    let h = Harness::start_with(&format!("{budget}{}", admin_block())).await;
     for (key, method, path) in [
         (WORKER_KEY, "POST", "/openai/v1/chat/completions"),
         (WORKER_KEY, "POST", "/openai/v1/chat/completions"),
@@ -106,6 +107,14 @@ async fn dashboard_renders_the_trail_in_headless_chromium() {
     // The four answered calls, each ended by the upstream.
     let endings = dom.split("id=\"endings\"").nth(1).unwrap().split("</table>").next().unwrap();
     assert!(endings.contains("<td>4</td><td>0</td><td>0</td><td>0</td>"), "{endings}");
+    // Each chat call was charged the 12 tokens the fake reported: spend per agent and the
+    // budget's burn.
+    let spend = dom.split("id=\"spend\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(spend.contains("<td>worker-1</td><td>2</td><td>24</td>"), "{spend}");
+    let budgets = dom.split("id=\"budgets\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(budgets.contains("<td>worker-day</td><td>worker-1</td><td>day</td><td>24 / 100000</td>"), "{budgets}");
+    let shadow = dom.split("id=\"would-deny\"").nth(1).unwrap().split("</table>").next().unwrap();
+    assert!(shadow.contains("<td>none</td>"), "{shadow}");
     assert_no_canary("the dashboard", &dom);
 
     // Every request the page made went to the admin listener. Page requests carry the page's
