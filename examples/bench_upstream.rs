@@ -1,5 +1,8 @@
 //! A fast stand-in upstream for the load tests: `/json1k` answers a fixed 1 KiB JSON body,
-//! `/stream16k` streams 16 KiB in 1 KiB chunks, `/sse?events=N&interval_ms=M` streams events.
+//! `/stream16k` streams 16 KiB in 1 KiB chunks, `/sse?events=N&interval_ms=M` streams events,
+//! and `/chat/completions` (and `/chat16k`, the same bytes on a path keyward does not meter)
+//! streams about 16 KiB of chat completion chunks, one per write, ending with a usage chunk
+//! and `data: [DONE]`.
 //!
 //! Usage: `cargo run --release --example bench_upstream -- 127.0.0.1:18081`
 
@@ -20,6 +23,27 @@ fn json_1k() -> Bytes {
     Bytes::from(body)
 }
 
+/// About 16 KiB of chat completion chunks as OpenAI streams them with `include_usage`.
+fn chat_16k() -> Vec<Bytes> {
+    let mut events = Vec::new();
+    let mut size = 0;
+    let mut i = 0;
+    while size < 16 * 1024 - 300 {
+        let event = format!(
+            "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}},\"finish_reason\":null}}],\"usage\":null}}\n\n"
+        );
+        size += event.len();
+        events.push(Bytes::from(event));
+        i += 1;
+    }
+    events.push(Bytes::from(format!(
+        "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{i},\"total_tokens\":{}}}}}\n\n",
+        12 + i
+    )));
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
+
 async fn handle(request: Request<Incoming>, json: Bytes) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let query = request.uri().query().unwrap_or("").to_string();
     let param = |name: &str, default: u64| {
@@ -28,7 +52,10 @@ async fn handle(request: Request<Incoming>, json: Bytes) -> Result<Response<BoxB
     let path = request.uri().path().to_string();
     // Drain the request body so keep-alive connections stay usable.
     let _ = request.into_body().collect().await;
-    let response = if path.ends_with("/stream16k") {
+    let response = if path.ends_with("/chat/completions") || path.ends_with("/chat16k") {
+        let stream = futures_util::stream::iter(chat_16k().into_iter().map(|e| Ok::<_, Infallible>(Frame::data(e))));
+        Response::builder().header("content-type", "text/event-stream").body(BodyExt::boxed(StreamBody::new(stream)))
+    } else if path.ends_with("/stream16k") {
         let chunk = Bytes::from(vec![b'a'; 1024]);
         let stream = futures_util::stream::iter((0..16).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))));
         Response::builder()
