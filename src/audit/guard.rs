@@ -92,6 +92,8 @@ impl AuditGuard {
             label: None,
             fallback_from: None,
             invalidated: None,
+            connect_host: None,
+            via: None,
         };
         AuditGuard {
             sink,
@@ -137,6 +139,13 @@ impl AuditGuard {
     pub fn route(&mut self, route: &str, rest: &str) {
         self.record.route = Some(route.to_string());
         self.record.path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
+    }
+
+    /// The request came in on the forward proxy, through a tunnel to (or a plain-HTTP request
+    /// for) `host`.
+    pub fn via_forward(&mut self, host: &str) {
+        self.record.via = Some("forward");
+        self.record.connect_host = Some(host.to_string());
     }
 
     /// The agent's key never stands in the trail: a path that carries it (such a request is

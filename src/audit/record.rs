@@ -87,6 +87,9 @@ pub struct AuditRecord {
     pub agent_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// On the forward proxy: the host the agent's CONNECT (or plain-HTTP request) named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_host: Option<String>,
     /// The secret's name, never its value.
     pub credential: Option<String>,
     pub decision: Decision,
@@ -134,6 +137,9 @@ pub struct AuditRecord {
     /// a credential goes onto the network.
     #[serde(rename = "type")]
     pub kind: &'static str,
+    /// How the request came in: `forward` on the forward proxy (absent on the reverse path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
 }
 
 /// What happened after the upstream refused an injected credential (fields in sorted order).
@@ -156,6 +162,8 @@ pub struct InvalidatedCredential {
 #[serde(rename_all = "camelCase")]
 struct Released<'a> {
     agent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_host: Option<&'a str>,
     credential: Option<&'a str>,
     decision: Decision,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -180,6 +188,8 @@ struct Released<'a> {
     timestamp: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<&'static str>,
 }
 
 impl AuditRecord {
@@ -228,6 +238,8 @@ impl AuditRecord {
             label: self.label.as_deref(),
             fallback_from: self.fallback_from.as_deref(),
             invalidated: self.invalidated.as_ref(),
+            connect_host: self.connect_host.as_deref(),
+            via: self.via,
         }
     }
 }
@@ -238,7 +250,9 @@ mod tests {
     use crate::audit::chain::canonical;
 
     /// The fields a `request.released` record keeps: who is getting which credential, for what.
-    const RELEASED_FIELDS: [&str; 18] = [
+    const RELEASED_FIELDS: [&str; 20] = [
+        "via",
+        "connectHost",
         "type",
         "timestamp",
         "requestId",
@@ -292,6 +306,8 @@ mod tests {
                 version: some("v0"),
                 retry: "new_version",
             }),
+            connect_host: some("api.github.com"),
+            via: filled.then_some("forward"),
         }
     }
 
