@@ -100,21 +100,25 @@ impl Via {
                 "absolute-form targets are not accepted inside a tunnel; send an origin-form path",
             ));
         }
-        let named = match uri.authority() {
-            Some(authority) => Some(authority.clone()),
-            None => request.headers().get(HOST).and_then(|h| h.to_str().ok()).and_then(|h| h.parse().ok()),
-        };
-        let mismatch = |host: String| ProxyError::HostMismatch { host, connect_host: self.host.clone() };
-        let Some(named) = named else { return Err(mismatch(String::new())) };
-        let host = canonical_host(named.host()).unwrap_or_else(|_| named.host().to_string());
-        // A header port that differs from the tunnel's is another origin too.
+        // Every name the request gives its host must be the tunnel's: the URL's authority (HTTP/2's
+        // `:authority`, a plain-HTTP request's URL) and each `Host` header, so no upstream or
+        // framework can be shown another host than the one checked.
+        let mismatch =
+            |host: &str| ProxyError::HostMismatch { host: host.to_string(), connect_host: self.host.clone() };
         let default_port = if self.plain { 80 } else { 443 };
-        if host != self.host || named.port_u16().unwrap_or(default_port) != self.port {
-            return Err(mismatch(named.as_str().to_string()));
+        let mut named = 0;
+        let headers = request.headers().get_all(HOST).iter().map(|h| h.to_str().ok().and_then(|h| h.parse().ok()));
+        for authority in uri.authority().cloned().map(Some).into_iter().chain(headers) {
+            let Some(authority) = authority else { return Err(mismatch("(not a host)")) };
+            let host = canonical_host(authority.host()).unwrap_or_else(|_| authority.host().to_string());
+            // A port other than the tunnel's is another origin too.
+            if host != self.host || authority.port_u16().unwrap_or(default_port) != self.port {
+                return Err(mismatch(authority.as_str()));
+            }
+            named += 1;
         }
-        // A second Host header would let the upstream see another host than the one checked.
-        if request.headers().get_all(HOST).iter().count() > 1 {
-            return Err(mismatch(named.as_str().to_string()));
+        if named == 0 {
+            return Err(mismatch("(none)"));
         }
         Ok(())
     }
