@@ -141,6 +141,10 @@ enum CaCommand {
     /// Print the CA certificate (PEM). Generates the CA first if it does not exist yet, as
     /// `serve` would.
     Export {
+        /// Print the system's trusted roots first, then keyward's CA: a bundle for
+        /// SSL_CERT_FILE that also verifies hosts that are not intercepted (tunnel_hosts, NO_PROXY).
+        #[arg(long)]
+        bundle: bool,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -316,7 +320,7 @@ fn main() -> ExitCode {
             println!("token_sha256 = \"{}\"", hex::encode(identity::hash_key(&token)));
             ExitCode::SUCCESS
         }
-        Command::Ca { command: CaCommand::Export { config } } => ca_export(config.as_deref()),
+        Command::Ca { command: CaCommand::Export { bundle, config } } => ca_export(bundle, config.as_deref()),
         Command::AgentEnv { agent, with_key, proxy_host, ca_path, config } => {
             agent_env(&agent, with_key, proxy_host.as_deref(), ca_path.as_deref(), config.as_deref())
         }
@@ -512,14 +516,28 @@ fn forward_ca(
     }
 }
 
-fn ca_export(config: Option<&std::path::Path>) -> ExitCode {
-    match forward_ca(config) {
-        Ok((_, _, ca)) => {
-            print!("{}", ca.cert_pem());
-            ExitCode::SUCCESS
+fn ca_export(bundle: bool, config: Option<&std::path::Path>) -> ExitCode {
+    let ca = match forward_ca(config) {
+        Ok((_, _, ca)) => ca,
+        Err(code) => return code,
+    };
+    if bundle {
+        use base64::Engine;
+        let system = rustls_native_certs::load_native_certs();
+        if system.certs.is_empty() {
+            eprintln!("keyward: no system trust store found; the bundle holds keyward's CA only");
         }
-        Err(code) => code,
+        for cert in system.certs {
+            let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+            println!("-----BEGIN CERTIFICATE-----");
+            for line in text.as_bytes().chunks(64) {
+                println!("{}", String::from_utf8_lossy(line));
+            }
+            println!("-----END CERTIFICATE-----");
+        }
     }
+    print!("{}", ca.cert_pem());
+    ExitCode::SUCCESS
 }
 
 fn agent_env(

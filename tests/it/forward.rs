@@ -343,6 +343,15 @@ async fn agent_env_prints_the_proxy_and_the_ca_and_ca_export_prints_the_ca() {
     let (status, pem, _) = run(env!("CARGO_BIN_EXE_keyward"), &["ca", "export", "-c", config], &home, &[]).await;
     assert!(status.success());
     assert_eq!(pem, std::fs::read_to_string(forward.keyward_ca()).unwrap());
+    // A bundle: the system's roots, then keyward's CA.
+    let (status, bundle, _) =
+        run(env!("CARGO_BIN_EXE_keyward"), &["ca", "export", "--bundle", "-c", config], &home, &[]).await;
+    assert!(status.success());
+    assert!(bundle.ends_with(&pem) && bundle.matches("BEGIN CERTIFICATE").count() > 1);
+    let bundle_file = forward.dir.path().join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle).unwrap();
+    let (status, out, err) = run("openssl", &["storeutl", "-certs", bundle_file.to_str().unwrap()], &home, &[]).await;
+    assert!(status.success(), "the bundle is valid PEM: {out}{err}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(forward.dir.path().join("forward-ca.key")).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -629,4 +638,56 @@ async fn refusals_are_answered_and_audited() {
     let trail: String = records.iter().map(|r| format!("{r}\n")).collect();
     assert_no_canary("the audit trail", &trail);
     assert!(!trail.contains(WORKER_KEY), "the agent key is in the audit trail");
+}
+
+/// The compose and Kubernetes examples each have an agent that uses the forward proxy with no
+/// base-URL change: its environment is HTTPS_PROXY (its own key only), NO_PROXY and the CA
+/// variables, and it mounts the CA certificate and nothing else of keyward's.
+#[test]
+fn the_deploy_examples_have_an_agent_on_the_forward_proxy() {
+    use serde::Deserialize;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = |path: &str| -> Vec<serde_norway::Value> {
+        let text = std::fs::read_to_string(root.join(path)).unwrap();
+        serde_norway::Deserializer::from_str(&text).map(|d| serde_norway::Value::deserialize(d).unwrap()).collect()
+    };
+    let expected = [
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ];
+    let compose = &yaml("deploy/compose/compose.yaml")[0];
+    let tool = &compose["services"]["tool-agent"];
+    let env = tool["environment"].as_mapping().unwrap();
+    let mut names: Vec<&str> = env.keys().filter_map(|k| k.as_str()).collect();
+    names.sort();
+    let mut want = expected.to_vec();
+    want.sort();
+    assert_eq!(names, want);
+    assert!(env["HTTPS_PROXY"].as_str().unwrap().contains("@127.0.0.1:8081"));
+    assert_eq!(tool["volumes"].as_sequence().unwrap().len(), 1);
+    assert!(
+        tool["volumes"][0].as_str().unwrap().starts_with("keyward-ca:")
+            && tool["volumes"][0].as_str().unwrap().ends_with(":ro")
+    );
+
+    let docs = yaml("deploy/kubernetes/deployment.yaml");
+    let pod = &docs.iter().find(|d| d["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+    let tool = pod["containers"].as_sequence().unwrap().iter().find(|c| c["name"] == "tool-agent").unwrap();
+    let env: Vec<&str> = tool["env"].as_sequence().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(env[0], "KEYWARD_AGENT_KEY", "its own agent key, from a Secret");
+    for name in expected {
+        assert!(env.contains(&name), "{name}");
+    }
+    assert_eq!(tool["volumeMounts"].as_sequence().unwrap().len(), 1);
+    assert_eq!(tool["volumeMounts"][0]["name"], "keyward-ca");
+    assert_eq!(tool["volumeMounts"][0]["readOnly"], true);
+    // The CA key is written where only keyward mounts.
+    let configmap = &yaml("deploy/kubernetes/configmap.yaml")[0];
+    let config = configmap["data"]["keyward.toml"].as_str().unwrap();
+    assert!(config.contains("ca_key_file = \"/var/lib/keyward/audit/forward-ca.key\""));
 }

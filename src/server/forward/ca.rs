@@ -114,11 +114,12 @@ impl CertAuthority {
         params.use_authority_key_identifier_extension = true;
         let certificate = params.self_signed(&signing_key).context("cannot sign the CA certificate")?;
         let cert_pem = certificate.pem();
-        for path in [cert, key] {
+        // The key's directory is keyward's alone; agents read the certificate's.
+        for (path, mode) in [(cert, 0o755), (key, 0o700)] {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::DirBuilder::new()
                     .recursive(true)
-                    .mode(0o700)
+                    .mode(mode)
                     .create(dir)
                     .with_context(|| format!("cannot create {}", dir.display()))?;
             }
