@@ -43,8 +43,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
     let server_config = runtime.config.server.clone();
-    let agent_listeners =
-        usize::from(server_config.listen.is_some()) + usize::from(server_config.listen_unix.is_some());
+    let agent_listeners = usize::from(server_config.listen.is_some())
+        + usize::from(server_config.listen_unix.is_some())
+        + usize::from(runtime.config.forward_proxy.is_some());
     let settings = ConnSettings {
         header_read_timeout: server_config.header_read_timeout,
         max_header_bytes: server_config.max_header_bytes,

@@ -167,6 +167,11 @@ pub enum AuditEvent {
         key_fingerprint: Option<String>,
         via: &'static str,
     },
+    /// An intercepted tunnel was accepted (CONNECT answered 200) but the agent's TLS handshake
+    /// with keyward's leaf failed, most often because the agent does not trust keyward's CA:
+    /// nothing was sent upstream.
+    #[serde(rename = "forward.handshake_failed")]
+    ForwardHandshakeFailed { agent_id: String, ip: String, host: String, port: u16, reason: String, via: &'static str },
     /// A blind tunnel to one of `forward_proxy.tunnel_hosts` ended: no interception and no
     /// credential; the bytes each way and how long it was open.
     #[serde(rename = "forward.tunnel")]

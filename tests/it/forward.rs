@@ -613,6 +613,9 @@ async fn refusals_are_answered_and_audited() {
     let (status, _, _) = run("curl", &["-sS", "https://api.github.com/user"], &home, &untrusting).await;
     assert!(!status.success());
     assert_eq!(forward.upstream.requests().len(), before);
+    // A head the parser refuses is recorded too.
+    let answer = forward.raw("GET\x01 / HTTP/1.1\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert_nothing_leaked(&forward, &format!("{mismatch}{forbidden}{upgrade}"));
 
     let records = forward.stop().await;
@@ -622,6 +625,10 @@ async fn refusals_are_answered_and_audited() {
     assert_eq!(codes.iter().filter(|c| **c == ("proxy_auth_required", 407)).count(), 3, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == ("connect_refused", 403)).count(), 8, "{codes:?}");
     assert!(codes.contains(&("invalid_request_target", 400)));
+    assert!(codes.contains(&("invalid_request_head", 400)), "{codes:?}");
+    let handshake =
+        records.iter().find(|r| r["type"] == "forward.handshake_failed").expect("the failed handshake is audited");
+    assert_eq!((handshake["agentId"].as_str(), handshake["host"].as_str()), (Some("worker-1"), Some("api.github.com")));
     let unknown = refused.iter().find(|r| r["keyFingerprint"].is_string()).expect("an unknown key is fingerprinted");
     assert!(unknown["agentId"].is_null());
     let metadata = refused.iter().find(|r| r["host"] == "169.254.169.254").unwrap();

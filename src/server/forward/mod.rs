@@ -223,6 +223,12 @@ async fn connection(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, mut 
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "forward proxy: connection ended with an error");
+        // hyper answered a head its parser refused (400, 431) itself; the attempt is recorded.
+        if error.is_parse() && !error.is_parse_version_h2() {
+            let refused =
+                if error.is_parse_too_large() { ProxyError::RequestHeadTooLarge } else { ProxyError::BadRequestHead };
+            proxy.refused(peer, String::new(), None, Refusal::from(refused));
+        }
     }
     let next = accepted.lock().expect("accepted CONNECT").take();
     match next {
@@ -283,11 +289,18 @@ impl Proxy {
                 "this is keyward's forward-proxy listener: send CONNECT host:443 (HTTPS_PROXY), or an absolute http:// URL",
             ))
         };
+        let response = outcome.error.clone().into_response();
+        self.refused(peer, method.to_string(), target, outcome);
+        response
+    }
+
+    /// Records a `forward.refused` event.
+    fn refused(&self, peer: SocketAddr, method: String, target: Option<(String, u16)>, outcome: Refusal) {
         let (host, port) = target.unwrap_or_default();
         self.state.audit_event(AuditEvent::ForwardRefused {
             agent_id: outcome.agent,
             ip: peer.ip().to_string(),
-            method: method.to_string(),
+            method,
             host,
             port,
             status: outcome.error.status().as_u16(),
@@ -295,7 +308,6 @@ impl Proxy {
             key_fingerprint: outcome.key_fingerprint,
             via: "forward",
         });
-        outcome.error.into_response()
     }
 
     /// A CONNECT: who is asking, then what its target is.
@@ -401,9 +413,11 @@ impl Proxy {
                 // Most often the agent does not trust keyward's CA; nothing was sent.
                 tracing::warn!(%peer, host = %via.host, %error,
                     "forward proxy: TLS handshake with the agent failed (does it trust keyward's CA? see `keyward agent-env`)");
-                return;
+                return self.handshake_failed(peer, &via, error.to_string());
             }
-            Err(_) => return,
+            Err(_) => {
+                return self.handshake_failed(peer, &via, "no TLS handshake within header_read_timeout_ms".into());
+            }
         };
         let state = self.state.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
@@ -438,6 +452,22 @@ impl Proxy {
 /// Resolves once shutdown has begun (or its sender is gone).
 pub(super) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+impl Proxy {
+    fn handshake_failed(&self, peer: SocketAddr, via: &Via, reason: String) {
+        let runtime = self.state.runtime.load();
+        // The agent is named by the key it opened the tunnel with.
+        let agent = runtime.agents.identify(via.key(), &via.host).map(|a| a.id.clone()).unwrap_or_default();
+        self.state.audit_event(AuditEvent::ForwardHandshakeFailed {
+            agent_id: agent,
+            ip: peer.ip().to_string(),
+            host: via.host.clone(),
+            port: via.port,
+            reason,
+            via: "forward",
+        });
+    }
 }
 
 /// The host (canonical) and port a proxy request names: a CONNECT's authority (port 443 when
