@@ -219,6 +219,7 @@ inject = {{ header = "authorization", value = "Bearer {{{{secret}}}}" }}
 [roles.worker]
 grants = [
   {{ route = "github", secret = "GITHUB_TOKEN", methods = ["GET"], paths = ["/user", "/repos/**", "/redirect"] }},
+  {{ route = "github", secret = "GITHUB_TOKEN", methods = ["GET"], paths = ["/limited"], rate = "2/min" }},
   {{ route = "github-git", secret = "GITHUB_TOKEN", methods = ["GET"], paths = ["/**/info/refs"] }},
   {{ route = "github-git", secret = "GITHUB_TOKEN", methods = ["POST"], paths = ["/**/git-upload-pack"] }},
   {{ route = "openai", secret = "OPENAI_API_KEY", methods = ["GET"], paths = ["/v1/models"] }},
@@ -238,6 +239,7 @@ key_sha256 = "{worker}"
         std::fs::write(&config_path, &text).unwrap();
         let config = keyward::config::load_file(&config_path).unwrap_or_else(|e| panic!("{e}"));
         let running = keyward::instance::start(config).await.unwrap();
+        let _ = running.state.config_path.set(config_path.clone());
         let proxy = running.forward_addr.expect("the forward proxy listens");
         // The agent's environment, from the real command.
         let (status, stdout, stderr) = run(
@@ -645,6 +647,45 @@ async fn refusals_are_answered_and_audited() {
     let trail: String = records.iter().map(|r| format!("{r}\n")).collect();
     assert_no_canary("the audit trail", &trail);
     assert!(!trail.contains(WORKER_KEY), "the agent key is in the audit trail");
+}
+
+/// Quotas and hot reload are the pipeline's, so they hold on the forward proxy too: a grant's
+/// rate answers 429 inside the tunnel, and a reload that drops a host stops its interception.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_and_reload_apply_to_the_forward_proxy() {
+    let forward = Forward::start().await;
+    let home = forward.home();
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let (_, stdout, _) =
+            run("curl", &["-sS", "-w", "\n%{http_code}", "https://api.github.com/limited"], &home, &forward.env).await;
+        codes.push(stdout.lines().last().unwrap().to_string());
+        if codes.len() == 3 {
+            assert!(stdout.contains("rate_limited"), "{stdout}");
+        }
+    }
+    assert_eq!(codes, ["200", "200", "429"]);
+    let limited = forward.upstream.requests().into_iter().filter(|r| r["path"] == "/limited").count();
+    assert_eq!(limited, 2, "the throttled call never reached the upstream");
+
+    let text = std::fs::read_to_string(&forward.config).unwrap();
+    std::fs::write(&forward.config, text.replace("hosts = [\"api.openai.com\"]", "hosts = [\"api2.openai.com\"]"))
+        .unwrap();
+    let state = forward.running.as_ref().unwrap().state.clone();
+    tokio::task::spawn_blocking(move || keyward::reload::reload(&state))
+        .await
+        .unwrap()
+        .expect("the reload is accepted");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("worker-1:{WORKER_KEY}"));
+    let answer = forward
+        .raw(&format!("CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\nProxy-Authorization: Basic {auth}\r\n\r\n"))
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 403") && answer.contains("no route names this host"), "{answer}");
+
+    let records = forward.stop().await;
+    let throttled = records.iter().find(|r| r["type"] == "request" && r["errorCode"] == "rate_limited").unwrap();
+    assert_eq!((throttled["via"].as_str(), throttled["outcome"].as_str()), (Some("forward"), Some("throttled")));
 }
 
 /// The compose and Kubernetes examples each have an agent that uses the forward proxy with no
