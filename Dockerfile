@@ -33,7 +33,7 @@ COPY examples ./examples
 COPY benches ./benches
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked --bin keyward \
-    && mkdir -p /out/audit /out/run \
+    && mkdir -p /out/audit /out/run /out/ca \
     && cp target/release/keyward /out/keyward
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
@@ -42,6 +42,8 @@ COPY deploy/container/keyward.toml /etc/keyward/keyward.toml
 # Owned by the image's non-root user (65532), so they stay writable with --read-only.
 COPY --from=build --chown=65532:65532 /out/audit /var/lib/keyward/audit
 COPY --from=build --chown=65532:65532 /out/run /run/keyward
+# The forward proxy's CA certificate (not its key), for a volume agents mount read-only.
+COPY --from=build --chown=65532:65532 /out/ca /var/lib/keyward/ca
 USER 65532:65532
 # mimalloc returns idle memory sooner with these (10k idle connections: 49 -> 35 MiB RSS with
 # connection parking, 323 -> 193 MiB before it; see loadtest/README.md), at a small cost in

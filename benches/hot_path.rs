@@ -84,7 +84,7 @@ fn agent_headers() -> HeaderMap {
 
 fn stages(c: &mut Criterion) {
     let config = config();
-    let routes = RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str()));
+    let routes = RouteTable::new(config.routes.iter().filter_map(|r| r.prefix.as_deref()));
     let agents = AgentDirectory::new(&config.agents);
     let route = &config.routes[0];
     let headers = agent_headers();
@@ -188,6 +188,8 @@ fn audit(c: &mut Criterion) {
         budgets: Vec::new(),
         usage: None,
         would_deny: Vec::new(),
+        connect_host: None,
+        via: None,
     };
     let mut group = c.benchmark_group("audit");
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&record).to_json())));

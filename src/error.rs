@@ -161,6 +161,31 @@ pub enum ProxyError {
     TooManyConnections {
         max: usize,
     },
+    /// Forward proxy: no `Proxy-Authorization`, or one that names no agent (407).
+    ProxyAuthRequired {
+        reason: &'static str,
+    },
+    /// Forward proxy: a CONNECT (or plain-HTTP request) to a host or port no route names, or to
+    /// an address keyward does not connect to for agents.
+    ConnectRefused {
+        host: String,
+        port: u16,
+        reason: &'static str,
+    },
+    /// Forward proxy: the request inside the tunnel names another host than the CONNECT did.
+    HostMismatch {
+        host: String,
+        connect_host: String,
+    },
+    /// Forward proxy: a protocol upgrade (WebSocket) inside an intercepted tunnel.
+    UpgradeUnsupported {
+        route: String,
+    },
+    /// Forward proxy: the host of a blind tunnel could not be reached.
+    TunnelUnreachable {
+        host: String,
+        port: u16,
+    },
     Internal(&'static str),
 }
 
@@ -222,6 +247,13 @@ impl ProxyError {
             ProxyError::TooManyConnections { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections", Internal)
             }
+            ProxyError::ProxyAuthRequired { .. } => {
+                (StatusCode::PROXY_AUTHENTICATION_REQUIRED, "proxy_auth_required", Downstream)
+            }
+            ProxyError::ConnectRefused { .. } => (StatusCode::FORBIDDEN, "connect_refused", Downstream),
+            ProxyError::HostMismatch { .. } => (StatusCode::MISDIRECTED_REQUEST, "host_mismatch", Downstream),
+            ProxyError::UpgradeUnsupported { .. } => (StatusCode::NOT_IMPLEMENTED, "upgrade_unsupported", Downstream),
+            ProxyError::TunnelUnreachable { .. } => (StatusCode::BAD_GATEWAY, "tunnel_unreachable", Upstream),
             ProxyError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error", Internal),
         }
     }
@@ -313,6 +345,17 @@ impl ProxyError {
             ProxyError::TooManyConnections { max } => {
                 format!("keyward already holds its limit of {max} connections on this listener; retry shortly")
             }
+            ProxyError::ProxyAuthRequired { reason } => format!(
+                "keyward's forward proxy needs 'Proxy-Authorization: Basic' with agent-id:agent-key (HTTPS_PROXY=http://ID:KEY@host:port): {reason}"
+            ),
+            ProxyError::ConnectRefused { host, port, reason } => format!("CONNECT to {host}:{port} refused: {reason}"),
+            ProxyError::HostMismatch { host, connect_host } => format!(
+                "the request names host '{host}' but the tunnel was opened to '{connect_host}'; open a tunnel per host"
+            ),
+            ProxyError::UpgradeUnsupported { route } => format!(
+                "protocol upgrades (WebSocket) are not supported inside an intercepted tunnel (route '{route}'); use plain HTTP requests"
+            ),
+            ProxyError::TunnelUnreachable { host, port } => format!("tunnel host {host}:{port} could not be reached"),
             ProxyError::Internal(what) => format!("internal error: {what}"),
         }
     }
@@ -375,6 +418,11 @@ impl IntoResponse for ProxyError {
                 response.headers_mut().insert(http::header::RETRY_AFTER, retry(1));
             }
             _ => {}
+        }
+        if self.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            response
+                .headers_mut()
+                .insert(http::header::PROXY_AUTHENTICATE, http::HeaderValue::from_static("Basic realm=\"keyward\""));
         }
         if self.status() == StatusCode::UNAUTHORIZED {
             response

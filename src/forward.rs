@@ -2,6 +2,7 @@
 //! headers, applies connect/read/total timeouts, and streams bodies both ways.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,24 +63,54 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 #[derive(Clone)]
 pub struct Forwarder {
-    client: Client<HttpsConnector<HttpConnector<GuardedResolver>>, OutboundBody>,
+    client: Client<HttpsConnector<PinnedConnector>, OutboundBody>,
     read_timeout: Duration,
     total_timeout: Duration,
 }
 
 impl Forwarder {
     pub fn new(config: &ForwardConfig) -> Forwarder {
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::aws_lc_rs::default_provider())
+            .expect("the aws-lc-rs provider supports the default protocol versions");
+        Forwarder::build(config, tls, None)
+    }
+
+    /// The client of a route with its own `connect_to` or `upstream_ca_file`: every connection
+    /// goes to `connect_to` (when set), and the upstream's certificate is verified against the
+    /// bundled web roots, the system's roots and `extra_roots`.
+    pub fn for_route(
+        config: &ForwardConfig,
+        extra_roots: &[rustls_pki_types::CertificateDer<'static>],
+        connect_to: Option<std::net::SocketAddr>,
+    ) -> Forwarder {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        if !extra_roots.is_empty() {
+            roots.add_parsable_certificates(system_roots().iter().cloned());
+            roots.add_parsable_certificates(extra_roots.iter().cloned());
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("the aws-lc-rs provider supports the default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Forwarder::build(config, hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls), connect_to)
+    }
+
+    fn build(
+        config: &ForwardConfig,
+        tls: hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+        connect_to: Option<std::net::SocketAddr>,
+    ) -> Forwarder {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver::new());
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::aws_lc_rs::default_provider())
-            .expect("the aws-lc-rs provider supports the default protocol versions")
+        let https = tls
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(PinnedConnector { inner: http, connect_to });
         // hyper's client never follows redirects: a 3xx goes back to the agent as it came.
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -130,6 +161,43 @@ impl Forwarder {
             }
             Err(_) => tracing::warn!("the notify webhook timed out"),
         }
+    }
+}
+
+/// The system's trust anchors, read once (a route's `upstream_ca_file` adds to them).
+fn system_roots() -> &'static [rustls_pki_types::CertificateDer<'static>] {
+    static ROOTS: std::sync::OnceLock<Vec<rustls_pki_types::CertificateDer<'static>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| rustls_native_certs::load_native_certs().certs)
+}
+
+/// The TCP connector: to the URI's host (resolved by the guarded resolver), or, for a route with
+/// `connect_to`, always to that address. The TLS layer above still names and verifies the host.
+#[derive(Clone)]
+pub struct PinnedConnector {
+    inner: HttpConnector<GuardedResolver>,
+    connect_to: Option<std::net::SocketAddr>,
+}
+
+impl tower_service::Service<http::Uri> for PinnedConnector {
+    type Response = <HttpConnector<GuardedResolver> as tower_service::Service<http::Uri>>::Response;
+    type Error = <HttpConnector<GuardedResolver> as tower_service::Service<http::Uri>>::Error;
+    type Future = <HttpConnector<GuardedResolver> as tower_service::Service<http::Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let uri = match self.connect_to {
+            Some(addr) => http::Uri::builder()
+                .scheme("http")
+                .authority(addr.to_string())
+                .path_and_query("/")
+                .build()
+                .expect("a socket address is a valid authority"),
+            None => uri,
+        };
+        self.inner.call(uri)
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Running {
     /// The agent listener's Unix socket, if any; removed again at shutdown.
     pub proxy_unix: Option<PathBuf>,
     pub admin_addr: SocketAddr,
+    /// The forward-proxy listener (`[forward_proxy]`), if configured.
+    pub forward_addr: Option<SocketAddr>,
     pub state: Arc<AppState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -41,8 +43,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
 pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Metrics>) -> anyhow::Result<Running> {
     let server_config = runtime.config.server.clone();
-    let agent_listeners =
-        usize::from(server_config.listen.is_some()) + usize::from(server_config.listen_unix.is_some());
+    let agent_listeners = usize::from(server_config.listen.is_some())
+        + usize::from(server_config.listen_unix.is_some())
+        + usize::from(runtime.config.forward_proxy.is_some());
     let settings = ConnSettings {
         header_read_timeout: server_config.header_read_timeout,
         max_header_bytes: server_config.max_header_bytes,
@@ -63,6 +66,22 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         Some(path) => Some(bind_unix(path, server_config.unix_socket_mode)?),
         None => None,
     };
+    // The CA is loaded (or generated) before anything listens: a broken CA stops the start.
+    let forward_proxy = match runtime_forward_proxy(&state) {
+        Some(config) => {
+            let ca = crate::server::forward::CertAuthority::load_or_create(
+                &config.ca_cert_file,
+                &config.ca_key_file,
+                config.leaf_validity,
+            )?;
+            let listener = TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {} (forward_proxy.listen)", config.listen))?;
+            Some((listener, Arc::new(ca)))
+        }
+        None => None,
+    };
+    let forward_addr = forward_proxy.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
     let admin_listener = TcpListener::bind(server_config.admin_listen)
         .await
         .with_context(|| format!("cannot listen on {} (server.admin_listen)", server_config.admin_listen))?;
@@ -125,6 +144,16 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
             rx.clone(),
         )));
     }
+    if let Some((listener, ca)) = forward_proxy {
+        tasks.push(tokio::spawn(crate::server::forward::serve(
+            listener,
+            state.clone(),
+            ca,
+            settings,
+            state.metrics.connections_open.clone(),
+            rx.clone(),
+        )));
+    }
     let proxy_unix = server_config.listen_unix.clone();
     let proxy = match (proxy_addr, &proxy_unix) {
         (Some(addr), Some(path)) => format!("http://{addr} unix:{}", path.display()),
@@ -132,9 +161,17 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
         (None, Some(path)) => format!("unix:{}", path.display()),
         (None, None) => "none".to_string(),
     };
-    tracing::info!(proxy = %proxy, admin = %format!("http://{admin_addr}"), "keyward listening");
+    match forward_addr {
+        Some(forward) => tracing::info!(proxy = %proxy, forward_proxy = %format!("http://{forward}"),
+            admin = %format!("http://{admin_addr}"), "keyward listening"),
+        None => tracing::info!(proxy = %proxy, admin = %format!("http://{admin_addr}"), "keyward listening"),
+    }
     let shutdown_grace = settings.shutdown_grace;
-    Ok(Running { proxy_addr, proxy_unix, admin_addr, state, shutdown, tasks, shutdown_grace })
+    Ok(Running { proxy_addr, proxy_unix, admin_addr, forward_addr, state, shutdown, tasks, shutdown_grace })
+}
+
+fn runtime_forward_proxy(state: &AppState) -> Option<crate::config::ForwardProxyConfig> {
+    state.runtime.load().config.forward_proxy.clone()
 }
 
 /// Descriptors kept aside for all but the agent connections: the audit file, the listeners,

@@ -39,6 +39,7 @@ use std::sync::Arc;
 
 use axum::Router;
 
+pub use server::forward::{CertAuthority, IssuedLeaf};
 pub use state::{AppState, Runtime};
 
 /// The agent-facing router: every path goes through the pipeline. Tests drive it with

@@ -107,6 +107,47 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// The forward proxy's CA (the certificate agents trust to be intercepted).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Print the environment an agent needs to use the forward proxy (HTTPS_PROXY, NO_PROXY and
+    /// the CA bundle variables), one NAME=value per line, for `docker --env-file` or `export`.
+    AgentEnv {
+        /// The agent id (an [[agents]] entry).
+        #[arg(long)]
+        agent: String,
+        /// Put the agent's real key into HTTPS_PROXY: it is read from $KEYWARD_AGENT_KEY (never
+        /// from the command line, which other processes can see) and checked against the config.
+        /// Without it, the key is the placeholder `<agent-key>`.
+        #[arg(long)]
+        with_key: bool,
+        /// The host agents reach the forward proxy at (default: forward_proxy.listen's address;
+        /// needed when it listens on 0.0.0.0, e.g. `keyward` in a compose network).
+        #[arg(long)]
+        proxy_host: Option<String>,
+        /// Where the agent finds the CA certificate (default: forward_proxy.ca_cert_file), e.g. a
+        /// path mounted into its container.
+        #[arg(long)]
+        ca_path: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM). Generates the CA first if it does not exist yet, as
+    /// `serve` would.
+    Export {
+        /// Print the system's trusted roots first, then keyward's CA: a bundle for
+        /// SSL_CERT_FILE that also verifies hosts that are not intercepted (tunnel_hosts, NO_PROXY).
+        #[arg(long)]
+        bundle: bool,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -279,6 +320,10 @@ fn main() -> ExitCode {
             println!("token_sha256 = \"{}\"", hex::encode(identity::hash_key(&token)));
             ExitCode::SUCCESS
         }
+        Command::Ca { command: CaCommand::Export { bundle, config } } => ca_export(bundle, config.as_deref()),
+        Command::AgentEnv { agent, with_key, proxy_host, ca_path, config } => {
+            agent_env(&agent, with_key, proxy_host.as_deref(), ca_path.as_deref(), config.as_deref())
+        }
         Command::Demo => run_async(async {
             let text = keyward::demo::run().await?;
             print!("{text}");
@@ -446,6 +491,116 @@ fn audit_report(since: &str, format: ReportFormat, paths: Vec<PathBuf>, config: 
         ReportFormat::Text => print!("{}", keyward::audit::report::text(&report)),
         ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report).expect("reports serialize")),
         ReportFormat::Html => println!("{}", keyward::audit::report::html(&report)),
+    }
+    ExitCode::SUCCESS
+}
+
+/// The config's `[forward_proxy]` and its CA (generated if absent), or the exit code after
+/// saying what is missing.
+fn forward_ca(
+    config: Option<&std::path::Path>,
+) -> Result<(Config, config::ForwardProxyConfig, keyward::CertAuthority), ExitCode> {
+    let (config, name) = load(config)?;
+    let Some(forward) = config.forward_proxy.clone() else {
+        eprintln!(
+            "keyward: {name} has no [forward_proxy] section (add `[forward_proxy]` with `listen = \"127.0.0.1:8081\"`)"
+        );
+        return Err(ExitCode::from(2));
+    };
+    match keyward::CertAuthority::load_or_create(&forward.ca_cert_file, &forward.ca_key_file, forward.leaf_validity) {
+        Ok(ca) => Ok((config, forward, ca)),
+        Err(error) => {
+            eprintln!("keyward: {error:#}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn ca_export(bundle: bool, config: Option<&std::path::Path>) -> ExitCode {
+    let ca = match forward_ca(config) {
+        Ok((_, _, ca)) => ca,
+        Err(code) => return code,
+    };
+    if bundle {
+        use base64::Engine;
+        let system = rustls_native_certs::load_native_certs();
+        if system.certs.is_empty() {
+            eprintln!("keyward: no system trust store found; the bundle holds keyward's CA only");
+        }
+        for cert in system.certs {
+            let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+            println!("-----BEGIN CERTIFICATE-----");
+            for line in text.as_bytes().chunks(64) {
+                println!("{}", String::from_utf8_lossy(line));
+            }
+            println!("-----END CERTIFICATE-----");
+        }
+    }
+    print!("{}", ca.cert_pem());
+    ExitCode::SUCCESS
+}
+
+fn agent_env(
+    agent: &str,
+    with_key: bool,
+    proxy_host: Option<&str>,
+    ca_path: Option<&std::path::Path>,
+    config: Option<&std::path::Path>,
+) -> ExitCode {
+    let (config, forward, _) = match forward_ca(config) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let Some(entry) = config.agents.iter().find(|a| a.id == agent) else {
+        let ids: Vec<&str> = config.agents.iter().map(|a| a.id.as_str()).collect();
+        eprintln!("keyward: no agent '{agent}' in the config (agents: {})", ids.join(", "));
+        return ExitCode::from(2);
+    };
+    let key = if with_key {
+        let Some(key) = std::env::var("KEYWARD_AGENT_KEY").ok().filter(|k| !k.is_empty()) else {
+            eprintln!("keyward: --with-key reads the agent's key from $KEYWARD_AGENT_KEY, which is not set");
+            return ExitCode::from(2);
+        };
+        if entry.key_sha256 != Some(identity::hash_key(&key)) {
+            eprintln!("keyward: $KEYWARD_AGENT_KEY is not the key of agent '{agent}' in the config");
+            return ExitCode::from(2);
+        }
+        key
+    } else {
+        "<agent-key>".to_string()
+    };
+    let host = match proxy_host {
+        Some(host) => host.to_string(),
+        None if forward.listen.ip().is_unspecified() => {
+            eprintln!(
+                "keyward: forward_proxy.listen is {}; pass --proxy-host with the name agents reach keyward by",
+                forward.listen
+            );
+            return ExitCode::from(2);
+        }
+        None => match forward.listen {
+            std::net::SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+            v4 => v4.ip().to_string(),
+        },
+    };
+    let ca = ca_path.map_or_else(|| forward.ca_cert_file.display().to_string(), |p| p.display().to_string());
+    // Agent ids are letters, digits and -_.: (validated), none of which needs escaping in a URL
+    // user name except ':'.
+    let user = agent.replace(':', "%3A");
+    let proxy = format!("http://{user}:{key}@{host}:{}", forward.listen.port());
+    if !with_key {
+        eprintln!(
+            "# replace <agent-key> with agent '{agent}''s key, or run with --with-key and $KEYWARD_AGENT_KEY set"
+        );
+    }
+    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        println!("{name}={proxy}");
+    }
+    for name in ["NO_PROXY", "no_proxy"] {
+        println!("{name}=localhost,127.0.0.1,::1");
+    }
+    for name in ["SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO"] {
+        println!("{name}={ca}");
     }
     ExitCode::SUCCESS
 }

@@ -120,12 +120,14 @@ pub fn strip_agent_credentials(headers: &mut HeaderMap, route: &RouteConfig, age
     }
 }
 
-/// The agent's request re-addressed to the route's upstream: every credential the agent
+/// The agent's request re-addressed to `upstream` (the route's, or on the forward proxy the
+/// host the agent named): every credential the agent
 /// presented and hop-by-hop headers removed, Host left for the client to set from the URI, and
 /// the credential injected.
 pub fn build_request(
     request: Request<Body>,
     route: &RouteConfig,
+    upstream: &Upstream,
     raw_rest: &str,
     secret: &Resolved,
     agent_key: Option<&str>,
@@ -146,7 +148,7 @@ pub fn build_request(
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let mut query = parts.uri.query().map(str::to_string);
     inject::apply(&route.inject, &secret.value, headers, &mut query)?;
-    parts.uri = upstream_uri(&route.upstream, raw_rest, query.as_deref())
+    parts.uri = upstream_uri(upstream, raw_rest, query.as_deref())
         .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, limited_body(body, body_limit)))

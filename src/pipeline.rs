@@ -1,14 +1,16 @@
 //! The request flow, in the one place that knows its order (`proxy` lists the stages):
 //!
-//! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
-//! key, no `_method`) → admit → body check → meter (reserve budgets) → resolve → release
-//! (audit) → strip what the agent presented and inject → forward (one retry of a refused
-//! credential) → settle → meter usage and scrub → stream back, with the audit guard created
-//! first and ended exactly once on every path (it settles the budgets too).
+//! target check → route (by prefix, or by host on the forward proxy) → identify (agent or
+//! delegated key) → authorize → URL check (no agent key, no `_method`) → admit → body check →
+//! meter (reserve budgets) → resolve → release (audit) → strip what the agent presented and
+//! inject → forward (one retry of a refused credential) → settle → meter usage and scrub →
+//! stream back, with the audit guard created first and ended exactly once on every path (it
+//! settles the budgets too).
 //!
 //! Each stage is a function that returns its own type. Detector decisions from the limits are
 //! acted on in one place, `report_anomalies`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -23,11 +25,11 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::budget::Mode;
-use crate::config::{GrantConfig, RouteConfig};
+use crate::config::{GrantConfig, RouteConfig, Upstream};
 use crate::credentials::{Rejection, Resolved};
 use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
-use crate::forward::{self, TimedBody};
+use crate::forward::{self, Forwarder, TimedBody};
 use crate::identity;
 use crate::limit::Detection;
 use crate::limit::budget::{self, Amount, Claim};
@@ -38,6 +40,7 @@ use crate::policy;
 use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::server::PeerCred;
+use crate::server::forward::Via;
 use crate::state::{AppState, Runtime};
 use crate::usage::{self, Api, Usage};
 
@@ -138,6 +141,10 @@ async fn proxy(
 /// `route`: the route a request is for.
 struct Routed<'r> {
     route: &'r RouteConfig,
+    /// The route's index in the config, for its outbound client.
+    index: usize,
+    /// Where the call goes: the route's upstream, or on the forward proxy the host the agent named.
+    upstream: Cow<'r, Upstream>,
     /// The path below the route's prefix, decoded, as grants are written.
     rest: String,
     /// The same, as the agent sent it, for the upstream.
@@ -146,13 +153,53 @@ struct Routed<'r> {
 
 /// Refuses what is not a plain request for a path (an absolute or authority form, a bad
 /// version, a path that escapes), then finds the route by prefix.
+/// On the forward proxy the route comes from the host instead (`route_by_host`).
 fn route<'r>(runtime: &'r Runtime, audit: &mut AuditGuard, request: &Request<Body>) -> Result<Routed<'r>, ProxyError> {
+    if let Some(via) = request.extensions().get::<Via>() {
+        return route_by_host(runtime, audit, request, via);
+    }
     policy::check_target(request.method(), request.version(), request.uri())?;
     let path = policy::check_path(request.uri().path())?;
     let matched = runtime.routes.find(&path).ok_or(ProxyError::NoRoute)?;
     let route = &runtime.config.routes[matched.route];
     audit.route(&route.name, &matched.rest);
-    Ok(Routed { route, rest: matched.rest.into_owned(), raw_rest: matched.raw_rest.to_string() })
+    Ok(Routed {
+        route,
+        index: matched.route,
+        upstream: Cow::Borrowed(&route.upstream),
+        rest: matched.rest.into_owned(),
+        raw_rest: matched.raw_rest.to_string(),
+    })
+}
+
+/// A request that came in on the forward proxy: the host it names must be the tunnel's (421
+/// otherwise), the route is the one that names that host, and the whole path is matched against
+/// the grants. The call goes to that host, on the port the agent named.
+fn route_by_host<'r>(
+    runtime: &'r Runtime,
+    audit: &mut AuditGuard,
+    request: &Request<Body>,
+    via: &Via,
+) -> Result<Routed<'r>, ProxyError> {
+    audit.via_forward(&via.host);
+    via.check_request(request)?;
+    let index = runtime.hosts.find(&via.host).ok_or_else(|| via.refused("no route names this host"))?;
+    let route = &runtime.config.routes[index];
+    if !route.ports.contains(&via.upstream_port) {
+        return Err(via.refused("the route for this host does not allow this port"));
+    }
+    let path = policy::check_path(request.uri().path())?;
+    audit.route(&route.name, &path.decoded);
+    if crate::server::forward::is_upgrade(request) {
+        return Err(ProxyError::UpgradeUnsupported { route: route.name.clone() });
+    }
+    Ok(Routed {
+        route,
+        index,
+        upstream: Cow::Owned(via.upstream()),
+        rest: path.decoded.into_owned(),
+        raw_rest: path.raw.to_string(),
+    })
 }
 
 /// `identify`: who is calling.
@@ -181,7 +228,12 @@ fn identify<'r>(
     if let Some(uid) = peer_uid {
         audit.unix_peer(uid);
     }
-    let key = identity::extract_key(&route.agent_key, request.headers(), &route.name);
+    // On the forward proxy the key came with the CONNECT (or plain-HTTP request) as
+    // `Proxy-Authorization`; the request's own headers are not read for it.
+    let key = match request.extensions().get::<Via>() {
+        Some(via) => Ok(via.key()),
+        None => identity::extract_key(&route.agent_key, request.headers(), &route.name),
+    };
     let by_uid = peer_uid.and_then(|uid| principal::identify_peer(&state.revoked_agents, runtime, uid));
     let identified = match (key, by_uid) {
         (Err(ProxyError::MissingAgentKey { .. }), Some(by_uid)) => Identified { caller: by_uid?, presented_key: None },
@@ -433,7 +485,8 @@ async fn forward(
     let limit = runtime.config.forward.max_request_body_bytes;
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
-    let attempt = Attempt { state, routed, identified, body_limit: limit };
+    let client = runtime.client_for(routed.index, &state.forwarder);
+    let attempt = Attempt { routed, identified, client, body_limit: limit };
     match attempt.send(audit, request, &secret).await? {
         Forwarded::Answered(response) if is_refusal(response.status()) => {
             retry_refused(runtime, audit, &attempt, &secret, response, replay).await
@@ -442,11 +495,12 @@ async fn forward(
     }
 }
 
-/// What every send of one call shares: where it goes, who is calling, and the body limit.
+/// What every send of one call shares: where it goes, who is calling, the client that sends
+/// it, and the body limit.
 struct Attempt<'a> {
-    state: &'a AppState,
     routed: &'a Routed<'a>,
     identified: &'a Identified<'a>,
+    client: &'a Forwarder,
     body_limit: u64,
 }
 
@@ -461,10 +515,18 @@ impl Attempt<'_> {
     ) -> Result<Forwarded, ProxyError> {
         let route = self.routed.route;
         let presented_key = self.identified.presented_key();
-        let outbound =
-            outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?;
+        let upstream = &self.routed.upstream;
+        let outbound = outbound::build_request(
+            request,
+            route,
+            upstream,
+            &self.routed.raw_rest,
+            secret,
+            presented_key,
+            self.body_limit,
+        )?;
         audit.release().await?;
-        Ok(match self.state.forwarder.send(outbound, &route.name).await {
+        Ok(match self.client.send(outbound, &route.name).await {
             Ok(response) => Forwarded::Answered(response),
             Err(unreachable) => Forwarded::Unreachable(unreachable),
         })

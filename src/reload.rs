@@ -87,6 +87,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if differs(&old.forward, &new.forward) {
         changed.push("forward");
     }
+    if differs(&old.forward_proxy, &new.forward_proxy) {
+        changed.push("forward_proxy");
+    }
     let audit = |c: &Config| {
         let a = &c.audit;
         format!(

@@ -148,6 +148,48 @@ pub enum AuditEvent {
         purged_version: Option<String>,
     },
 
+    /// The forward proxy refused a CONNECT (or a plain-HTTP or non-proxy request) before any
+    /// tunnel was opened: no or unknown key (407), a host or port no route names, an IP literal
+    /// or private address (403). `agentId` is absent when the caller was not identified.
+    #[serde(rename = "forward.refused")]
+    ForwardRefused {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        agent_id: Option<String>,
+        /// The connecting peer's address.
+        ip: String,
+        method: String,
+        host: String,
+        port: u16,
+        status: u16,
+        error_code: &'static str,
+        /// For unknown keys: 12 hex chars of the key's SHA-256.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key_fingerprint: Option<String>,
+        via: &'static str,
+    },
+    /// An intercepted tunnel was accepted (CONNECT answered 200) but the agent's TLS handshake
+    /// with keyward's leaf failed, most often because the agent does not trust keyward's CA:
+    /// nothing was sent upstream.
+    #[serde(rename = "forward.handshake_failed")]
+    ForwardHandshakeFailed { agent_id: String, ip: String, host: String, port: u16, reason: String, via: &'static str },
+    /// A blind tunnel to one of `forward_proxy.tunnel_hosts` ended: no interception and no
+    /// credential; the bytes each way and how long it was open.
+    #[serde(rename = "forward.tunnel")]
+    ForwardTunnel {
+        agent_id: String,
+        ip: String,
+        host: String,
+        port: u16,
+        /// The address keyward connected to.
+        connected_to: String,
+        bytes_from_agent: u64,
+        bytes_to_agent: u64,
+        duration_ms: u64,
+        /// `closed` (either side ended it), `error` (the connection broke), `shutdown`.
+        outcome: &'static str,
+        via: &'static str,
+    },
+
     /// Rotated audit files past retention were deleted; the chain resumes at
     /// `first_surviving_hash`.
     #[serde(rename = "audit.pruned")]
@@ -423,6 +465,40 @@ mod tests {
         assert!(is_promotion_of(&promoted.record_now(), "aws"));
         assert!(!is_promotion_of(&promoted.record_now(), "vault"));
         assert_eq!(Kind::of(&promoted.record_now()), Kind::Rotation);
+        let refused = AuditEvent::ForwardRefused {
+            agent_id: None,
+            ip: "127.0.0.1".into(),
+            method: "CONNECT".into(),
+            host: "169.254.169.254".into(),
+            port: 443,
+            status: 403,
+            error_code: "connect_refused",
+            key_fingerprint: None,
+            via: "forward",
+        };
+        assert_eq!(
+            refused.to_json(),
+            json!({ "type": "forward.refused", "ip": "127.0.0.1", "method": "CONNECT", "host": "169.254.169.254",
+                    "port": 443, "status": 403, "errorCode": "connect_refused", "via": "forward" })
+        );
+        let tunnel = AuditEvent::ForwardTunnel {
+            agent_id: "a".into(),
+            ip: "127.0.0.1".into(),
+            host: "pypi.org".into(),
+            port: 443,
+            connected_to: "151.101.0.223:443".into(),
+            bytes_from_agent: 10,
+            bytes_to_agent: 20,
+            duration_ms: 5,
+            outcome: "closed",
+            via: "forward",
+        };
+        assert_eq!(
+            tunnel.to_json(),
+            json!({ "type": "forward.tunnel", "agentId": "a", "ip": "127.0.0.1", "host": "pypi.org", "port": 443,
+                    "connectedTo": "151.101.0.223:443", "bytesFromAgent": 10, "bytesToAgent": 20, "durationMs": 5,
+                    "outcome": "closed", "via": "forward" })
+        );
     }
 
     #[test]

@@ -109,6 +109,8 @@ impl AuditGuard {
             budgets: Vec::new(),
             usage: None,
             would_deny: Vec::new(),
+            connect_host: None,
+            via: None,
         };
         AuditGuard {
             sink,
@@ -155,6 +157,13 @@ impl AuditGuard {
     pub fn route(&mut self, route: &str, rest: &str) {
         self.record.route = Some(route.to_string());
         self.record.path = if rest.is_empty() { "/".to_string() } else { rest.to_string() };
+    }
+
+    /// The request came in on the forward proxy, through a tunnel to (or a plain-HTTP request
+    /// for) `host`.
+    pub fn via_forward(&mut self, host: &str) {
+        self.record.via = Some("forward");
+        self.record.connect_host = Some(host.to_string());
     }
 
     /// The agent's key never stands in the trail: a path that carries it (such a request is

@@ -120,6 +120,9 @@ pub struct AuditRecord {
     pub budgets: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_sent: Option<u64>,
+    /// On the forward proxy: the host the agent's CONNECT (or plain-HTTP request) named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_host: Option<String>,
     /// The secret's name, never its value.
     pub credential: Option<String>,
     pub decision: Decision,
@@ -173,6 +176,9 @@ pub struct AuditRecord {
     /// Shadow-mode policies that would have refused the call.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub would_deny: Vec<WouldDeny>,
+    /// How the request came in: `forward` on the forward proxy (absent on the reverse path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
 }
 
 /// What happened after the upstream refused an injected credential (fields in sorted order).
@@ -195,6 +201,8 @@ pub struct InvalidatedCredential {
 #[serde(rename_all = "camelCase")]
 struct Released<'a> {
     agent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connect_host: Option<&'a str>,
     credential: Option<&'a str>,
     decision: Decision,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -219,6 +227,8 @@ struct Released<'a> {
     timestamp: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via: Option<&'static str>,
 }
 
 impl AuditRecord {
@@ -267,6 +277,8 @@ impl AuditRecord {
             label: self.label.as_deref(),
             fallback_from: self.fallback_from.as_deref(),
             invalidated: self.invalidated.as_ref(),
+            connect_host: self.connect_host.as_deref(),
+            via: self.via,
         }
     }
 }
@@ -277,7 +289,9 @@ mod tests {
     use crate::audit::chain::canonical;
 
     /// The fields a `request.released` record keeps: who is getting which credential, for what.
-    const RELEASED_FIELDS: [&str; 18] = [
+    const RELEASED_FIELDS: [&str; 20] = [
+        "via",
+        "connectHost",
         "type",
         "timestamp",
         "requestId",
@@ -346,6 +360,8 @@ mod tests {
             } else {
                 Vec::new()
             },
+            connect_host: some("api.github.com"),
+            via: filled.then_some("forward"),
         }
     }
 

@@ -63,9 +63,9 @@ fn every_problem_is_reported_in_one_run() {
             ]),
             vec![
                 "6: sources[0].rotation.schedule: '0 25 * * *': the hour field '25' is out of range (allowed: 0-23, with * , - /)",
-                "9: routes[0].prefix: missing field `prefix`",
-                "11: routes[0].prefx: unknown field `prefx`, expected one of `name`, `prefix`, `upstream`, \
-                 `allow_plaintext`, `scrub_responses`, `agent_key`, `pass_headers`, `inject`, `validate` (did you mean `prefix`?)",
+                "9: routes[0].prefix: missing field `prefix`: a route needs a `prefix` (reverse proxy), `hosts` (forward proxy), or both",
+                "11: routes[0].prefx: unknown field `prefx`, expected one of `name`, `prefix`, `upstream`, `hosts`, \
+                 `ports`, `connect_to`, `upstream_ca_file`, `allow_plaintext`, `scrub_responses`, `agent_key`, `pass_headers`, `inject`, `validate` (did you mean `prefix`?)",
                 // Only the broken route's own problems; a reference to another name is still news.
                 "17: roles.worker.grants[0].route: no route named 'opnai' (did you mean 'openai'?)",
             ],
@@ -116,7 +116,7 @@ fn every_problem_is_reported_in_one_run() {
             "an unknown top-level table",
             format!("[sever]\nlisten = \"127.0.0.1:1\"\n{BASE}"),
             vec![
-                "1: sever: unknown field `sever`, expected one of `server`, `forward`, `audit`, `admin`, `limits`, \
+                "1: sever: unknown field `sever`, expected one of `server`, `forward`, `forward_proxy`, `audit`, `admin`, `limits`, \
                  `sources`, `sources_from`, `notifications`, `routes`, `roles`, `agents`, `usage`, `budgets` (did you mean `server`?)",
             ],
         ),

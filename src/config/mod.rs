@@ -83,6 +83,8 @@ fn prepare_embedded_home() -> Result<PathBuf, String> {
 pub struct Config {
     pub server: ServerConfig,
     pub forward: ForwardConfig,
+    /// The forward-proxy listener, if configured.
+    pub forward_proxy: Option<ForwardProxyConfig>,
     pub audit: AuditConfig,
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
@@ -129,6 +131,21 @@ pub struct ForwardConfig {
     /// Request bodies up to this size are kept, so a call refused for a stale credential can be
     /// replayed once with the new one (0: never replay).
     pub retry_body_bytes: u64,
+}
+
+/// `[forward_proxy]`: the `HTTPS_PROXY` listener, its interception CA, and blind tunnels.
+#[derive(Debug, Clone)]
+pub struct ForwardProxyConfig {
+    pub listen: SocketAddr,
+    /// The CA certificate (PEM); generated with its key on first start when neither file exists.
+    pub ca_cert_file: PathBuf,
+    /// The CA's private key (PEM, mode 0600); never logged.
+    pub ca_key_file: PathBuf,
+    /// Hosts (`host` or `host:port`, port 443 by default) passed through untouched: no
+    /// interception, no credential, audited as a tunnel with byte counts.
+    pub tunnel_hosts: Vec<(String, u16)>,
+    /// How long a leaf certificate keyward signs for an intercepted host is valid.
+    pub leaf_validity: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -188,10 +205,22 @@ pub const RANGE_HEADERS: [&str; 2] = ["range", "if-range"];
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub name: String,
-    pub prefix: String,
+    /// The reverse-proxy prefix; `None` for a route reached only through the forward proxy.
+    pub prefix: Option<String>,
+    /// Where reverse-proxy calls go; for a forward-only route, the first of `hosts` on its
+    /// first port (rotation probes use it).
     pub upstream: Upstream,
-    /// Where the agent key may come from, in order; never empty.
+    /// Where the agent key may come from, in order; empty only for a route without `prefix`.
     pub agent_key: Vec<AgentKeySpec>,
+    /// Hosts (lowercase) this route answers for on the forward-proxy listener.
+    pub hosts: Vec<String>,
+    /// The ports a CONNECT to one of `hosts` may name.
+    pub ports: Vec<u16>,
+    /// Every upstream connection of this route goes to this address instead of resolving the
+    /// host; TLS still verifies the certificate for the host name.
+    pub connect_to: Option<SocketAddr>,
+    /// Extra trust anchors for this route's upstream, from `upstream_ca_file`.
+    pub upstream_roots: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Headers removed by default (agent credential headers, `Range`, `If-Range`) that this
     /// route forwards anyway; never one of `agent_key`'s headers.
     pub pass_headers: Vec<HeaderName>,

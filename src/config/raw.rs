@@ -13,6 +13,8 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub forward: RawForward,
+    /// The forward-proxy listener (`HTTPS_PROXY`), off unless present.
+    pub forward_proxy: Option<RawForwardProxy>,
     #[serde(default)]
     pub audit: RawAudit,
     #[serde(default)]
@@ -152,6 +154,17 @@ pub struct RawForward {
     pub pool_idle_timeout_ms: Option<u64>,
     pub pool_max_idle_per_host: Option<usize>,
     pub retry_body_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwardProxy {
+    pub listen: Option<String>,
+    pub ca_cert_file: Option<String>,
+    pub ca_key_file: Option<String>,
+    #[serde(default)]
+    pub tunnel_hosts: Vec<String>,
+    pub leaf_validity_hours: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -353,14 +366,26 @@ fn default_true() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
-    pub prefix: String,
-    pub upstream: String,
+    /// The reverse-proxy path prefix; a route needs it, `hosts`, or both.
+    pub prefix: Option<String>,
+    /// Required with `prefix`; a route with only `hosts` goes to the host the agent asked for.
+    pub upstream: Option<String>,
+    /// Hosts this route answers for on the forward-proxy listener.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The ports a CONNECT to one of `hosts` may name (default 443).
+    pub ports: Option<Vec<u16>>,
+    /// Connect here instead of resolving the host (tests, split-horizon DNS).
+    pub connect_to: Option<String>,
+    /// Extra CA certificates (PEM) trusted for this route's upstream.
+    pub upstream_ca_file: Option<String>,
     #[serde(default)]
     pub allow_plaintext: bool,
     #[serde(default = "default_true")]
     pub scrub_responses: bool,
-    /// One place (`{ header, scheme }`) or a list of places the agent key may come from.
-    pub agent_key: RawAgentKeys,
+    /// One place (`{ header, scheme }`) or a list of places the agent key may come from;
+    /// required with `prefix` (on the forward proxy the key comes from `Proxy-Authorization`).
+    pub agent_key: Option<RawAgentKeys>,
     /// Headers keyward removes by default that this route forwards anyway.
     #[serde(default)]
     pub pass_headers: Vec<String>,

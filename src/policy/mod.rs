@@ -3,12 +3,14 @@
 //! Nothing here does I/O or reads a clock; everything is tested with tables of cases.
 
 mod grant;
+pub mod hosts;
 mod pattern;
 mod routing;
 
 use http::Method;
 
 pub use grant::{GrantConfig, Mode, Quota};
+pub use hosts::{AddressKind, HostTable, canonical_host};
 pub use pattern::{MethodSet, PathPattern, suggest};
 pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
 

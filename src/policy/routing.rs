@@ -121,8 +121,12 @@ pub struct RouteMatch<'a> {
 
 impl RouteTable {
     pub fn new<'a>(prefixes: impl IntoIterator<Item = &'a str>) -> RouteTable {
-        let mut entries: Vec<(String, usize)> =
-            prefixes.into_iter().enumerate().map(|(i, p)| (p.to_string(), i)).collect();
+        RouteTable::with_indexes(prefixes.into_iter().enumerate())
+    }
+
+    /// Prefixes with the index of their route (routes without a prefix are left out).
+    pub fn with_indexes<'a>(prefixes: impl IntoIterator<Item = (usize, &'a str)>) -> RouteTable {
+        let mut entries: Vec<(String, usize)> = prefixes.into_iter().map(|(i, p)| (p.to_string(), i)).collect();
         entries.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         RouteTable { entries }
     }

@@ -2,6 +2,7 @@
 //! at most `max_connections` at once, and graceful shutdown that lets in-flight requests finish.
 
 mod conn;
+pub mod forward;
 
 use std::io;
 use std::net::SocketAddr;

@@ -17,7 +17,7 @@ use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
 use crate::limit::Limits;
 use crate::metrics::Metrics;
-use crate::policy::RouteTable;
+use crate::policy::{HostTable, RouteTable};
 
 pub mod file;
 pub mod rotations;
@@ -29,12 +29,22 @@ pub use rotations::{RotationLog, RotationRun};
 pub struct Runtime {
     pub config: Config,
     pub routes: RouteTable,
+    /// Which route answers for a host on the forward-proxy listener.
+    pub hosts: HostTable,
+    /// The outbound client of each route with its own `connect_to` or `upstream_ca_file`
+    /// (`None`: the shared one).
+    pub route_clients: Vec<Option<Forwarder>>,
     pub agents: AgentDirectory,
     pub secrets: SecretStore,
     pub audit_metadata: Arc<BTreeMap<String, String>>,
 }
 
 impl Runtime {
+    /// The client that sends route `index`'s calls: its own, or the shared `default`.
+    pub fn client_for<'a>(&'a self, index: usize, default: &'a Forwarder) -> &'a Forwarder {
+        self.route_clients.get(index).and_then(Option::as_ref).unwrap_or(default)
+    }
+
     pub fn new(config: Config, metrics: Arc<Metrics>) -> Runtime {
         let secrets = SecretStore::new(&config.sources, metrics);
         Runtime::with_store(config, secrets)
@@ -42,8 +52,20 @@ impl Runtime {
 
     /// A runtime over an existing secret store (a reload keeps unchanged sources cached).
     pub fn with_store(config: Config, secrets: SecretStore) -> Runtime {
+        let route_clients = config
+            .routes
+            .iter()
+            .map(|r| {
+                (r.connect_to.is_some() || !r.upstream_roots.is_empty())
+                    .then(|| Forwarder::for_route(&config.forward, &r.upstream_roots, r.connect_to))
+            })
+            .collect();
         Runtime {
-            routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
+            routes: RouteTable::with_indexes(
+                config.routes.iter().enumerate().filter_map(|(i, r)| Some((i, r.prefix.as_deref()?))),
+            ),
+            hosts: HostTable::new(config.routes.iter().enumerate().map(|(i, r)| (i, r.hosts.as_slice()))),
+            route_clients,
             agents: AgentDirectory::new(&config.agents),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
             secrets,

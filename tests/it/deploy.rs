@@ -160,7 +160,7 @@ fn applying_the_kubernetes_directory_creates_no_secret() {
         .flat_map(|p| yaml_documents(p))
         .map(|d| format!("{}/{}", d["kind"].as_str().unwrap(), d["metadata"]["name"].as_str().unwrap()))
         .collect();
-    assert_eq!(examples, ["Secret/keyward-agent-key", "Secret/keyward-aws"]);
+    assert_eq!(examples, ["Secret/keyward-agent-key", "Secret/keyward-tool-agent-key", "Secret/keyward-aws"]);
 }
 
 /// The image builds with podman and buildah without a registries.conf (fully qualified base

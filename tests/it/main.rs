@@ -17,6 +17,7 @@ mod delegation;
 mod deploy;
 mod docs;
 mod exec;
+mod forward;
 mod hostile;
 mod lifecycle;
 mod limits;

@@ -6,6 +6,7 @@
 mod audit;
 mod budgets;
 mod delegation;
+mod hosts;
 mod limits;
 mod roles;
 mod routes;
@@ -87,13 +88,17 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let admin = server::admin(c, raw.admin);
     let (sources, secret_owner) = sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
     let routes = routes::routes(c, raw.routes);
+    let forward_proxy = hosts::forward_proxy(c, raw.forward_proxy, &audit.path);
+    if let Some(forward_proxy) = &forward_proxy {
+        hosts::tunnels_against_routes(c, forward_proxy, &routes);
+    }
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
     let usage = std::sync::Arc::new(budgets::usage(c, raw.usage));
     let budgets = budgets::budgets(c, raw.budgets, &agents, &roles, limits.fail_open);
-    Config { server, forward, audit, admin, limits, sources, routes, roles, agents, usage, budgets }
+    Config { server, forward, forward_proxy, audit, admin, limits, sources, routes, roles, agents, usage, budgets }
 }
 
 fn valid_name(name: &str) -> bool {

@@ -1,4 +1,4 @@
-//! `[[routes]]`: prefix → upstream, where the agent key comes from, what is injected, and the
+//! `[[routes]]`: prefix → upstream (and the hosts they answer for on the forward proxy, see `hosts`), where the agent key comes from, what is injected, and the
 //! probe that tests a rotated credential.
 
 use http::HeaderName;
@@ -19,8 +19,15 @@ pub(super) fn routes(c: &mut Collector<'_>, raw: Vec<RawRoute>) -> Vec<RouteConf
     );
     check_unique(
         c,
-        routes.iter().enumerate().map(|(i, r)| (format!("routes[{i}].prefix"), r.prefix.clone())),
+        routes.iter().enumerate().filter_map(|(i, r)| Some((format!("routes[{i}].prefix"), r.prefix.clone()?))),
         "route prefix",
+    );
+    check_unique(
+        c,
+        routes.iter().enumerate().flat_map(|(i, r)| {
+            r.hosts.iter().enumerate().map(move |(j, h)| (format!("routes[{i}].hosts[{j}]"), h.clone()))
+        }),
+        "route host",
     );
     routes
 }
@@ -29,35 +36,77 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
     if !valid_name(&r.name) {
         c.problem(format!("{at}.name"), "use letters, digits, '-', '_', '.' or ':' (1-128 characters)");
     }
-    let prefix_ok = r.prefix.starts_with('/')
-        && r.prefix.len() > 1
-        && !r.prefix.ends_with('/')
-        && r.prefix[1..].split('/').all(|seg| {
-            !seg.is_empty()
-                && seg != "."
-                && seg != ".."
-                && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
-        });
-    delegation::reserved_prefix(c, at, &r.prefix);
-    if !prefix_ok {
-        c.problem(format!("{at}.prefix"), "must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments");
+    if let Some(prefix) = &r.prefix {
+        let prefix_ok = prefix.starts_with('/')
+            && prefix.len() > 1
+            && !prefix.ends_with('/')
+            && prefix[1..].split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.~".contains(ch))
+            });
+        delegation::reserved_prefix(c, at, prefix);
+        if !prefix_ok {
+            c.problem(
+                format!("{at}.prefix"),
+                "must look like \"/name\" or \"/a/b\": no trailing slash, no dot segments",
+            );
+        }
     }
-    let upstream = match upstream(&r.upstream, r.allow_plaintext) {
-        Ok(u) => Some(u),
-        Err(e) => {
-            c.problem(format!("{at}.upstream"), e);
-            None
+    let hosts = super::hosts::route_hosts(c, at, &r.hosts, r.ports.as_deref());
+    let reverse = r.prefix.is_some();
+    if !reverse && r.hosts.is_empty() {
+        c.problem(
+            format!("{at}.prefix"),
+            "missing field `prefix`: a route needs a `prefix` (reverse proxy), `hosts` (forward proxy), or both",
+        );
+    }
+    let upstream = match (&r.upstream, hosts.names.first()) {
+        (Some(text), _) => match upstream(text, r.allow_plaintext) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                c.problem(format!("{at}.upstream"), e);
+                None
+            }
+        },
+        // A forward-only route goes to the host the agent named; probes use its first host.
+        (None, Some(host)) if !reverse => Some(super::hosts::host_upstream(host, hosts.ports[0])),
+        (None, _) => {
+            if reverse {
+                c.problem(format!("{at}.upstream"), "missing field `upstream`");
+            }
+            // A stand-in (the route has problems already), so grants on this route are not
+            // reported as naming no route.
+            Some(super::hosts::host_upstream("invalid", 443))
         }
     };
-    let agent_key = agent_key_places(c, at, r.agent_key);
+    let agent_key = match r.agent_key {
+        Some(raw) => agent_key_places(c, at, raw),
+        None if reverse => {
+            c.problem(format!("{at}.agent_key"), "missing field `agent_key`");
+            Some(Vec::new())
+        }
+        None => Some(Vec::new()),
+    };
     let pass_headers = pass_headers(c, at, r.pass_headers, agent_key.as_deref().unwrap_or_default());
     let inject = inject(c, &format!("{at}.inject"), r.inject);
     let validate = r.validate.and_then(|p| probe(c, &format!("{at}.validate"), p));
+    let connect_to = r.connect_to.as_deref().and_then(|text| super::hosts::connect_to(c, at, text));
+    let upstream_roots = r.upstream_ca_file.as_deref().map(|f| super::hosts::roots(c, at, f)).unwrap_or_default();
+    if (connect_to.is_some() || r.ports.is_some()) && hosts.names.is_empty() {
+        let field = if connect_to.is_some() { "connect_to" } else { "ports" };
+        c.problem(format!("{at}.{field}"), "is only used with `hosts`");
+    }
     Some(RouteConfig {
         name: r.name,
         prefix: r.prefix,
         upstream: upstream?,
         agent_key: agent_key?,
+        hosts: hosts.names,
+        ports: hosts.ports,
+        connect_to,
+        upstream_roots,
         pass_headers,
         inject: inject?,
         scrub_responses: r.scrub_responses,
