@@ -2,7 +2,7 @@
 //!
 //! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
 //! key, no `_method`) → admit → body check → resolve → release (audit) → strip what the agent
-//! presented and inject → forward (one retry of a refused credential) → settle → scrub →
+//! presented and inject (or sign) → forward (one retry of a refused credential) → settle → scrub →
 //! stream back, with the audit guard created first and ended exactly once on every path.
 //!
 //! Each stage is a function that returns its own type. Detector decisions from the limits are
@@ -22,7 +22,8 @@ use zeroize::Zeroizing;
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::{GrantConfig, RouteConfig};
-use crate::credentials::{Rejection, Resolved};
+use crate::credentials::sigv4::{self, Signer};
+use crate::credentials::{Rejection, Resolved, SecretStore};
 use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
 use crate::forward::{self, TimedBody};
@@ -243,10 +244,18 @@ async fn check_body(request: Request<Body>, limit: u64, route: &str) -> Result<R
     refuse_form_method_override(request, limit, route).await
 }
 
-/// `resolve`: the credential the grant names, from its store (or the cache).
+/// `resolve`: the credential the grant names, from its store (or the cache). An `aws-sigv4`
+/// secret whose keys come from the AWS chain has nothing in a store.
 async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig) -> Result<Arc<Resolved>, ProxyError> {
-    let secret = runtime.secrets.resolve(&grant.secret).await?;
+    let signer = runtime.signers.get(&grant.secret);
+    let secret = match signer.and_then(|signer| signer.chain_resolved()) {
+        Some(chain) => chain,
+        None => runtime.secrets.resolve(&grant.secret).await?,
+    };
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
+    if let Some(signer) = signer {
+        audit.signed(sigv4::KIND, &signer.config.service, &signer.config.region);
+    }
     Ok(secret)
 }
 
@@ -271,7 +280,8 @@ async fn forward(
     let limit = runtime.config.forward.max_request_body_bytes;
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
-    let attempt = Attempt { state, routed, identified, body_limit: limit };
+    let signer = runtime.signers.get(&secret.name).map(|signer| (signer.as_ref(), &runtime.secrets));
+    let attempt = Attempt { state, routed, identified, body_limit: limit, signer };
     match attempt.send(audit, request, &secret).await? {
         Forwarded::Answered(response) if is_refusal(response.status()) => {
             retry_refused(runtime, audit, &attempt, &secret, response, replay).await
@@ -286,6 +296,8 @@ struct Attempt<'a> {
     routed: &'a Routed<'a>,
     identified: &'a Identified<'a>,
     body_limit: u64,
+    /// For an `aws-sigv4` secret: its signer, and the store that holds its keys for the scrubber.
+    signer: Option<(&'a Signer, &'a SecretStore)>,
 }
 
 impl Attempt<'_> {
@@ -295,12 +307,29 @@ impl Attempt<'_> {
         &self,
         audit: &mut AuditGuard,
         request: Request<Body>,
-        secret: &Resolved,
+        secret: &Arc<Resolved>,
     ) -> Result<Forwarded, ProxyError> {
         let route = self.routed.route;
         let presented_key = self.identified.presented_key();
-        let outbound =
-            outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?;
+        let outbound = match self.signer {
+            None => {
+                outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?
+            }
+            Some((signer, store)) => {
+                // The signature covers the body's SHA-256, so the body is read whole (bounded by
+                // the body limit) before it is signed.
+                let (request, body) = whole_body(request, self.body_limit).await?;
+                let outbound = outbound::build_request(
+                    request,
+                    route,
+                    &self.routed.raw_rest,
+                    secret,
+                    presented_key,
+                    self.body_limit,
+                )?;
+                signer.sign(outbound, &body, secret, store).await?
+            }
+        };
         audit.release().await?;
         Ok(match self.state.forwarder.send(outbound, &route.name).await {
             Ok(response) => Forwarded::Answered(response),
@@ -447,6 +476,18 @@ async fn keep_for_replay(
         body: body.clone(),
     };
     Ok((Request::from_parts(parts, Body::from(body)), Some(replay)))
+}
+
+/// Reads the whole body (at most `limit` bytes), for a request that is signed over its hash.
+async fn whole_body(request: Request<Body>, limit: u64) -> Result<(Request<Body>, bytes::Bytes), ProxyError> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
+        Err(_) => return Err(ProxyError::BadBody),
+    };
+    Ok((Request::from_parts(parts, Body::from(body.clone())), body))
 }
 
 /// A form-encoded body is read whole (it is bounded by the body limit, and such bodies are small

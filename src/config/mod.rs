@@ -89,6 +89,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
     pub agents: Vec<AgentConfig>,
+    /// `[secrets.NAME]` of kind `aws-sigv4`, by secret name.
+    pub sigv4: BTreeMap<String, crate::credentials::sigv4::Sigv4Config>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,11 +229,22 @@ pub struct AgentKeySpec {
     pub schemes: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InjectSpec {
-    Header { name: HeaderName, value: Template },
-    Query { name: String, value: Template },
-    Basic { username: Template, password: Template },
+    Header {
+        name: HeaderName,
+        value: Template,
+    },
+    Query {
+        name: String,
+        value: Template,
+    },
+    Basic {
+        username: Template,
+        password: Template,
+    },
+    /// The route has no `inject`: its secrets are of a kind that signs the request (`aws-sigv4`).
+    Signed,
 }
 
 /// A string with `{{secret}}` placeholders.

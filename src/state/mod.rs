@@ -31,6 +31,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     pub agents: AgentDirectory,
     pub secrets: SecretStore,
+    /// The `aws-sigv4` secrets' signers, by secret name.
+    pub signers: crate::credentials::sigv4::Signers,
     pub audit_metadata: Arc<BTreeMap<String, String>>,
 }
 
@@ -45,6 +47,7 @@ impl Runtime {
         Runtime {
             routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
             agents: AgentDirectory::new(&config.agents),
+            signers: crate::credentials::sigv4::Signers::new(&config.sigv4),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
             secrets,
             config,

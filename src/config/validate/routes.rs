@@ -51,8 +51,18 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
     };
     let agent_key = agent_key_places(c, at, r.agent_key);
     let pass_headers = pass_headers(c, at, r.pass_headers, agent_key.as_deref().unwrap_or_default());
-    let inject = inject(c, &format!("{at}.inject"), r.inject);
+    // No inject: the route's secrets sign the request (checked against its grants in `roles`).
+    let inject = match r.inject {
+        Some(raw) => inject(c, &format!("{at}.inject"), raw),
+        None => Some(InjectSpec::Signed),
+    };
     let validate = r.validate.and_then(|p| probe(c, &format!("{at}.validate"), p));
+    if validate.is_some() && inject == Some(InjectSpec::Signed) {
+        c.problem(
+            format!("{at}.validate"),
+            "a route without an inject signs its requests; rotation probes are not signed, so remove the probe",
+        );
+    }
     Some(RouteConfig {
         name: r.name,
         prefix: r.prefix,
@@ -248,6 +258,7 @@ fn inject(c: &mut Collector<'_>, at: &str, i: RawInject) -> Option<InjectSpec> {
     let injects_secret = match &spec {
         InjectSpec::Header { value, .. } | InjectSpec::Query { value, .. } => uses_secret(value),
         InjectSpec::Basic { username, password } => uses_secret(username) || uses_secret(password),
+        InjectSpec::Signed => true,
     };
     if !injects_secret {
         c.problem(at, "never uses {{secret}}, so no credential would be injected");

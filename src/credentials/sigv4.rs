@@ -1,0 +1,571 @@
+//! The `aws-sigv4` credential kind: keyward holds the AWS keys and signs each outbound request
+//! with AWS Signature Version 4 (the `aws-sigv4` crate, AWS's own signer) for the secret's service
+//! and region, after removing whatever the agent signed it with.
+//!
+//! `[secrets.NAME]` with `kind = "aws-sigv4"` names the service and region and where the keys come
+//! from: `credentials = "source"` (the value a source maps to NAME, a JSON object with
+//! `access_key_id`, `secret_access_key` and an optional `session_token`), or `credentials =
+//! "chain"` (the standard AWS credential chain of the keyward process: environment, profile, web
+//! identity, ECS, IMDS). Neither the keys nor the signature are ever logged, audited or returned.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings, UriPathNormalizationMode,
+    sign,
+};
+use aws_sigv4::sign::v4;
+use http::{HeaderName, HeaderValue};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use super::{Report, Resolved, SecretStore};
+use crate::error::ProxyError;
+
+/// What `kind` names this credential kind.
+pub const KIND: &str = "aws-sigv4";
+
+/// What the audit record and `/admin/secrets` name the source of keys from the AWS chain.
+pub const CHAIN_SOURCE: &str = "aws-credential-chain";
+
+/// `[secrets.NAME]` as written. Only `kind = "aws-sigv4"` exists on this branch.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecretKind {
+    pub kind: String,
+    pub service: Option<String>,
+    pub region: Option<String>,
+    pub credentials: Option<String>,
+}
+
+/// Where the AWS keys come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    /// The secret's value from its source: JSON `{access_key_id, secret_access_key, session_token?}`.
+    Source,
+    /// The AWS default credential chain of the keyward process.
+    Chain,
+}
+
+impl KeySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Source => "source",
+            KeySource::Chain => "chain",
+        }
+    }
+}
+
+/// A validated `aws-sigv4` secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sigv4Config {
+    /// The secret's name, as grants name it.
+    pub name: String,
+    /// The signing name of the AWS service (`bedrock` for Bedrock runtime).
+    pub service: String,
+    pub region: String,
+    pub credentials: KeySource,
+}
+
+/// Validates `[secrets.*]`. `secret_owner` (secret name → source) is the sources' mapping; a
+/// `chain` secret is added to it, so grants may name it like any other secret.
+pub fn configure(
+    report: &mut dyn Report,
+    raw: BTreeMap<String, RawSecretKind>,
+    secret_owner: &mut HashMap<String, String>,
+) -> BTreeMap<String, Sigv4Config> {
+    let mut out = BTreeMap::new();
+    for (name, raw) in raw {
+        let at = format!("secrets.{name}");
+        let mut problem = |field: &str, message: String| report.problem(format!("{at}.{field}"), message);
+        if raw.kind != KIND {
+            problem("kind", format!("'{}' is not a credential kind: expected '{KIND}'", raw.kind));
+            continue;
+        }
+        let service = required(&mut problem, "service", raw.service, "the AWS signing name, like \"bedrock\"");
+        let region = required(&mut problem, "region", raw.region, "the AWS region, like \"us-east-1\"");
+        if let Some(service) = &service
+            && !is_aws_name(service)
+        {
+            problem("service", format!("'{service}' is not an AWS signing name (lowercase letters, digits and '-')"));
+        }
+        if let Some(region) = &region
+            && !is_aws_name(region)
+        {
+            problem("region", format!("'{region}' is not an AWS region like \"us-east-1\""));
+        }
+        let credentials = match raw.credentials.as_deref() {
+            None | Some("source") => Some(KeySource::Source),
+            Some("chain") => Some(KeySource::Chain),
+            Some(other) => {
+                problem("credentials", format!("'{other}': expected 'source' or 'chain'"));
+                None
+            }
+        };
+        match (credentials, secret_owner.get(&name)) {
+            (Some(KeySource::Source), None) => problem(
+                "credentials",
+                format!(
+                    "no source provides a secret named '{name}': map it in a source to JSON with access_key_id and \
+                     secret_access_key, or set credentials = \"chain\""
+                ),
+            ),
+            (Some(KeySource::Chain), Some(source)) => problem(
+                "credentials",
+                format!(
+                    "'chain' takes the keys from the AWS credential chain, but source '{source}' maps '{name}' too"
+                ),
+            ),
+            _ => {}
+        }
+        let (Some(service), Some(region), Some(credentials)) = (service, region, credentials) else { continue };
+        if credentials == KeySource::Chain {
+            secret_owner.insert(name.clone(), CHAIN_SOURCE.to_string());
+        }
+        out.insert(name.clone(), Sigv4Config { name, service, region, credentials });
+    }
+    out
+}
+
+fn required(problem: &mut impl FnMut(&str, String), field: &str, value: Option<String>, what: &str) -> Option<String> {
+    if value.is_none() {
+        problem(field, format!("is required for kind '{KIND}': {what}"));
+    }
+    value
+}
+
+fn is_aws_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 64
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+}
+
+/// The AWS keys one signature uses. Deliberately not `Debug` (`Credentials` redacts its own).
+#[derive(Clone)]
+pub struct Keys(Credentials);
+
+impl Keys {
+    pub fn new(access_key_id: &str, secret_access_key: &str, session_token: Option<&str>) -> Keys {
+        let token = session_token.map(str::to_string);
+        Keys(Credentials::new(access_key_id, secret_access_key, token, None, "keyward"))
+    }
+
+    /// Parses a source's value. The error names what is missing, never a value.
+    pub fn parse(value: &SecretString) -> Result<Keys, &'static str> {
+        #[derive(Deserialize)]
+        struct Document {
+            access_key_id: Option<String>,
+            secret_access_key: Option<String>,
+            session_token: Option<String>,
+        }
+        // serde_json's error would quote the text it stopped at, so it is not passed on.
+        let document: Document = serde_json::from_str(value.expose_secret())
+            .map_err(|_| "the secret's value is not a JSON object with access_key_id and secret_access_key")?;
+        let Document { access_key_id, secret_access_key, session_token } = document;
+        let (Some(id), Some(secret)) =
+            (access_key_id.filter(|v| !v.is_empty()), secret_access_key.filter(|v| !v.is_empty()))
+        else {
+            return Err("the secret's value lacks access_key_id or secret_access_key");
+        };
+        let keys = Keys::new(&id, &secret, session_token.as_deref().filter(|t| !t.is_empty()));
+        zeroize::Zeroize::zeroize(&mut secret.into_bytes());
+        Ok(keys)
+    }
+
+    /// The values the response scrubber must recognise: the secret key and the session token.
+    fn scrub_values(&self) -> HashMap<String, SecretString> {
+        let mut values = HashMap::new();
+        values.insert("secret_access_key".to_string(), SecretString::from(self.0.secret_access_key().to_string()));
+        if let Some(token) = self.0.session_token() {
+            values.insert("session_token".to_string(), SecretString::from(token.to_string()));
+        }
+        values
+    }
+}
+
+/// Why a request could not be signed: a name and a reason, never a value.
+fn unavailable(secret: &str, reason: &'static str) -> ProxyError {
+    ProxyError::SigningUnavailable { secret: secret.to_string(), reason }
+}
+
+/// Chain keys without an expiry (environment, profile) are read again after this long.
+const CHAIN_REFRESH: Duration = Duration::from_secs(15 * 60);
+/// Keys with an expiry are replaced this long before it.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
+/// After the chain found no keys, calls fail at once for this long: an agent cannot turn
+/// failures into a loop of IMDS or STS calls.
+const CHAIN_RETRY_AFTER: Duration = Duration::from_secs(2);
+
+/// Keys from the chain, until `refresh_at`.
+struct ChainKeys {
+    keys: Result<Keys, &'static str>,
+    refresh_at: Instant,
+}
+
+/// One `aws-sigv4` secret at run time: its settings and the keys last used.
+pub struct Signer {
+    pub config: Sigv4Config,
+    /// The resolved value the keys were parsed from (held, so its address cannot be reused).
+    parsed: Mutex<Option<(Arc<Resolved>, Keys)>>,
+    /// Chain keys; an async mutex, so concurrent calls on a cold cache wait for one lookup
+    /// (single flight) instead of each walking the chain.
+    chain: tokio::sync::Mutex<Option<ChainKeys>>,
+}
+
+impl Signer {
+    pub fn new(config: Sigv4Config) -> Signer {
+        Signer { config, parsed: Mutex::new(None), chain: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The stand-in for a store value when the keys come from the chain: it carries the name
+    /// and source for the audit record, and no value.
+    pub fn chain_resolved(&self) -> Option<Arc<Resolved>> {
+        (self.config.credentials == KeySource::Chain).then(|| {
+            Arc::new(Resolved {
+                name: self.config.name.clone(),
+                source: CHAIN_SOURCE.to_string(),
+                value: SecretString::from(String::new()),
+                version: None,
+                fallback_from: None,
+            })
+        })
+    }
+
+    /// The keys to sign with: parsed from `resolved` (once per value), or from the chain.
+    async fn keys(&self, resolved: &Arc<Resolved>, store: &SecretStore) -> Result<Keys, ProxyError> {
+        match self.config.credentials {
+            KeySource::Source => self.parsed_keys(resolved, store),
+            KeySource::Chain => self.chain_keys(store).await,
+        }
+    }
+
+    fn parsed_keys(&self, resolved: &Arc<Resolved>, store: &SecretStore) -> Result<Keys, ProxyError> {
+        let mut parsed = self.parsed.lock().expect("sigv4 keys lock poisoned");
+        if let Some((from, keys)) = parsed.as_ref()
+            && Arc::ptr_eq(from, resolved)
+        {
+            return Ok(keys.clone());
+        }
+        let keys = Keys::parse(&resolved.value).map_err(|reason| unavailable(&self.config.name, reason))?;
+        store.hold_derived(&self.config.name, keys.scrub_values());
+        *parsed = Some((resolved.clone(), keys.clone()));
+        Ok(keys)
+    }
+
+    async fn chain_keys(&self, store: &SecretStore) -> Result<Keys, ProxyError> {
+        let mut chain = self.chain.lock().await;
+        if let Some(cached) = chain.as_ref()
+            && Instant::now() < cached.refresh_at
+        {
+            return cached.keys.clone().map_err(|reason| unavailable(&self.config.name, reason));
+        }
+        let (keys, refresh_at) = match load_chain(&self.config.region).await {
+            Ok(credentials) => {
+                let lifetime = credentials
+                    .expiry()
+                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                    .map_or(CHAIN_REFRESH, |left| left.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1)));
+                let keys = Keys(credentials);
+                store.hold_derived(&self.config.name, keys.scrub_values());
+                (Ok(keys), Instant::now() + lifetime.min(CHAIN_REFRESH))
+            }
+            Err(reason) => {
+                tracing::warn!(secret = %self.config.name, reason, "the AWS credential chain gave no keys");
+                (Err(reason), Instant::now() + CHAIN_RETRY_AFTER)
+            }
+        };
+        *chain = Some(ChainKeys { keys: keys.clone(), refresh_at });
+        keys.map_err(|reason| unavailable(&self.config.name, reason))
+    }
+
+    /// Signs `request` (the outbound request, addressed to the upstream, with what the agent
+    /// signed it with already removed) whose whole body is `body`.
+    pub async fn sign<B>(
+        &self,
+        request: http::Request<B>,
+        body: &[u8],
+        resolved: &Arc<Resolved>,
+        store: &SecretStore,
+    ) -> Result<http::Request<B>, ProxyError> {
+        let keys = self.keys(resolved, store).await?;
+        let (mut parts, payload) = request.into_parts();
+        sign_parts(&mut parts, body, &keys, &self.config.service, &self.config.region, SystemTime::now())
+            .map_err(|reason| unavailable(&self.config.name, reason))?;
+        Ok(http::Request::from_parts(parts, payload))
+    }
+}
+
+#[cfg(feature = "aws")]
+async fn load_chain(region: &str) -> Result<Credentials, &'static str> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .region(aws_config::Region::new(region.to_string()))
+        .build()
+        .await;
+    // The chain's errors can quote profile files or endpoint answers, so they are not passed on.
+    chain.provide_credentials().await.map_err(|_| "the AWS credential chain found no usable keys")
+}
+
+#[cfg(not(feature = "aws"))]
+async fn load_chain(_region: &str) -> Result<Credentials, &'static str> {
+    Err("keyward was built without the `aws` feature, so the AWS credential chain is unavailable")
+}
+
+/// Signs the request head `parts` and `body` for `service` in `region` at `time`: sets
+/// `Authorization`, `X-Amz-Date` and, with a session token, `X-Amz-Security-Token`, each marked
+/// sensitive. Every header present is signed (except those AWS's signer leaves out, like
+/// `User-Agent`), with `Host` taken from the URI as the client will send it.
+pub fn sign_parts(
+    parts: &mut http::request::Parts,
+    body: &[u8],
+    keys: &Keys,
+    service: &str,
+    region: &str,
+    time: SystemTime,
+) -> Result<(), &'static str> {
+    let mut settings = SigningSettings::default();
+    if service == "s3" {
+        // S3 takes the path as it is and wants the payload hash in a header.
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+    }
+    let identity = keys.0.clone().into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name(service)
+        .time(time)
+        .settings(settings)
+        .build()
+        .map_err(|_| "the signing parameters are incomplete")?
+        .into();
+    let uri = parts.uri.to_string();
+    let mut headers = Vec::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let value = value.to_str().map_err(|_| "a request header is not visible ASCII, so it cannot be signed")?;
+        headers.push((name.as_str(), value));
+    }
+    let signable = SignableRequest::new(parts.method.as_str(), &uri, headers.into_iter(), SignableBody::Bytes(body))
+        .map_err(|_| "the request cannot be signed")?;
+    let (instructions, _signature) = sign(signable, &params).map_err(|_| "the request cannot be signed")?.into_parts();
+    let (signed_headers, query) = instructions.into_parts();
+    debug_assert!(query.is_empty(), "header signing adds no query parameters");
+    for header in signed_headers {
+        let name = HeaderName::from_bytes(header.name().as_bytes()).map_err(|_| "the signer made a bad header")?;
+        let mut value = HeaderValue::from_str(header.value()).map_err(|_| "the signer made a bad header")?;
+        // Authorization holds the signature, X-Amz-Security-Token the session token.
+        value.set_sensitive(true);
+        parts.headers.insert(name, value);
+    }
+    Ok(())
+}
+
+/// Every `aws-sigv4` secret's signer, by secret name.
+#[derive(Default)]
+pub struct Signers(HashMap<String, Arc<Signer>>);
+
+impl Signers {
+    pub fn new(configs: &BTreeMap<String, Sigv4Config>) -> Signers {
+        Signers(configs.iter().map(|(name, config)| (name.clone(), Arc::new(Signer::new(config.clone())))).collect())
+    }
+
+    pub fn get(&self, secret: &str) -> Option<&Arc<Signer>> {
+        self.0.get(secret)
+    }
+
+    /// What `/admin/secrets` shows of secret `name`'s kind: `static`, or the signing settings.
+    pub fn describe(&self, name: &str) -> serde_json::Value {
+        match self.0.get(name) {
+            None => serde_json::json!({ "kind": "static" }),
+            Some(signer) => serde_json::json!({
+                "kind": KIND,
+                "service": signer.config.service,
+                "region": signer.config.region,
+                "credentials": signer.config.credentials.as_str(),
+            }),
+        }
+    }
+
+    /// The chain secrets, which no source lists.
+    pub fn chain_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .0
+            .values()
+            .filter(|s| s.config.credentials == KeySource::Chain)
+            .map(|s| s.config.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
+    fn problems(text: &str) -> Vec<String> {
+        match crate::config::load_str(text, "k.toml", false) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    const BASE: &str = r#"
+[[sources]]
+name = "aws-keys"
+provider = "env"
+mapping = { BEDROCK = "{{BEDROCK}}" }
+[[routes]]
+name = "bedrock"
+prefix = "/bedrock"
+upstream = "https://bedrock-runtime.us-east-1.amazonaws.com"
+agent_key = { header = "authorization", scheme = "AWS4-HMAC-SHA256" }
+[roles.r]
+grants = [{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = ["/model/*/invoke"] }]
+"#;
+
+    #[test]
+    fn secrets_tables_are_checked_with_their_lines() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "complete",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n",
+                &[],
+            ),
+            (
+                "unknown kind",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv2\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n",
+                &["k.toml:14: secrets.BEDROCK.kind: 'aws-sigv2' is not a credential kind: expected 'aws-sigv4'"],
+            ),
+            (
+                "missing and malformed fields",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nregion = \"US East\"\ncredentials = \"instance\"\n",
+                &[
+                    "k.toml:13: secrets.BEDROCK.service: is required for kind 'aws-sigv4': the AWS signing name, like \"bedrock\"",
+                    "k.toml:15: secrets.BEDROCK.region: 'US East' is not an AWS region like \"us-east-1\"",
+                    "k.toml:16: secrets.BEDROCK.credentials: 'instance': expected 'source' or 'chain'",
+                ],
+            ),
+            (
+                "unknown field",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\nregoin = \"x\"\n",
+                &[
+                    "k.toml:17: secrets.BEDROCK.regoin: unknown field `regoin`, expected one of `kind`, `service`, `region`, `credentials` (did you mean `region`?)",
+                ],
+            ),
+            (
+                "chain, but a source maps the name",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\ncredentials = \"chain\"\n",
+                &[
+                    "k.toml:17: secrets.BEDROCK.credentials: 'chain' takes the keys from the AWS credential chain, but source 'aws-keys' maps 'BEDROCK' too",
+                ],
+            ),
+            (
+                "source, but no source maps the name",
+                "[secrets.OTHER]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n",
+                &[
+                    "k.toml:13: secrets.OTHER.credentials: no source provides a secret named 'OTHER': map it in a source to JSON with access_key_id and secret_access_key, or set credentials = \"chain\"",
+                ],
+            ),
+        ];
+        let mut failed = Vec::new();
+        for (case, secrets, expected) in cases {
+            let got = problems(&format!("{BASE}{secrets}"));
+            if got != *expected {
+                failed.push(format!("{case}:\n  expected {expected:#?}\n  got {got:#?}"));
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
+
+    #[test]
+    fn routes_and_grants_must_agree_on_signing() {
+        let sigv4 = "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n";
+        let with_inject = BASE.replace(
+            "agent_key = { header = \"authorization\", scheme = \"AWS4-HMAC-SHA256\" }",
+            "agent_key = { header = \"authorization\", scheme = \"AWS4-HMAC-SHA256\" }\ninject = { header = \"x-api-key\", value = \"{{secret}}\" }",
+        );
+        assert_eq!(
+            problems(&format!("{with_inject}{sigv4}")),
+            [
+                "k.toml:13: roles.r.grants[0].secret: secret 'BEDROCK' is kind 'aws-sigv4': keyward signs the request with it, so route 'bedrock' must have no inject"
+            ]
+        );
+        let probe = BASE.replace("[roles.r]", "validate = { path = \"/foundation-models\" }\n[roles.r]");
+        assert_eq!(
+            problems(&format!("{probe}{sigv4}")),
+            [
+                "k.toml:11: routes[0].validate: a route without an inject signs its requests; rotation probes are not signed, so remove the probe"
+            ]
+        );
+        let chain = BASE.replace("mapping = { BEDROCK = \"{{BEDROCK}}\" }", "mapping = { OTHER = \"{{OTHER}}\" }");
+        let config = crate::config::load_str(&format!("{chain}{}credentials = \"chain\"\n", sigv4), "k.toml", false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.sigv4["BEDROCK"].credentials, KeySource::Chain);
+        assert_eq!(config.routes[0].inject, crate::config::InjectSpec::Signed);
+    }
+
+    #[test]
+    fn keys_parse_without_echoing_values() {
+        let keys = Keys::parse(&SecretString::from(format!(
+            r#"{{"access_key_id":"AKIDEXAMPLE","secret_access_key":"{SECRET}","session_token":"tok-canary-123"}}"#
+        )))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(keys.0.access_key_id(), "AKIDEXAMPLE");
+        assert_eq!(keys.0.session_token(), Some("tok-canary-123"));
+        let scrub = keys.scrub_values();
+        assert_eq!(scrub.len(), 2);
+        for bad in ["sk-canary-not-json", r#"{"access_key_id":"AKID"}"#, r#"{"secret_access_key":"sk-canary"}"#, "[1]"]
+        {
+            let reason = Keys::parse(&SecretString::from(bad.to_string())).err().expect(bad);
+            assert!(!reason.contains("canary") && !reason.contains("AKID"), "{reason}");
+        }
+    }
+
+    /// The AWS test suite's `get-vanilla` case (aws-sig-v4-test-suite): same keys, time, region
+    /// and service give the published signature.
+    #[test]
+    fn signing_matches_the_aws_test_suite() {
+        let keys = Keys::new("AKIDEXAMPLE", SECRET, None);
+        let (mut parts, ()) = http::Request::get("https://example.amazonaws.com/").body(()).unwrap().into_parts();
+        let time = SystemTime::UNIX_EPOCH + Duration::from_secs(1_440_938_160); // 2015-08-30T12:36:00Z
+        sign_parts(&mut parts, b"", &keys, "service", "us-east-1", time).unwrap();
+        let authorization = parts.headers.get(http::header::AUTHORIZATION).unwrap();
+        assert_eq!(
+            authorization,
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, \
+             SignedHeaders=host;x-amz-date, \
+             Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+        );
+        assert!(authorization.is_sensitive());
+        assert_eq!(parts.headers.get("x-amz-date").unwrap(), "20150830T123600Z");
+        assert!(!format!("{:?}", parts.headers).contains("5fa00fa3"), "sensitive values are not printed");
+    }
+
+    #[test]
+    fn a_session_token_is_sent_and_signed() {
+        let keys = Keys::new("ASIAEXAMPLE", SECRET, Some("session-token-value"));
+        let (mut parts, ()) = http::Request::post("https://bedrock-runtime.us-east-1.amazonaws.com/model/m/invoke")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap()
+            .into_parts();
+        sign_parts(&mut parts, b"{}", &keys, "bedrock", "us-east-1", SystemTime::now()).unwrap();
+        let token = parts.headers.get("x-amz-security-token").unwrap();
+        assert_eq!(token, "session-token-value");
+        assert!(token.is_sensitive());
+        let authorization = parts.headers.get(http::header::AUTHORIZATION).unwrap().to_str().unwrap();
+        assert!(
+            authorization.contains("SignedHeaders=content-type;host;x-amz-date;x-amz-security-token,"),
+            "{authorization}"
+        );
+    }
+}
