@@ -1,0 +1,316 @@
+//! The `aws-sigv4` credential kind against a fake Bedrock runtime (tests/it/py/fake_bedrock.py)
+//! that recomputes every signature with botocore's signer and the keys keyward holds, with
+//! boto3's stock `bedrock-runtime` client as the agent (tests/it/py/bedrock_agent.py): its access
+//! key id is its agent key and its secret key a dummy. Plain and streaming (event-stream) calls
+//! work, the upstream never sees what the agent signed with, and the agent, the audit trail and
+//! the logs never see the real keys or a signature.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::process::Spawned;
+use common::*;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+/// The keys keyward signs with: canaries, so a leak anywhere is found.
+const ACCESS_KEY_ID: &str = "AKIACANARYSIGV4KEY01";
+const SECRET_ACCESS_KEY: &str = "sigv4-canary-SECRET-wJalrXUtnFEMIK7MDENGbPxRfiCY";
+const SESSION_TOKEN: &str = "sigv4-canary-TOKEN-IQoJb3JpZ2luX2VjEJr0123456789";
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/py").join(name)
+}
+
+fn python() -> Command {
+    let mut command = Command::new("python3");
+    // Loopback only, and no AWS settings of the machine's may change what boto3 does.
+    command.env("NO_PROXY", "127.0.0.1,localhost").env_remove("HTTP_PROXY").env_remove("HTTPS_PROXY");
+    command.env_remove("ALL_PROXY").env("PYTHONDONTWRITEBYTECODE", "1").kill_on_drop(true);
+    for name in ["AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"] {
+        command.env_remove(name);
+    }
+    command.env("AWS_EC2_METADATA_DISABLED", "true").env("AWS_CONFIG_FILE", "/dev/null");
+    command.env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+    command
+}
+
+/// The fake Bedrock runtime, expecting signatures by `keys` (id, secret, token).
+struct FakeBedrock {
+    _child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl FakeBedrock {
+    async fn start(dir: &Path, keys: (&str, &str, Option<&str>)) -> FakeBedrock {
+        let log = dir.join("bedrock-requests.jsonl");
+        let mut command = python();
+        command.arg(script("fake_bedrock.py")).arg(&log).args(["us-east-1", "bedrock"]);
+        command.env("EXPECT_ACCESS_KEY_ID", keys.0).env("EXPECT_SECRET_ACCESS_KEY", keys.1);
+        if let Some(token) = keys.2 {
+            command.env("EXPECT_SESSION_TOKEN", token);
+        }
+        let mut child = command.stdout(Stdio::piped()).spawn().expect("python3 runs (scripts/test.sh installs boto3)");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let port = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the fake Bedrock starts within 30 s")
+            .unwrap()
+            .expect("the fake Bedrock prints its port (needs botocore)");
+        FakeBedrock { _child: child, url: format!("http://127.0.0.1:{}", port.trim()), log }
+    }
+
+    /// Every request the fake received, with its verdict.
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+}
+
+/// Runs the boto3 agent (bounded to 90 s) and returns its JSON output.
+async fn agent(args: &[&str]) -> (serde_json::Value, String) {
+    let script = script("bedrock_agent.py");
+    let output =
+        tokio::time::timeout(Duration::from_secs(90), python().arg(&script).args(args).stdout(Stdio::piped()).output())
+            .await
+            .unwrap_or_else(|_| panic!("bedrock_agent.py {args:?} did not finish within 90 s"))
+            .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "bedrock_agent.py {args:?} failed ({}):\n{stdout}\n{stderr}", output.status);
+    let json = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("no JSON ({e}):\n{stdout}\n{stderr}"));
+    (json, format!("{stdout}\n{stderr}"))
+}
+
+/// The config: one Bedrock route with no inject, its secret of kind aws-sigv4.
+fn config(dir: &Path, upstream: &str, source: &str, credentials: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[forward]
+max_request_body_bytes = 65536
+[audit]
+path = "{dir}/audit.jsonl"
+{admin}
+{source}
+[secrets.BEDROCK]
+kind = "aws-sigv4"
+service = "bedrock"
+region = "us-east-1"
+credentials = "{credentials}"
+
+[[routes]]
+name = "bedrock"
+prefix = "/bedrock"
+upstream = "{upstream}"
+agent_key = {{ header = "authorization", scheme = "AWS4-HMAC-SHA256" }}
+
+[roles.worker]
+grants = [
+  {{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = ["/model/*/invoke", "/model/*/converse", "/model/*/invoke-with-response-stream", "/model/*/converse-stream"] }},
+]
+[roles.reader]
+grants = [{{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = ["/model/*/converse"] }}]
+
+[[agents]]
+id = "bedrock-agent"
+role = "worker"
+key_sha256 = "{worker}"
+[[agents]]
+id = "reader-1"
+role = "reader"
+key_sha256 = "{reader}"
+"#,
+        dir = dir.display(),
+        admin = admin_block(),
+        worker = sha(WORKER_KEY),
+        reader = sha(READER_KEY),
+    )
+}
+
+/// keyward in-process, with the secret BEDROCK read from a file source holding `keys`.
+async fn start_with_source(dir: &Path, upstream: &str, keys: &str) -> keyward::instance::Running {
+    std::fs::write(dir.join("aws.json"), serde_json::json!({ "BEDROCK": keys }).to_string()).unwrap();
+    let source = format!(
+        "[[sources]]\nname = \"aws-root\"\nprovider = \"file\"\npath = \"{}/aws.json\"\nmapping = {{ BEDROCK = \"{{{{BEDROCK}}}}\" }}\n",
+        dir.display()
+    );
+    let text = config(dir, upstream, &source, "source");
+    let config = keyward::config::load_str(&text, "sigv4.toml", false).unwrap_or_else(|e| panic!("{e}"));
+    keyward::instance::start(config).await.unwrap()
+}
+
+fn assert_no_aws_secret(what: &str, text: &str) {
+    for secret in [SECRET_ACCESS_KEY, SESSION_TOKEN] {
+        assert!(!text.contains(secret), "an AWS secret reached {what}:\n{text}");
+    }
+    assert!(!text.contains("Signature="), "a signature reached {what}:\n{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, Some(SESSION_TOKEN))).await;
+    let keys = serde_json::json!({
+        "access_key_id": ACCESS_KEY_ID,
+        "secret_access_key": SECRET_ACCESS_KEY,
+        "session_token": SESSION_TOKEN,
+    });
+    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string()).await;
+    let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+
+    let (out, printed) = agent(&["all", &endpoint, WORKER_KEY, &bedrock.url]).await;
+    assert_eq!(out["invoke"], "Bedrock says hi to: hello bedrock", "{out}");
+    assert_eq!(out["converse"], "Converse reply to: hello converse", "{out}");
+    assert_eq!(out["invoke_stream"]["text"], "stream-0 stream-1 stream-2 ", "{out}");
+    assert_eq!(out["invoke_stream"]["content_type"], "application/json", "{out}");
+    assert_eq!(
+        out["invoke_stream"]["released_early"], true,
+        "the first event reached the agent while the upstream held the rest back: {out}"
+    );
+    assert_eq!(out["converse_stream"]["text"], "conv-0 conv-1 ", "{out}");
+    assert_eq!(
+        out["converse_stream"]["events"],
+        serde_json::json!(["messageStart", "contentBlockDelta", "contentBlockDelta", "messageStop", "metadata"])
+    );
+    assert_eq!(out["converse_stream"]["released_early"], true, "{out}");
+
+    // Every request upstream passed botocore's check, and carried nothing the agent signed with.
+    let requests = bedrock.requests();
+    assert_eq!(requests.len(), 4, "{requests:#?}");
+    for request in &requests {
+        assert_eq!(request["verdict"], serde_json::Value::Null, "{request:#}");
+        let authorization = request["headers"]["authorization"].as_str().unwrap();
+        assert!(authorization.starts_with(&format!("AWS4-HMAC-SHA256 Credential={ACCESS_KEY_ID}/")), "{authorization}");
+        assert!(authorization.contains("/us-east-1/bedrock/aws4_request"), "{authorization}");
+        let text = request.to_string();
+        assert!(!text.contains(WORKER_KEY) && !text.contains(&WORKER_KEY[3..]), "the agent key went upstream: {text}");
+        assert!(!text.contains("dummy-agent-secret"), "{text}");
+    }
+    assert!(requests[0]["path"].as_str().unwrap().contains("v1%3A0/invoke"), "the model id stays encoded");
+
+    // The agent saw no key; the audit trail names the secret, the kind, region and service only.
+    assert_no_aws_secret("the agent", &printed);
+    let records = read_audit(&dir.path().join("audit.jsonl"));
+    let outcomes: Vec<&serde_json::Value> = records.iter().filter(|r| r["type"] == "request").collect();
+    assert_eq!(outcomes.len(), 4, "{records:#?}");
+    for record in &outcomes {
+        assert_eq!(record["outcome"], "success", "{record:#}");
+        assert_eq!(record["credential"], "BEDROCK");
+        assert_eq!(record["secretSource"], "aws-root");
+        assert_eq!(
+            record["signed"],
+            serde_json::json!({ "kind": "aws-sigv4", "region": "us-east-1", "service": "bedrock" })
+        );
+        assert_eq!(record["agentId"], "bedrock-agent");
+    }
+    let released: Vec<&serde_json::Value> = records.iter().filter(|r| r["type"] == "request.released").collect();
+    assert!(released.iter().all(|r| r["signed"]["kind"] == "aws-sigv4"), "{released:#?}");
+    assert_no_aws_secret("the audit trail", &std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
+
+    // An upstream that echoes the keys: the agent gets them scrubbed.
+    let (echo, printed) = agent(&["echo", &endpoint, WORKER_KEY]).await;
+    assert!(echo["echo"].as_str().unwrap().starts_with("keys: "), "{echo}");
+    assert_no_aws_secret("the agent (echo)", &printed);
+
+    // A call outside the grant, and an unknown key, are refused before anything is signed.
+    let (refused, _) = agent(&["refused", &endpoint, READER_KEY]).await;
+    assert_eq!(refused["status"], 403, "{refused}");
+    let (unknown, _) = agent(&["refused", &endpoint, "kw_notAnAgentKey0123456789abcdefghijklmnopq"]).await;
+    assert_eq!(unknown["status"], 401, "{unknown}");
+    assert_eq!(bedrock.requests().len(), 5, "only the echo call went upstream");
+
+    // /admin/secrets shows the kind, never a key.
+    let secrets = admin_get(&client(), &format!("http://{}/admin/secrets", running.admin_addr)).await;
+    let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
+    assert_eq!(
+        entry["kind"],
+        serde_json::json!({ "kind": "aws-sigv4", "service": "bedrock", "region": "us-east-1", "credentials": "source" })
+    );
+    assert_no_aws_secret("/admin/secrets", &secrets.to_string());
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_value_that_is_not_a_key_pair_is_a_clear_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, None)).await;
+    let not_a_pair = format!("{{\"access_key_id\":\"{ACCESS_KEY_ID}\",\"secret\":\"{SECRET_ACCESS_KEY}\"}}");
+    let running = start_with_source(dir.path(), &bedrock.url, &not_a_pair).await;
+    let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    let (out, printed) = agent(&["refused", &endpoint, WORKER_KEY]).await;
+    assert_eq!(out["status"], 503, "{out}");
+    assert_no_aws_secret("the agent", &printed);
+    assert!(bedrock.requests().is_empty(), "nothing went upstream unsigned");
+    let records = read_audit(&dir.path().join("audit.jsonl"));
+    let outcome = records.iter().find(|r| r["type"] == "request").unwrap();
+    assert_eq!(outcome["outcome"], "secret_error", "{outcome:#}");
+    assert_eq!(outcome["errorCode"], "signing_credentials_unavailable");
+    running.shutdown().await;
+}
+
+/// The verifier is not a formality: signed with other keys than it expects, every call is 403.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_refuses_a_signature_by_other_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, "a-different-secret-key-0123456789", None)).await;
+    let keys = serde_json::json!({ "access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY });
+    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string()).await;
+    let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    let (out, printed) = agent(&["refused", &endpoint, WORKER_KEY]).await;
+    assert_eq!(out["status"], 403, "{out}");
+    assert_no_aws_secret("the agent", &printed);
+    let requests = bedrock.requests();
+    assert!(!requests.is_empty() && requests.iter().all(|r| r["verdict"].as_str().unwrap().contains("does not match")));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_credentials_come_from_the_keyward_processs_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, None)).await;
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, config(dir.path(), &bedrock.url, "", "chain")).unwrap();
+    let keyward = Spawned::serve_without(
+        dir.path(),
+        &["--config", path.to_str().unwrap()],
+        &[
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ],
+        &["AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+    );
+    let endpoint = format!("{}/bedrock", keyward.proxy);
+    for _ in 0..2 {
+        let (out, printed) = agent(&["invoke", &endpoint, WORKER_KEY]).await;
+        assert_eq!(out["invoke"], "Bedrock says hi to: hello bedrock", "{out}");
+        assert_no_aws_secret("the agent", &printed);
+    }
+    let requests = bedrock.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests.iter().all(|r| r["verdict"].is_null()), "{requests:#?}");
+    assert!(requests.iter().all(|r| r["headers"].get("x-amz-security-token").is_none()));
+    let secrets = admin_get(&client(), &format!("{}/admin/secrets", keyward.admin)).await;
+    let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
+    assert_eq!(entry["source"], "aws-credential-chain");
+    assert_eq!(entry["kind"]["credentials"], "chain");
+    let records = read_audit(&dir.path().join("audit.jsonl"));
+    let outcome = records.iter().find(|r| r["type"] == "request").unwrap();
+    assert_eq!(outcome["secretSource"], "aws-credential-chain", "{outcome:#}");
+    let logs = keyward.terminate();
+    assert_no_aws_secret("keyward's log", &logs);
+    assert_no_aws_secret("the audit trail", &std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
+}
