@@ -39,6 +39,11 @@ pub struct RawSecretKind {
     pub service: Option<String>,
     pub region: Option<String>,
     pub credentials: Option<String>,
+    pub assume_role_arn: Option<String>,
+    pub session_policy: Option<String>,
+    pub role_session_name: Option<String>,
+    pub session_duration_seconds: Option<u64>,
+    pub sts_endpoint_url: Option<String>,
 }
 
 /// Where the AWS keys come from.
@@ -68,7 +73,26 @@ pub struct Sigv4Config {
     pub service: String,
     pub region: String,
     pub credentials: KeySource,
+    /// A role the keys assume (STS `AssumeRole`) before signing; the role's temporary keys sign.
+    pub assume_role: Option<AssumeRole>,
 }
+
+/// The role an `aws-sigv4` secret assumes, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumeRole {
+    pub arn: String,
+    /// An IAM policy (JSON) that narrows the role's permissions for this secret's session.
+    pub session_policy: Option<String>,
+    pub session_name: String,
+    pub duration: Duration,
+    /// STS at another address (a VPC endpoint, a local test); the regional endpoint by default.
+    pub sts_endpoint_url: Option<String>,
+}
+
+/// AWS's bounds on an `AssumeRole` session and its inline policy.
+const MIN_SESSION: u64 = 900;
+const MAX_SESSION: u64 = 43_200;
+const MAX_SESSION_POLICY_CHARS: usize = 2048;
 
 /// Validates `[secrets.*]`. `secret_owner` (secret name → source) is the sources' mapping; a
 /// `chain` secret is added to it, so grants may name it like any other secret.
@@ -85,6 +109,7 @@ pub fn configure(
             problem("kind", format!("'{}' is not a credential kind: expected '{KIND}'", raw.kind));
             continue;
         }
+        let assume_role = assume_role(&mut problem, &raw);
         let service = required(&mut problem, "service", raw.service, "the AWS signing name, like \"bedrock\"");
         let region = required(&mut problem, "region", raw.region, "the AWS region, like \"us-east-1\"");
         if let Some(service) = &service
@@ -121,13 +146,85 @@ pub fn configure(
             ),
             _ => {}
         }
-        let (Some(service), Some(region), Some(credentials)) = (service, region, credentials) else { continue };
+        let (Some(service), Some(region), Some(credentials), Some(assume_role)) =
+            (service, region, credentials, assume_role)
+        else {
+            continue;
+        };
         if credentials == KeySource::Chain {
             secret_owner.insert(name.clone(), CHAIN_SOURCE.to_string());
         }
-        out.insert(name.clone(), Sigv4Config { name, service, region, credentials });
+        out.insert(name.clone(), Sigv4Config { name, service, region, credentials, assume_role });
     }
     out
+}
+
+/// The `assume_role_arn` group of fields: `Some(None)` when no role is assumed, `None` when a
+/// field is wrong (reported).
+fn assume_role(problem: &mut impl FnMut(&str, String), raw: &RawSecretKind) -> Option<Option<AssumeRole>> {
+    let Some(arn) = &raw.assume_role_arn else {
+        for (field, set) in [
+            ("session_policy", raw.session_policy.is_some()),
+            ("role_session_name", raw.role_session_name.is_some()),
+            ("session_duration_seconds", raw.session_duration_seconds.is_some()),
+            ("sts_endpoint_url", raw.sts_endpoint_url.is_some()),
+        ] {
+            if set {
+                problem(field, "is used only with assume_role_arn".to_string());
+            }
+        }
+        return Some(None);
+    };
+    let mut ok = true;
+    let parts: Vec<&str> = arn.split(':').collect();
+    if parts.len() != 6 || parts[0] != "arn" || parts[2] != "iam" || !parts[5].starts_with("role/") {
+        problem("assume_role_arn", format!("'{arn}' is not a role ARN like \"arn:aws:iam::123456789012:role/name\""));
+        ok = false;
+    }
+    if let Some(policy) = &raw.session_policy {
+        if !matches!(serde_json::from_str::<serde_json::Value>(policy), Ok(serde_json::Value::Object(_))) {
+            problem("session_policy", "must be an IAM policy document: a JSON object".to_string());
+            ok = false;
+        } else if policy.chars().count() > MAX_SESSION_POLICY_CHARS {
+            problem("session_policy", format!("is longer than AWS's {MAX_SESSION_POLICY_CHARS} characters"));
+            ok = false;
+        }
+    }
+    let session_name = raw.role_session_name.clone().unwrap_or_else(|| "keyward".to_string());
+    let name_ok = (2..=64).contains(&session_name.len())
+        && session_name.bytes().all(|b| b.is_ascii_alphanumeric() || b"=,.@_-".contains(&b));
+    if !name_ok {
+        problem("role_session_name", format!("'{session_name}': 2-64 letters, digits or =,.@_-"));
+        ok = false;
+    }
+    let seconds = raw.session_duration_seconds.unwrap_or(3600);
+    if !(MIN_SESSION..=MAX_SESSION).contains(&seconds) {
+        problem("session_duration_seconds", format!("must be between {MIN_SESSION} and {MAX_SESSION}"));
+        ok = false;
+    }
+    if let Some(url) = &raw.sts_endpoint_url {
+        let parsed = url.parse::<http::Uri>().ok().filter(|u| u.host().is_some());
+        let plain_remote = parsed.as_ref().is_some_and(|u| {
+            u.scheme() == Some(&http::uri::Scheme::HTTP) && !crate::policy::is_loopback_host(u.host().unwrap_or(""))
+        });
+        let scheme_ok = parsed
+            .as_ref()
+            .and_then(|u| u.scheme())
+            .is_some_and(|s| *s == http::uri::Scheme::HTTP || *s == http::uri::Scheme::HTTPS);
+        if !scheme_ok || plain_remote {
+            problem("sts_endpoint_url", format!("'{url}' must be an https URL (http only on loopback)"));
+            ok = false;
+        }
+    }
+    ok.then(|| {
+        Some(AssumeRole {
+            arn: arn.clone(),
+            session_policy: raw.session_policy.clone(),
+            session_name,
+            duration: Duration::from_secs(seconds),
+            sts_endpoint_url: raw.sts_endpoint_url.clone(),
+        })
+    })
 }
 
 fn required(problem: &mut impl FnMut(&str, String), field: &str, value: Option<String>, what: &str) -> Option<String> {
@@ -201,10 +298,35 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// failures into a loop of IMDS or STS calls.
 const CHAIN_RETRY_AFTER: Duration = Duration::from_secs(2);
 
-/// Keys from the chain, until `refresh_at`.
-struct ChainKeys {
+/// Keys from the chain or from STS, until `refresh_at`; a failure is kept briefly too.
+struct CachedKeys {
     keys: Result<Keys, &'static str>,
     refresh_at: Instant,
+    /// For assumed keys: the access key id of the keys that assumed the role, so a rotated root
+    /// key assumes the role again.
+    root_key_id: String,
+}
+
+impl CachedKeys {
+    /// Keys good until 5 minutes before their expiry (at most `CHAIN_REFRESH` for keys without
+    /// one), or a failure remembered for `CHAIN_RETRY_AFTER`.
+    fn new(keys: Result<Credentials, &'static str>, root_key_id: String) -> CachedKeys {
+        let (keys, refresh_at) = match keys {
+            Ok(credentials) => {
+                let lifetime = credentials
+                    .expiry()
+                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                    .map_or(CHAIN_REFRESH, |left| left.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1)));
+                (Ok(Keys(credentials)), Instant::now() + lifetime.min(CHAIN_REFRESH))
+            }
+            Err(reason) => (Err(reason), Instant::now() + CHAIN_RETRY_AFTER),
+        };
+        CachedKeys { keys, refresh_at, root_key_id }
+    }
+
+    fn fresh_for(&self, root_key_id: &str) -> bool {
+        Instant::now() < self.refresh_at && self.root_key_id == root_key_id
+    }
 }
 
 /// One `aws-sigv4` secret at run time: its settings and the keys last used.
@@ -214,12 +336,19 @@ pub struct Signer {
     parsed: Mutex<Option<(Arc<Resolved>, Keys)>>,
     /// Chain keys; an async mutex, so concurrent calls on a cold cache wait for one lookup
     /// (single flight) instead of each walking the chain.
-    chain: tokio::sync::Mutex<Option<ChainKeys>>,
+    chain: tokio::sync::Mutex<Option<CachedKeys>>,
+    /// The assumed role's keys, single-flight the same way: one `AssumeRole` per expiry.
+    assumed: tokio::sync::Mutex<Option<CachedKeys>>,
 }
 
 impl Signer {
     pub fn new(config: Sigv4Config) -> Signer {
-        Signer { config, parsed: Mutex::new(None), chain: tokio::sync::Mutex::new(None) }
+        Signer {
+            config,
+            parsed: Mutex::new(None),
+            chain: tokio::sync::Mutex::new(None),
+            assumed: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The stand-in for a store value when the keys come from the chain: it carries the name
@@ -236,12 +365,35 @@ impl Signer {
         })
     }
 
-    /// The keys to sign with: parsed from `resolved` (once per value), or from the chain.
+    /// The keys to sign with: parsed from `resolved` (once per value) or from the chain, or the
+    /// role's temporary keys those assumed.
     async fn keys(&self, resolved: &Arc<Resolved>, store: &SecretStore) -> Result<Keys, ProxyError> {
-        match self.config.credentials {
-            KeySource::Source => self.parsed_keys(resolved, store),
-            KeySource::Chain => self.chain_keys(store).await,
+        let root = match self.config.credentials {
+            KeySource::Source => self.parsed_keys(resolved, store)?,
+            KeySource::Chain => self.chain_keys(store).await?,
+        };
+        match &self.config.assume_role {
+            None => Ok(root),
+            Some(role) => self.assumed_keys(role, root, store).await,
         }
+    }
+
+    async fn assumed_keys(&self, role: &AssumeRole, root: Keys, store: &SecretStore) -> Result<Keys, ProxyError> {
+        let mut assumed = self.assumed.lock().await;
+        let root_key_id = root.0.access_key_id().to_string();
+        if let Some(cached) = assumed.as_ref().filter(|c| c.fresh_for(&root_key_id)) {
+            return cached.keys.clone().map_err(|reason| unavailable(&self.config.name, reason));
+        }
+        let fresh = CachedKeys::new(assume(role, &self.config.region, root).await, root_key_id);
+        match &fresh.keys {
+            Ok(keys) => store.hold_derived(&format!("{}#assumed", self.config.name), keys.scrub_values()),
+            Err(reason) => {
+                tracing::warn!(secret = %self.config.name, role = %role.arn, reason, "assuming the role failed")
+            }
+        }
+        let keys = fresh.keys.clone();
+        *assumed = Some(fresh);
+        keys.map_err(|reason| unavailable(&self.config.name, reason))
     }
 
     fn parsed_keys(&self, resolved: &Arc<Resolved>, store: &SecretStore) -> Result<Keys, ProxyError> {
@@ -259,27 +411,16 @@ impl Signer {
 
     async fn chain_keys(&self, store: &SecretStore) -> Result<Keys, ProxyError> {
         let mut chain = self.chain.lock().await;
-        if let Some(cached) = chain.as_ref()
-            && Instant::now() < cached.refresh_at
-        {
+        if let Some(cached) = chain.as_ref().filter(|c| c.fresh_for("")) {
             return cached.keys.clone().map_err(|reason| unavailable(&self.config.name, reason));
         }
-        let (keys, refresh_at) = match load_chain(&self.config.region).await {
-            Ok(credentials) => {
-                let lifetime = credentials
-                    .expiry()
-                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
-                    .map_or(CHAIN_REFRESH, |left| left.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1)));
-                let keys = Keys(credentials);
-                store.hold_derived(&self.config.name, keys.scrub_values());
-                (Ok(keys), Instant::now() + lifetime.min(CHAIN_REFRESH))
-            }
-            Err(reason) => {
-                tracing::warn!(secret = %self.config.name, reason, "the AWS credential chain gave no keys");
-                (Err(reason), Instant::now() + CHAIN_RETRY_AFTER)
-            }
-        };
-        *chain = Some(ChainKeys { keys: keys.clone(), refresh_at });
+        let fresh = CachedKeys::new(load_chain(&self.config.region).await, String::new());
+        match &fresh.keys {
+            Ok(keys) => store.hold_derived(&self.config.name, keys.scrub_values()),
+            Err(reason) => tracing::warn!(secret = %self.config.name, reason, "the AWS credential chain gave no keys"),
+        }
+        let keys = fresh.keys.clone();
+        *chain = Some(fresh);
         keys.map_err(|reason| unavailable(&self.config.name, reason))
     }
 
@@ -309,6 +450,33 @@ async fn load_chain(region: &str) -> Result<Credentials, &'static str> {
         .await;
     // The chain's errors can quote profile files or endpoint answers, so they are not passed on.
     chain.provide_credentials().await.map_err(|_| "the AWS credential chain found no usable keys")
+}
+
+/// Assumes `role` with `root` (STS `AssumeRole`, with the session policy if any).
+#[cfg(feature = "aws")]
+async fn assume(role: &AssumeRole, region: &str, root: Keys) -> Result<Credentials, &'static str> {
+    use aws_credential_types::provider::ProvideCredentials;
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_string()))
+        .credentials_provider(root.0);
+    if let Some(url) = &role.sts_endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let conf = loader.load().await;
+    let mut provider = aws_config::sts::AssumeRoleProvider::builder(role.arn.clone())
+        .session_name(role.session_name.clone())
+        .session_length(role.duration)
+        .configure(&conf);
+    if let Some(policy) = &role.session_policy {
+        provider = provider.policy(policy.clone());
+    }
+    // STS's errors can quote the request, so they are not passed on.
+    provider.build().await.provide_credentials().await.map_err(|_| "STS did not let the keys assume the role")
+}
+
+#[cfg(not(feature = "aws"))]
+async fn assume(_role: &AssumeRole, _region: &str, _root: Keys) -> Result<Credentials, &'static str> {
+    Err("keyward was built without the `aws` feature, so it cannot assume a role")
 }
 
 #[cfg(not(feature = "aws"))]
@@ -388,6 +556,7 @@ impl Signers {
                 "service": signer.config.service,
                 "region": signer.config.region,
                 "credentials": signer.config.credentials.as_str(),
+                "assume_role_arn": signer.config.assume_role.as_ref().map(|r| r.arn.as_str()),
             }),
         }
     }
@@ -458,7 +627,7 @@ grants = [{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = [
                 "unknown field",
                 "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\nregoin = \"x\"\n",
                 &[
-                    "k.toml:17: secrets.BEDROCK.regoin: unknown field `regoin`, expected one of `kind`, `service`, `region`, `credentials` (did you mean `region`?)",
+                    "k.toml:17: secrets.BEDROCK.regoin: unknown field `regoin`, expected one of `kind`, `service`, `region`, `credentials`, `assume_role_arn`, `session_policy`, `role_session_name`, `session_duration_seconds`, `sts_endpoint_url` (did you mean `region`?)",
                 ],
             ),
             (
@@ -474,6 +643,32 @@ grants = [{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = [
                 &[
                     "k.toml:13: secrets.OTHER.credentials: no source provides a secret named 'OTHER': map it in a source to JSON with access_key_id and secret_access_key, or set credentials = \"chain\"",
                 ],
+            ),
+            (
+                "assumed role, complete",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n\
+                 assume_role_arn = \"arn:aws:iam::123456789012:role/bedrock-invoke\"\n\
+                 session_policy = '{\"Version\":\"2012-10-17\",\"Statement\":[]}'\nrole_session_name = \"agents\"\n\
+                 session_duration_seconds = 900\nsts_endpoint_url = \"https://sts.us-east-1.amazonaws.com\"\n",
+                &[],
+            ),
+            (
+                "assumed role, malformed",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n\
+                 assume_role_arn = \"arn:aws:iam::123456789012:user/me\"\nsession_policy = \"Allow everything\"\n\
+                 role_session_name = \"a b\"\nsession_duration_seconds = 60\nsts_endpoint_url = \"http://sts.example.com\"\n",
+                &[
+                    "k.toml:17: secrets.BEDROCK.assume_role_arn: 'arn:aws:iam::123456789012:user/me' is not a role ARN like \"arn:aws:iam::123456789012:role/name\"",
+                    "k.toml:18: secrets.BEDROCK.session_policy: must be an IAM policy document: a JSON object",
+                    "k.toml:19: secrets.BEDROCK.role_session_name: 'a b': 2-64 letters, digits or =,.@_-",
+                    "k.toml:20: secrets.BEDROCK.session_duration_seconds: must be between 900 and 43200",
+                    "k.toml:21: secrets.BEDROCK.sts_endpoint_url: 'http://sts.example.com' must be an https URL (http only on loopback)",
+                ],
+            ),
+            (
+                "role fields without a role",
+                "[secrets.BEDROCK]\nkind = \"aws-sigv4\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\nsession_policy = \"{}\"\n",
+                &["k.toml:17: secrets.BEDROCK.session_policy: is used only with assume_role_arn"],
             ),
         ];
         let mut failed = Vec::new();

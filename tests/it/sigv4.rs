@@ -47,8 +47,16 @@ struct FakeBedrock {
 
 impl FakeBedrock {
     async fn start(dir: &Path, keys: (&str, &str, Option<&str>)) -> FakeBedrock {
+        Self::start_with_sts(dir, keys, None).await
+    }
+
+    /// Also STS, for `root` keys that assume a role whose temporary keys are `keys`.
+    async fn start_with_sts(dir: &Path, keys: (&str, &str, Option<&str>), root: Option<(&str, &str)>) -> FakeBedrock {
         let log = dir.join("bedrock-requests.jsonl");
         let mut command = python();
+        if let Some((id, secret)) = root {
+            command.env("ROOT_ACCESS_KEY_ID", id).env("ROOT_SECRET_ACCESS_KEY", secret);
+        }
         command.arg(script("fake_bedrock.py")).arg(&log).args(["us-east-1", "bedrock"]);
         command.env("EXPECT_ACCESS_KEY_ID", keys.0).env("EXPECT_SECRET_ACCESS_KEY", keys.1);
         if let Some(token) = keys.2 {
@@ -90,8 +98,8 @@ async fn agent(args: &[&str]) -> (serde_json::Value, String) {
     (json, format!("{stdout}\n{stderr}"))
 }
 
-/// The config: one Bedrock route with no inject, its secret of kind aws-sigv4.
-fn config(dir: &Path, upstream: &str, source: &str, credentials: &str) -> String {
+/// The config: one Bedrock route with no inject, its secret of kind aws-sigv4 with `secret_lines`.
+fn config(dir: &Path, upstream: &str, source: &str, secret_lines: &str) -> String {
     format!(
         r#"
 [server]
@@ -107,7 +115,7 @@ path = "{dir}/audit.jsonl"
 kind = "aws-sigv4"
 service = "bedrock"
 region = "us-east-1"
-credentials = "{credentials}"
+{secret_lines}
 
 [[routes]]
 name = "bedrock"
@@ -139,13 +147,13 @@ key_sha256 = "{reader}"
 }
 
 /// keyward in-process, with the secret BEDROCK read from a file source holding `keys`.
-async fn start_with_source(dir: &Path, upstream: &str, keys: &str) -> keyward::instance::Running {
+async fn start_with_source(dir: &Path, upstream: &str, keys: &str, secret_lines: &str) -> keyward::instance::Running {
     std::fs::write(dir.join("aws.json"), serde_json::json!({ "BEDROCK": keys }).to_string()).unwrap();
     let source = format!(
         "[[sources]]\nname = \"aws-root\"\nprovider = \"file\"\npath = \"{}/aws.json\"\nmapping = {{ BEDROCK = \"{{{{BEDROCK}}}}\" }}\n",
         dir.display()
     );
-    let text = config(dir, upstream, &source, "source");
+    let text = config(dir, upstream, &source, secret_lines);
     let config = keyward::config::load_str(&text, "sigv4.toml", false).unwrap_or_else(|e| panic!("{e}"));
     keyward::instance::start(config).await.unwrap()
 }
@@ -166,7 +174,7 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
         "secret_access_key": SECRET_ACCESS_KEY,
         "session_token": SESSION_TOKEN,
     });
-    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string()).await;
+    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string(), "credentials = \"source\"").await;
     let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
 
     let (out, printed) = agent(&["all", &endpoint, WORKER_KEY, &bedrock.url]).await;
@@ -235,7 +243,10 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
     let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
     assert_eq!(
         entry["kind"],
-        serde_json::json!({ "kind": "aws-sigv4", "service": "bedrock", "region": "us-east-1", "credentials": "source" })
+        serde_json::json!({
+            "kind": "aws-sigv4", "service": "bedrock", "region": "us-east-1", "credentials": "source",
+            "assume_role_arn": null,
+        })
     );
     assert_no_aws_secret("/admin/secrets", &secrets.to_string());
     running.shutdown().await;
@@ -246,7 +257,7 @@ async fn a_source_value_that_is_not_a_key_pair_is_a_clear_503() {
     let dir = tempfile::tempdir().unwrap();
     let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, None)).await;
     let not_a_pair = format!("{{\"access_key_id\":\"{ACCESS_KEY_ID}\",\"secret\":\"{SECRET_ACCESS_KEY}\"}}");
-    let running = start_with_source(dir.path(), &bedrock.url, &not_a_pair).await;
+    let running = start_with_source(dir.path(), &bedrock.url, &not_a_pair, "").await;
     let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
     let (out, printed) = agent(&["refused", &endpoint, WORKER_KEY]).await;
     assert_eq!(out["status"], 503, "{out}");
@@ -265,7 +276,7 @@ async fn the_fake_refuses_a_signature_by_other_keys() {
     let dir = tempfile::tempdir().unwrap();
     let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, "a-different-secret-key-0123456789", None)).await;
     let keys = serde_json::json!({ "access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY });
-    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string()).await;
+    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string(), "credentials = \"source\"").await;
     let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
     let (out, printed) = agent(&["refused", &endpoint, WORKER_KEY]).await;
     assert_eq!(out["status"], 403, "{out}");
@@ -280,7 +291,7 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     let dir = tempfile::tempdir().unwrap();
     let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, None)).await;
     let path = dir.path().join("keyward.toml");
-    std::fs::write(&path, config(dir.path(), &bedrock.url, "", "chain")).unwrap();
+    std::fs::write(&path, config(dir.path(), &bedrock.url, "", "credentials = \"chain\"")).unwrap();
     let keyward = Spawned::serve_without(
         dir.path(),
         &["--config", path.to_str().unwrap()],
@@ -313,4 +324,47 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     let logs = keyward.terminate();
     assert_no_aws_secret("keyward's log", &logs);
     assert_no_aws_secret("the audit trail", &std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
+    const ROOT_ID: &str = "AKIAROOTCANARYKEY001";
+    const ROOT_SECRET: &str = "sigv4-canary-ROOT-SECRET-9f8e7d6c5b4a39281706";
+    let dir = tempfile::tempdir().unwrap();
+    // STS hands out the canary keys as the role's temporary keys; Bedrock expects them.
+    let bedrock = FakeBedrock::start_with_sts(
+        dir.path(),
+        (ACCESS_KEY_ID, SECRET_ACCESS_KEY, Some(SESSION_TOKEN)),
+        Some((ROOT_ID, ROOT_SECRET)),
+    )
+    .await;
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"bedrock:InvokeModel","Resource":"arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-3-haiku-20240307-v1:0"}]}"#;
+    let lines = format!(
+        "credentials = \"source\"\nassume_role_arn = \"arn:aws:iam::123456789012:role/bedrock-invoke\"\n\
+         session_policy = '{policy}'\nrole_session_name = \"keyward-test\"\nsts_endpoint_url = \"{}\"\n",
+        bedrock.url
+    );
+    let root = serde_json::json!({ "access_key_id": ROOT_ID, "secret_access_key": ROOT_SECRET });
+    let running = start_with_source(dir.path(), &bedrock.url, &root.to_string(), &lines).await;
+    let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    for _ in 0..3 {
+        let (out, printed) = agent(&["invoke", &endpoint, WORKER_KEY]).await;
+        assert_eq!(out["invoke"], "Bedrock says hi to: hello bedrock", "{out}");
+        assert_no_aws_secret("the agent", &printed);
+        assert!(!printed.contains(ROOT_SECRET));
+    }
+    let requests = bedrock.requests();
+    let sts: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] == "/").collect();
+    assert_eq!(sts.len(), 1, "one AssumeRole for three calls: {requests:#?}");
+    assert!(sts[0]["verdict"].is_null(), "{:#}", sts[0]);
+    assert_eq!(sts[0]["sts"]["RoleArn"], "arn:aws:iam::123456789012:role/bedrock-invoke");
+    assert_eq!(sts[0]["sts"]["RoleSessionName"], "keyward-test");
+    assert_eq!(sts[0]["sts"]["Policy"], policy, "the session policy narrows the session");
+    let invokes: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] != "/").collect();
+    assert_eq!(invokes.len(), 3);
+    assert!(invokes.iter().all(|r| r["verdict"].is_null()), "signed with the role's keys: {invokes:#?}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_no_aws_secret("the audit trail", &audit);
+    assert!(!audit.contains(ROOT_SECRET));
+    running.shutdown().await;
 }

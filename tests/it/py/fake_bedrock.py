@@ -6,7 +6,11 @@ mismatch, as AWS does.
 
 The expected keys come from the environment: EXPECT_ACCESS_KEY_ID, EXPECT_SECRET_ACCESS_KEY and,
 optionally, EXPECT_SESSION_TOKEN. It prints its port on the first line of stdout, then serves
-until killed. Every request it receives (method, path, headers, body) is appended to LOG_PATH as a
+until killed.
+
+With ROOT_ACCESS_KEY_ID and ROOT_SECRET_ACCESS_KEY set it is also STS: a POST / with
+Action=AssumeRole, signed by the root keys for service "sts" (checked with botocore the same way),
+returns the expected keys above as the role's temporary credentials, valid for an hour. Every request it receives (method, path, headers, body) is appended to LOG_PATH as a
 JSON line, with the verdict, so the test can check what reached the upstream.
 
 Models (the path's model id):
@@ -28,7 +32,7 @@ import struct
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -38,13 +42,18 @@ LOG_PATH, REGION, SERVICE = sys.argv[1], sys.argv[2], sys.argv[3]
 ACCESS_KEY_ID = os.environ["EXPECT_ACCESS_KEY_ID"]
 SECRET_ACCESS_KEY = os.environ["EXPECT_SECRET_ACCESS_KEY"]
 SESSION_TOKEN = os.environ.get("EXPECT_SESSION_TOKEN") or None
+ROOT_ACCESS_KEY_ID = os.environ.get("ROOT_ACCESS_KEY_ID")
+ROOT_SECRET_ACCESS_KEY = os.environ.get("ROOT_SECRET_ACCESS_KEY")
 
 released = threading.Event()
 log_lock = threading.Lock()
 
 
-def verify(method, path, headers, body):
-    """None when the request carries a valid SigV4 signature by the expected keys, else why not."""
+def verify(method, path, headers, body, keys=None, service=None):
+    """None when the request carries a valid SigV4 signature by the expected keys (or `keys`, for
+    `service`), else why not."""
+    access_key_id, secret_access_key, session_token = keys or (ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN)
+    service = service or SERVICE
     authorization = headers.get("authorization", "")
     if not authorization.startswith("AWS4-HMAC-SHA256 "):
         return "no SigV4 Authorization header"
@@ -52,9 +61,9 @@ def verify(method, path, headers, body):
         part.strip().split("=", 1) for part in authorization[len("AWS4-HMAC-SHA256 "):].split(",")
     )
     scope = params.get("Credential", "").split("/")
-    if len(scope) != 5 or scope[0] != ACCESS_KEY_ID:
+    if len(scope) != 5 or scope[0] != access_key_id:
         return "signed by an unexpected access key id"
-    if scope[2] != REGION or scope[3] != SERVICE or scope[4] != "aws4_request":
+    if scope[2] != REGION or scope[3] != service or scope[4] != "aws4_request":
         return "signed for the wrong region or service: %s" % "/".join(scope[2:])
     amz_date = headers.get("x-amz-date", "")
     try:
@@ -69,8 +78,8 @@ def verify(method, path, headers, body):
     for required in ("host", "x-amz-date", "content-type"):
         if required in headers and required not in signed_names:
             return "header %s is not signed" % required
-    if SESSION_TOKEN is not None:
-        if headers.get("x-amz-security-token") != SESSION_TOKEN:
+    if session_token is not None:
+        if headers.get("x-amz-security-token") != session_token:
             return "the session token is missing or wrong"
         if "x-amz-security-token" not in signed_names:
             return "the session token is not signed"
@@ -81,7 +90,7 @@ def verify(method, path, headers, body):
     request = AWSRequest(method=method, url="http://%s%s" % (headers["host"], path), data=body,
                          headers=signed_headers)
     request.context["timestamp"] = amz_date
-    signer = SigV4Auth(Credentials(ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN), SERVICE, REGION)
+    signer = SigV4Auth(Credentials(access_key_id, secret_access_key, session_token), service, REGION)
     canonical = signer.canonical_request(request)
     expected = signer.signature(signer.string_to_sign(request, canonical), request)
     if expected != params.get("Signature"):
@@ -133,6 +142,8 @@ class Handler(BaseHTTPRequestHandler):
             released.set()
             return self.answer(200, {"released": True})
         headers = {name.lower(): value for name, value in self.headers.items()}
+        if raw_path == "/" and ROOT_ACCESS_KEY_ID:
+            return self.assume_role(headers, body)
         verdict = verify("POST", raw_path, headers, body)
         with log_lock, open(LOG_PATH, "a") as log:
             log.write(json.dumps({"path": raw_path, "headers": headers, "body": body.decode("utf-8", "replace"),
@@ -171,6 +182,35 @@ class Handler(BaseHTTPRequestHandler):
         if operation in ("invoke-with-response-stream", "converse-stream"):
             return self.stream(operation)
         return self.answer(404, {"message": "unknown operation"})
+
+    def assume_role(self, headers, body):
+        verdict = verify("POST", "/", headers, body, (ROOT_ACCESS_KEY_ID, ROOT_SECRET_ACCESS_KEY, None), "sts")
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        with log_lock, open(LOG_PATH, "a") as log:
+            log.write(json.dumps({"path": "/", "sts": form, "headers": headers, "verdict": verdict}) + "\n")
+        if verdict is not None or form.get("Action") != "AssumeRole":
+            self.send_response(403)
+            payload = b"<ErrorResponse><Error><Type>Sender</Type><Code>SignatureDoesNotMatch</Code>" \
+                      b"<Message>refused</Message></Error><RequestId>1</RequestId></ErrorResponse>"
+            self.send_header("content-type", "text/xml")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        expires = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+        payload = ("""<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleResult><Credentials><AccessKeyId>%s</AccessKeyId><SecretAccessKey>%s</SecretAccessKey>
+<SessionToken>%s</SessionToken><Expiration>%s</Expiration></Credentials>
+<AssumedRoleUser><AssumedRoleId>AROAFAKE:%s</AssumedRoleId><Arn>%s</Arn></AssumedRoleUser>
+</AssumeRoleResult><ResponseMetadata><RequestId>1</RequestId></ResponseMetadata></AssumeRoleResponse>""" % (
+            ACCESS_KEY_ID, SECRET_ACCESS_KEY, SESSION_TOKEN, expires, form.get("RoleSessionName"),
+            form.get("RoleArn"))).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/xml")
+        self.send_header("content-length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def stream(self, operation):
         if operation == "invoke-with-response-stream":
