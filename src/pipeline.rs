@@ -350,6 +350,9 @@ async fn retry_refused(
     replay: Option<Replay>,
 ) -> Result<Forwarded, ProxyError> {
     let status = refused.status().as_u16();
+    if let Some((signer, _)) = attempt.signer {
+        signer.refused().await;
+    }
     let next = match runtime.secrets.rejected(secret, status).await {
         Rejection::Newer(next) => Some(("new_version", next)),
         Rejection::Previous(next) => Some(("grace_previous", next)),

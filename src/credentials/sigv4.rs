@@ -301,6 +301,7 @@ const CHAIN_RETRY_AFTER: Duration = Duration::from_secs(2);
 /// Keys from the chain or from STS, until `refresh_at`; a failure is kept briefly too.
 struct CachedKeys {
     keys: Result<Keys, &'static str>,
+    fetched_at: Instant,
     refresh_at: Instant,
     /// For assumed keys: the access key id of the keys that assumed the role, so a rotated root
     /// key assumes the role again.
@@ -321,7 +322,7 @@ impl CachedKeys {
             }
             Err(reason) => (Err(reason), Instant::now() + CHAIN_RETRY_AFTER),
         };
-        CachedKeys { keys, refresh_at, root_key_id }
+        CachedKeys { keys, fetched_at: Instant::now(), refresh_at, root_key_id }
     }
 
     fn fresh_for(&self, root_key_id: &str) -> bool {
@@ -363,6 +364,19 @@ impl Signer {
                 fallback_from: None,
             })
         })
+    }
+
+    /// The upstream refused a request this signer signed (401/403): keys from the chain or STS
+    /// are looked up again on the next call (expired or revoked temporary keys), unless they were
+    /// obtained less than `CHAIN_RETRY_AFTER` ago, so refusals cannot become a loop of STS calls.
+    /// Keys from a source are re-fetched by the store (`SecretStore::rejected`).
+    pub async fn refused(&self) {
+        for cache in [&self.chain, &self.assumed] {
+            let mut cached = cache.lock().await;
+            if cached.as_ref().is_some_and(|c| c.fetched_at.elapsed() >= CHAIN_RETRY_AFTER) {
+                *cached = None;
+            }
+        }
     }
 
     /// The keys to sign with: parsed from `resolved` (once per value) or from the chain, or the

@@ -158,6 +158,19 @@ async fn start_with_source(dir: &Path, upstream: &str, keys: &str, secret_lines:
     keyward::instance::start(config).await.unwrap()
 }
 
+/// A SigV4 `Authorization` header as an AWS SDK writes it, with `key` as the access key id and a
+/// signature keyward neither checks nor forwards.
+fn agent_authorization(key: &str) -> String {
+    format!(
+        "AWS4-HMAC-SHA256 Credential={key}/20260101/us-east-1/bedrock/aws4_request, \
+         SignedHeaders=content-type;host;x-amz-date, Signature={}",
+        "a".repeat(64)
+    )
+}
+
+const INVOKE_BODY: &str =
+    r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":8,"messages":[{"role":"user","content":"raw"}]}"#;
+
 fn assert_no_aws_secret(what: &str, text: &str) {
     for secret in [SECRET_ACCESS_KEY, SESSION_TOKEN] {
         assert!(!text.contains(secret), "an AWS secret reached {what}:\n{text}");
@@ -347,6 +360,19 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
     let root = serde_json::json!({ "access_key_id": ROOT_ID, "secret_access_key": ROOT_SECRET });
     let running = start_with_source(dir.path(), &bedrock.url, &root.to_string(), &lines).await;
     let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    // Twenty calls at once on a cold cache: one AssumeRole.
+    let client = client();
+    let calls = (0..20).map(|_| {
+        client
+            .post(format!("{endpoint}/model/m1/invoke"))
+            .header("authorization", agent_authorization(WORKER_KEY))
+            .header("content-type", "application/json")
+            .body(INVOKE_BODY)
+            .send()
+    });
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer.unwrap().status(), 200);
+    }
     for _ in 0..3 {
         let (out, printed) = agent(&["invoke", &endpoint, WORKER_KEY]).await;
         assert_eq!(out["invoke"], "Bedrock says hi to: hello bedrock", "{out}");
@@ -355,16 +381,71 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
     }
     let requests = bedrock.requests();
     let sts: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] == "/").collect();
-    assert_eq!(sts.len(), 1, "one AssumeRole for three calls: {requests:#?}");
+    assert_eq!(sts.len(), 1, "one AssumeRole for all 23 calls: {requests:#?}");
     assert!(sts[0]["verdict"].is_null(), "{:#}", sts[0]);
     assert_eq!(sts[0]["sts"]["RoleArn"], "arn:aws:iam::123456789012:role/bedrock-invoke");
     assert_eq!(sts[0]["sts"]["RoleSessionName"], "keyward-test");
     assert_eq!(sts[0]["sts"]["Policy"], policy, "the session policy narrows the session");
     let invokes: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] != "/").collect();
-    assert_eq!(invokes.len(), 3);
+    assert_eq!(invokes.len(), 23);
     assert!(invokes.iter().all(|r| r["verdict"].is_null()), "signed with the role's keys: {invokes:#?}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert_no_aws_secret("the audit trail", &audit);
     assert!(!audit.contains(ROOT_SECRET));
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_agent_signed_with_never_goes_upstream_and_bodies_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start(dir.path(), (ACCESS_KEY_ID, SECRET_ACCESS_KEY, None)).await;
+    let keys = serde_json::json!({ "access_key_id": ACCESS_KEY_ID, "secret_access_key": SECRET_ACCESS_KEY });
+    let running = start_with_source(dir.path(), &bedrock.url, &keys.to_string(), "").await;
+    let base = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    let client = client();
+
+    // The agent's SigV4 headers and presigned parameters are removed; the query it keeps is signed.
+    let answer = client
+        .post(format!(
+            "{base}/model/m1/invoke?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=agentsig0123&keep=1&\
+             x-amz-credential=agentcred0123&X-Amz-Security-Token=agent-query-token"
+        ))
+        .header("authorization", agent_authorization(WORKER_KEY))
+        .header("x-amz-date", "19990101T000000Z")
+        .header("x-amz-security-token", "agent-header-token-0123")
+        .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+        .header("content-type", "application/json")
+        .body(INVOKE_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let requests = bedrock.requests();
+    assert_eq!(requests.len(), 1);
+    assert!(requests[0]["verdict"].is_null(), "{:#}", requests[0]);
+    assert_eq!(requests[0]["path"], "/model/m1/invoke?keep=1");
+    let upstream = requests[0].to_string();
+    for agent_value in
+        ["agentsig0123", "agentcred0123", "agent-query-token", "agent-header-token-0123", "UNSIGNED", "19990101"]
+    {
+        assert!(!upstream.contains(agent_value), "{agent_value} went upstream: {upstream}");
+    }
+    assert!(!upstream.contains(&WORKER_KEY[3..]));
+
+    // A body over forward.max_request_body_bytes (sent chunked, so no length gives it away) is
+    // refused before anything is signed or sent.
+    let chunks = (0..70).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024]));
+    let answer = client
+        .post(format!("{base}/model/m1/invoke"))
+        .header("authorization", agent_authorization(WORKER_KEY))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 413);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large");
+    assert_eq!(bedrock.requests().len(), 1, "nothing more went upstream");
     running.shutdown().await;
 }
