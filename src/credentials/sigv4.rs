@@ -548,6 +548,32 @@ pub fn sign_parts(
     Ok(())
 }
 
+/// One line per `aws-sigv4` secret for `keyward check`: what it signs for and where its keys
+/// come from.
+pub fn summaries(config: &crate::config::Config) -> Vec<String> {
+    config
+        .sigv4
+        .values()
+        .map(|secret| {
+            let keys = match secret.credentials {
+                KeySource::Chain => "the AWS credential chain".to_string(),
+                KeySource::Source => {
+                    let source = config.sources.iter().find(|s| s.mapping.contains_key(&secret.name));
+                    format!("source '{}'", source.map_or("?", |s| s.name.as_str()))
+                }
+            };
+            let role = secret.assume_role.as_ref().map_or(String::new(), |role| {
+                let policy = if role.session_policy.is_some() { " with a session policy" } else { "" };
+                format!(", assuming {}{policy}", role.arn)
+            });
+            format!(
+                "secret '{}': {KIND}, signs for {} in {} with keys from {keys}{role}",
+                secret.name, secret.service, secret.region
+            )
+        })
+        .collect()
+}
+
 /// Every `aws-sigv4` secret's signer, by secret name.
 #[derive(Default)]
 pub struct Signers(HashMap<String, Arc<Signer>>);
