@@ -254,6 +254,7 @@ impl Keys {
 
     /// Parses a source's value. The error names what is missing, never a value.
     pub fn parse(value: &SecretString) -> Result<Keys, &'static str> {
+        /// Deliberately not `Debug`.
         #[derive(Deserialize)]
         struct Document {
             access_key_id: Option<String>,
@@ -264,14 +265,15 @@ impl Keys {
         let document: Document = serde_json::from_str(value.expose_secret())
             .map_err(|_| "the secret's value is not a JSON object with access_key_id and secret_access_key")?;
         let Document { access_key_id, secret_access_key, session_token } = document;
+        // The parsed copies are wiped when this returns; `Credentials` keeps its own.
+        let (secret_access_key, session_token) =
+            (secret_access_key.map(zeroize::Zeroizing::new), session_token.map(zeroize::Zeroizing::new));
         let (Some(id), Some(secret)) =
             (access_key_id.filter(|v| !v.is_empty()), secret_access_key.filter(|v| !v.is_empty()))
         else {
             return Err("the secret's value lacks access_key_id or secret_access_key");
         };
-        let keys = Keys::new(&id, &secret, session_token.as_deref().filter(|t| !t.is_empty()));
-        zeroize::Zeroize::zeroize(&mut secret.into_bytes());
-        Ok(keys)
+        Ok(Keys::new(&id, &secret, session_token.as_deref().map(String::as_str).filter(|t| !t.is_empty())))
     }
 
     /// The values the response scrubber must recognise: the secret key and the session token.
