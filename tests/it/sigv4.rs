@@ -148,14 +148,21 @@ key_sha256 = "{reader}"
 
 /// keyward in-process, with the secret BEDROCK read from a file source holding `keys`.
 async fn start_with_source(dir: &Path, upstream: &str, keys: &str, secret_lines: &str) -> keyward::instance::Running {
+    let path = write_with_source(dir, upstream, keys, secret_lines);
+    let config = keyward::config::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
+    keyward::instance::start(config).await.unwrap()
+}
+
+/// Writes `keyward.toml`, with the secret BEDROCK read from a file source holding `keys`.
+fn write_with_source(dir: &Path, upstream: &str, keys: &str, secret_lines: &str) -> PathBuf {
     std::fs::write(dir.join("aws.json"), serde_json::json!({ "BEDROCK": keys }).to_string()).unwrap();
     let source = format!(
         "[[sources]]\nname = \"aws-root\"\nprovider = \"file\"\npath = \"{}/aws.json\"\nmapping = {{ BEDROCK = \"{{{{BEDROCK}}}}\" }}\n",
         dir.display()
     );
-    let text = config(dir, upstream, &source, secret_lines);
-    let config = keyward::config::load_str(&text, "sigv4.toml", false).unwrap_or_else(|e| panic!("{e}"));
-    keyward::instance::start(config).await.unwrap()
+    let path = dir.join("keyward.toml");
+    std::fs::write(&path, config(dir, upstream, &source, secret_lines)).unwrap();
+    path
 }
 
 /// A SigV4 `Authorization` header as an AWS SDK writes it, with `key` as the access key id and a
@@ -307,7 +314,7 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     std::fs::write(&path, config(dir.path(), &bedrock.url, "", "credentials = \"chain\"")).unwrap();
     let keyward = Spawned::serve_without(
         dir.path(),
-        &["--config", path.to_str().unwrap()],
+        &["--config", path.to_str().unwrap(), "--log", "trace"],
         &[
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID),
             ("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY),
@@ -335,7 +342,7 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     let outcome = records.iter().find(|r| r["type"] == "request").unwrap();
     assert_eq!(outcome["secretSource"], "aws-credential-chain", "{outcome:#}");
     let logs = keyward.terminate();
-    assert_no_aws_secret("keyward's log", &logs);
+    assert_no_aws_secret("keyward's TRACE log", &logs);
     assert_no_aws_secret("the audit trail", &std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
 }
 
@@ -358,8 +365,26 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
         bedrock.url
     );
     let root = serde_json::json!({ "access_key_id": ROOT_ID, "secret_access_key": ROOT_SECRET });
-    let running = start_with_source(dir.path(), &bedrock.url, &root.to_string(), &lines).await;
-    let endpoint = format!("http://{}/bedrock", running.proxy_addr.unwrap());
+    // The real binary, logging everything (the AWS SDK's STS call included) at TRACE.
+    let path = write_with_source(dir.path(), &bedrock.url, &root.to_string(), &lines);
+    let keyward = Spawned::serve_without(
+        dir.path(),
+        &["--config", path.to_str().unwrap(), "--log", "trace"],
+        &[
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+        ],
+        &[
+            "AWS_PROFILE",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_ENDPOINT_URL",
+            "AWS_ENDPOINT_URL_STS",
+        ],
+    );
+    let endpoint = format!("{}/bedrock", keyward.proxy);
     // Twenty calls at once on a cold cache: one AssumeRole.
     let client = client();
     let calls = (0..20).map(|_| {
@@ -389,10 +414,14 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
     let invokes: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] != "/").collect();
     assert_eq!(invokes.len(), 23);
     assert!(invokes.iter().all(|r| r["verdict"].is_null()), "signed with the role's keys: {invokes:#?}");
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
-    assert_no_aws_secret("the audit trail", &audit);
-    assert!(!audit.contains(ROOT_SECRET));
-    running.shutdown().await;
+    let logs = keyward.terminate();
+    assert!(logs.contains("TRACE"), "the log is at TRACE");
+    for (what, text) in
+        [("the TRACE log", logs), ("the audit trail", std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap())]
+    {
+        assert_no_aws_secret(what, &text);
+        assert!(!text.contains(ROOT_SECRET), "the root secret key reached {what}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,4 +477,41 @@ async fn what_the_agent_signed_with_never_goes_upstream_and_bodies_are_bounded()
     assert_eq!(body["error"]["code"], "body_too_large");
     assert_eq!(bedrock.requests().len(), 1, "nothing more went upstream");
     running.shutdown().await;
+}
+
+/// `keyward check` reports each wrong field of a `[secrets.NAME]` table at its line, and lists a
+/// valid one.
+#[test]
+fn keyward_check_validates_the_kinds_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyward.toml");
+    let source = "[[sources]]\nname = \"env\"\nprovider = \"env\"\nmapping = { BEDROCK = \"{{AWS_KEYS}}\" }\n";
+    let good = config(dir.path(), "https://bedrock-runtime.us-east-1.amazonaws.com", source, "");
+    std::fs::write(&path, &good).unwrap();
+    let output = common::process::keyward().arg("check").arg("--config").arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        stdout.contains("secret 'BEDROCK': aws-sigv4, signs for bedrock in us-east-1 with keys from source 'env'"),
+        "{stdout}"
+    );
+
+    let bad = good.replace("region = \"us-east-1\"\n", "region = \"Frankfurt\"\nassume_role_arn = \"role/x\"\n");
+    std::fs::write(&path, &bad).unwrap();
+    let output = common::process::keyward().arg("check").arg("--config").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    let line = |field: &str| bad.lines().position(|l| l.starts_with(field)).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!(
+            "keyward.toml:{}: secrets.BEDROCK.region: 'Frankfurt' is not an AWS region",
+            line("region =")
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains(&format!("keyward.toml:{}: secrets.BEDROCK.assume_role_arn: 'role/x'", line("assume_role_arn"))),
+        "{stderr}"
+    );
 }
