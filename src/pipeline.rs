@@ -311,24 +311,17 @@ impl Attempt<'_> {
     ) -> Result<Forwarded, ProxyError> {
         let route = self.routed.route;
         let presented_key = self.identified.presented_key();
-        let outbound = match self.signer {
-            None => {
-                outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?
-            }
-            Some((signer, store)) => {
-                // The signature covers the body's SHA-256, so the body is read whole (bounded by
-                // the body limit) before it is signed.
-                let (request, body) = whole_body(request, self.body_limit).await?;
-                let outbound = outbound::build_request(
-                    request,
-                    route,
-                    &self.routed.raw_rest,
-                    secret,
-                    presented_key,
-                    self.body_limit,
-                )?;
-                signer.sign(outbound, &body, secret, store).await?
-            }
+        // A signature covers the body's SHA-256, so a signed request's body is read whole first
+        // (bounded by the body limit).
+        let (request, whole) = match self.signer {
+            Some(_) => whole_body(request, self.body_limit).await.map(|(request, body)| (request, Some(body)))?,
+            None => (request, None),
+        };
+        let outbound =
+            outbound::build_request(request, route, &self.routed.raw_rest, secret, presented_key, self.body_limit)?;
+        let outbound = match (self.signer, whole) {
+            (Some((signer, store)), Some(body)) => signer.sign(outbound, &body, secret, store).await?,
+            _ => outbound,
         };
         audit.release().await?;
         Ok(match self.state.forwarder.send(outbound, &route.name).await {
@@ -502,7 +495,6 @@ async fn refuse_form_method_override(
     limit: u64,
     route: &str,
 ) -> Result<Request<Body>, ProxyError> {
-    use http_body_util::BodyExt;
     let is_form = request
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -512,16 +504,11 @@ async fn refuse_form_method_override(
     if !is_form {
         return Ok(request);
     }
-    let (parts, body) = request.into_parts();
-    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
-        Err(_) => return Err(ProxyError::BadBody),
-    };
+    let (request, body) = whole_body(request, limit).await?;
     if outbound::has_method_parameter(&body) {
         return Err(ProxyError::MethodOverride { route: route.to_string() });
     }
-    Ok(Request::from_parts(parts, Body::from(body)))
+    Ok(request)
 }
 
 /// Acts on the detectors' decisions, the one place that does: each is audited, counted and sent

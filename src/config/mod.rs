@@ -229,21 +229,13 @@ pub struct AgentKeySpec {
     pub schemes: Vec<String>,
 }
 
+/// How a route puts its credential on the request; `Signed` when the route has no `inject`, its
+/// secrets being of a kind that signs the request (`aws-sigv4`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InjectSpec {
-    Header {
-        name: HeaderName,
-        value: Template,
-    },
-    Query {
-        name: String,
-        value: Template,
-    },
-    Basic {
-        username: Template,
-        password: Template,
-    },
-    /// The route has no `inject`: its secrets are of a kind that signs the request (`aws-sigv4`).
+    Header { name: HeaderName, value: Template },
+    Query { name: String, value: Template },
+    Basic { username: Template, password: Template },
     Signed,
 }
 
