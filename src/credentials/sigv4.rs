@@ -300,6 +300,18 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(5 * 60);
 /// failures into a loop of IMDS or STS calls.
 const CHAIN_RETRY_AFTER: Duration = Duration::from_secs(2);
 
+/// The longest a chain lookup or an `AssumeRole` call may take; calls waiting for it then fail
+/// with 503 instead of hanging.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a chain lookup or an STS call, bounded by `LOOKUP_TIMEOUT`.
+async fn bounded(
+    lookup: impl std::future::Future<Output = Result<Credentials, &'static str>>,
+    what: &'static str,
+) -> Result<Credentials, &'static str> {
+    tokio::time::timeout(LOOKUP_TIMEOUT, lookup).await.unwrap_or(Err(what))
+}
+
 /// Keys from the chain or from STS, until `refresh_at`; a failure is kept briefly too.
 struct CachedKeys {
     keys: Result<Keys, &'static str>,
@@ -311,8 +323,8 @@ struct CachedKeys {
 }
 
 impl CachedKeys {
-    /// Keys good until 5 minutes before their expiry (at most `CHAIN_REFRESH` for keys without
-    /// one), or a failure remembered for `CHAIN_RETRY_AFTER`.
+    /// Keys good until 5 minutes before their expiry (`CHAIN_REFRESH` for keys without one), or
+    /// a failure remembered for `CHAIN_RETRY_AFTER`.
     fn new(keys: Result<Credentials, &'static str>, root_key_id: String) -> CachedKeys {
         let (keys, refresh_at) = match keys {
             Ok(credentials) => {
@@ -320,7 +332,7 @@ impl CachedKeys {
                     .expiry()
                     .and_then(|at| at.duration_since(SystemTime::now()).ok())
                     .map_or(CHAIN_REFRESH, |left| left.saturating_sub(EXPIRY_MARGIN).max(Duration::from_secs(1)));
-                (Ok(Keys(credentials)), Instant::now() + lifetime.min(CHAIN_REFRESH))
+                (Ok(Keys(credentials)), Instant::now() + lifetime)
             }
             Err(reason) => (Err(reason), Instant::now() + CHAIN_RETRY_AFTER),
         };
@@ -338,7 +350,9 @@ pub struct Signer {
     /// The resolved value the keys were parsed from (held, so its address cannot be reused).
     parsed: Mutex<Option<(Arc<Resolved>, Keys)>>,
     /// Chain keys; an async mutex, so concurrent calls on a cold cache wait for one lookup
-    /// (single flight) instead of each walking the chain.
+    /// (single flight) instead of each walking the chain. It is held across the lookup on
+    /// purpose: it guards this secret's keys only, every waiter needs exactly that lookup's
+    /// result, and the lookup is bounded by `LOOKUP_TIMEOUT`.
     chain: tokio::sync::Mutex<Option<CachedKeys>>,
     /// The assumed role's keys, single-flight the same way: one `AssumeRole` per expiry.
     assumed: tokio::sync::Mutex<Option<CachedKeys>>,
@@ -400,7 +414,8 @@ impl Signer {
         if let Some(cached) = assumed.as_ref().filter(|c| c.fresh_for(&root_key_id)) {
             return cached.keys.clone().map_err(|reason| unavailable(&self.config.name, reason));
         }
-        let fresh = CachedKeys::new(assume(role, &self.config.region, root).await, root_key_id);
+        let assumed_now = bounded(assume(role, &self.config.region, root), "STS did not answer within 10 s").await;
+        let fresh = CachedKeys::new(assumed_now, root_key_id);
         match &fresh.keys {
             Ok(keys) => store.hold_derived(&format!("{}#assumed", self.config.name), keys.scrub_values()),
             Err(reason) => {
@@ -430,7 +445,9 @@ impl Signer {
         if let Some(cached) = chain.as_ref().filter(|c| c.fresh_for("")) {
             return cached.keys.clone().map_err(|reason| unavailable(&self.config.name, reason));
         }
-        let fresh = CachedKeys::new(load_chain(&self.config.region).await, String::new());
+        let looked_up =
+            bounded(load_chain(&self.config.region), "the AWS credential chain did not answer within 10 s").await;
+        let fresh = CachedKeys::new(looked_up, String::new());
         match &fresh.keys {
             Ok(keys) => store.hold_derived(&self.config.name, keys.scrub_values()),
             Err(reason) => tracing::warn!(secret = %self.config.name, reason, "the AWS credential chain gave no keys"),

@@ -178,6 +178,19 @@ fn agent_authorization(key: &str) -> String {
 const INVOKE_BODY: &str =
     r#"{"anthropic_version":"bedrock-2023-05-31","max_tokens":8,"messages":[{"role":"user","content":"raw"}]}"#;
 
+/// Waits (bounded) until the audit file holds `count` outcome records: one is written when its
+/// response ends, which can be after the client has read it.
+async fn outcome_records(path: &Path, count: usize) -> Vec<serde_json::Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let records = outcomes(path);
+        if records.len() >= count || started.elapsed() > Duration::from_secs(10) {
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn assert_no_aws_secret(what: &str, text: &str) {
     for secret in [SECRET_ACCESS_KEY, SESSION_TOKEN] {
         assert!(!text.contains(secret), "an AWS secret reached {what}:\n{text}");
@@ -229,9 +242,9 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
 
     // The agent saw no key; the audit trail names the secret, the kind, region and service only.
     assert_no_aws_secret("the agent", &printed);
+    let outcomes = outcome_records(&dir.path().join("audit.jsonl"), 4).await;
+    assert_eq!(outcomes.len(), 4, "{outcomes:#?}");
     let records = read_audit(&dir.path().join("audit.jsonl"));
-    let outcomes: Vec<&serde_json::Value> = records.iter().filter(|r| r["type"] == "request").collect();
-    assert_eq!(outcomes.len(), 4, "{records:#?}");
     for record in &outcomes {
         assert_eq!(record["outcome"], "success", "{record:#}");
         assert_eq!(record["credential"], "BEDROCK");
@@ -243,6 +256,7 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
         assert_eq!(record["agentId"], "bedrock-agent");
     }
     let released: Vec<&serde_json::Value> = records.iter().filter(|r| r["type"] == "request.released").collect();
+    assert_eq!(released.len(), 4, "{released:#?}");
     assert!(released.iter().all(|r| r["signed"]["kind"] == "aws-sigv4"), "{released:#?}");
     assert_no_aws_secret("the audit trail", &std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap());
 
@@ -283,8 +297,8 @@ async fn a_source_value_that_is_not_a_key_pair_is_a_clear_503() {
     assert_eq!(out["status"], 503, "{out}");
     assert_no_aws_secret("the agent", &printed);
     assert!(bedrock.requests().is_empty(), "nothing went upstream unsigned");
-    let records = read_audit(&dir.path().join("audit.jsonl"));
-    let outcome = records.iter().find(|r| r["type"] == "request").unwrap();
+    let outcomes = outcome_records(&dir.path().join("audit.jsonl"), 1).await;
+    let outcome = &outcomes[0];
     assert_eq!(outcome["outcome"], "secret_error", "{outcome:#}");
     assert_eq!(outcome["errorCode"], "signing_credentials_unavailable");
     running.shutdown().await;
@@ -338,8 +352,8 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
     assert_eq!(entry["source"], "aws-credential-chain");
     assert_eq!(entry["kind"]["credentials"], "chain");
-    let records = read_audit(&dir.path().join("audit.jsonl"));
-    let outcome = records.iter().find(|r| r["type"] == "request").unwrap();
+    let outcomes = outcome_records(&dir.path().join("audit.jsonl"), 1).await;
+    let outcome = &outcomes[0];
     assert_eq!(outcome["secretSource"], "aws-credential-chain", "{outcome:#}");
     let logs = keyward.terminate();
     assert_no_aws_secret("keyward's TRACE log", &logs);
@@ -514,4 +528,52 @@ fn keyward_check_validates_the_kinds_fields() {
             .contains(&format!("keyward.toml:{}: secrets.BEDROCK.assume_role_arn: 'role/x'", line("assume_role_arn"))),
         "{stderr}"
     );
+}
+
+/// STS refuses the root keys: the agent gets 503 with a clear code, the failure is audited, and
+/// calls right after it fail at once instead of calling STS again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_assume_role_is_a_503_and_not_retried_in_a_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let bedrock = FakeBedrock::start_with_sts(
+        dir.path(),
+        (ACCESS_KEY_ID, SECRET_ACCESS_KEY, Some(SESSION_TOKEN)),
+        Some(("AKIAOTHERROOTKEY0001", "not-the-keys-keyward-holds-0123456789")),
+    )
+    .await;
+    let lines = format!(
+        "assume_role_arn = \"arn:aws:iam::123456789012:role/bedrock-invoke\"\nsts_endpoint_url = \"{}\"\n",
+        bedrock.url
+    );
+    let root = serde_json::json!({ "access_key_id": "AKIAROOTCANARYKEY001", "secret_access_key": SECRET_ACCESS_KEY });
+    let running = start_with_source(dir.path(), &bedrock.url, &root.to_string(), &lines).await;
+    let endpoint = format!("http://{}/bedrock/model/m1/invoke", running.proxy_addr.unwrap());
+    let client = client();
+    for _ in 0..5 {
+        let answer = client
+            .post(&endpoint)
+            .header("authorization", agent_authorization(WORKER_KEY))
+            .header("content-type", "application/json")
+            .body(INVOKE_BODY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 503);
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("\"code\":\"signing_credentials_unavailable\""), "{body}");
+        assert!(body.contains("STS did not let the keys assume the role"), "{body}");
+        assert_no_aws_secret("the agent", &body);
+    }
+    let requests = bedrock.requests();
+    assert_eq!(requests.len(), 1, "one AssumeRole for five calls within 2 s, nothing signed upstream: {requests:#?}");
+    assert_eq!(requests[0]["path"], "/");
+    let outcomes = outcome_records(&dir.path().join("audit.jsonl"), 5).await;
+    assert_eq!(outcomes.len(), 5);
+    for outcome in outcomes {
+        assert_eq!(outcome["outcome"], "secret_error", "{outcome:#}");
+        assert_eq!(outcome["errorCode"], "signing_credentials_unavailable");
+        assert_eq!(outcome["status"], 503);
+        assert_eq!(outcome["signed"]["kind"], "aws-sigv4");
+    }
+    running.shutdown().await;
 }
