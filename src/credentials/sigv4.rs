@@ -382,6 +382,18 @@ impl Signer {
         })
     }
 
+    /// When the temporary keys it signs with now expire (the assumed role's, else the chain's),
+    /// if it holds such keys; `None` too while a lookup is under way.
+    fn keys_expire_at(&self) -> Option<SystemTime> {
+        let expiry = |cache: &tokio::sync::Mutex<Option<CachedKeys>>| {
+            cache.try_lock().ok().and_then(|cached| cached.as_ref()?.keys.as_ref().ok()?.0.expiry())
+        };
+        match self.config.assume_role {
+            Some(_) => expiry(&self.assumed),
+            None => expiry(&self.chain),
+        }
+    }
+
     /// The upstream refused a request this signer signed (401/403): keys from the chain or STS
     /// are looked up again on the next call (expired or revoked temporary keys), unless they were
     /// obtained less than `CHAIN_RETRY_AFTER` ago, so refusals cannot become a loop of STS calls.
@@ -616,6 +628,7 @@ impl Signers {
                 "region": signer.config.region,
                 "credentials": signer.config.credentials.as_str(),
                 "assume_role_arn": signer.config.assume_role.as_ref().map(|r| r.arn.as_str()),
+                "keys_expire_at": signer.keys_expire_at().map(crate::timestamp::seconds),
             }),
         }
     }

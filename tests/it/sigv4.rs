@@ -279,7 +279,7 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
         entry["kind"],
         serde_json::json!({
             "kind": "aws-sigv4", "service": "bedrock", "region": "us-east-1", "credentials": "source",
-            "assume_role_arn": null,
+            "assume_role_arn": null, "keys_expire_at": null,
         })
     );
     assert_no_aws_secret("/admin/secrets", &secrets.to_string());
@@ -428,6 +428,15 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
     let invokes: Vec<&serde_json::Value> = requests.iter().filter(|r| r["path"] != "/").collect();
     assert_eq!(invokes.len(), 23);
     assert!(invokes.iter().all(|r| r["verdict"].is_null()), "signed with the role's keys: {invokes:#?}");
+    // /admin/secrets shows the role and when its current keys expire (the fake gives an hour).
+    let secrets = admin_get(&client, &format!("{}/admin/secrets", keyward.admin)).await;
+    let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
+    assert_eq!(entry["kind"]["assume_role_arn"], "arn:aws:iam::123456789012:role/bedrock-invoke");
+    let expires = entry["kind"]["keys_expire_at"].as_str().unwrap_or_else(|| panic!("{entry:#}"));
+    let expires = humantime::parse_rfc3339(expires).unwrap();
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(50 * 60) && left <= Duration::from_secs(3600), "{entry:#}");
+    assert_no_aws_secret("/admin/secrets", &secrets.to_string());
     let logs = keyward.terminate();
     assert!(logs.contains("TRACE"), "the log is at TRACE");
     for (what, text) in
