@@ -178,6 +178,7 @@ fn audit(c: &mut Criterion) {
         error_code: None,
         secret_source: Some("env".to_string()),
         secret_version: None,
+        signed: None,
         key_fingerprint: None,
         bytes_sent: Some(1024),
         ended: None,

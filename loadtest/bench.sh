@@ -4,7 +4,9 @@
 # cache-hit secret resolution, injection, scrubbing, audit durability "os"), and through (c) nginx,
 # (d) HAProxy and (e) Envoy doing only the header injection with upstream keep-alive; plus, as a
 # reference row, (f) `examples/bare_proxy.rs`: the same injection on keyward's own stack (tokio,
-# hyper-util server and client, mimalloc) with nothing else, the floor under keyward's figures.
+# hyper-util server and client, mimalloc) with nothing else, the floor under keyward's figures;
+# and (g) keyward on a signed route: the same pipeline with an `aws-sigv4` secret, so each request
+# is signed with SigV4 (keys parsed once from the cached secret) instead of a header injected.
 # Each round measures every target twice with identical oha settings, in a rotating order:
 # saturation (-c CONNECTIONS, as fast as possible) and latency at a fixed RATE (-q, with latency
 # correction). Figures are medians over ROUNDS; every run is bounded by -z DURATION.
@@ -22,11 +24,13 @@ start_upstream 18481
 QUOTA=', rate = "1000000/s", burst = 1000000'
 keyward_config 18480 18490 18481 true os "$QUOTA" > "$WORK/keyward.toml"
 start_keyward "$WORK/keyward.toml" 18490
+keyward_signed_config 18486 18496 18481 > "$WORK/keyward-signed.toml"
+start_keyward "$WORK/keyward-signed.toml" 18496
 start_nginx 18482 18481
 start_haproxy 18483 18481
 start_envoy 18484 18481
 start_bare_proxy 18485 18481
-MODES=(direct=18481 keyward=18480 nginx=18482 haproxy=18483 envoy=18484 hyper=18485)
+MODES=(direct=18481 keyward=18480 nginx=18482 haproxy=18483 envoy=18484 hyper=18485 keyward-signed=18486)
 
 echo "warm-up"
 (ROUNDS=1 DURATION=1s run_round 0 /bench/json1k "${MODES[@]}") >/dev/null
@@ -40,7 +44,8 @@ for round in $(seq "$ROUNDS"); do
   run_round "$round" /bench/json1k "${order[@]}"
 done
 [ -s "$WORK/audit-18480.jsonl" ] || { echo "keyward wrote no audit records" >&2; exit 1; }
+grep -q '"signed":{"kind":"aws-sigv4"' "$WORK/audit-18486.jsonl" || { echo "the signed keyward signed nothing" >&2; exit 1; }
 
 export TITLE="keyward against direct, nginx, HAProxy and Envoy" RATE
 export SCENARIO="1 KiB JSON from a hyper upstream on loopback; keyward with identity, authorization, a (never throttling) quota, cached secret, injection, scrubbing and audit durability os; nginx, HAProxy and Envoy with proxy_set_header-style injection and upstream keep-alive; 2 workers each"
-REFERENCE=hyper summarise bench --bench direct keyward nginx haproxy envoy
+REFERENCE=hyper SIGNED=keyward-signed summarise bench --bench direct keyward nginx haproxy envoy

@@ -103,6 +103,44 @@ ${7:-}
 TOML
 }
 
+# keyward_signed_config PORT ADMIN UPSTREAM_PORT > file: keyward_config's route and agent, but the
+# secret is of kind aws-sigv4 (keys from a file source), so each request is signed instead of
+# injected: the agent's auth removed, the body read whole and hashed, SigV4 over the request.
+keyward_signed_config() {
+  local hash
+  hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
+  printf '{"BENCH_AWS": "{\\"access_key_id\\":\\"AKIABENCHEXAMPLE0001\\",\\"secret_access_key\\":\\"%s\\"}"}\n' \
+    "$BENCH_SECRET" > "$WORK/aws-secrets.json"
+  chmod 600 "$WORK/aws-secrets.json"
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+[audit]
+path = "$WORK/audit-$1.jsonl"
+durability = "os"
+[[sources]]
+name = "bench-aws"
+provider = "file"
+path = "$WORK/aws-secrets.json"
+[secrets.BENCH_AWS]
+kind = "aws-sigv4"
+service = "bedrock"
+region = "us-east-1"
+[[routes]]
+name = "bench"
+prefix = "/bench"
+upstream = "http://127.0.0.1:$3"
+agent_key = { header = "authorization", scheme = ["Bearer", "AWS4-HMAC-SHA256"] }
+[roles.bench]
+grants = [{ route = "bench", secret = "BENCH_AWS", methods = ["GET", "POST"], paths = ["/**"], rate = "1000000/s", burst = 1000000 }]
+[[agents]]
+id = "bench-agent"
+role = "bench"
+key_sha256 = "$hash"
+TOML
+}
+
 start_keyward() { # CONFIG_FILE ADMIN_PORT
   "$KEYWARD" --log warn serve --config "$1" 2>"$1.log" &
   PIDS+=($!)

@@ -153,7 +153,9 @@ Status codes over all rounds: {result['status_codes']}.
 def bench(name, direct, keyward, proxies):
     # REFERENCE: rows measured like the rest but not competitors (keyward's own stack, bare).
     references = env.get("REFERENCE", "").split()
-    modes = [direct, keyward, *proxies, *references]
+    # SIGNED: keyward on a route whose secret signs (aws-sigv4), measured in the same run.
+    signed = env.get("SIGNED", "").split()
+    modes = [direct, keyward, *proxies, *signed, *references]
     rate = int(env["RATE"])
     sat = {m: rps(m) for m in modes}
     sat_med = {m: statistics.median(v) for m, v in sat.items()}
@@ -178,6 +180,7 @@ def bench(name, direct, keyward, proxies):
         "best_proxy": best,
         "keyward_ratio_to_best_proxy": sat_med[keyward] / sat_med[best],
         "references": references,
+        "signed": signed,
         "latency_ms_at_rate": lat,
         "achieved_rps_at_rate": achieved,
         "added_p99_ms": added_p99,
@@ -198,6 +201,12 @@ def bench(name, direct, keyward, proxies):
         f"{sat_med[r] / sat_med[direct]:.3f} × direct, {sat_med[r] / sat_med[best]:.3f} × {best}, added p99 "
         f"{added_p99[r]:+.3f} ms. keyward reaches {sat_med[keyward] / sat_med[r]:.3f} × it.\n"
         for r in references
+    ) + "".join(
+        f"\nRow `{s}`: keyward on a route whose secret is kind `aws-sigv4`: the agent's auth removed, the body "
+        f"read whole, the request signed with SigV4 (keys parsed once from the cached secret, the signing key "
+        f"derived per request): {sat_med[s] / sat_med[keyward]:.3f} × keyward injecting a header, added p99 "
+        f"{added_p99[s]:+.3f} ms ({added_p99[s] - added_p99[keyward]:+.3f} ms over keyward).\n"
+        for s in signed
     )
     write(name, result, f"""# {env['TITLE']}
 

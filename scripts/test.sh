@@ -2,8 +2,8 @@
 # Runs keyward's whole test suite on a fresh machine. It installs what the tests need
 # (moto_server for the AWS Secrets Manager tests, bao for the Vault/OpenBao tests, hadolint for
 # the Dockerfile, chromium for the dashboard test, redis-server for limits across replicas,
-# promtool for the metrics format, the openai, anthropic, PyGithub and mcp Python clients for the
-# real-client tests); the tests start and stop their own servers (moto, OpenBao, redis, fake
+# promtool for the metrics format, the openai, anthropic, PyGithub, mcp and boto3 Python clients for
+# the real-client tests); the tests start and stop their own servers (moto, OpenBao, redis, fake
 # upstreams, keyward, chromium) on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,16 +32,17 @@ done
 
 # The official clients the real-traffic tests drive (tests/it/clients.rs), at their current
 # versions: openai, anthropic, PyGithub (imported as `github`) and the mcp SDK (client and server),
-# and requests, httpx and h2 (httpx's HTTP/2) for the forward-proxy tests.
+# requests, httpx and h2 (httpx's HTTP/2) for the forward-proxy tests, and boto3 (the Bedrock
+# agent; botocore's signer verifies keyward's SigV4 signatures in the fake).
 missing_clients=()
-for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp requests:requests httpx:httpx h2:h2; do
+for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp requests:requests httpx:httpx h2:h2 boto3:boto3; do
   python3 -c "import ${client%%:*}" >/dev/null 2>&1 || missing_clients+=("${client#*:}")
 done
 if [ ${#missing_clients[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing_clients[*]} for the real-client tests"
   python3 -m pip install --quiet --disable-pip-version-check --upgrade "${missing_clients[@]}"
 fi
-python3 -c 'import openai, anthropic, github, mcp, requests, httpx, h2' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
+python3 -c 'import openai, anthropic, github, mcp, requests, httpx, h2, boto3, botocore.auth' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
 
 # Debian's chromium (dashboard test, headless), redis-server (limits across replicas),
 # prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB) and nodejs

@@ -78,6 +78,12 @@ pub enum ProxyError {
         secret: String,
         source: String,
     },
+    /// A credential kind that signs (`aws-sigv4`) has no usable keys: the source's value is not
+    /// an AWS key pair, or the AWS credential chain found none. `reason` never holds a value.
+    SigningUnavailable {
+        secret: String,
+        reason: &'static str,
+    },
     UpstreamUnavailable {
         route: String,
     },
@@ -220,6 +226,9 @@ impl ProxyError {
                 (StatusCode::SERVICE_UNAVAILABLE, "secret_store_unavailable", Upstream)
             }
             ProxyError::SecretNotFound { .. } => (StatusCode::SERVICE_UNAVAILABLE, "secret_not_found", Upstream),
+            ProxyError::SigningUnavailable { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "signing_credentials_unavailable", Upstream)
+            }
             ProxyError::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable", Upstream),
             ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
             ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
@@ -291,6 +300,9 @@ impl ProxyError {
             }
             ProxyError::SecretNotFound { secret, source } => {
                 format!("credential '{secret}' has no value in secret source '{source}'")
+            }
+            ProxyError::SigningUnavailable { secret, reason } => {
+                format!("credential '{secret}' cannot sign the request: {reason}")
             }
             ProxyError::UpstreamUnavailable { route } => format!("upstream of route '{route}' could not be reached"),
             ProxyError::UpstreamTimeout { route } => format!("upstream of route '{route}' timed out"),

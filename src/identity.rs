@@ -74,6 +74,22 @@ fn single_value<'h>(headers: &'h HeaderMap, name: &http::HeaderName) -> Result<O
     first.to_str().map(Some).map_err(|_| "the key header is not visible ASCII")
 }
 
+/// The scheme of an AWS SigV4 `Authorization` header. On a route that accepts it, the agent key
+/// is the access key id the agent signed with (`Credential=<key>/<date>/<region>/<service>/...`):
+/// an agent using an AWS SDK sets its agent key as the access key id and any secret key. The
+/// agent's signature is not checked (keyward does not know that secret); it is removed with the
+/// header and keyward signs the outbound request itself.
+pub const SIGV4_SCHEME: &str = "AWS4-HMAC-SHA256";
+
+/// The access key id in the parameters of a SigV4 `Authorization` header.
+fn sigv4_access_key(params: &str) -> Result<&str, &'static str> {
+    let credential = params
+        .split(',')
+        .find_map(|param| param.trim().strip_prefix("Credential="))
+        .ok_or("a SigV4 Authorization header without Credential=")?;
+    Ok(credential.split('/').next().unwrap_or(credential))
+}
+
 fn parse_credential<'h>(value: &'h str, schemes: &[String]) -> Result<&'h str, &'static str> {
     let key = if schemes.is_empty() {
         value
@@ -82,7 +98,7 @@ fn parse_credential<'h>(value: &'h str, schemes: &[String]) -> Result<&'h str, &
         if !schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
             return Err("unexpected auth scheme for this route");
         }
-        key
+        if scheme.eq_ignore_ascii_case(SIGV4_SCHEME) { sigv4_access_key(key)? } else { key }
     };
     if key.is_empty() {
         return Err("the key is empty");
@@ -206,6 +222,27 @@ mod tests {
             code(&xkey, &[("x-api-key", "kw_a"), ("proxy-authorization", "Bearer kw_b")]),
             "malformed_agent_key"
         );
+    }
+
+    #[test]
+    fn a_sigv4_authorization_carries_the_key_as_its_access_key_id() {
+        let sigv4 = spec("authorization", &[SIGV4_SCHEME]);
+        let get = |value: &str| {
+            extract_key(std::slice::from_ref(&sigv4), &headers(&[("authorization", value)]), "r")
+                .map(str::to_string)
+                .map_err(|e| e.code())
+        };
+        let signed = "AWS4-HMAC-SHA256 Credential=kw_a/20260101/us-east-1/bedrock/aws4_request, \
+                      SignedHeaders=content-type;host;x-amz-date, Signature=0123abcd";
+        assert_eq!(get(signed).unwrap(), "kw_a");
+        assert_eq!(get("AWS4-HMAC-SHA256 SignedHeaders=host,Credential=kw_b/x").unwrap(), "kw_b");
+        for bad in [
+            "AWS4-HMAC-SHA256 SignedHeaders=host, Signature=00",
+            "AWS4-HMAC-SHA256 Credential=/20260101/us-east-1/bedrock/aws4_request",
+            "Bearer kw_a",
+        ] {
+            assert_eq!(get(bad).unwrap_err(), "malformed_agent_key", "{bad}");
+        }
     }
 
     #[test]

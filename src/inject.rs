@@ -60,13 +60,15 @@ pub fn apply(
             kept.push(&encoded);
             *query = Some(kept.join("&"));
         }
+        // The credential kind signs the request instead (`credentials::sigv4`).
+        InjectSpec::Signed => {}
     }
     Ok(())
 }
 
 /// Whether a query pair sets parameter `name` in any spelling an upstream might accept:
 /// percent-encoded, another letter case, or with a `[..]` array suffix.
-fn names_parameter(pair: &str, name: &str) -> bool {
+pub(crate) fn names_parameter(pair: &str, name: &str) -> bool {
     let key = pair.split('=').next().unwrap_or(pair);
     let decoded = percent_decode_str(key).decode_utf8_lossy();
     let base = decoded.split('[').next().unwrap_or(&decoded).trim();

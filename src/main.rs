@@ -239,6 +239,9 @@ fn main() -> ExitCode {
                     config.roles.len(),
                     config.agents.len()
                 );
+                for line in keyward::credentials::sigv4::summaries(&config) {
+                    println!("  {line}");
+                }
                 for source in config.sources.iter() {
                     if let Some(policy) = source.rotation.as_ref().filter(|p| p.enabled) {
                         let when = policy

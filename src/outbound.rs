@@ -12,7 +12,7 @@ use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, COOKIE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri, Version};
 use percent_encoding::percent_decode;
 
-use crate::config::{CREDENTIAL_HEADERS, RANGE_HEADERS, RouteConfig, Upstream};
+use crate::config::{CREDENTIAL_HEADERS, InjectSpec, RANGE_HEADERS, RouteConfig, Upstream};
 use crate::credentials::Resolved;
 use crate::error::ProxyError;
 use crate::forward::{OutboundBody, limited_body, strip_hop_by_hop};
@@ -35,6 +35,39 @@ pub const OVERRIDE_HEADERS: [&str; 13] = [
     "x-envoy-original-path",
     "forwarded",
 ];
+
+/// The headers an AWS SDK signs a request with (SigV4), removed on a route that signs: keyward
+/// signs the request itself, and nothing the agent signed with goes upstream.
+pub const AWS_AUTH_HEADERS: [&str; 4] = ["authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256"];
+
+/// The query parameters of a presigned (query-signed) AWS request, removed on a route that signs.
+pub const AWS_AUTH_QUERY: [&str; 7] = [
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+];
+
+/// Removes what an agent signed an AWS request with: the SigV4 headers, and the presigned-URL
+/// parameters in any spelling (`inject::names_parameter`).
+pub fn strip_aws_auth(headers: &mut HeaderMap, query: &mut Option<String>) {
+    for name in AWS_AUTH_HEADERS {
+        headers.remove(name);
+    }
+    if let Some(text) = query.as_deref() {
+        let kept: Vec<&str> = text
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .filter(|pair| {
+                !pair.split(';').any(|part| AWS_AUTH_QUERY.iter().any(|name| inject::names_parameter(part, name)))
+            })
+            .collect();
+        *query = (!kept.is_empty()).then(|| kept.join("&"));
+    }
+}
 
 /// Refuses a request whose path or query carries the agent's key (it would reach the upstream
 /// in the request line), or whose query has a `_method` parameter.
@@ -147,6 +180,9 @@ pub fn build_request(
     // Compressed answers could hide an echoed credential from the scrubber.
     headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     let mut query = parts.uri.query().map(str::to_string);
+    if route.inject == InjectSpec::Signed {
+        strip_aws_auth(headers, &mut query);
+    }
     inject::apply(&route.inject, &secret.value, headers, &mut query)?;
     parts.uri = upstream_uri(upstream, raw_rest, query.as_deref())
         .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
@@ -236,6 +272,31 @@ inject = { header = "x-api-key", value = "{{secret}}" }
         let mut map = headers(&[("authorization", "Bearer upstream-own"), ("range", "bytes=0-3"), ("api-key", KEY)]);
         strip_agent_credentials(&mut map, &route(&["authorization", "range", "api-key"]), Some(KEY));
         assert_eq!(names(&map), ["authorization: Bearer upstream-own", "range: bytes=0-3"]);
+    }
+
+    #[test]
+    fn aws_signing_headers_and_presigned_parameters_are_removed() {
+        let mut map = headers(&[
+            ("authorization", "AWS4-HMAC-SHA256 Credential=kw_x/20260101/us-east-1/bedrock/aws4_request"),
+            ("x-amz-date", "20260101T000000Z"),
+            ("X-Amz-Security-Token", "agent-token"),
+            ("x-amz-content-sha256", "UNSIGNED-PAYLOAD"),
+            ("content-type", "application/json"),
+            ("x-amz-target", "kept"),
+        ]);
+        let mut query = Some(
+            "a=1&X-Amz-Algorithm=AWS4-HMAC-SHA256&x-amz-credential=k%2F1&X-Amz-Date=1&X-Amz-Expires=60&\
+             X-Amz-SignedHeaders=host&%58-Amz-Signature=ab&X-Amz-Security-Token=t&b=2"
+                .to_string(),
+        );
+        strip_aws_auth(&mut map, &mut query);
+        let mut left = names(&map);
+        left.sort();
+        assert_eq!(left, ["content-type: application/json", "x-amz-target: kept"]);
+        assert_eq!(query.as_deref(), Some("a=1&b=2"));
+        let mut only = Some("X-Amz-Signature=ab".to_string());
+        strip_aws_auth(&mut HeaderMap::new(), &mut only);
+        assert_eq!(only, None);
     }
 
     #[test]

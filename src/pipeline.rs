@@ -3,7 +3,7 @@
 //! target check → route (by prefix, or by host on the forward proxy) → identify (agent or
 //! delegated key) → authorize → URL check (no agent key, no `_method`) → admit → body check →
 //! meter (reserve budgets) → resolve → release (audit) → strip what the agent presented and
-//! inject → forward (one retry of a refused credential) → settle → meter usage and scrub →
+//! inject (or sign) → forward (one retry of a refused credential) → settle → meter usage and scrub →
 //! stream back, with the audit guard created first and ended exactly once on every path (it
 //! settles the budgets too).
 //!
@@ -26,7 +26,8 @@ use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::budget::Mode;
 use crate::config::{GrantConfig, RouteConfig, Upstream};
-use crate::credentials::{Rejection, Resolved};
+use crate::credentials::sigv4::{self, Signer};
+use crate::credentials::{Rejection, Resolved, SecretStore};
 use crate::decode::{self, Coding, DecodedBody};
 use crate::error::ProxyError;
 use crate::forward::{self, Forwarder, TimedBody};
@@ -457,10 +458,18 @@ fn shadow_denied(
     audit.would_deny(policy, reason);
 }
 
-/// `resolve`: the credential the grant names, from its store (or the cache).
+/// `resolve`: the credential the grant names, from its store (or the cache). An `aws-sigv4`
+/// secret whose keys come from the AWS chain has nothing in a store.
 async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig) -> Result<Arc<Resolved>, ProxyError> {
-    let secret = runtime.secrets.resolve(&grant.secret).await?;
+    let signer = runtime.signers.get(&grant.secret);
+    let secret = match signer.and_then(|signer| signer.chain_resolved()) {
+        Some(chain) => chain,
+        None => runtime.secrets.resolve(&grant.secret).await?,
+    };
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
+    if let Some(signer) = signer {
+        audit.signed(sigv4::KIND, &signer.config.service, &signer.config.region);
+    }
     Ok(secret)
 }
 
@@ -486,7 +495,8 @@ async fn forward(
     // A small body is kept, so a call refused for a stale credential can be sent once more.
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
     let client = runtime.client_for(routed.index, &state.forwarder);
-    let attempt = Attempt { routed, identified, client, body_limit: limit };
+    let signer = runtime.signers.get(&secret.name).map(|signer| (signer.as_ref(), &runtime.secrets));
+    let attempt = Attempt { routed, identified, client, body_limit: limit, signer };
     match attempt.send(audit, request, &secret).await? {
         Forwarded::Answered(response) if is_refusal(response.status()) => {
             retry_refused(runtime, audit, &attempt, &secret, response, replay).await
@@ -502,6 +512,8 @@ struct Attempt<'a> {
     identified: &'a Identified<'a>,
     client: &'a Forwarder,
     body_limit: u64,
+    /// For an `aws-sigv4` secret: its signer, and the store that holds its keys for the scrubber.
+    signer: Option<(&'a Signer, &'a SecretStore)>,
 }
 
 impl Attempt<'_> {
@@ -511,20 +523,29 @@ impl Attempt<'_> {
         &self,
         audit: &mut AuditGuard,
         request: Request<Body>,
-        secret: &Resolved,
+        secret: &Arc<Resolved>,
     ) -> Result<Forwarded, ProxyError> {
         let route = self.routed.route;
         let presented_key = self.identified.presented_key();
-        let upstream = &self.routed.upstream;
+        // A signature covers the body's SHA-256, so a signed request's body is read whole first
+        // (bounded by the body limit).
+        let (request, whole) = match self.signer {
+            Some(_) => whole_body(request, self.body_limit).await.map(|(request, body)| (request, Some(body)))?,
+            None => (request, None),
+        };
         let outbound = outbound::build_request(
             request,
             route,
-            upstream,
+            &self.routed.upstream,
             &self.routed.raw_rest,
             secret,
             presented_key,
             self.body_limit,
         )?;
+        let outbound = match (self.signer, whole) {
+            (Some((signer, store)), Some(body)) => signer.sign(outbound, &body, secret, store).await?,
+            _ => outbound,
+        };
         audit.release().await?;
         Ok(match self.client.send(outbound, &route.name).await {
             Ok(response) => Forwarded::Answered(response),
@@ -545,6 +566,9 @@ async fn retry_refused(
     replay: Option<Replay>,
 ) -> Result<Forwarded, ProxyError> {
     let status = refused.status().as_u16();
+    if let Some((signer, _)) = attempt.signer {
+        signer.refused().await;
+    }
     let next = match runtime.secrets.rejected(secret, status).await {
         Rejection::Newer(next) => Some(("new_version", next)),
         Rejection::Previous(next) => Some(("grace_previous", next)),
@@ -673,6 +697,18 @@ async fn keep_for_replay(
     Ok((Request::from_parts(parts, Body::from(body)), Some(replay)))
 }
 
+/// Reads the whole body (at most `limit` bytes), for a request that is signed over its hash.
+async fn whole_body(request: Request<Body>, limit: u64) -> Result<(Request<Body>, bytes::Bytes), ProxyError> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
+        Err(_) => return Err(ProxyError::BadBody),
+    };
+    Ok((Request::from_parts(parts, Body::from(body.clone())), body))
+}
+
 /// A form-encoded body is read whole (it is bounded by the body limit, and such bodies are small
 /// form posts) and refused if it sets `_method`, which Rails, Laravel and Symfony honour as the
 /// request's method. Other bodies stream through unread: multipart uploads, JSON, and bodies
@@ -682,7 +718,6 @@ async fn refuse_form_method_override(
     limit: u64,
     route: &str,
 ) -> Result<Request<Body>, ProxyError> {
-    use http_body_util::BodyExt;
     let is_form = request
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -692,16 +727,11 @@ async fn refuse_form_method_override(
     if !is_form {
         return Ok(request);
     }
-    let (parts, body) = request.into_parts();
-    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
-        Err(_) => return Err(ProxyError::BadBody),
-    };
+    let (request, body) = whole_body(request, limit).await?;
     if outbound::has_method_parameter(&body) {
         return Err(ProxyError::MethodOverride { route: route.to_string() });
     }
-    Ok(Request::from_parts(parts, Body::from(body)))
+    Ok(request)
 }
 
 /// Acts on the detectors' decisions, the one place that does: each is audited, counted and sent

@@ -165,12 +165,19 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .and_then(|schedule| schedule.next_after(now))
                 .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
+            let kind = runtime.signers.describe(&s.name);
             let mut v = serde_json::to_value(s).expect("status serializes");
             v["next_rotation"] = json!(next);
             v["last_rotation"] = json!(last);
             v["rotation"] = json!(source.map(|c| c.rotation_summary()));
+            v["kind"] = kind;
             v
         })
         .collect();
+    // A secret whose keys come from the AWS credential chain is in no source.
+    let chain = runtime.signers.chain_names().into_iter().map(|name| {
+        json!({ "name": name, "source": crate::credentials::sigv4::CHAIN_SOURCE, "kind": runtime.signers.describe(name) })
+    });
+    let secrets: Vec<Value> = secrets.into_iter().chain(chain).collect();
     axum::Json(json!({ "secrets": secrets })).into_response()
 }

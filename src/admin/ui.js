@@ -81,7 +81,8 @@ async function load() {
   const table = document.getElementById("secrets");
   clear(table);
   for (const s of secrets.secrets) {
-    row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation]);
+    const kind = s.kind && s.kind.service ? s.kind.kind + " (" + s.kind.service + ", " + s.kind.region + ")" : "static";
+    row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation, kind]);
   }
   const list = document.getElementById("anomalies");
   list.textContent = "";

@@ -13,7 +13,7 @@ use rand::Rng;
 
 use super::chain::Line;
 use super::record::{
-    AuditRecord, Decision, Ended, EndedAt, EndedBy, InvalidatedCredential, Outcome, UsageRecord, WouldDeny,
+    AuditRecord, Decision, Ended, EndedAt, EndedBy, InvalidatedCredential, Outcome, Signed, UsageRecord, WouldDeny,
 };
 use super::sink::AuditSink;
 use crate::config::OnFailure;
@@ -99,6 +99,7 @@ impl AuditGuard {
             error_code: None,
             secret_source: None,
             secret_version: None,
+            signed: None,
             key_fingerprint: None,
             bytes_sent: None,
             ended: None,
@@ -219,6 +220,11 @@ impl AuditGuard {
         self.record.fallback_from = fallback_from.map(str::to_string);
     }
 
+    /// The credential kind `kind` signs the request for `service` in `region`.
+    pub fn signed(&mut self, kind: &'static str, service: &str, region: &str) {
+        self.record.signed = Some(Signed { kind, region: region.to_string(), service: service.to_string() });
+    }
+
     /// The upstream refused the credential with `status`; `retry` says what keyward did next.
     pub fn invalidated(&mut self, status: u16, version: Option<&str>, retry: &'static str) {
         self.record.invalidated = Some(InvalidatedCredential { status, version: version.map(str::to_string), retry });
@@ -253,9 +259,12 @@ impl AuditGuard {
         self.record.status = error.status().as_u16();
         self.record.error_code = Some(error.code());
         let (decision, outcome) = match (error.origin(), error) {
-            (_, ProxyError::SecretStoreUnavailable { .. } | ProxyError::SecretNotFound { .. }) => {
-                (Decision::Error, Outcome::SecretError)
-            }
+            (
+                _,
+                ProxyError::SecretStoreUnavailable { .. }
+                | ProxyError::SecretNotFound { .. }
+                | ProxyError::SigningUnavailable { .. },
+            ) => (Decision::Error, Outcome::SecretError),
             (
                 _,
                 ProxyError::BadRequestHead

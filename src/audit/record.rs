@@ -162,6 +162,10 @@ pub struct AuditRecord {
     pub secret_source: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_version: Option<String>,
+    /// For a credential kind that signs the request (`aws-sigv4`): the kind and what it signed
+    /// for. Never a key or a signature.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Signed>,
     /// The status the agent received (499 when it left before the response head).
     pub status: u16,
     pub success: bool,
@@ -179,6 +183,15 @@ pub struct AuditRecord {
     /// How the request came in: `forward` on the forward proxy (absent on the reverse path).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<&'static str>,
+}
+
+/// How the request was signed (fields in sorted order).
+#[derive(Debug, Clone, Serialize)]
+pub struct Signed {
+    /// The credential kind, `aws-sigv4`.
+    pub kind: &'static str,
+    pub region: String,
+    pub service: String,
 }
 
 /// What happened after the upstream refused an injected credential (fields in sorted order).
@@ -224,6 +237,8 @@ struct Released<'a> {
     secret_source: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     secret_version: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signed: Option<&'a Signed>,
     timestamp: &'a str,
     #[serde(rename = "type")]
     kind: &'static str,
@@ -273,6 +288,7 @@ impl AuditRecord {
             decision: Decision::Allowed,
             secret_source: self.secret_source.as_deref(),
             secret_version: self.secret_version.as_deref(),
+            signed: self.signed.as_ref(),
             delegated_by: self.delegated_by.as_deref(),
             label: self.label.as_deref(),
             fallback_from: self.fallback_from.as_deref(),
@@ -289,7 +305,7 @@ mod tests {
     use crate::audit::chain::canonical;
 
     /// The fields a `request.released` record keeps: who is getting which credential, for what.
-    const RELEASED_FIELDS: [&str; 20] = [
+    const RELEASED_FIELDS: [&str; 21] = [
         "via",
         "connectHost",
         "type",
@@ -306,6 +322,7 @@ mod tests {
         "decision",
         "secretSource",
         "secretVersion",
+        "signed",
         "delegatedBy",
         "label",
         "fallbackFrom",
@@ -334,6 +351,7 @@ mod tests {
             error_code: filled.then_some("forbidden"),
             secret_source: some("aws"),
             secret_version: some("v1"),
+            signed: filled.then(|| Signed { kind: "aws-sigv4", region: "us-east-1".into(), service: "bedrock".into() }),
             key_fingerprint: some("abc"),
             bytes_sent: filled.then_some(9),
             ended: filled.then_some(Ended { by: EndedBy::Agent, at: EndedAt::MidBody }),

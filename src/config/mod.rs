@@ -95,6 +95,8 @@ pub struct Config {
     /// The price table and how calls are reserved (`[usage]`).
     pub usage: std::sync::Arc<budget::UsageConfig>,
     pub budgets: Vec<budget::BudgetConfig>,
+    /// `[secrets.NAME]` of kind `aws-sigv4`, by secret name.
+    pub sigv4: BTreeMap<String, crate::credentials::sigv4::Sigv4Config>,
 }
 
 #[derive(Debug, Clone)]
@@ -260,11 +262,14 @@ pub struct AgentKeySpec {
     pub schemes: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+/// How a route puts its credential on the request; `Signed` when the route has no `inject`, its
+/// secrets being of a kind that signs the request (`aws-sigv4`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InjectSpec {
     Header { name: HeaderName, value: Template },
     Query { name: String, value: Template },
     Basic { username: Template, password: Template },
+    Signed,
 }
 
 /// A string with `{{secret}}` placeholders.

@@ -35,6 +35,9 @@ pub struct RawConfig {
     pub roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     pub agents: Vec<RawAgent>,
+    /// `[secrets.NAME]`: a secret's kind, what keyward does with it before it goes out.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, credentials::sigv4::RawSecretKind>,
     /// The price table and how calls are reserved before their usage is known.
     #[serde(default)]
     pub usage: RawUsage,
@@ -389,7 +392,8 @@ pub struct RawRoute {
     /// Headers keyward removes by default that this route forwards anyway.
     #[serde(default)]
     pub pass_headers: Vec<String>,
-    pub inject: RawInject,
+    /// Absent on a route whose secrets sign the request (`aws-sigv4`).
+    pub inject: Option<RawInject>,
     pub validate: Option<RawProbe>,
 }
 

@@ -336,6 +336,12 @@ impl SecretStore {
             .collect()
     }
 
+    /// Values derived from secret `name` (the keys a credential kind parsed from it or obtained
+    /// for it), held like fetched values so the response scrubber recognises them.
+    pub fn hold_derived(&self, name: &str, values: HashMap<String, SecretString>) {
+        self.held.update(&format!("{name}#derived"), &values, Adopt::Current);
+    }
+
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
         self.held.scrubber().load_full()

@@ -7,6 +7,7 @@
 mod cache;
 mod held;
 mod registry;
+pub mod sigv4;
 mod source;
 
 use std::collections::{BTreeMap, HashMap};

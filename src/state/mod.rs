@@ -36,6 +36,8 @@ pub struct Runtime {
     pub route_clients: Vec<Option<Forwarder>>,
     pub agents: AgentDirectory,
     pub secrets: SecretStore,
+    /// The `aws-sigv4` secrets' signers, by secret name.
+    pub signers: crate::credentials::sigv4::Signers,
     pub audit_metadata: Arc<BTreeMap<String, String>>,
 }
 
@@ -67,6 +69,7 @@ impl Runtime {
             hosts: HostTable::new(config.routes.iter().enumerate().map(|(i, r)| (i, r.hosts.as_slice()))),
             route_clients,
             agents: AgentDirectory::new(&config.agents),
+            signers: crate::credentials::sigv4::Signers::new(&config.sigv4),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
             secrets,
             config,

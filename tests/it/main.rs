@@ -29,5 +29,6 @@ mod restart;
 #[cfg(feature = "aws")]
 mod rotation;
 mod scrub;
+mod sigv4;
 mod unix_socket;
 mod vault;

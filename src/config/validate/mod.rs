@@ -86,7 +86,11 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let forward = server::forward(c, raw.forward);
     let mut audit = audit::audit(c, raw.audit);
     let admin = server::admin(c, raw.admin);
-    let (sources, secret_owner) = sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
+    let (sources, mut secret_owner) =
+        sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
+    // A `[secrets.NAME]` table that failed its checks was reported there, not again at its grants.
+    let declared: HashSet<String> = raw.secrets.keys().cloned().collect();
+    let sigv4 = credentials::sigv4::configure(c, raw.secrets, &mut secret_owner);
     let routes = routes::routes(c, raw.routes);
     let forward_proxy = hosts::forward_proxy(c, raw.forward_proxy, &audit.path);
     if let Some(forward_proxy) = &forward_proxy {
@@ -94,11 +98,26 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     }
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
+    roles::signing_agrees(c, &roles, &routes, &sigv4, &declared);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
     let usage = std::sync::Arc::new(budgets::usage(c, raw.usage));
     let budgets = budgets::budgets(c, raw.budgets, &agents, &roles, limits.fail_open);
-    Config { server, forward, forward_proxy, audit, admin, limits, sources, routes, roles, agents, usage, budgets }
+    Config {
+        server,
+        forward,
+        forward_proxy,
+        audit,
+        admin,
+        limits,
+        sources,
+        routes,
+        roles,
+        agents,
+        usage,
+        budgets,
+        sigv4,
+    }
 }
 
 fn valid_name(name: &str) -> bool {

@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::super::raw::{RawAgent, RawRole};
-use super::super::{AgentConfig, GrantConfig, Quota, RoleConfig, ServerConfig};
+use super::super::{AgentConfig, GrantConfig, InjectSpec, Quota, RoleConfig, RouteConfig, ServerConfig};
 use super::{Collector, check_unique, delegation, did_you_mean, limits, valid_name};
+use crate::credentials::sigv4::Sigv4Config;
 use crate::policy::{MethodSet, Mode, PathPattern};
 
 pub(super) fn roles(
@@ -106,6 +107,48 @@ pub(super) fn roles(
     }
 
     roles
+}
+
+/// A secret of a signing kind goes with a route without `inject`, and a stored secret with a
+/// route that has one: the route's `inject` says how its credential goes on the request.
+pub(super) fn signing_agrees(
+    c: &mut Collector<'_>,
+    roles: &BTreeMap<String, RoleConfig>,
+    routes: &[RouteConfig],
+    sigv4: &BTreeMap<String, Sigv4Config>,
+    declared: &HashSet<String>,
+) {
+    for (name, role) in roles {
+        for (i, grant) in role.grants.iter().enumerate() {
+            let Some(route) = routes.iter().find(|r| r.name == grant.route) else { continue };
+            let signs = sigv4.contains_key(&grant.secret);
+            let unsigned = route.inject == InjectSpec::Signed;
+            let at = format!("roles.{name}.grants[{i}].secret");
+            if signs && !unsigned {
+                c.problem(
+                    at,
+                    format!(
+                        "secret '{}' is kind '{}': keyward signs the request with it, so route '{}' must have no inject",
+                        grant.secret,
+                        crate::credentials::sigv4::KIND,
+                        route.name
+                    ),
+                );
+            } else if !signs && unsigned && !declared.contains(&grant.secret) {
+                c.problem(
+                    at,
+                    format!(
+                        "route '{}' has no inject, so its secrets must sign: secret '{}' is stored; give the route an \
+                         inject or make '{}' kind = \"{}\"",
+                        route.name,
+                        grant.secret,
+                        grant.secret,
+                        crate::credentials::sigv4::KIND
+                    ),
+                );
+            }
+        }
+    }
 }
 
 pub(super) fn agents(

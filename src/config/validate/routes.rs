@@ -90,13 +90,23 @@ fn route(c: &mut Collector<'_>, at: &str, r: RawRoute) -> Option<RouteConfig> {
         None => Some(Vec::new()),
     };
     let pass_headers = pass_headers(c, at, r.pass_headers, agent_key.as_deref().unwrap_or_default());
-    let inject = inject(c, &format!("{at}.inject"), r.inject);
+    // No inject: the route's secrets sign the request (checked against its grants in `roles`).
+    let inject = match r.inject {
+        Some(raw) => inject(c, &format!("{at}.inject"), raw),
+        None => Some(InjectSpec::Signed),
+    };
     let validate = r.validate.and_then(|p| probe(c, &format!("{at}.validate"), p));
     let connect_to = r.connect_to.as_deref().and_then(|text| super::hosts::connect_to(c, at, text));
     let upstream_roots = r.upstream_ca_file.as_deref().map(|f| super::hosts::roots(c, at, f)).unwrap_or_default();
     if (connect_to.is_some() || r.ports.is_some()) && hosts.names.is_empty() {
         let field = if connect_to.is_some() { "connect_to" } else { "ports" };
         c.problem(format!("{at}.{field}"), "is only used with `hosts`");
+    }
+    if validate.is_some() && inject == Some(InjectSpec::Signed) {
+        c.problem(
+            format!("{at}.validate"),
+            "a route without an inject signs its requests; rotation probes are not signed, so remove the probe",
+        );
     }
     Some(RouteConfig {
         name: r.name,
@@ -297,6 +307,7 @@ fn inject(c: &mut Collector<'_>, at: &str, i: RawInject) -> Option<InjectSpec> {
     let injects_secret = match &spec {
         InjectSpec::Header { value, .. } | InjectSpec::Query { value, .. } => uses_secret(value),
         InjectSpec::Basic { username, password } => uses_secret(username) || uses_secret(password),
+        InjectSpec::Signed => true,
     };
     if !injects_secret {
         c.problem(at, "never uses {{secret}}, so no credential would be injected");
