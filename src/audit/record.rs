@@ -177,12 +177,12 @@ pub struct AuditRecord {
     /// Tokens and cost of a metered call (LLM APIs); absent for calls that report no usage.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageRecord>,
-    /// Shadow-mode policies that would have refused the call.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub would_deny: Vec<WouldDeny>,
     /// How the request came in: `forward` on the forward proxy (absent on the reverse path).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<&'static str>,
+    /// Shadow-mode policies that would have refused the call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub would_deny: Vec<WouldDeny>,
 }
 
 /// How the request was signed (fields in sorted order).
