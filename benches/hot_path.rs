@@ -185,6 +185,7 @@ fn audit(c: &mut Criterion) {
         label: None,
         fallback_from: None,
         invalidated: None,
+        minted: None,
     };
     let mut group = c.benchmark_group("audit");
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&record).to_json())));

@@ -33,14 +33,15 @@ done
 # The official clients the real-traffic tests drive (tests/it/clients.rs), at their current
 # versions: openai, anthropic, PyGithub (imported as `github`) and the mcp SDK (client and server).
 missing_clients=()
-for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp; do
+# PyJWT and cryptography (tests/it/minted.rs) verify the JWTs keyward signs for minted credentials.
+for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp jwt:PyJWT cryptography:cryptography; do
   python3 -c "import ${client%%:*}" >/dev/null 2>&1 || missing_clients+=("${client#*:}")
 done
 if [ ${#missing_clients[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing_clients[*]} for the real-client tests"
   python3 -m pip install --quiet --disable-pip-version-check --upgrade "${missing_clients[@]}"
 fi
-python3 -c 'import openai, anthropic, github, mcp' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
+python3 -c 'import openai, anthropic, github, mcp, jwt, cryptography' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
 
 # Debian's chromium (dashboard test, headless), redis-server (limits across replicas),
 # prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB) and nodejs

@@ -116,7 +116,7 @@ async fn proxy(
     let identified = identify(state, runtime, audit, routed.route, &request)?;
     let admitted = admit(state, audit, &routed, &identified, request.method(), request.uri()).await?;
     let request = check_body(request, runtime.config.forward.max_request_body_bytes, &routed.route.name).await?;
-    let secret = resolve(runtime, audit, admitted.grant).await?;
+    let secret = resolve(state, runtime, audit, routed.route, admitted.grant).await?;
     let forwarded = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
     settle(state, audit, &identified.caller, &forwarded).await;
     answer(routed.route, forwarded)
@@ -243,11 +243,30 @@ async fn check_body(request: Request<Body>, limit: u64, route: &str) -> Result<R
     refuse_form_method_override(request, limit, route).await
 }
 
-/// `resolve`: the credential the grant names, from its store (or the cache).
-async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig) -> Result<Arc<Resolved>, ProxyError> {
+/// `resolve`: the credential the grant names, from its store (or the cache); for a secret whose
+/// kind mints, the token minted from it for this grant's scope (or the mint cache).
+async fn resolve(
+    state: &AppState,
+    runtime: &Runtime,
+    audit: &mut AuditGuard,
+    route: &RouteConfig,
+    grant: &GrantConfig,
+) -> Result<Arc<Resolved>, ProxyError> {
     let secret = runtime.secrets.resolve(&grant.secret).await?;
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
-    Ok(secret)
+    let credential = runtime.minter.credential(&state.forwarder, secret, &route.upstream, &grant.scope).await;
+    match &credential {
+        Ok(credential) => audit_minted(audit, credential),
+        Err(ProxyError::MintFailed { kind, status, .. }) => audit.minted(kind, &grant.scope, None, *status),
+        Err(_) => {}
+    }
+    credential
+}
+
+fn audit_minted(audit: &mut AuditGuard, credential: &Resolved) {
+    if let Some(minted) = &credential.minted {
+        audit.minted(minted.kind, &minted.scope, Some(minted.expires_at), None);
+    }
 }
 
 /// `forward`: what came of sending the call upstream.
@@ -321,11 +340,15 @@ async fn retry_refused(
     replay: Option<Replay>,
 ) -> Result<Forwarded, ProxyError> {
     let status = refused.status().as_u16();
-    let next = match runtime.secrets.rejected(secret, status).await {
-        Rejection::Newer(next) => Some(("new_version", next)),
-        Rejection::Previous(next) => Some(("grace_previous", next)),
-        Rejection::Fallback(next) => Some(("fallback_source", next)),
-        Rejection::Nothing => None,
+    let next = match &secret.minted {
+        // A minted token was refused, not the root it was minted from: one new token.
+        Some(_) => remint(runtime, attempt, secret, status).await.map(|next| ("reminted", next)),
+        None => match runtime.secrets.rejected(secret, status).await {
+            Rejection::Newer(next) => Some(("new_version", next)),
+            Rejection::Previous(next) => Some(("grace_previous", next)),
+            Rejection::Fallback(next) => Some(("fallback_source", next)),
+            Rejection::Nothing => None,
+        },
     };
     match (next, replay) {
         (Some((why, next)), Some(replay)) => {
@@ -333,6 +356,7 @@ async fn retry_refused(
                 "upstream refused the credential; retrying once with another version");
             audit.invalidated(status, secret.version.as_deref(), why);
             audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
+            audit_minted(audit, &next);
             drop(refused);
             attempt.send(audit, replay.into_request(), &next).await
         }
@@ -345,6 +369,14 @@ async fn retry_refused(
             Ok(Forwarded::Answered(refused))
         }
     }
+}
+
+/// After the upstream refused a minted token: the token leaves the mint cache and one new one is
+/// minted from the secret (`Minter::rejected`).
+async fn remint(runtime: &Runtime, attempt: &Attempt<'_>, used: &Resolved, status: u16) -> Option<Arc<Resolved>> {
+    let root = runtime.secrets.resolve(&used.name).await.ok()?;
+    let upstream = &attempt.routed.route.upstream;
+    runtime.minter.rejected(&attempt.state.forwarder, root, used, upstream, status).await
 }
 
 /// What came of the call means for the caller, the one place that acts on it: an unreachable

@@ -139,7 +139,8 @@ pub async fn report(State(state): State<Arc<AppState>>, Query(q): Query<Since>) 
 }
 
 /// `GET /admin/secrets`: name, source, version, fetched and expiry times, the last rotation and
-/// the next scheduled one. Never a value.
+/// the next scheduled one, the secret's kind and, for a minted kind, each token's scope and
+/// expiry. Never a value.
 pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime.load();
     let now = chrono::Utc::now();
@@ -156,7 +157,14 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .and_then(|schedule| schedule.next_after(now))
                 .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
+            // A minted secret: its kind and each token held (scope, expiry), never a value.
+            let kind = runtime.minter.kind_of(&s.name);
+            let minted = runtime.minter.status(&s.name);
             let mut v = serde_json::to_value(s).expect("status serializes");
+            v["kind"] = json!(kind);
+            if let Some(minted) = minted {
+                v["minted"] = json!(minted);
+            }
             v["next_rotation"] = json!(next);
             v["last_rotation"] = json!(last);
             v["rotation"] = json!(source.map(|c| c.rotation_summary()));

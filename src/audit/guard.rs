@@ -92,6 +92,7 @@ impl AuditGuard {
             label: None,
             fallback_from: None,
             invalidated: None,
+            minted: None,
         };
         AuditGuard {
             sink,
@@ -181,6 +182,24 @@ impl AuditGuard {
         self.record.fallback_from = fallback_from.map(str::to_string);
     }
 
+    /// The credential is a token minted from the secret (`mint_status`: the mint endpoint's
+    /// status when minting failed).
+    pub fn minted(
+        &mut self,
+        kind: &'static str,
+        scope: &crate::credentials::MintScope,
+        expires_at: Option<std::time::SystemTime>,
+        mint_status: Option<u16>,
+    ) {
+        self.record.minted = Some(super::record::MintedCredential {
+            expires_at: expires_at.map(crate::timestamp::seconds),
+            kind,
+            mint_status,
+            permissions: scope.permissions.clone(),
+            repositories: scope.repositories.clone(),
+        });
+    }
+
     /// The upstream refused the credential with `status`; `retry` says what keyward did next.
     pub fn invalidated(&mut self, status: u16, version: Option<&str>, retry: &'static str) {
         self.record.invalidated = Some(InvalidatedCredential { status, version: version.map(str::to_string), retry });
@@ -215,9 +234,12 @@ impl AuditGuard {
         self.record.status = error.status().as_u16();
         self.record.error_code = Some(error.code());
         let (decision, outcome) = match (error.origin(), error) {
-            (_, ProxyError::SecretStoreUnavailable { .. } | ProxyError::SecretNotFound { .. }) => {
-                (Decision::Error, Outcome::SecretError)
-            }
+            (
+                _,
+                ProxyError::SecretStoreUnavailable { .. }
+                | ProxyError::SecretNotFound { .. }
+                | ProxyError::MintFailed { .. },
+            ) => (Decision::Error, Outcome::SecretError),
             (
                 _,
                 ProxyError::BadRequestHead

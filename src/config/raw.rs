@@ -27,6 +27,10 @@ pub struct RawConfig {
     /// Named notification channels (name → webhook URL) for `notificationChannel = "name"`.
     #[serde(default)]
     pub notifications: BTreeMap<String, String>,
+    /// `[secrets.NAME]`: the kind of a secret a source maps (`kind = "github-app"`, ...) and the
+    /// kind's fields, read by the kind's module when the table is validated.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
@@ -441,6 +445,10 @@ pub struct RawGrant {
     pub paths: Vec<String>,
     pub rate: Option<String>,
     pub burst: Option<u32>,
+    /// For a `github-app` secret: the repositories its tokens are narrowed to.
+    pub repositories: Option<Vec<String>>,
+    /// For a `github-app` secret: the permissions its tokens are narrowed to.
+    pub permissions: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]

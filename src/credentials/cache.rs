@@ -29,6 +29,8 @@ pub struct Resolved {
     pub version: Option<String>,
     /// Set when `source` stands in for this source (its `fallback_to`).
     pub fallback_from: Option<String>,
+    /// Set when `value` is a token minted from the secret (its kind is not `static`).
+    pub minted: Option<Arc<super::MintedFrom>>,
 }
 
 impl Resolved {
@@ -289,6 +291,7 @@ impl SecretStore {
                     value: value.value.clone(),
                     version: value.version.clone(),
                     fallback_from: Some(slot.name.clone()),
+                    minted: None,
                 })),
                 Err(_) => Rejection::Nothing,
             },
@@ -336,6 +339,20 @@ impl SecretStore {
             .collect()
     }
 
+    /// The minter for the secrets `kinds` names; its tokens join this store's scrubber.
+    pub fn minter(&self, kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> super::Minter {
+        super::Minter::new(kinds, self.held.clone())
+    }
+
+    /// The minter for a reloaded config: a secret whose kind is unchanged keeps `old`'s tokens.
+    pub fn reload_minter(
+        &self,
+        old: &super::Minter,
+        kinds: &std::collections::BTreeMap<String, super::KindConfig>,
+    ) -> super::Minter {
+        old.reload(kinds, self.held.clone())
+    }
+
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
         self.held.scrubber().load_full()
@@ -369,6 +386,7 @@ impl SecretStore {
                         value: value.value.clone(),
                         version: value.version.clone(),
                         fallback_from: Some(self.slots[i].name.clone()),
+                        minted: None,
                     }));
                 }
                 (result, _) => return result,
@@ -411,6 +429,7 @@ impl Slot {
                 value: value.clone(),
                 version: fetched.version.clone(),
                 fallback_from: None,
+                minted: None,
             })
         })
     }
@@ -605,6 +624,7 @@ impl Slot {
                 value: value.clone(),
                 version: fetched.version.clone(),
                 fallback_from: None,
+                minted: None,
             };
             let last_used = state.entries.get(name).map_or(now, |e| e.last_used);
             let entry =

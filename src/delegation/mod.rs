@@ -213,6 +213,8 @@ fn import(v: &serde_json::Value) -> Option<Delegation> {
             methods: MethodSet::parse(&strings(&g["methods"])?).ok()?,
             paths: strings(&g["paths"])?.iter().map(|p| PathPattern::parse(p)).collect::<Result<_, _>>().ok()?,
             quota,
+            // A child's calls mint with its root's grant (`Principal::authorize`), never its own.
+            scope: Default::default(),
         });
     }
     let id = v["id"].as_str()?.to_string();
@@ -320,6 +322,8 @@ pub fn narrow(parent: &Delegator<'_>, request: &DelegationRequest) -> Result<Vec
                 methods: methods.clone(),
                 paths: paths.clone(),
                 quota,
+                // A child's calls mint with its root's grant (`Principal::authorize`), never its own.
+                scope: Default::default(),
             });
         }
     }
@@ -634,6 +638,7 @@ mod tests {
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
             quota: None,
+            scope: Default::default(),
         }
     }
 

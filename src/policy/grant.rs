@@ -1,9 +1,11 @@
 //! What a role grants: a route, a secret, methods, path patterns and a quota. Pure types that
 //! `config` builds and authorization reads.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{MethodSet, PathPattern};
+use crate::credentials::MintScope;
 
 #[derive(Debug, Clone, Default)]
 pub struct GrantConfig {
@@ -13,6 +15,9 @@ pub struct GrantConfig {
     pub paths: Vec<PathPattern>,
     /// The grant's quota, or its role's default; keyed by (agent, route).
     pub quota: Option<Quota>,
+    /// What a minted credential for this grant is narrowed to (`github-app`: repositories and
+    /// permissions); empty for other secrets.
+    pub scope: Arc<MintScope>,
 }
 
 /// `count` requests per `period`, with up to `burst` at once.

@@ -104,6 +104,7 @@ mod tests {
             methods: MethodSet::parse(&methods.iter().map(|m| m.to_string()).collect::<Vec<_>>()).unwrap(),
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
             quota: None,
+            scope: Default::default(),
         }
     }
 

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::audit::{AuditEvent, AuditSink};
 use crate::config::Config;
-use crate::credentials::SecretStore;
+use crate::credentials::{Minter, SecretStore};
 use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
@@ -31,6 +31,8 @@ pub struct Runtime {
     pub routes: RouteTable,
     pub agents: AgentDirectory,
     pub secrets: SecretStore,
+    /// Tokens minted from the secrets whose kind is not `static`.
+    pub minter: Minter,
     pub audit_metadata: Arc<BTreeMap<String, String>>,
 }
 
@@ -46,6 +48,7 @@ impl Runtime {
             routes: RouteTable::new(config.routes.iter().map(|r| r.prefix.as_str())),
             agents: AgentDirectory::new(&config.agents),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
+            minter: secrets.minter(&config.kinds),
             secrets,
             config,
         }

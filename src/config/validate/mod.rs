@@ -8,6 +8,7 @@ mod delegation;
 mod limits;
 mod roles;
 mod routes;
+mod secrets;
 mod server;
 mod sources;
 
@@ -87,10 +88,12 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let (sources, secret_owner) = sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
     let routes = routes::routes(c, raw.routes);
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    let kinds = secrets::kinds(c, raw.secrets, &secret_owner);
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
+    secrets::grant_scopes(c, &roles, &kinds);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
-    Config { server, forward, audit, admin, limits, sources, routes, roles, agents }
+    Config { server, forward, audit, admin, limits, sources, kinds, routes, roles, agents }
 }
 
 fn valid_name(name: &str) -> bool {

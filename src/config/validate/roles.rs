@@ -2,9 +2,10 @@
 //! holds which role, identified by key hash or peer uid).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use super::super::raw::{RawAgent, RawRole};
-use super::super::{AgentConfig, GrantConfig, Quota, RoleConfig, ServerConfig};
+use super::super::{AgentConfig, GrantConfig, MintScope, Quota, RoleConfig, ServerConfig};
 use super::{Collector, check_unique, delegation, did_you_mean, limits, valid_name};
 use crate::policy::{MethodSet, PathPattern};
 
@@ -59,7 +60,17 @@ pub(super) fn roles(
                     role_quota
                 }
             };
-            grants.push(GrantConfig { route: g.route, secret: g.secret, methods, paths, quota });
+            if g.repositories.as_ref().is_some_and(Vec::is_empty) {
+                c.problem(
+                    format!("{at}.repositories"),
+                    "lists no repository; leave it out for every repository the installation can reach",
+                );
+            }
+            let scope = Arc::new(MintScope {
+                repositories: g.repositories.unwrap_or_default(),
+                permissions: g.permissions.unwrap_or_default(),
+            });
+            grants.push(GrantConfig { route: g.route, secret: g.secret, methods, paths, quota, scope });
         }
         let (max_delegation_ttl, max_delegation_depth) = delegation::role_limits(c, &name, &raw_role);
         if raw_role.max_in_flight == Some(0) {
