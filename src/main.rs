@@ -248,7 +248,7 @@ fn main() -> ExitCode {
                     }
                 }
                 for (secret, kind) in &config.kinds {
-                    println!("  secret '{secret}': kind {}, its value checked", kind.kind());
+                    println!("  secret '{secret}': kind {}", kind.kind());
                 }
                 for warning in config.warnings() {
                     println!("warning: {warning}");

@@ -341,6 +341,7 @@ impl SecretStore {
 
     /// The minter for the secrets `kinds` names; its tokens join this store's scrubber.
     pub fn minter(&self, kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> super::Minter {
+        self.held.keep_out(unsent_roots(kinds));
         super::Minter::new(kinds, self.held.clone())
     }
 
@@ -350,6 +351,7 @@ impl SecretStore {
         old: &super::Minter,
         kinds: &std::collections::BTreeMap<String, super::KindConfig>,
     ) -> super::Minter {
+        self.held.keep_out(unsent_roots(kinds));
         old.reload(kinds, self.held.clone())
     }
 
@@ -634,6 +636,11 @@ impl Slot {
         state.entries.retain(|name, _| fetched.values.contains_key(name));
         evict_to(&mut state.entries, self.policy.max_size.max(1));
     }
+}
+
+/// The minted secrets whose stored value never leaves keyward (a private key that only signs).
+fn unsent_roots(kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> std::collections::HashSet<String> {
+    kinds.iter().filter(|(_, kind)| !kind.root_sent()).map(|(name, _)| name.clone()).collect()
 }
 
 fn evict_to(entries: &mut HashMap<String, Entry>, max: usize) {

@@ -29,6 +29,11 @@ pub trait Kind: Sized + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
     const KIND: &'static str;
     /// Whether a grant's `repositories` and `permissions` narrow the tokens it mints.
     const GRANT_SCOPE: bool = false;
+    /// Whether the root itself is sent anywhere (an OAuth2 client secret goes to the token
+    /// endpoint). A root that only signs locally (a private key) never leaves keyward, so it is
+    /// kept out of the response scrubber: a multi-kilobyte PEM in every base64 and escaped form
+    /// would make the scrubber hold back kilobytes of every streamed answer.
+    const ROOT_SENT: bool = false;
     /// The kind's fields as written (beside `kind`): a serde struct that refuses unknown ones.
     type Fields: DeserializeOwned;
 
@@ -129,6 +134,13 @@ macro_rules! kinds {
             pub fn kind(&self) -> &'static str {
                 match self {
                     $(KindConfig::$variant(_) => <$module::$config as $crate::credentials::kind::Kind>::KIND,)*
+                }
+            }
+
+            /// Whether the root itself goes over the network (see `Kind::ROOT_SENT`).
+            pub fn root_sent(&self) -> bool {
+                match self {
+                    $(KindConfig::$variant(_) => <$module::$config as $crate::credentials::kind::Kind>::ROOT_SENT,)*
                 }
             }
 
@@ -349,6 +361,8 @@ pub enum RootCheck {
 /// parses and signs, a service-account key with its fields), for `keyward check`.
 pub async fn check_roots(config: &crate::config::Config) -> Vec<(String, RootCheck)> {
     let store = super::SecretStore::new(&config.sources, Arc::new(crate::metrics::Metrics::new()));
+    // As when serving: private keys stay out of the scrubber.
+    let _minter = store.minter(&config.kinds);
     let mut out = Vec::new();
     for (name, kind) in &config.kinds {
         let read = tokio::time::timeout(Duration::from_secs(15), store.resolve(name)).await;

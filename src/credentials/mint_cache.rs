@@ -16,7 +16,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::KindConfig;
 use super::Resolved;
-use super::held::{Adopt, Held};
+use super::held::Held;
 use super::kind::{MintError, MintRequest, MintScope};
 use crate::config::Upstream;
 use crate::error::ProxyError;
@@ -339,8 +339,7 @@ impl MintedSecret {
         });
         if let Ok(minted) = &minted {
             // Before any waiter sees it, so no response can outrun its scrubber.
-            let values = HashMap::from([(self.name.clone(), minted.token.clone())]);
-            self.held.update(&format!("minted {}#{key}", self.name), &values, Adopt::Current);
+            self.held.minted(&format!("{}#{key}", self.name), &self.name, &minted.token);
         }
         let mut slots = self.slots.lock().expect("mint cache lock poisoned");
         let slot = slots.entry(key.to_string()).or_default();

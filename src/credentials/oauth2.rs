@@ -64,6 +64,7 @@ pub struct OAuth2Config {
 
 impl Kind for OAuth2Config {
     const KIND: &'static str = "oauth2-client-credentials";
+    const ROOT_SENT: bool = true;
     type Fields = OAuth2Fields;
 
     fn configure(fields: OAuth2Fields, check: &mut Check<'_>) -> Option<OAuth2Config> {

@@ -19,6 +19,7 @@ mod exec;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod minted;
 mod ops;
 mod parking;
 mod proxy;
