@@ -81,7 +81,9 @@ async function load() {
   const table = document.getElementById("secrets");
   clear(table);
   for (const s of secrets.secrets) {
-    row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation]);
+    // A minted kind holds a token per grant scope: the soonest expiry is shown.
+    const minted = (s.minted || []).map((m) => m.expires_at).filter(Boolean).sort()[0] || "";
+    row(table, [s.name, s.kind, s.source, s.version, s.fetched_at, s.expires_at, minted, s.next_rotation || s.rotation]);
   }
   const list = document.getElementById("anomalies");
   list.textContent = "";
