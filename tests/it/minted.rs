@@ -195,8 +195,12 @@ struct Proxy {
 
 impl Proxy {
     async fn start(fake: &Fake) -> Proxy {
+        Proxy::start_with(fake, "").await
+    }
+
+    async fn start_with(fake: &Fake, extra: &str) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
-        let text = config(fake, dir.path(), "");
+        let text = config(fake, dir.path(), extra);
         let config = keyward::config::load_str(&text, "minted.toml", false).unwrap_or_else(|e| panic!("{e}"));
         let running = keyward::instance::start(config).await.unwrap();
         let base = format!("http://{}", running.proxy_addr.unwrap());
@@ -334,6 +338,32 @@ async fn a_hundred_concurrent_cold_calls_make_one_mint() {
     }
     assert_eq!(fake.mints("github").await.len(), 1, "one mint per (secret, scope)");
     assert_eq!(fake.mints("oauth2").await.len(), 1, "one mint per (secret, scope)");
+}
+
+/// Across replicas sharing Redis for limits, each replica mints its own tokens (documented in
+/// docs/minted-credentials.md): one mint per replica however many calls, and no token in Redis.
+#[tokio::test]
+async fn each_replica_mints_its_own_token_with_redis() {
+    let fake = Fake::start().await;
+    fake.control(json!({"delay": 0.2})).await;
+    let port = closed_port();
+    let _redis = crate::redis::start_redis(port);
+    let limits = format!("\n[limits]\nbackend = \"redis\"\nredis_url = \"redis://127.0.0.1:{port}\"\n");
+    let replicas = [Proxy::start_with(&fake, &limits).await, Proxy::start_with(&fake, &limits).await];
+    let calls = replicas.iter().flat_map(|replica| (0..20).map(move |_| replica.get("/github/repos/octo/alpha/x")));
+    for response in futures_util::future::join_all(calls).await {
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(fake.mints("github").await.len(), 2, "one mint per replica");
+    // Redis holds counters only: no key or value there is a token.
+    let mut redis = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut redis, b"KEYS *\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    redis.set_nonblocking(true).unwrap();
+    let mut keys = vec![0u8; 65536];
+    let read = std::io::Read::read(&mut redis, &mut keys).unwrap_or(0);
+    let keys = String::from_utf8_lossy(&keys[..read]).to_string();
+    assert_none_of("redis", &keys, &fake.secrets().await);
 }
 
 #[tokio::test]

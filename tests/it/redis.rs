@@ -16,7 +16,7 @@ use serde_json::Value;
 const LIMITED_KEY: &str = "kw_testRedisLimitedKey3456789abcdefghijklmnop";
 const LEAD_KEY: &str = "kw_testRedisLeadKey0123456789abcdefghijklmnop";
 
-struct Redis(Child);
+pub(crate) struct Redis(Child);
 
 impl Drop for Redis {
     fn drop(&mut self) {
@@ -25,7 +25,7 @@ impl Drop for Redis {
     }
 }
 
-fn start_redis(port: u16) -> Redis {
+pub(crate) fn start_redis(port: u16) -> Redis {
     let redis = Redis(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
