@@ -162,12 +162,14 @@ impl Kind for GithubAppConfig {
 /// Signs the App JWT: RS256, `iat` 60 s in the past, `exp` 9 minutes ahead, `iss` the App id.
 pub fn app_jwt(key: &jsonwebtoken::EncodingKey, app_id: &str, now: u64) -> Result<SecretString, String> {
     #[derive(serde::Serialize)]
-    struct Claims<'a> {
+    struct Claims {
         iat: u64,
         exp: u64,
-        iss: &'a str,
+        iss: serde_json::Value,
     }
-    let claims = Claims { iat: now.saturating_sub(IAT_BACKDATE_SECS), exp: now + EXP_AHEAD_SECS, iss: app_id };
+    // A numeric App id goes as the number GitHub documents; a client id as its string.
+    let iss = app_id.parse::<u64>().map_or_else(|_| serde_json::Value::from(app_id), serde_json::Value::from);
+    let claims = Claims { iat: now.saturating_sub(IAT_BACKDATE_SECS), exp: now + EXP_AHEAD_SECS, iss };
     let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     jsonwebtoken::encode(&header, &claims, key).map(SecretString::from).map_err(|_| "signing failed".to_string())
 }
@@ -327,6 +329,22 @@ mod tests {
         };
         assert_eq!(String::from_utf8(scope_body(&scope)).unwrap(), r#"{"permissions":{"contents":"read"},"repositories":["a"]}"#);
         assert_eq!(scope_body(&MintScope::default()), b"{}");
+    }
+
+    #[test]
+    fn the_app_jwt_has_githubs_claims() {
+        let key = rsa_key(include_str!("../../tests/keys/test-rsa-2048.pem")).unwrap();
+        let jwt = app_jwt(&key, "12345", 1_900_000_000).unwrap();
+        let payload = jwt.expose_secret().split('.').nth(1).unwrap();
+        use base64::Engine;
+        let claims: serde_json::Value =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert_eq!(claims, serde_json::json!({"iat": 1_899_999_940u64, "exp": 1_900_000_540u64, "iss": 12345}));
+        let by_client_id = app_jwt(&key, "Iv1.abc", 1).unwrap();
+        let payload = by_client_id.expose_secret().split('.').nth(1).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        assert_eq!(claims["iss"], "Iv1.abc");
     }
 
     #[test]

@@ -214,12 +214,27 @@ pub const STATIC: &str = "static";
 /// wrong field could be a credential.
 pub(super) fn described(error: &serde_json::Error) -> String {
     let text = error.to_string();
-    match text.find(['"', '`']) {
-        Some(_) if text.starts_with("unknown field") => text,
-        Some(_) if text.starts_with("missing field") => text,
-        Some(open) => format!("{}…", &text[..open].trim_end_matches(' ')),
-        None => text,
+    if text.starts_with("unknown field") || text.starts_with("missing field") {
+        // These quote field names, which the user typed as names.
+        return text;
     }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().expect("found above");
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        match rest.find(quote) {
+            Some(close) => {
+                out.push('…');
+                out.push(quote);
+                rest = &rest[close + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A token endpoint URL: https, or http to a loopback host only.
@@ -408,7 +423,7 @@ mod tests {
         let error = serde_json::from_str::<u64>("\"sk-canary-pasted\"").unwrap_err();
         let text = described(&error);
         assert!(!text.contains("canary"), "{text}");
-        assert!(text.starts_with("invalid type: string"), "{text}");
+        assert_eq!(text, "invalid type: string \"…\", expected u64 at line 1 column 18");
     }
 
     #[test]

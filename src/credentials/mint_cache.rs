@@ -242,11 +242,6 @@ impl Minter {
         out.sort_by(|a, b| a.scope.cmp(&b.scope));
         Some(out)
     }
-
-    /// The minted secrets and their kinds.
-    pub fn kinds(&self) -> impl Iterator<Item = (&str, &KindConfig)> {
-        self.secrets.iter().map(|(name, secret)| (name.as_str(), &secret.kind))
-    }
 }
 
 fn same(a: &SecretString, b: &SecretString) -> bool {
