@@ -227,6 +227,34 @@ impl Minter {
         }
     }
 
+    /// For a rotation probe of a minted secret: a token minted from the candidate root `root`,
+    /// outside the cache (the candidate is not current yet). `None` for a static secret, whose
+    /// candidate value is what the probe sends. The token joins the scrubber like any other.
+    pub async fn probe_token(
+        &self,
+        http: &Forwarder,
+        secret: &str,
+        root: &SecretString,
+        upstream: &Upstream,
+        scope: &Arc<MintScope>,
+    ) -> Option<Result<SecretString, MintError>> {
+        let minted = self.secrets.get(secret)?;
+        let request = MintRequest {
+            secret: secret.to_string(),
+            root: root.clone(),
+            upstream: upstream.clone(),
+            scope: scope.clone(),
+        };
+        let result = match tokio::time::timeout(MINT_TIMEOUT, minted.kind.mint(http, &request)).await {
+            Ok(result) => result,
+            Err(_) => Err(MintError::new(None, "the mint took too long")),
+        };
+        Some(result.map(|token| {
+            minted.held.minted(&format!("{secret}#probe"), secret, &token.token);
+            token.token
+        }))
+    }
+
     /// Every minted token held for `secret`, for the admin API; `None` for a static secret.
     pub fn status(&self, secret: &str) -> Option<Vec<MintStatus>> {
         let secret = self.secrets.get(secret)?;

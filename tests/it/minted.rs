@@ -538,7 +538,51 @@ async fn the_binary_leaks_no_token_jwt_or_key_into_its_logs() {
     assert_none_of("the admin API", &secrets.to_string(), &values);
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert_none_of("the audit file", &audit, &values);
-    let _ = ADMIN_TOKEN;
+}
+
+/// A rotation of a minted secret's root is probed with a token minted from the candidate, never
+/// with the candidate root itself.
+#[tokio::test]
+async fn a_rotation_probe_sends_a_token_minted_from_the_candidate_root() {
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(&fake, dir.path(), "")
+        .replace("path = \"{dir}/roots.json\"\n".replace("{dir}", &dir.path().display().to_string()).as_str(),
+            &format!("path = \"{}/roots.json\"\nrotation = {{ enabled = true }}\n", dir.path().display()))
+        .replace(
+            "inject = { header = \"authorization\", value = \"token {{secret}}\" }",
+            "inject = { header = \"authorization\", value = \"token {{secret}}\" }\nvalidate = { path = \"/repos/octo/alpha/probe\", expect = [200] }",
+        );
+    assert!(text.contains("rotation = { enabled = true }") && text.contains("validate = "), "{text}");
+    let config = keyward::config::load_str(&text, "minted.toml", false).unwrap_or_else(|e| panic!("{e}"));
+    let running = keyward::instance::start(config).await.unwrap();
+    let admin = format!("http://{}", running.admin_addr);
+    let base = format!("http://{}", running.proxy_addr.unwrap());
+    let call = client().get(format!("{base}/github/repos/octo/alpha/x")).bearer_auth(WORKER_KEY).send().await.unwrap();
+    assert_eq!(call.status(), 200);
+    // The candidate: the same App key, written differently (a trailing line break).
+    let path = dir.path().join("roots.json");
+    let mut roots: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    roots["GH_APP_KEY"] = json!(format!("{}\n", roots["GH_APP_KEY"].as_str().unwrap()));
+    std::fs::write(&path, roots.to_string()).unwrap();
+    let answer: Value = client()
+        .post(format!("{admin}/admin/secrets/GH_APP_KEY/rotate"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["rotation"]["outcome"], "promoted", "{answer}");
+    // The probe was answered 200 by the API, which accepts only tokens it minted.
+    let mints = fake.mints("github").await;
+    // The call's token, then one per probed (route, secret): GH_APP_KEY with its grant's scope, and
+    // GH_BY_OWNER (the same source) with the installation's own.
+    assert_eq!(mints.len(), 3, "{mints:#?}");
+    assert_eq!(mints[1]["repositories"], json!(["alpha"]), "the probe's token has the grant's scope");
+    assert_eq!(mints[2]["repositories"], Value::Null);
+    running.shutdown().await;
 }
 
 #[tokio::test]
