@@ -396,3 +396,184 @@ impl MintedSecret {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::credentials::oauth2::{ClientAuth, OAuth2Config};
+
+    /// An OAuth2 token endpoint on loopback that counts its calls, answers `fail` while it is
+    /// non-zero, and takes 100 ms per token.
+    struct Endpoint {
+        calls: AtomicUsize,
+        fail: AtomicU16,
+    }
+
+    async fn endpoint() -> (Arc<Endpoint>, String) {
+        let state = Arc::new(Endpoint { calls: AtomicUsize::new(0), fail: AtomicU16::new(0) });
+        let shared = state.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move || {
+                let state = shared.clone();
+                async move {
+                    let n = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    match state.fail.load(Ordering::SeqCst) {
+                        0 => (
+                            http::StatusCode::OK,
+                            format!(r#"{{"access_token":"minted-token-{n:04}","expires_in":3600}}"#),
+                        ),
+                        status => (http::StatusCode::from_u16(status).unwrap(), "{}".to_string()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (state, url)
+    }
+
+    fn minter(url: &str, held: Arc<Held>) -> Minter {
+        let kind = KindConfig::OAuth2(OAuth2Config {
+            token_url: url.to_string(),
+            client_id: "c".into(),
+            scope: None,
+            audience: None,
+            client_auth: ClientAuth::Basic,
+            refresh_margin: Duration::from_secs(60),
+        });
+        Minter::new(&[("S".to_string(), kind)].into(), held)
+    }
+
+    fn forwarder() -> Forwarder {
+        Forwarder::new(&crate::config::ForwardConfig {
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(5),
+            total_timeout: Duration::from_secs(10),
+            max_request_body_bytes: 1 << 20,
+            pool_idle_timeout: Duration::from_secs(5),
+            pool_max_idle_per_host: 4,
+            retry_body_bytes: 0,
+        })
+    }
+
+    fn root() -> Arc<Resolved> {
+        Arc::new(Resolved {
+            name: "S".into(),
+            source: "src".into(),
+            value: SecretString::from("client-secret-0000"),
+            version: None,
+            fallback_from: None,
+            minted: None,
+        })
+    }
+
+    fn upstream() -> Upstream {
+        Upstream {
+            scheme: http::uri::Scheme::HTTP,
+            authority: "127.0.0.1:9".parse().unwrap(),
+            base_path: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_cold_calls_mint_once_and_tokens_are_scrubbed() {
+        let (endpoint, url) = endpoint().await;
+        let held = Arc::new(Held::new());
+        let minter = Arc::new(minter(&url, held.clone()));
+        let http = forwarder();
+        let scope = Arc::new(MintScope::default());
+        let calls: Vec<_> = (0..50)
+            .map(|_| {
+                let (minter, http, scope) = (minter.clone(), http.clone(), scope.clone());
+                tokio::spawn(async move { minter.credential(&http, root(), &upstream(), &scope).await })
+            })
+            .collect();
+        for call in calls {
+            let credential = call.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(credential.value.expose_secret(), "minted-token-0001");
+            assert_eq!(credential.minted.as_ref().unwrap().kind, "oauth2-client-credentials");
+        }
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
+        let scrubbed = held.scrubber().load().scrub(b"x minted-token-0001 y").into_owned();
+        assert_eq!(String::from_utf8_lossy(&scrubbed), "x [REDACTED:S]***** y");
+        // A static secret is passed through untouched.
+        let other = Arc::new(Resolved {
+            name: "T".into(),
+            source: "src".into(),
+            value: SecretString::from("client-secret-0000"),
+            version: None,
+            fallback_from: None,
+            minted: None,
+        });
+        let same = minter.credential(&http, other, &upstream(), &scope).await.unwrap();
+        assert!(same.minted.is_none() && same.value.expose_secret() == "client-secret-0000");
+    }
+
+    #[tokio::test]
+    async fn a_failed_mint_backs_off_and_a_401_remints_once() {
+        let (endpoint, url) = endpoint().await;
+        let minter = minter(&url, Arc::new(Held::new()));
+        let http = forwarder();
+        let scope = Arc::new(MintScope::default());
+        endpoint.fail.store(503, Ordering::SeqCst);
+        for _ in 0..5 {
+            match minter.credential(&http, root(), &upstream(), &scope).await {
+                Err(ProxyError::MintFailed { status, retry_after, .. }) => {
+                    assert_eq!(status, Some(503));
+                    assert!(retry_after <= FIRST_BACKOFF);
+                }
+                Err(other) => panic!("{other}"),
+                Ok(_) => panic!("minted while the endpoint refuses"),
+            }
+        }
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1, "calls during the backoff do not mint");
+        let failing = minter.status("S").unwrap();
+        assert!(failing[0].failing.as_deref().is_some_and(|f| f.contains("503")), "{failing:?}");
+        endpoint.fail.store(0, Ordering::SeqCst);
+        tokio::time::sleep(FIRST_BACKOFF).await;
+        let used = minter.credential(&http, root(), &upstream(), &scope).await.unwrap();
+        assert_eq!(used.value.expose_secret(), "minted-token-0002");
+
+        // Refused too soon after its mint: no re-mint.
+        assert!(minter.rejected(&http, root(), &used, &upstream(), 401).await.is_none());
+        tokio::time::sleep(MIN_REMINT_AGE).await;
+        assert!(minter.rejected(&http, root(), &used, &upstream(), 403).await.is_none(), "a 403 never re-mints");
+        let upstream = upstream();
+        let (first, second) = tokio::join!(
+            minter.rejected(&http, root(), &used, &upstream, 401),
+            minter.rejected(&http, root(), &used, &upstream, 401)
+        );
+        assert_eq!(first.unwrap().value.expose_secret(), "minted-token-0003");
+        assert_eq!(second.unwrap().value.expose_secret(), "minted-token-0003");
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3, "two refusals of one token re-mint once");
+        let status = minter.status("S").unwrap();
+        assert!(status[0].expires_at.is_some() && status[0].failing.is_none(), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reload_keeps_the_tokens_of_an_unchanged_kind() {
+        let (endpoint, url) = endpoint().await;
+        let held = Arc::new(Held::new());
+        let minter = minter(&url, held.clone());
+        let http = forwarder();
+        let scope = Arc::new(MintScope::default());
+        minter.credential(&http, root(), &upstream(), &scope).await.unwrap();
+        let kinds: BTreeMap<String, KindConfig> =
+            minter.secrets.iter().map(|(name, secret)| (name.clone(), secret.kind.clone())).collect();
+        let reloaded = minter.reload(&kinds, held.clone());
+        reloaded.credential(&http, root(), &upstream(), &scope).await.unwrap();
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
+        let mut changed = kinds.clone();
+        if let Some(KindConfig::OAuth2(config)) = changed.get_mut("S") {
+            config.scope = Some("more".into());
+        }
+        let reloaded = reloaded.reload(&changed, held);
+        reloaded.credential(&http, root(), &upstream(), &scope).await.unwrap();
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2, "a changed kind mints afresh");
+    }
+}
