@@ -1,7 +1,7 @@
 //! The request flow, in the one place that knows its order (`proxy` lists the stages):
 //!
 //! target check → route → identify (agent or delegated key) → authorize → URL check (no agent
-//! key, no `_method`) → admit → body check → resolve → release (audit) → strip what the agent
+//! key, no `_method`) → admit → body check → resolve (and mint, for a minted kind) → release (audit) → strip what the agent
 //! presented and inject → forward (one retry of a refused credential) → settle → scrub →
 //! stream back, with the audit guard created first and ended exactly once on every path.
 //!

@@ -149,6 +149,8 @@ pub struct SecretStore {
     /// Each slot's `fallback_to`, by index.
     fallback: Vec<Option<usize>>,
     held: Arc<Held>,
+    /// For the minter's counters.
+    metrics: Arc<Metrics>,
 }
 
 impl SecretStore {
@@ -169,7 +171,7 @@ impl SecretStore {
             .zip(providers)
             .map(|(source, provider)| Slot::new(source, provider, metrics.clone(), held.clone()))
             .collect();
-        Self::assemble(sources, slots, held)
+        Self::assemble(sources, slots, held, metrics)
     }
 
     /// The store for a reloaded config: a source whose store, mapping and cache are unchanged
@@ -182,7 +184,7 @@ impl SecretStore {
                 None => Slot::new(source, build_provider(source), metrics.clone(), self.held.clone()),
             })
             .collect();
-        Self::assemble(sources, slots, self.held.clone())
+        Self::assemble(sources, slots, self.held.clone(), metrics)
     }
 
     /// How many of `sources` a reload of this store keeps cached.
@@ -190,7 +192,12 @@ impl SecretStore {
         sources.iter().filter(|source| self.slots.iter().any(|slot| slot.config.same_store(source))).count()
     }
 
-    fn assemble(sources: &[SourceConfig], slots: Vec<Arc<Slot>>, held: Arc<Held>) -> SecretStore {
+    fn assemble(
+        sources: &[SourceConfig],
+        slots: Vec<Arc<Slot>>,
+        held: Arc<Held>,
+        metrics: Arc<Metrics>,
+    ) -> SecretStore {
         let fallback_targets: Vec<&str> = sources.iter().filter_map(|s| s.fallback_to.as_deref()).collect();
         let mut owner = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
@@ -206,7 +213,7 @@ impl SecretStore {
             .iter()
             .map(|s| s.fallback_to.as_ref().and_then(|to| sources.iter().position(|o| &o.name == to)))
             .collect();
-        SecretStore { slots, owner, fallback, held }
+        SecretStore { slots, owner, fallback, held, metrics }
     }
 
     fn slot_index(&self, source: &str) -> Option<usize> {
@@ -342,7 +349,7 @@ impl SecretStore {
     /// The minter for the secrets `kinds` names; its tokens join this store's scrubber.
     pub fn minter(&self, kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> super::Minter {
         self.held.keep_out(unsent_roots(kinds));
-        super::Minter::new(kinds, self.held.clone())
+        super::Minter::new(kinds, self.held.clone(), self.metrics.clone())
     }
 
     /// The minter for a reloaded config: a secret whose kind is unchanged keeps `old`'s tokens.
@@ -352,7 +359,7 @@ impl SecretStore {
         kinds: &std::collections::BTreeMap<String, super::KindConfig>,
     ) -> super::Minter {
         self.held.keep_out(unsent_roots(kinds));
-        old.reload(kinds, self.held.clone())
+        old.reload(kinds, self.held.clone(), self.metrics.clone())
     }
 
     /// The scrubber for every credential value fetched so far.

@@ -21,6 +21,7 @@ use super::kind::{MintError, MintRequest, MintScope};
 use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::forward::Forwarder;
+use crate::metrics::{Metrics, MintLabels};
 
 /// The first wait after a failed mint; it doubles with each failure in a row, up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -82,6 +83,7 @@ struct MintedSecret {
     kind: KindConfig,
     slots: Mutex<HashMap<String, Slot>>,
     held: Arc<Held>,
+    metrics: Arc<Metrics>,
 }
 
 /// What the admin API shows of one minted token. Never its value.
@@ -101,7 +103,7 @@ pub struct Minter {
 }
 
 impl Minter {
-    pub(super) fn new(kinds: &BTreeMap<String, KindConfig>, held: Arc<Held>) -> Minter {
+    pub(super) fn new(kinds: &BTreeMap<String, KindConfig>, held: Arc<Held>, metrics: Arc<Metrics>) -> Minter {
         let secrets = kinds
             .iter()
             .map(|(name, kind)| {
@@ -110,6 +112,7 @@ impl Minter {
                     kind: kind.clone(),
                     slots: Mutex::default(),
                     held: held.clone(),
+                    metrics: metrics.clone(),
                 };
                 (name.clone(), Arc::new(secret))
             })
@@ -119,8 +122,13 @@ impl Minter {
 
     /// The minter for a reloaded config: a secret whose kind settings are unchanged keeps its
     /// tokens.
-    pub(super) fn reload(&self, kinds: &BTreeMap<String, KindConfig>, held: Arc<Held>) -> Minter {
-        let mut fresh = Minter::new(kinds, held);
+    pub(super) fn reload(
+        &self,
+        kinds: &BTreeMap<String, KindConfig>,
+        held: Arc<Held>,
+        metrics: Arc<Metrics>,
+    ) -> Minter {
+        let mut fresh = Minter::new(kinds, held, metrics);
         for (name, secret) in fresh.secrets.iter_mut() {
             if let Some(old) = self.secrets.get(name).filter(|old| old.kind == secret.kind) {
                 *secret = old.clone();
@@ -360,6 +368,9 @@ impl MintedSecret {
         let minted = minted.inspect_err(|error| {
             tracing::error!(secret = %self.name, kind = self.kind.kind(), error = %error, "minting a credential failed");
         });
+        let result = if minted.is_ok() { "ok" } else { "error" };
+        let labels = MintLabels { secret: self.name.clone(), kind: self.kind.kind(), result };
+        self.metrics.credential_mints.get_or_create(&labels).inc();
         if let Ok(minted) = &minted {
             // Before any waiter sees it, so no response can outrun its scrubber.
             self.held.minted(&format!("{}#{key}", self.name), &self.name, &minted.token);
@@ -446,7 +457,7 @@ mod tests {
             client_auth: ClientAuth::Basic,
             refresh_margin: Duration::from_secs(60),
         });
-        Minter::new(&[("S".to_string(), kind)].into(), held)
+        Minter::new(&[("S".to_string(), kind)].into(), held, Arc::new(Metrics::new()))
     }
 
     fn forwarder() -> Forwarder {
@@ -565,14 +576,14 @@ mod tests {
         minter.credential(&http, root(), &upstream(), &scope).await.unwrap();
         let kinds: BTreeMap<String, KindConfig> =
             minter.secrets.iter().map(|(name, secret)| (name.clone(), secret.kind.clone())).collect();
-        let reloaded = minter.reload(&kinds, held.clone());
+        let reloaded = minter.reload(&kinds, held.clone(), Arc::new(Metrics::new()));
         reloaded.credential(&http, root(), &upstream(), &scope).await.unwrap();
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 1);
         let mut changed = kinds.clone();
         if let Some(KindConfig::OAuth2(config)) = changed.get_mut("S") {
             config.scope = Some("more".into());
         }
-        let reloaded = reloaded.reload(&changed, held);
+        let reloaded = reloaded.reload(&changed, held, Arc::new(Metrics::new()));
         reloaded.credential(&http, root(), &upstream(), &scope).await.unwrap();
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2, "a changed kind mints afresh");
     }

@@ -311,11 +311,18 @@ async fn github_app_tokens_are_narrowed_to_each_grant_and_verified_by_the_fake()
     let oauth = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "OAUTH_SECRET").unwrap().clone();
     assert_eq!(oauth["kind"], "oauth2-client-credentials");
 
+    let metrics = client().get(format!("{}/metrics", proxy.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("keyward_credential_mints_total{secret=\"GH_APP_KEY\",kind=\"github-app\",result=\"ok\"} 2"),
+        "{metrics}"
+    );
+
     let mut secret_values = fake.secrets().await;
     secret_values.push(fake.read("app.pem"));
     assert!(secret_values.len() >= 6, "tokens and JWTs were collected");
     assert_none_of("the audit trail", &proxy.audit_text(), &secret_values);
     assert_none_of("the admin API", &secrets.to_string(), &secret_values);
+    assert_none_of("the metrics", &metrics, &secret_values);
     assert_none_of("an agent response", &format!("{alpha}{beta}{by_owner}{echoed}"), &secret_values);
 }
 
@@ -430,6 +437,12 @@ async fn a_mint_endpoint_that_refuses_gives_503_audited_and_backs_off() {
         assert_eq!(proxy.get("/github/repos/octo/alpha/y").await.status(), 503);
     }
     assert_eq!(fake.mints("github").await.len(), 1);
+    let metrics = client().get(format!("{}/metrics", proxy.admin)).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .contains("keyward_credential_mints_total{secret=\"GH_APP_KEY\",kind=\"github-app\",result=\"error\"} 1"),
+        "{metrics}"
+    );
     // Once it answers again, the next call after the backoff mints.
     fake.control(json!({"fail": null})).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -284,6 +284,8 @@ if __name__ == "__main__":
         write_keys(sys.argv[2])
     else:
         STATE = State(sys.argv[3])
+        # A deep accept queue: the tests make 100 calls at once.
+        ThreadingHTTPServer.request_queue_size = 256
         server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler)
         server.daemon_threads = True
         server.serve_forever()
