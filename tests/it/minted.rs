@@ -529,7 +529,7 @@ async fn the_binary_leaks_no_token_jwt_or_key_into_its_logs() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keyward.toml");
     std::fs::write(&path, config(&fake, dir.path(), "")).unwrap();
-    let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap(), "--log", "debug"], &[]);
+    let spawned = Spawned::serve(dir.path(), &["--config", path.to_str().unwrap(), "--log", "trace"], &[]);
     let http = client();
     for path in ["/github/repos/octo/alpha/x", "/api/items/1", "/vertex/v1/x", "/github/repos/octo/alpha/echo"] {
         let response = http.get(format!("{}{path}", spawned.proxy)).bearer_auth(WORKER_KEY).send().await.unwrap();
