@@ -158,7 +158,7 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
             // A minted secret: its kind and each token held (scope, expiry), never a value.
-            let kind = runtime.minter.kind_of(&s.name);
+            let kind = runtime.config.kinds.get(&s.name).map_or(crate::credentials::STATIC, |k| k.kind());
             let minted = runtime.minter.status(&s.name);
             let mut v = serde_json::to_value(s).expect("status serializes");
             v["kind"] = json!(kind);

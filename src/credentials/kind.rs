@@ -27,6 +27,10 @@ use crate::forward::Forwarder;
 pub trait Kind: Sized + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
     /// What a `[secrets.NAME]` table's `kind` names it.
     const KIND: &'static str;
+    /// Whether the kind mints tokens (`mint`, through the mint cache). `false` for a kind that
+    /// uses its root another way, such as signing each outbound request: the minter then leaves
+    /// its secrets alone and the pipeline gets the resolved root.
+    const MINTS: bool = true;
     /// Whether a grant's `repositories` and `permissions` narrow the tokens it mints.
     const GRANT_SCOPE: bool = false;
     /// Whether the root itself is sent anywhere (an OAuth2 client secret goes to the token
@@ -46,7 +50,9 @@ pub trait Kind: Sized + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
     fn check_root(&self, root: &SecretString) -> Result<(), String>;
 
     /// How long before a minted token's expiry keyward mints the next one.
-    fn refresh_margin(&self) -> Duration;
+    fn refresh_margin(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Problems with a grant's scope for this kind, as (field below the grant, message).
     fn check_scope(scope: &MintScope) -> Vec<(String, String)> {
@@ -54,8 +60,11 @@ pub trait Kind: Sized + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Mints one token from `request.root`.
-    fn mint<'a>(&'a self, http: &'a Forwarder, request: &'a MintRequest) -> BoxFuture<'a, Result<Minted, MintError>>;
+    /// Mints one token from `request.root` (only called when `MINTS`).
+    fn mint<'a>(&'a self, http: &'a Forwarder, request: &'a MintRequest) -> BoxFuture<'a, Result<Minted, MintError>> {
+        let _ = (http, request);
+        Box::pin(async { Err(MintError::new(None, format!("kind '{}' does not mint tokens", Self::KIND))) })
+    }
 }
 
 /// What one mint works from. Deliberately not `Debug`: it holds the root.
@@ -134,6 +143,13 @@ macro_rules! kinds {
             pub fn kind(&self) -> &'static str {
                 match self {
                     $(KindConfig::$variant(_) => <$module::$config as $crate::credentials::kind::Kind>::KIND,)*
+                }
+            }
+
+            /// Whether the kind mints tokens (see `Kind::MINTS`).
+            pub fn mints(&self) -> bool {
+                match self {
+                    $(KindConfig::$variant(_) => <$module::$config as $crate::credentials::kind::Kind>::MINTS,)*
                 }
             }
 

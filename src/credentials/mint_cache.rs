@@ -106,6 +106,7 @@ impl Minter {
     pub(super) fn new(kinds: &BTreeMap<String, KindConfig>, held: Arc<Held>, metrics: Arc<Metrics>) -> Minter {
         let secrets = kinds
             .iter()
+            .filter(|(_, kind)| kind.mints())
             .map(|(name, kind)| {
                 let secret = MintedSecret {
                     name: name.clone(),
@@ -135,11 +136,6 @@ impl Minter {
             }
         }
         fresh
-    }
-
-    /// The secret's kind: `static` unless it is minted.
-    pub fn kind_of(&self, secret: &str) -> &'static str {
-        self.secrets.get(secret).map_or(super::kind::STATIC, |s| s.kind.kind())
     }
 
     /// The credential to inject for `root` (a resolved secret): `root` itself for a static
