@@ -50,6 +50,8 @@ struct Token {
     /// When the next caller mints a new one instead.
     refresh_at: Instant,
     minted_at: Instant,
+    /// The digest of the root it was minted from: a new root (a rotated key) mints afresh.
+    root: RootDigest,
 }
 
 impl Token {
@@ -65,6 +67,16 @@ struct Failure {
     error: MintError,
     until: Instant,
     streak: u32,
+    /// A new root is tried at once, whatever the backoff of the old one.
+    root: RootDigest,
+}
+
+/// SHA-256 of a root value, to notice a rotated root without keeping a copy of it.
+type RootDigest = [u8; 32];
+
+fn digest(root: &SecretString) -> RootDigest {
+    use sha2::Digest;
+    sha2::Sha256::digest(root.expose_secret().as_bytes()).into()
 }
 
 #[derive(Default)]
@@ -149,14 +161,15 @@ impl Minter {
     ) -> Result<Arc<Resolved>, ProxyError> {
         let Some(secret) = self.secrets.get(&root.name) else { return Ok(root) };
         let key = secret.key(upstream, scope);
+        let root_digest = digest(&root.value);
         let mint = {
             let mut slots = secret.slots.lock().expect("mint cache lock poisoned");
             let slot = slots.entry(key.clone()).or_insert_with(|| Slot { scope: scope.clone(), ..Slot::default() });
             let now = Instant::now();
-            if let Some(token) = slot.token.as_ref().filter(|t| now < t.refresh_at) {
+            if let Some(token) = slot.token.as_ref().filter(|t| now < t.refresh_at && t.root == root_digest) {
                 return Ok(secret.resolved(&root, &key, scope, token));
             }
-            if let Some(failure) = slot.failure.as_ref().filter(|f| now < f.until) {
+            if let Some(failure) = slot.failure.as_ref().filter(|f| now < f.until && f.root == root_digest) {
                 if let Some(token) = slot.token.as_ref().filter(|t| t.usable()) {
                     return Ok(secret.resolved(&root, &key, scope, token));
                 }
@@ -338,13 +351,14 @@ impl MintedSecret {
             upstream: upstream.clone(),
             scope: scope.clone(),
         };
+        let root_digest = digest(&root.value);
         let (secret, http, key) = (self.clone(), http.clone(), key.to_string());
         let task = tokio::spawn(async move {
             let minted = match tokio::time::timeout(MINT_TIMEOUT, secret.kind.mint(&http, &request)).await {
                 Ok(minted) => minted,
                 Err(_) => Err(MintError::new(None, "the mint took too long")),
             };
-            secret.store(&key, generation, minted)
+            secret.store(&key, generation, root_digest, minted)
         });
         let mint: BoxFuture<'static, _> =
             Box::pin(async move { task.await.unwrap_or_else(|_| Err(MintError::new(None, "the mint task failed"))) });
@@ -359,6 +373,7 @@ impl MintedSecret {
         &self,
         key: &str,
         generation: u64,
+        root: RootDigest,
         minted: Result<super::kind::Minted, MintError>,
     ) -> Result<Arc<Token>, MintError> {
         let minted = minted.inspect_err(|error| {
@@ -387,6 +402,7 @@ impl MintedSecret {
                     expires_at: minted.expires_at,
                     refresh_at: now + lifetime.saturating_sub(margin),
                     minted_at: now,
+                    root,
                 });
                 tracing::info!(secret = %self.name, kind = self.kind.kind(),
                     expires_at = %crate::timestamp::seconds(token.expires_at), "minted a credential");
@@ -395,9 +411,9 @@ impl MintedSecret {
                 Ok(token)
             }
             Err(error) => {
-                let streak = slot.failure.as_ref().map_or(1, |f| f.streak + 1);
+                let streak = slot.failure.as_ref().filter(|f| f.root == root).map_or(1, |f| f.streak + 1);
                 let backoff = FIRST_BACKOFF.saturating_mul(1 << (streak - 1).min(5)).min(MAX_BACKOFF);
-                slot.failure = Some(Failure { error: error.clone(), until: Instant::now() + backoff, streak });
+                slot.failure = Some(Failure { error: error.clone(), until: Instant::now() + backoff, streak, root });
                 Err(error)
             }
         }
@@ -560,6 +576,44 @@ mod tests {
         assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3, "two refusals of one token re-mint once");
         let status = minter.status("S").unwrap();
         assert!(status[0].expires_at.is_some() && status[0].failing.is_none(), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_new_root_mints_afresh_even_during_a_backoff() {
+        let (endpoint, url) = endpoint().await;
+        let minter = minter(&url, Arc::new(Held::new()));
+        let http = forwarder();
+        let scope = Arc::new(MintScope::default());
+        minter.credential(&http, root(), &upstream(), &scope).await.unwrap();
+        let rotated = || {
+            Arc::new(Resolved {
+                name: "S".into(),
+                source: "src".into(),
+                value: SecretString::from("client-secret-0001"),
+                version: Some("v2".into()),
+                fallback_from: None,
+                minted: None,
+            })
+        };
+        let fresh = minter.credential(&http, rotated(), &upstream(), &scope).await.unwrap();
+        assert_eq!(fresh.value.expose_secret(), "minted-token-0002", "a rotated root mints at once");
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 2);
+        // Minting with the old root fails and backs off; the new root is not held back by it.
+        endpoint.fail.store(401, Ordering::SeqCst);
+        let stale = Arc::new(Resolved {
+            name: "S".into(),
+            source: "src".into(),
+            value: SecretString::from("client-secret-9999"),
+            version: None,
+            fallback_from: None,
+            minted: None,
+        });
+        let refused = minter.credential(&http, stale.clone(), &upstream(), &scope).await;
+        assert!(refused.is_ok(), "the still-valid token stands in while minting fails");
+        // The current root's token is served: another root's failure does not hold it back.
+        let again = minter.credential(&http, rotated(), &upstream(), &scope).await.unwrap();
+        assert_eq!(again.value.expose_secret(), "minted-token-0002");
+        assert_eq!(endpoint.calls.load(Ordering::SeqCst), 3);
     }
 
     #[tokio::test]
