@@ -2,7 +2,10 @@
 //! `static` secret (the default) is injected as stored; a minted kind treats the stored value as
 //! a root (an App private key, a client secret, a service-account key) and injects a short-lived
 //! token minted from it. One module per kind owns its fields, their validation and its minting;
-//! the `kinds!` registry below lists them, one line each.
+//! the `kinds!` macro defined here generates `KindConfig` from the list in `credentials/mod.rs`, one
+//! line per kind (as `providers!` does for the secret providers). Shared helpers for the kinds
+//! (the mint HTTP exchange, OAuth2 token answers, RS256 keys) and `keyward check`'s root check
+//! live here too.
 //!
 //! A kind is configured in a `[secrets.NAME]` table, where NAME is a secret some source maps:
 //! `kind = "github-app"` and the kind's own fields beside it.
