@@ -191,6 +191,7 @@ fn audit(c: &mut Criterion) {
         would_deny: Vec::new(),
         connect_host: None,
         via: None,
+        minted: None,
     };
     let mut group = c.benchmark_group("audit");
     group.bench_function("to_json", |b| b.iter(|| black_box(black_box(&record).to_json())));

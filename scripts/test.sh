@@ -35,14 +35,14 @@ done
 # requests, httpx and h2 (httpx's HTTP/2) for the forward-proxy tests, and boto3 (the Bedrock
 # agent; botocore's signer verifies keyward's SigV4 signatures in the fake).
 missing_clients=()
-for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp requests:requests httpx:httpx h2:h2 boto3:boto3; do
+for client in openai:openai anthropic:anthropic github:PyGithub mcp:mcp requests:requests httpx:httpx h2:h2 boto3:boto3 jwt:PyJWT cryptography:cryptography; do
   python3 -c "import ${client%%:*}" >/dev/null 2>&1 || missing_clients+=("${client#*:}")
 done
 if [ ${#missing_clients[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing_clients[*]} for the real-client tests"
   python3 -m pip install --quiet --disable-pip-version-check --upgrade "${missing_clients[@]}"
 fi
-python3 -c 'import openai, anthropic, github, mcp, requests, httpx, h2, boto3, botocore.auth' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
+python3 -c 'import openai, anthropic, github, mcp, requests, httpx, h2, boto3, botocore.auth, jwt, cryptography' || { echo "test.sh: the Python clients are still not importable" >&2; exit 1; }
 
 # Debian's chromium (dashboard test, headless), redis-server (limits across replicas),
 # prometheus (its `promtool check metrics` reads /metrics; the package is about 19 MB) and nodejs

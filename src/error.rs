@@ -84,6 +84,16 @@ pub enum ProxyError {
         secret: String,
         reason: &'static str,
     },
+    /// A token could not be minted from the secret (its kind is not `static`): the mint endpoint
+    /// is down or refused. `status` is the mint endpoint's; `reason` is built from names only.
+    MintFailed {
+        secret: String,
+        kind: &'static str,
+        status: Option<u16>,
+        reason: String,
+        /// Until the next mint may be tried (the backoff).
+        retry_after: std::time::Duration,
+    },
     UpstreamUnavailable {
         route: String,
     },
@@ -229,6 +239,7 @@ impl ProxyError {
             ProxyError::SigningUnavailable { .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, "signing_credentials_unavailable", Upstream)
             }
+            ProxyError::MintFailed { .. } => (StatusCode::SERVICE_UNAVAILABLE, "credential_mint_failed", Upstream),
             ProxyError::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "upstream_unavailable", Upstream),
             ProxyError::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", Upstream),
             ProxyError::UpstreamEncoding { .. } => (StatusCode::BAD_GATEWAY, "upstream_encoding_unsupported", Upstream),
@@ -303,6 +314,10 @@ impl ProxyError {
             }
             ProxyError::SigningUnavailable { secret, reason } => {
                 format!("credential '{secret}' cannot sign the request: {reason}")
+            }
+            ProxyError::MintFailed { secret, kind, status, reason, .. } => {
+                let answered = status.map(|s| format!("; the mint endpoint answered {s}")).unwrap_or_default();
+                format!("credential '{secret}' ({kind}) could not be minted: {reason}{answered}")
             }
             ProxyError::UpstreamUnavailable { route } => format!("upstream of route '{route}' could not be reached"),
             ProxyError::UpstreamTimeout { route } => format!("upstream of route '{route}' timed out"),
@@ -428,6 +443,11 @@ impl IntoResponse for ProxyError {
             }
             ProxyError::TooManyInFlight { .. } | ProxyError::LimiterUnavailable => {
                 response.headers_mut().insert(http::header::RETRY_AFTER, retry(1));
+            }
+            ProxyError::MintFailed { retry_after, .. } => {
+                response
+                    .headers_mut()
+                    .insert(http::header::RETRY_AFTER, retry(retry_after.as_secs_f64().ceil() as u64));
             }
             _ => {}
         }

@@ -32,6 +32,7 @@ pub(crate) mod rotation;
 pub mod scrub;
 pub(crate) mod server;
 pub(crate) mod state;
+pub(crate) mod suggest;
 pub(crate) mod timestamp;
 pub mod usage;
 

@@ -226,12 +226,48 @@ fn load(explicit: Option<&std::path::Path>) -> Result<(Config, String), ExitCode
     })
 }
 
+/// Checks that each minted secret's stored value suits its kind (a PEM that parses, a
+/// service-account key); a source that cannot be read now is reported and skipped.
+fn check_roots(config: &Config, name: &str) -> Result<(), ExitCode> {
+    use keyward::credentials::kind::{RootCheck, check_roots};
+    if config.kinds.is_empty() {
+        return Ok(());
+    }
+    let mut found = Vec::new();
+    let code = run_async(async {
+        found = check_roots(config).await;
+        Ok(())
+    });
+    if code != ExitCode::SUCCESS {
+        return Err(code);
+    }
+    let mut invalid = 0;
+    for (secret, check) in found {
+        match check {
+            RootCheck::Usable => {}
+            RootCheck::Invalid(why) => {
+                invalid += 1;
+                eprintln!("{name}: secrets.{secret}: {why}");
+            }
+            RootCheck::Unchecked(why) => println!("warning: secrets.{secret}: its value was not checked: {why}"),
+        }
+    }
+    if invalid > 0 {
+        eprintln!("keyward: the config has {invalid} problem(s)");
+        return Err(ExitCode::from(2));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log.as_deref(), cli.log_format);
     match cli.command {
         Command::Check { config } => match load(config.as_deref()) {
             Ok((config, name)) => {
+                if let Err(code) = check_roots(&config, &name) {
+                    return code;
+                }
                 println!(
                     "{name}: OK ({} sources, {} routes, {} roles, {} agents)",
                     config.sources.len(),
@@ -254,6 +290,9 @@ fn main() -> ExitCode {
                             policy.grace_period.as_secs() / 60
                         );
                     }
+                }
+                for (secret, kind) in &config.kinds {
+                    println!("  secret '{secret}': kind {}", kind.kind());
                 }
                 for warning in config.warnings() {
                     println!("warning: {warning}");

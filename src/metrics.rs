@@ -43,6 +43,14 @@ pub struct RotationLabels {
     pub outcome: &'static str,
 }
 
+/// A mint of a credential: the secret's name, its kind and `ok` or `error`. Never a value.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MintLabels {
+    pub secret: String,
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
@@ -86,6 +94,7 @@ pub struct Metrics {
     pub secret_cache_hits: Family<SourceLabel, Counter>,
     pub secret_stale_served: Family<SourceLabel, Counter>,
     pub rotations: Family<RotationLabels, Counter>,
+    pub credential_mints: Family<MintLabels, Counter>,
     pub anomalies: Family<AnomalyLabels, Counter>,
     pub limits_backend_transitions: Family<TransitionLabel, Counter>,
     pub audit_records: Counter,
@@ -129,6 +138,12 @@ impl Metrics {
         );
         let rotations = Family::<RotationLabels, Counter>::default();
         registry.register("rotations", "Rotation runs by source and outcome", rotations.clone());
+        let credential_mints = Family::<MintLabels, Counter>::default();
+        registry.register(
+            "credential_mints",
+            "Tokens minted from secrets of a minted kind, by secret, kind and result",
+            credential_mints.clone(),
+        );
         let anomalies = Family::<AnomalyLabels, Counter>::default();
         registry.register("anomalies", "Anomaly detector decisions by detector and action", anomalies.clone());
         let limits_backend_transitions = Family::<TransitionLabel, Counter>::default();
@@ -197,6 +212,7 @@ impl Metrics {
             secret_cache_hits,
             secret_stale_served,
             rotations,
+            credential_mints,
             anomalies,
             limits_backend_transitions,
             audit_records,

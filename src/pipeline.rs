@@ -2,7 +2,8 @@
 //!
 //! target check → route (by prefix, or by host on the forward proxy) → identify (agent or
 //! delegated key) → authorize → URL check (no agent key, no `_method`) → admit → body check →
-//! meter (reserve budgets) → resolve → release (audit) → strip what the agent presented and
+//! meter (reserve budgets) → resolve (and mint, for a minted kind) →
+//! release (audit) → strip what the agent presented and
 //! inject (or sign) → forward (one retry of a refused credential) → settle → meter usage and scrub →
 //! stream back, with the audit guard created first and ended exactly once on every path (it
 //! settles the budgets too).
@@ -133,7 +134,7 @@ async fn proxy(
     let admitted = admit(state, audit, &routed, &identified, request.method(), request.uri()).await?;
     let request = check_body(request, runtime.config.forward.max_request_body_bytes, &routed.route.name).await?;
     let (request, metering) = meter(state, runtime, audit, &routed, &identified, request).await?;
-    let secret = resolve(runtime, audit, admitted.grant).await?;
+    let secret = resolve(state, runtime, audit, routed.route, admitted.grant).await?;
     let forwarded = forward(state, runtime, audit, &routed, &identified, secret, request).await?;
     settle(state, audit, &identified.caller, &forwarded).await;
     answer(routed.route, forwarded, metering)
@@ -458,9 +459,16 @@ fn shadow_denied(
     audit.would_deny(policy, reason);
 }
 
-/// `resolve`: the credential the grant names, from its store (or the cache). An `aws-sigv4`
-/// secret whose keys come from the AWS chain has nothing in a store.
-async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig) -> Result<Arc<Resolved>, ProxyError> {
+/// `resolve`: the credential the grant names, from its store (or the cache); for a secret whose
+/// kind mints, the token minted from it for this grant's scope (or the mint cache). An
+/// `aws-sigv4` secret whose keys come from the AWS chain has nothing in a store.
+async fn resolve(
+    state: &AppState,
+    runtime: &Runtime,
+    audit: &mut AuditGuard,
+    route: &RouteConfig,
+    grant: &GrantConfig,
+) -> Result<Arc<Resolved>, ProxyError> {
     let signer = runtime.signers.get(&grant.secret);
     let secret = match signer.and_then(|signer| signer.chain_resolved()) {
         Some(chain) => chain,
@@ -469,8 +477,21 @@ async fn resolve(runtime: &Runtime, audit: &mut AuditGuard, grant: &GrantConfig)
     audit.secret(&secret.source, secret.version.as_deref(), secret.fallback_from.as_deref());
     if let Some(signer) = signer {
         audit.signed(sigv4::KIND, &signer.config.service, &signer.config.region);
+        return Ok(secret);
     }
-    Ok(secret)
+    let credential = runtime.minter.credential(&state.forwarder, secret, &route.upstream, &grant.scope).await;
+    match &credential {
+        Ok(credential) => audit_minted(audit, credential),
+        Err(ProxyError::MintFailed { kind, status, .. }) => audit.minted(kind, &grant.scope, None, *status),
+        Err(_) => {}
+    }
+    credential
+}
+
+fn audit_minted(audit: &mut AuditGuard, credential: &Resolved) {
+    if let Some(minted) = &credential.minted {
+        audit.minted(minted.kind, &minted.scope, Some(minted.expires_at), None);
+    }
 }
 
 /// `forward`: what came of sending the call upstream.
@@ -496,7 +517,7 @@ async fn forward(
     let (request, replay) = keep_for_replay(request, runtime.config.forward.retry_body_bytes, limit).await?;
     let client = runtime.client_for(routed.index, &state.forwarder);
     let signer = runtime.signers.get(&secret.name).map(|signer| (signer.as_ref(), &runtime.secrets));
-    let attempt = Attempt { routed, identified, client, body_limit: limit, signer };
+    let attempt = Attempt { routed, identified, client, mint_client: &state.forwarder, body_limit: limit, signer };
     match attempt.send(audit, request, &secret).await? {
         Forwarded::Answered(response) if is_refusal(response.status()) => {
             retry_refused(runtime, audit, &attempt, &secret, response, replay).await
@@ -511,6 +532,9 @@ struct Attempt<'a> {
     routed: &'a Routed<'a>,
     identified: &'a Identified<'a>,
     client: &'a Forwarder,
+    /// The shared client a minted token is minted with (never a route's pinned one: a token
+    /// endpoint is another host).
+    mint_client: &'a Forwarder,
     body_limit: u64,
     /// For an `aws-sigv4` secret: its signer, and the store that holds its keys for the scrubber.
     signer: Option<(&'a Signer, &'a SecretStore)>,
@@ -569,11 +593,15 @@ async fn retry_refused(
     if let Some((signer, _)) = attempt.signer {
         signer.refused().await;
     }
-    let next = match runtime.secrets.rejected(secret, status).await {
-        Rejection::Newer(next) => Some(("new_version", next)),
-        Rejection::Previous(next) => Some(("grace_previous", next)),
-        Rejection::Fallback(next) => Some(("fallback_source", next)),
-        Rejection::Nothing => None,
+    let next = match &secret.minted {
+        // A minted token was refused, not the root it was minted from: one new token.
+        Some(_) => remint(runtime, attempt, secret, status).await.map(|next| ("reminted", next)),
+        None => match runtime.secrets.rejected(secret, status).await {
+            Rejection::Newer(next) => Some(("new_version", next)),
+            Rejection::Previous(next) => Some(("grace_previous", next)),
+            Rejection::Fallback(next) => Some(("fallback_source", next)),
+            Rejection::Nothing => None,
+        },
     };
     match (next, replay) {
         (Some((why, next)), Some(replay)) => {
@@ -581,6 +609,7 @@ async fn retry_refused(
                 "upstream refused the credential; retrying once with another version");
             audit.invalidated(status, secret.version.as_deref(), why);
             audit.secret(&next.source, next.version.as_deref(), next.fallback_from.as_deref());
+            audit_minted(audit, &next);
             drop(refused);
             attempt.send(audit, replay.into_request(), &next).await
         }
@@ -593,6 +622,14 @@ async fn retry_refused(
             Ok(Forwarded::Answered(refused))
         }
     }
+}
+
+/// After the upstream refused a minted token: the token leaves the mint cache and one new one is
+/// minted from the secret (`Minter::rejected`).
+async fn remint(runtime: &Runtime, attempt: &Attempt<'_>, used: &Resolved, status: u16) -> Option<Arc<Resolved>> {
+    let root = runtime.secrets.resolve(&used.name).await.ok()?;
+    let upstream = &attempt.routed.route.upstream;
+    runtime.minter.rejected(attempt.mint_client, root, used, upstream, status).await
 }
 
 /// What came of the call means for the caller, the one place that acts on it: an unreachable

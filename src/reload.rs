@@ -49,7 +49,10 @@ pub fn reload(state: &Arc<AppState>) -> Result<Reloaded, ReloadError> {
     let kept = old.secrets.kept_by_reload(&config.sources);
     let sources = config.sources.len();
     let secrets = old.secrets.reload(&config.sources, state.metrics.clone());
-    let runtime = Arc::new(Runtime::with_store(config, secrets));
+    let mut runtime = Runtime::with_store(config, secrets);
+    // Minted tokens of a secret whose kind is unchanged carry over, like cached secrets.
+    runtime.minter = runtime.secrets.reload_minter(&old.minter, &runtime.config.kinds);
+    let runtime = Arc::new(runtime);
     state.runtime.store(runtime.clone());
     // Sources new to this config are fetched now, and retried with back-off until each has
     // answered (or a later reload replaces this config), so readiness does not depend on use.

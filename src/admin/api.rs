@@ -148,7 +148,8 @@ pub async fn report(State(state): State<Arc<AppState>>, Query(q): Query<Since>) 
 }
 
 /// `GET /admin/secrets`: name, source, version, fetched and expiry times, the last rotation and
-/// the next scheduled one. Never a value.
+/// the next scheduled one, the secret's kind and, for a minted kind, each token's scope and
+/// expiry. Never a value.
 pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
     let runtime = state.runtime.load();
     let now = chrono::Utc::now();
@@ -165,18 +166,37 @@ pub async fn secrets(State(state): State<Arc<AppState>>) -> Response {
                 .and_then(|schedule| schedule.next_after(now))
                 .map(crate::timestamp::seconds);
             let last = state.rotations.last(&s.source);
-            let kind = runtime.signers.describe(&s.name);
+            // The secret's kind; a minted one lists each token held (scope, expiry), a signing
+            // one how it signs; never a value.
+            let signing = runtime.signers.get(&s.name).map(|_| runtime.signers.describe(&s.name));
+            let kind = match (runtime.config.kinds.get(&s.name), &signing) {
+                (Some(k), _) => k.kind(),
+                (None, Some(_)) => crate::credentials::sigv4::KIND,
+                (None, None) => crate::credentials::STATIC,
+            };
+            let minted = runtime.minter.status(&s.name);
             let mut v = serde_json::to_value(s).expect("status serializes");
+            v["kind"] = json!(kind);
+            if let Some(minted) = minted {
+                v["minted"] = json!(minted);
+            }
             v["next_rotation"] = json!(next);
             v["last_rotation"] = json!(last);
             v["rotation"] = json!(source.map(|c| c.rotation_summary()));
-            v["kind"] = kind;
+            if let Some(signing) = signing {
+                v["signing"] = signing;
+            }
             v
         })
         .collect();
     // A secret whose keys come from the AWS credential chain is in no source.
     let chain = runtime.signers.chain_names().into_iter().map(|name| {
-        json!({ "name": name, "source": crate::credentials::sigv4::CHAIN_SOURCE, "kind": runtime.signers.describe(name) })
+        json!({
+            "name": name,
+            "source": crate::credentials::sigv4::CHAIN_SOURCE,
+            "kind": crate::credentials::sigv4::KIND,
+            "signing": runtime.signers.describe(name),
+        })
     });
     let secrets: Vec<Value> = secrets.into_iter().chain(chain).collect();
     axum::Json(json!({ "secrets": secrets })).into_response()

@@ -81,8 +81,11 @@ async function load() {
   const table = document.getElementById("secrets");
   clear(table);
   for (const s of secrets.secrets) {
-    const kind = s.kind && s.kind.service ? s.kind.kind + " (" + s.kind.service + ", " + s.kind.region + ")" : "static";
-    row(table, [s.name, s.source, s.version, s.fetched_at, s.expires_at, s.next_rotation || s.rotation, kind]);
+    // A minted kind holds a token per grant scope: the soonest expiry is shown; a signing kind
+    // shows the service and region it signs for.
+    const minted = (s.minted || []).map((m) => m.expires_at).filter(Boolean).sort()[0] || "";
+    const kind = s.signing ? s.kind + " (" + s.signing.service + ", " + s.signing.region + ")" : s.kind;
+    row(table, [s.name, kind, s.source, s.version, s.fetched_at, s.expires_at, minted, s.next_rotation || s.rotation]);
   }
   const list = document.getElementById("anomalies");
   list.textContent = "";

@@ -112,6 +112,7 @@ impl AuditGuard {
             would_deny: Vec::new(),
             connect_host: None,
             via: None,
+            minted: None,
         };
         AuditGuard {
             sink,
@@ -225,6 +226,24 @@ impl AuditGuard {
         self.record.signed = Some(Signed { kind, region: region.to_string(), service: service.to_string() });
     }
 
+    /// The credential is a token minted from the secret (`mint_status`: the mint endpoint's
+    /// status when minting failed).
+    pub fn minted(
+        &mut self,
+        kind: &'static str,
+        scope: &crate::credentials::MintScope,
+        expires_at: Option<std::time::SystemTime>,
+        mint_status: Option<u16>,
+    ) {
+        self.record.minted = Some(super::record::MintedCredential {
+            expires_at: expires_at.map(crate::timestamp::seconds),
+            kind,
+            mint_status,
+            permissions: scope.permissions.clone(),
+            repositories: scope.repositories.clone(),
+        });
+    }
+
     /// The upstream refused the credential with `status`; `retry` says what keyward did next.
     pub fn invalidated(&mut self, status: u16, version: Option<&str>, retry: &'static str) {
         self.record.invalidated = Some(InvalidatedCredential { status, version: version.map(str::to_string), retry });
@@ -263,7 +282,8 @@ impl AuditGuard {
                 _,
                 ProxyError::SecretStoreUnavailable { .. }
                 | ProxyError::SecretNotFound { .. }
-                | ProxyError::SigningUnavailable { .. },
+                | ProxyError::SigningUnavailable { .. }
+                | ProxyError::MintFailed { .. },
             ) => (Decision::Error, Outcome::SecretError),
             (
                 _,

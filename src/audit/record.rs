@@ -152,6 +152,10 @@ pub struct AuditRecord {
     pub label: Option<String>,
     pub metadata: Arc<BTreeMap<String, String>>,
     pub method: String,
+    /// For a secret whose kind mints tokens: the kind, the scope asked for and the token's
+    /// expiry, or the status the mint endpoint gave when minting failed. Never a value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minted: Option<MintedCredential>,
     /// `<route> <METHOD> <path>`, the path below the route prefix, without the query.
     pub operation: String,
     pub outcome: Outcome,
@@ -198,7 +202,8 @@ pub struct Signed {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct InvalidatedCredential {
-    /// `new_version`, `grace_previous`, `fallback_source`, or `none` (the answer was returned),
+    /// `new_version`, `grace_previous`, `fallback_source`, `reminted` (a new token was minted from a
+    /// minted secret), or `none` (the answer was returned),
     /// or `not_replayable` (the body was too large to send twice).
     pub retry: &'static str,
     /// The upstream's status for the refused credential.
@@ -206,6 +211,26 @@ pub struct InvalidatedCredential {
     /// The refused credential's version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+}
+
+/// A minted credential, as the audit trail sees it (fields in sorted order). Never a value.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MintedCredential {
+    /// When the injected token expires; absent when none could be minted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// `github-app`, `oauth2-client-credentials`, `gcp-service-account`.
+    pub kind: &'static str,
+    /// The mint endpoint's status when minting failed (absent when it could not be reached).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mint_status: Option<u16>,
+    /// The permissions the token was narrowed to (`github-app`, from the grant).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, String>,
+    /// The repositories the token was narrowed to (`github-app`, from the grant).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
 }
 
 /// The `request.released` record: who is getting which credential, for what. Borrowed from the
@@ -229,6 +254,8 @@ struct Released<'a> {
     label: Option<&'a str>,
     metadata: &'a BTreeMap<String, String>,
     method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    minted: Option<&'a MintedCredential>,
     operation: &'a str,
     path: &'a str,
     request_id: &'a str,
@@ -295,6 +322,7 @@ impl AuditRecord {
             invalidated: self.invalidated.as_ref(),
             connect_host: self.connect_host.as_deref(),
             via: self.via,
+            minted: self.minted.as_ref(),
         }
     }
 }
@@ -305,7 +333,7 @@ mod tests {
     use crate::audit::chain::canonical;
 
     /// The fields a `request.released` record keeps: who is getting which credential, for what.
-    const RELEASED_FIELDS: [&str; 21] = [
+    const RELEASED_FIELDS: [&str; 22] = [
         "via",
         "connectHost",
         "type",
@@ -327,6 +355,7 @@ mod tests {
         "label",
         "fallbackFrom",
         "invalidated",
+        "minted",
     ];
 
     fn record(filled: bool) -> AuditRecord {
@@ -380,6 +409,13 @@ mod tests {
             },
             connect_host: some("api.github.com"),
             via: filled.then_some("forward"),
+            minted: filled.then(|| MintedCredential {
+                expires_at: some("2026-01-01T01:00:00Z"),
+                kind: "github-app",
+                mint_status: Some(201),
+                permissions: [("contents".to_string(), "read".to_string())].into(),
+                repositories: vec!["keyward".to_string()],
+            }),
         }
     }
 

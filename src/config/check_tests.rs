@@ -117,7 +117,7 @@ fn every_problem_is_reported_in_one_run() {
             format!("[sever]\nlisten = \"127.0.0.1:1\"\n{BASE}"),
             vec![
                 "1: sever: unknown field `sever`, expected one of `server`, `forward`, `forward_proxy`, `audit`, `admin`, `limits`, \
-                 `sources`, `sources_from`, `notifications`, `routes`, `roles`, `agents`, `secrets`, `usage`, `budgets` (did you mean `server`?)",
+                 `sources`, `sources_from`, `notifications`, `secrets`, `routes`, `roles`, `agents`, `usage`, `budgets` (did you mean `server`?)",
             ],
         ),
     ];

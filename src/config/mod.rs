@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-pub use crate::credentials::{CachePolicy, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig};
+pub use crate::credentials::{
+    CachePolicy, KindConfig, MintScope, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig,
+};
 pub(crate) use crate::policy::suggest;
 pub use crate::policy::{GrantConfig, Quota};
 
@@ -89,6 +91,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub limits: LimitsConfig,
     pub sources: Vec<SourceConfig>,
+    /// The secrets that are minted, not injected as stored (`[secrets.NAME]`), by name.
+    pub kinds: BTreeMap<String, KindConfig>,
     pub routes: Vec<RouteConfig>,
     pub roles: BTreeMap<String, RoleConfig>,
     pub agents: Vec<AgentConfig>,

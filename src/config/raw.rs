@@ -29,15 +29,16 @@ pub struct RawConfig {
     /// Named notification channels (name → webhook URL) for `notificationChannel = "name"`.
     #[serde(default)]
     pub notifications: BTreeMap<String, String>,
+    /// `[secrets.NAME]`: the kind of a secret a source maps (`kind = "github-app"`, ...) and the
+    /// kind's fields, read by the kind's module when the table is validated.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, serde_json::Map<String, serde_json::Value>>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub roles: BTreeMap<String, RawRole>,
     #[serde(default)]
     pub agents: Vec<RawAgent>,
-    /// `[secrets.NAME]`: a secret's kind, what keyward does with it before it goes out.
-    #[serde(default)]
-    pub secrets: BTreeMap<String, credentials::sigv4::RawSecretKind>,
     /// The price table and how calls are reserved before their usage is known.
     #[serde(default)]
     pub usage: RawUsage,
@@ -527,6 +528,10 @@ pub struct RawGrant {
     pub burst: Option<u32>,
     pub mode: Option<String>,
     pub quota_mode: Option<String>,
+    /// For a `github-app` secret: the repositories its tokens are narrowed to.
+    pub repositories: Option<Vec<String>>,
+    /// For a `github-app` secret: the permissions its tokens are narrowed to.
+    pub permissions: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -29,6 +29,8 @@ pub struct Resolved {
     pub version: Option<String>,
     /// Set when `source` stands in for this source (its `fallback_to`).
     pub fallback_from: Option<String>,
+    /// Set when `value` is a token minted from the secret (its kind is not `static`).
+    pub minted: Option<Arc<super::MintedFrom>>,
 }
 
 impl Resolved {
@@ -147,6 +149,8 @@ pub struct SecretStore {
     /// Each slot's `fallback_to`, by index.
     fallback: Vec<Option<usize>>,
     held: Arc<Held>,
+    /// For the minter's counters.
+    metrics: Arc<Metrics>,
 }
 
 impl SecretStore {
@@ -167,7 +171,7 @@ impl SecretStore {
             .zip(providers)
             .map(|(source, provider)| Slot::new(source, provider, metrics.clone(), held.clone()))
             .collect();
-        Self::assemble(sources, slots, held)
+        Self::assemble(sources, slots, held, metrics)
     }
 
     /// The store for a reloaded config: a source whose store, mapping and cache are unchanged
@@ -180,7 +184,7 @@ impl SecretStore {
                 None => Slot::new(source, build_provider(source), metrics.clone(), self.held.clone()),
             })
             .collect();
-        Self::assemble(sources, slots, self.held.clone())
+        Self::assemble(sources, slots, self.held.clone(), metrics)
     }
 
     /// How many of `sources` a reload of this store keeps cached.
@@ -188,7 +192,12 @@ impl SecretStore {
         sources.iter().filter(|source| self.slots.iter().any(|slot| slot.config.same_store(source))).count()
     }
 
-    fn assemble(sources: &[SourceConfig], slots: Vec<Arc<Slot>>, held: Arc<Held>) -> SecretStore {
+    fn assemble(
+        sources: &[SourceConfig],
+        slots: Vec<Arc<Slot>>,
+        held: Arc<Held>,
+        metrics: Arc<Metrics>,
+    ) -> SecretStore {
         let fallback_targets: Vec<&str> = sources.iter().filter_map(|s| s.fallback_to.as_deref()).collect();
         let mut owner = HashMap::new();
         for (i, source) in sources.iter().enumerate() {
@@ -204,7 +213,7 @@ impl SecretStore {
             .iter()
             .map(|s| s.fallback_to.as_ref().and_then(|to| sources.iter().position(|o| &o.name == to)))
             .collect();
-        SecretStore { slots, owner, fallback, held }
+        SecretStore { slots, owner, fallback, held, metrics }
     }
 
     fn slot_index(&self, source: &str) -> Option<usize> {
@@ -289,6 +298,7 @@ impl SecretStore {
                     value: value.value.clone(),
                     version: value.version.clone(),
                     fallback_from: Some(slot.name.clone()),
+                    minted: None,
                 })),
                 Err(_) => Rejection::Nothing,
             },
@@ -342,6 +352,22 @@ impl SecretStore {
         self.held.update(&format!("{name}#derived"), &values, Adopt::Current);
     }
 
+    /// The minter for the secrets `kinds` names; its tokens join this store's scrubber.
+    pub fn minter(&self, kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> super::Minter {
+        self.held.keep_out(unsent_roots(kinds));
+        super::Minter::new(kinds, self.held.clone(), self.metrics.clone())
+    }
+
+    /// The minter for a reloaded config: a secret whose kind is unchanged keeps `old`'s tokens.
+    pub fn reload_minter(
+        &self,
+        old: &super::Minter,
+        kinds: &std::collections::BTreeMap<String, super::KindConfig>,
+    ) -> super::Minter {
+        self.held.keep_out(unsent_roots(kinds));
+        old.reload(kinds, self.held.clone(), self.metrics.clone())
+    }
+
     /// The scrubber for every credential value fetched so far.
     pub fn scrubber(&self) -> Arc<Scrubber> {
         self.held.scrubber().load_full()
@@ -375,6 +401,7 @@ impl SecretStore {
                         value: value.value.clone(),
                         version: value.version.clone(),
                         fallback_from: Some(self.slots[i].name.clone()),
+                        minted: None,
                     }));
                 }
                 (result, _) => return result,
@@ -417,6 +444,7 @@ impl Slot {
                 value: value.clone(),
                 version: fetched.version.clone(),
                 fallback_from: None,
+                minted: None,
             })
         })
     }
@@ -611,6 +639,7 @@ impl Slot {
                 value: value.clone(),
                 version: fetched.version.clone(),
                 fallback_from: None,
+                minted: None,
             };
             let last_used = state.entries.get(name).map_or(now, |e| e.last_used);
             let entry =
@@ -620,6 +649,11 @@ impl Slot {
         state.entries.retain(|name, _| fetched.values.contains_key(name));
         evict_to(&mut state.entries, self.policy.max_size.max(1));
     }
+}
+
+/// The minted secrets whose stored value never leaves keyward (a private key that only signs).
+fn unsent_roots(kinds: &std::collections::BTreeMap<String, super::KindConfig>) -> std::collections::HashSet<String> {
+    kinds.iter().filter(|(_, kind)| !kind.root_sent()).map(|(name, _)| name.clone()).collect()
 }
 
 fn evict_to(entries: &mut HashMap<String, Entry>, max: usize) {

@@ -6,7 +6,7 @@
 //! re-fetch replaced (untagged, a few kept, since requests may still hold them). It keeps values
 //! even when the cache does not (`ttl_seconds = 0`), so that an echo can still be recognised.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -53,11 +53,29 @@ pub enum Adopt {
 pub struct Held {
     values: Mutex<BTreeMap<(String, String), Entry>>,
     scrubber: Arc<ArcSwap<Scrubber>>,
+    /// Secret names whose values are never sent anywhere (the private keys minted kinds sign
+    /// with), so they are not scrubbed for (see `Kind::ROOT_SENT`).
+    kept_out: Mutex<HashSet<String>>,
 }
 
 impl Held {
     pub fn new() -> Held {
-        Held { values: Mutex::default(), scrubber: Arc::new(ArcSwap::from_pointee(Scrubber::empty())) }
+        Held {
+            values: Mutex::default(),
+            scrubber: Arc::new(ArcSwap::from_pointee(Scrubber::empty())),
+            kept_out: Mutex::default(),
+        }
+    }
+
+    /// Names whose values stay out of the scrubber from now on (and leave it if they are in it).
+    pub fn keep_out(&self, names: HashSet<String>) {
+        let mut held = self.values.lock().expect("held secrets lock poisoned");
+        let before = held.len();
+        held.retain(|(source, name), _| source.starts_with("minted ") || !names.contains(name));
+        *self.kept_out.lock().expect("held secrets lock poisoned") = names;
+        if held.len() != before {
+            self.rebuild(&held);
+        }
     }
 
     pub fn scrubber(&self) -> &Arc<ArcSwap<Scrubber>> {
@@ -65,9 +83,24 @@ impl Held {
     }
 
     pub fn update(&self, source: &str, fetched: &HashMap<String, SecretString>, how: Adopt) {
+        let kept_out = self.kept_out.lock().expect("held secrets lock poisoned").clone();
+        self.adopt(source, fetched, how, &kept_out);
+    }
+
+    /// A token minted from secret `name` for the cache key `key`: scrubbed while it may be in
+    /// use (with the few it replaced), whatever the secret's own value is.
+    pub fn minted(&self, key: &str, name: &str, token: &SecretString) {
+        let values = HashMap::from([(name.to_string(), token.clone())]);
+        self.adopt(&format!("minted {key}"), &values, Adopt::Current, &HashSet::new());
+    }
+
+    fn adopt(&self, source: &str, fetched: &HashMap<String, SecretString>, how: Adopt, kept_out: &HashSet<String>) {
         let mut held = self.values.lock().expect("held secrets lock poisoned");
         let mut changed = false;
         for (name, value) in fetched {
+            if kept_out.contains(name) {
+                continue;
+            }
             let entry = held.entry((source.to_string(), name.clone())).or_default();
             if entry.current.as_ref().is_some_and(|c| c.expose_secret() == value.expose_secret()) {
                 continue;
@@ -162,6 +195,21 @@ mod tests {
         assert!(scrubs(&held, "fallback-value-0"), "another source's value is never purged");
         assert!(scrubs(&held, "primary-value-01"));
         assert!(!scrubs(&held, "primary-value-00"));
+    }
+
+    #[test]
+    fn private_keys_stay_out_but_tokens_minted_from_them_are_scrubbed() {
+        let held = Held::new();
+        held.keep_out(["K".to_string()].into());
+        held.update("a", &values("-----BEGIN RSA PRIVATE KEY----- canary"), Adopt::Current);
+        assert!(!scrubs(&held, "-----BEGIN RSA PRIVATE KEY----- canary"));
+        held.minted("K#scope", "K", &SecretString::from("ghs_minted_token_0001"));
+        assert!(scrubs(&held, "ghs_minted_token_0001"));
+        held.minted("K#scope", "K", &SecretString::from("ghs_minted_token_0002"));
+        assert!(scrubs(&held, "ghs_minted_token_0001") && scrubs(&held, "ghs_minted_token_0002"));
+        // A reload that keeps the key out again leaves the minted tokens in.
+        held.keep_out(["K".to_string()].into());
+        assert!(scrubs(&held, "ghs_minted_token_0002"));
     }
 
     #[test]

@@ -3,9 +3,14 @@
 //!
 //! A provider fetches a source's whole document once and applies its mapping, so one store call
 //! serves every secret name the source provides.
+//!
+//! A secret's kind (`[secrets.NAME]`, the `kinds!` registry) says what keyward does with its value
+//! before injection: inject it as stored, or mint a short-lived token from it (`mint_cache`).
 
 mod cache;
 mod held;
+pub mod kind;
+mod mint_cache;
 mod registry;
 pub mod sigv4;
 mod source;
@@ -18,6 +23,8 @@ use futures_util::future::BoxFuture;
 use secrecy::SecretString;
 
 pub use cache::{Rejection, Resolved, SecretStatus, SecretStore};
+pub use kind::{Kind, MintError, MintScope, STATIC};
+pub use mint_cache::{MintStatus, MintedFrom, Minter};
 pub use registry::{Check, Provider, ProviderFields, Report};
 pub use source::{CachePolicy, RotationPolicy, Schedule, Selector, SourceConfig};
 
@@ -31,6 +38,14 @@ registry::providers! {
     Env => env::EnvConfig,
     Vault => vault::VaultConfig,
     Exec => exec::ExecConfig,
+}
+
+// The kinds: one line per kind module (`Variant => module::Config`), which declares the module
+// too. Adding a credential kind is its file under `credentials/` and its line here.
+kind::kinds! {
+    GithubApp => github_app::GithubAppConfig,
+    OAuth2 => oauth2::OAuth2Config,
+    Gcp => gcp::GcpConfig,
 }
 
 /// The values one fetch produced, by secret name. Deliberately not `Debug`.

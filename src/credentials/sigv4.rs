@@ -378,6 +378,7 @@ impl Signer {
                 value: SecretString::from(String::new()),
                 version: None,
                 fallback_from: None,
+                minted: None,
             })
         })
     }
@@ -684,7 +685,9 @@ grants = [{ route = "bedrock", secret = "BEDROCK", methods = ["POST"], paths = [
             (
                 "unknown kind",
                 "[secrets.BEDROCK]\nkind = \"aws-sigv2\"\nservice = \"bedrock\"\nregion = \"us-east-1\"\n",
-                &["k.toml:14: secrets.BEDROCK.kind: 'aws-sigv2' is not a credential kind: expected 'aws-sigv4'"],
+                &[
+                    "k.toml:14: secrets.BEDROCK.kind: 'aws-sigv2': expected 'static', 'github-app', 'oauth2-client-credentials', 'gcp-service-account' or 'aws-sigv4'",
+                ],
             ),
             (
                 "missing and malformed fields",

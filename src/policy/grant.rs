@@ -1,9 +1,11 @@
 //! What a role grants: a route, a secret, methods, path patterns and a quota. Pure types that
 //! `config` builds and authorization reads.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{MethodSet, PathPattern};
+use crate::credentials::MintScope;
 
 #[derive(Debug, Clone, Default)]
 pub struct GrantConfig {
@@ -18,6 +20,9 @@ pub struct GrantConfig {
     pub mode: Mode,
     /// `Shadow`: a call over the quota goes through and is recorded as `would_deny`.
     pub quota_mode: Mode,
+    /// What a minted credential for this grant is narrowed to (`github-app`: repositories and
+    /// permissions); empty for other secrets.
+    pub scope: Arc<MintScope>,
 }
 
 /// Enforce refuses; shadow decides as usual, records `would_deny` when it would refuse, and

@@ -9,9 +9,10 @@ mod routing;
 
 use http::Method;
 
+pub use crate::suggest::suggest;
 pub use grant::{GrantConfig, Mode, Quota};
 pub use hosts::{AddressKind, HostTable, canonical_host};
-pub use pattern::{MethodSet, PathPattern, suggest};
+pub use pattern::{MethodSet, PathPattern};
 pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
 
 use crate::error::{Missing, ProxyError};

@@ -1,5 +1,6 @@
 //! Grant matchers: method sets and path patterns with whole-segment `*` and `**` wildcards.
 
+use crate::suggest::suggest;
 use http::Method;
 
 /// The methods a grant may name: the HTTP methods of RFC 9110 and PATCH, and the WebDAV ones in
@@ -168,18 +169,6 @@ fn match_segments(pattern: &[Segment], path: &[&str]) -> bool {
         Some((Segment::One, rest)) => !path.is_empty() && match_segments(rest, &path[1..]),
         Some((Segment::Literal(lit), rest)) => path.first() == Some(&lit.as_str()) && match_segments(rest, &path[1..]),
     }
-}
-
-/// The candidate closest to `word` (ignoring case), if it is near enough to be a likely typo.
-pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let word = word.to_ascii_lowercase();
-    let limit = (word.chars().count() / 3).max(1);
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()), c))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, c)| (*distance, *c))
-        .map(|(_, c)| c)
 }
 
 #[cfg(test)]

@@ -231,20 +231,20 @@ async fn test(
     if let Some(missing) = names.iter().find(|n| !candidate.values.contains_key(*n)) {
         return Err(RotationError::Failed(format!("the candidate has no value for '{missing}'")));
     }
-    let mut pairs: Vec<(&RouteConfig, &String)> = Vec::new();
+    let mut pairs: Vec<(&RouteConfig, &String, &std::sync::Arc<crate::credentials::MintScope>)> = Vec::new();
     for role in runtime.config.roles.values() {
         for grant in role.grants.iter().filter(|g| names.contains(&g.secret)) {
             if let Some(route) = runtime.config.routes.iter().find(|r| r.name == grant.route)
                 && route.validate.is_some()
-                && !pairs.iter().any(|(r, s)| r.name == route.name && **s == grant.secret)
+                && !pairs.iter().any(|(r, s, _)| r.name == route.name && **s == grant.secret)
             {
-                pairs.push((route, &grant.secret));
+                pairs.push((route, &grant.secret, &grant.scope));
             }
         }
     }
     let mut results = Vec::new();
     let mut passed = true;
-    for (route, name) in pairs {
+    for (route, name, scope) in pairs {
         let probe = route.validate.as_ref().expect("filtered above");
         // Like every credential keyward sends, the candidate goes out only after a durable record.
         let released = AuditEvent::RotationProbeReleased {
@@ -256,7 +256,19 @@ async fn test(
         if phases.state.audit_event_durably(released).await.is_err() {
             return Err(RotationError::Failed("the audit trail cannot be written, so no probe was sent".into()));
         }
-        let status = match probe_request(route, &candidate.values[name]) {
+        // A minted secret's candidate is a root: the probe sends a token minted from it, never
+        // the root itself.
+        let root = &candidate.values[name];
+        let forwarder = &phases.state.forwarder;
+        let value = match runtime.minter.probe_token(forwarder, name, root, &route.upstream, scope).await {
+            None => Ok(root.clone()),
+            Some(Ok(token)) => Ok(token),
+            Some(Err(error)) => {
+                tracing::warn!(route = %route.name, secret = %name, %error, "rotation probe: no token could be minted from the candidate");
+                Err(())
+            }
+        };
+        let status = match value.and_then(|value| probe_request(route, &value).map_err(|_| ())) {
             Ok(request) => match phases.state.forwarder.send(request, &route.name).await {
                 Ok(response) => Some(response.status().as_u16()),
                 Err(e) => {

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::audit::{AuditEvent, AuditSink};
 use crate::config::Config;
-use crate::credentials::SecretStore;
+use crate::credentials::{Minter, SecretStore};
 use crate::delegation::DelegationStore;
 use crate::forward::Forwarder;
 use crate::identity::AgentDirectory;
@@ -38,6 +38,8 @@ pub struct Runtime {
     pub secrets: SecretStore,
     /// The `aws-sigv4` secrets' signers, by secret name.
     pub signers: crate::credentials::sigv4::Signers,
+    /// Tokens minted from the secrets whose kind is not `static`.
+    pub minter: Minter,
     pub audit_metadata: Arc<BTreeMap<String, String>>,
 }
 
@@ -71,6 +73,7 @@ impl Runtime {
             agents: AgentDirectory::new(&config.agents),
             signers: crate::credentials::sigv4::Signers::new(&config.sigv4),
             audit_metadata: Arc::new(config.audit.metadata.clone()),
+            minter: secrets.minter(&config.kinds),
             secrets,
             config,
         }

@@ -100,7 +100,7 @@ async fn dashboard_renders_the_trail_in_headless_chromium() {
     assert!(heat.contains("worker-1") && heat.contains(": 3\""), "worker-1 made 3 allowed calls: {heat}");
     // The secrets table with names and sources, and the recent denials.
     let secrets = dom.split("id=\"secrets\"").nth(1).unwrap().split("</table>").next().unwrap();
-    assert!(secrets.contains("<td>OPENAI_API_KEY</td><td>files</td>"), "{secrets}");
+    assert!(secrets.contains("<td>OPENAI_API_KEY</td><td>static</td><td>files</td>"), "{secrets}");
     assert!(secrets.contains("<td>GITHUB_TOKEN</td>"), "{secrets}");
     let denials = dom.split("id=\"denials\"").nth(1).unwrap().split("</table>").next().unwrap();
     assert!(denials.contains("forbidden") && denials.contains("unknown_agent_key"), "{denials}");

@@ -21,6 +21,7 @@ mod forward;
 mod hostile;
 mod lifecycle;
 mod limits;
+mod minted;
 mod ops;
 mod parking;
 mod proxy;

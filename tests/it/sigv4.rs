@@ -275,8 +275,9 @@ async fn boto3_bedrock_calls_are_signed_with_the_sources_keys_and_stream_through
     // /admin/secrets shows the kind, never a key.
     let secrets = admin_get(&client(), &format!("http://{}/admin/secrets", running.admin_addr)).await;
     let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
+    assert_eq!(entry["kind"], "aws-sigv4", "{entry}");
     assert_eq!(
-        entry["kind"],
+        entry["signing"],
         serde_json::json!({
             "kind": "aws-sigv4", "service": "bedrock", "region": "us-east-1", "credentials": "source",
             "assume_role_arn": null, "keys_expire_at": null,
@@ -351,7 +352,7 @@ async fn chain_credentials_come_from_the_keyward_processs_environment() {
     let secrets = admin_get(&client(), &format!("{}/admin/secrets", keyward.admin)).await;
     let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
     assert_eq!(entry["source"], "aws-credential-chain");
-    assert_eq!(entry["kind"]["credentials"], "chain");
+    assert_eq!(entry["signing"]["credentials"], "chain");
     let outcomes = outcome_records(&dir.path().join("audit.jsonl"), 1).await;
     let outcome = &outcomes[0];
     assert_eq!(outcome["secretSource"], "aws-credential-chain", "{outcome:#}");
@@ -431,8 +432,8 @@ async fn an_assumed_role_with_a_session_policy_signs_and_is_assumed_once() {
     // /admin/secrets shows the role and when its current keys expire (the fake gives an hour).
     let secrets = admin_get(&client, &format!("{}/admin/secrets", keyward.admin)).await;
     let entry = secrets["secrets"].as_array().unwrap().iter().find(|s| s["name"] == "BEDROCK").unwrap().clone();
-    assert_eq!(entry["kind"]["assume_role_arn"], "arn:aws:iam::123456789012:role/bedrock-invoke");
-    let expires = entry["kind"]["keys_expire_at"].as_str().unwrap_or_else(|| panic!("{entry:#}"));
+    assert_eq!(entry["signing"]["assume_role_arn"], "arn:aws:iam::123456789012:role/bedrock-invoke");
+    let expires = entry["signing"]["keys_expire_at"].as_str().unwrap_or_else(|| panic!("{entry:#}"));
     let expires = humantime::parse_rfc3339(expires).unwrap();
     let left = expires.duration_since(std::time::SystemTime::now()).unwrap();
     assert!(left > Duration::from_secs(50 * 60) && left <= Duration::from_secs(3600), "{entry:#}");

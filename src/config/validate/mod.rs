@@ -10,6 +10,7 @@ mod hosts;
 mod limits;
 mod roles;
 mod routes;
+mod secrets;
 mod server;
 mod sources;
 
@@ -90,14 +91,17 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
     // A `[secrets.NAME]` table that failed its checks was reported there, not again at its grants.
     let declared: HashSet<String> = raw.secrets.keys().cloned().collect();
-    let sigv4 = credentials::sigv4::configure(c, raw.secrets, &mut secret_owner);
+    let (signing, minting) = secrets::split_signing(c, raw.secrets);
+    let sigv4 = credentials::sigv4::configure(c, signing, &mut secret_owner);
     let routes = routes::routes(c, raw.routes);
     let forward_proxy = hosts::forward_proxy(c, raw.forward_proxy, &audit.path);
     if let Some(forward_proxy) = &forward_proxy {
         hosts::tunnels_against_routes(c, forward_proxy, &routes);
     }
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    let kinds = secrets::kinds(c, minting, &secret_owner);
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
+    secrets::grant_scopes(c, &roles, &kinds);
     roles::signing_agrees(c, &roles, &routes, &sigv4, &declared);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
@@ -111,6 +115,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
         admin,
         limits,
         sources,
+        kinds,
         routes,
         roles,
         agents,

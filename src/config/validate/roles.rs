@@ -2,9 +2,10 @@
 //! holds which role, identified by key hash or peer uid).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use super::super::raw::{RawAgent, RawRole};
-use super::super::{AgentConfig, GrantConfig, InjectSpec, Quota, RoleConfig, RouteConfig, ServerConfig};
+use super::super::{AgentConfig, GrantConfig, InjectSpec, MintScope, Quota, RoleConfig, RouteConfig, ServerConfig};
 use super::{Collector, check_unique, delegation, did_you_mean, limits, valid_name};
 use crate::credentials::sigv4::Sigv4Config;
 use crate::policy::{MethodSet, Mode, PathPattern};
@@ -70,6 +71,16 @@ pub(super) fn roles(
                     (role_quota, role_quota_mode)
                 }
             };
+            if g.repositories.as_ref().is_some_and(Vec::is_empty) {
+                c.problem(
+                    format!("{at}.repositories"),
+                    "lists no repository; leave it out for every repository the installation can reach",
+                );
+            }
+            let scope = Arc::new(MintScope {
+                repositories: g.repositories.unwrap_or_default(),
+                permissions: g.permissions.unwrap_or_default(),
+            });
             let grant_mode = mode(c, format!("{at}.mode"), g.mode.as_deref());
             let quota_mode = match g.quota_mode.as_deref() {
                 Some(text) => mode(c, format!("{at}.quota_mode"), Some(text)),
@@ -86,6 +97,7 @@ pub(super) fn roles(
                 quota,
                 mode: grant_mode,
                 quota_mode,
+                scope,
             });
         }
         let (max_delegation_ttl, max_delegation_depth) = delegation::role_limits(c, &name, &raw_role);
