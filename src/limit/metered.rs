@@ -280,7 +280,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.metering.is_none() && self.inner.is_end_stream())
+        // The inner body ends either before any frame (an empty body: nothing to meter) or with
+        // the frame after which the meter was finished (`done`), so its end is this body's end.
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
