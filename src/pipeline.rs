@@ -324,7 +324,8 @@ async fn meter(
             Err(_) => return Err(ProxyError::BadBody),
         }
     };
-    let facts = usage::read_request(api, &body);
+    let add_stream_usage = !config.usage.no_stream_usage.contains(&routed.route.name);
+    let facts = usage::read_request(api, &body, add_stream_usage);
     // About four bytes of request a token: more than the prompt's tokens, as JSON adds bytes.
     let input_estimate = (body.len() as u64).div_ceil(4);
     let max_output = facts.max_output_tokens.unwrap_or(config.usage.default_max_output_tokens);

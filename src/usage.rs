@@ -43,7 +43,8 @@ impl Api {
             Some(Api::ChatCompletions)
         } else if path.ends_with("/responses") {
             Some(Api::Responses)
-        } else if path.ends_with("/messages") {
+        } else if path.ends_with("/messages") && !path.contains("/threads/") {
+            // (OpenAI's Assistants API posts to `/threads/{id}/messages`, which reports no usage.)
             Some(Api::AnthropicMessages)
         } else {
             None
@@ -88,17 +89,24 @@ pub struct RequestFacts {
     pub rewritten: Option<Bytes>,
 }
 
-/// Reads what metering needs from a JSON request body. A body that is not a JSON object tells
-/// nothing (and is forwarded as it is).
-pub fn read_request(api: Api, body: &[u8]) -> RequestFacts {
+/// A model name as keyward keeps it (for the audit record and pricing): at most 128 characters,
+/// since a request can name anything.
+pub fn model_name(model: &str) -> String {
+    model.chars().take(128).collect()
+}
+
+/// Reads what metering needs from a JSON request body; `add_stream_usage` lets keyward ask a
+/// streamed chat completion for its usage. A body that is not a JSON object tells nothing (and
+/// is forwarded as it is).
+pub fn read_request(api: Api, body: &[u8], add_stream_usage: bool) -> RequestFacts {
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else { return RequestFacts::default() };
     let number = |key: &str| object.get(key).and_then(Value::as_u64);
     let max_output_tokens =
         number("max_completion_tokens").or_else(|| number("max_tokens")).or_else(|| number("max_output_tokens"));
-    let model = object.get("model").and_then(Value::as_str).map(str::to_string);
+    let model = object.get("model").and_then(Value::as_str).map(model_name);
     let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut rewritten = None;
-    if api == Api::ChatCompletions && stream {
+    if api == Api::ChatCompletions && stream && add_stream_usage {
         let asked =
             object.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
         if !asked {
@@ -356,7 +364,7 @@ impl UsageMeter {
 
     fn take_model(&mut self, object: &Value) {
         if let Some(model) = object.get("model").and_then(Value::as_str) {
-            self.model = Some(model.to_string());
+            self.model = Some(model_name(model));
         }
     }
 
@@ -556,7 +564,7 @@ mod tests {
 
     #[test]
     fn request_facts_and_the_include_usage_rewrite() {
-        let facts = read_request(Api::ChatCompletions, br#"{"model":"gpt-4o","max_tokens":50,"stream":true}"#);
+        let facts = read_request(Api::ChatCompletions, br#"{"model":"gpt-4o","max_tokens":50,"stream":true}"#, true);
         assert_eq!(facts.model.as_deref(), Some("gpt-4o"));
         assert_eq!(facts.max_output_tokens, Some(50));
         let rewritten: Value = serde_json::from_slice(&facts.rewritten.unwrap()).unwrap();
@@ -564,13 +572,20 @@ mod tests {
         let asked = read_request(
             Api::ChatCompletions,
             br#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+            true,
         );
         assert!(asked.rewritten.is_none());
-        let responses = read_request(Api::Responses, br#"{"model":"gpt-4.1","max_output_tokens":9,"stream":true}"#);
+        let responses =
+            read_request(Api::Responses, br#"{"model":"gpt-4.1","max_output_tokens":9,"stream":true}"#, true);
         assert_eq!((responses.max_output_tokens, responses.rewritten), (Some(9), None));
-        assert_eq!(read_request(Api::AnthropicMessages, b"not json"), RequestFacts::default());
+        assert_eq!(read_request(Api::AnthropicMessages, b"not json", true), RequestFacts::default());
+        let old_azure = read_request(Api::ChatCompletions, br#"{"stream":true}"#, false);
+        assert!(old_azure.stream && old_azure.rewritten.is_none());
         assert_eq!(Api::detect(&http::Method::POST, "/v1/chat/completions"), Some(Api::ChatCompletions));
         assert_eq!(Api::detect(&http::Method::GET, "/v1/chat/completions"), None);
         assert_eq!(Api::detect(&http::Method::POST, "/repos/x"), None);
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/messages"), Some(Api::AnthropicMessages));
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/threads/thread_1/messages"), None);
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/messages/count_tokens"), None);
     }
 }
