@@ -30,7 +30,7 @@ use crate::error::ProxyError;
 use crate::forward::{self, TimedBody};
 use crate::identity;
 use crate::limit::Detection;
-use crate::limit::budget::{self, Amount, Claim};
+use crate::limit::budget::{self, Claim};
 use crate::limit::metered::{Handles, MeteredBody, Metering, Reserved};
 use crate::metrics::{AnomalyLabels, BudgetLabel, WouldDenyLabels};
 use crate::outbound;
@@ -39,7 +39,7 @@ use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
-use crate::usage::{self, Api, Usage};
+use crate::usage::{self, Api};
 
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
@@ -346,17 +346,7 @@ async fn meter(
     let reservation = if budgets.is_empty() {
         None
     } else {
-        let reserved = Usage { input_tokens: input_estimate, output_tokens: max_output, ..Usage::default() };
-        let worst_input = price.map_or(0.0, |p| p.input.max(p.cache_write).max(p.cache_read));
-        let claim = Claim {
-            amount: Amount {
-                tokens: input_estimate + max_output,
-                micro_usd: price
-                    .map_or(0, |p| (worst_input * input_estimate as f64 + p.output * max_output as f64).ceil() as u64),
-            },
-            max_output: reserved.output_tokens,
-            output_micro_per_token: price.map_or(0.0, |p| p.output),
-        };
+        let claim = Claim::worst_case(price, input_estimate, max_output);
         let reserved =
             state.limits.budgets.reserve(shared, &budgets, agent, claim, role_shadow, budget::unix_now()).await;
         if let Err(ProxyError::BudgetExceeded { budget, .. }) = &reserved {

@@ -182,6 +182,10 @@ async fn a_token_budget_admits_until_the_reservation_no_longer_fits_then_429_unt
     let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
     let reservation = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) + 50;
     assert!(reservation > 100 / 2 && reservation < 100 - 2 * 12, "the test assumes 3 calls fit: {reservation}");
+    // The first call through a fresh keyward is slow (connections, first fetch); another agent
+    // makes it, so the budgeted calls fit in one window.
+    let warm = h.client.get(h.url("/openai/v1/models")).bearer_auth(READER_KEY).send().await.unwrap();
+    assert_eq!(warm.status(), 200);
     at_window_start(3).await;
     let started = Instant::now();
     // Each call reserves `reservation` and settles at the 12 tokens the fake reports.
@@ -422,6 +426,12 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
                     }
                     429 => {
                         let error: Value = r.json().await.unwrap();
+                        // On a loaded machine a Redis answer can outlast the 300 ms timeout:
+                        // replica B's budget fails closed then, and an agent retries.
+                        if error["error"]["code"] == "rate_limiter_unavailable" {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                         assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
                         break;
                     }
@@ -455,7 +465,11 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(account["tokens"]["used"], 12 * admitted, "{account}");
-    assert_eq!(account["requests"], admitted, "every reservation counted, refused ones not: {account}");
+    // A reservation whose script ran after its caller had timed out stays reserved (the budget
+    // over-counts, never under-counts); otherwise every reservation was settled.
+    let reserved = account["tokens"]["reserved"].as_u64().unwrap();
+    assert_eq!(reserved % reservation, 0, "{account}");
+    assert!(account["requests"].as_u64().unwrap() >= admitted, "every reservation counted: {account}");
     let from_a = admin_get(&client, &format!("{}/admin/budgets", a.admin)).await;
     assert_eq!(from_a["budgets"][0]["accounts"][0]["tokens"]["used"], 12 * admitted);
 
