@@ -31,7 +31,7 @@ use crate::forward::{self, TimedBody};
 use crate::identity;
 use crate::limit::Detection;
 use crate::limit::budget::{self, Claim};
-use crate::limit::metered::{Handles, MeteredBody, Metering, Reserved};
+use crate::limit::metered::{Call, Handles, MeteredBody, Metering, Reserved};
 use crate::metrics::{AnomalyLabels, BudgetLabel, WouldDenyLabels};
 use crate::outbound;
 use crate::policy;
@@ -334,10 +334,7 @@ async fn meter(
     if price.is_none()
         && let Some(cost_budget) = budgets.iter().find(|b| b.cost_micro_usd.is_some())
     {
-        let refusal = ProxyError::ModelNotPriced {
-            budget: cost_budget.name.clone(),
-            model: facts.model.as_deref().map(|m| m.chars().take(80).collect()),
-        };
+        let refusal = ProxyError::ModelNotPriced { budget: cost_budget.name.clone() };
         if cost_budget.mode == Mode::Enforce && !role_shadow {
             return Err(refusal);
         }
@@ -376,8 +373,8 @@ async fn meter(
         metrics: state.metrics.clone(),
     };
     let reserved = Reserved { input_tokens: input_estimate, output_tokens: max_output };
-    let metering =
-        Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, agent, &routed.route.name);
+    let call = Call { agent, route: &routed.route.name, agent_key: identified.presented_key() };
+    let metering = Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, call);
     audit.settle_with(charged, metering.settle_hook());
     Ok((Request::from_parts(parts, Body::from(body)), Some(metering)))
 }

@@ -95,6 +95,17 @@ pub fn model_name(model: &str) -> String {
     model.chars().take(128).collect()
 }
 
+/// `text` with the agent's key replaced by `[agent-key]`: a model name is the agent's text, and
+/// it goes into the audit record, where the key never may.
+pub fn without_key(text: String, key: Option<&str>) -> String {
+    match key {
+        Some(key) if key.len() >= crate::outbound::MIN_SEARCHED_KEY_LEN && text.contains(key) => {
+            text.replace(key, "[agent-key]")
+        }
+        _ => text,
+    }
+}
+
 /// Reads what metering needs from a JSON request body; `add_stream_usage` lets keyward ask a
 /// streamed chat completion for its usage. A body that is not a JSON object tells nothing (and
 /// is forwarded as it is).
@@ -587,5 +598,8 @@ mod tests {
         assert_eq!(Api::detect(&http::Method::POST, "/v1/messages"), Some(Api::AnthropicMessages));
         assert_eq!(Api::detect(&http::Method::POST, "/v1/threads/thread_1/messages"), None);
         assert_eq!(Api::detect(&http::Method::POST, "/v1/messages/count_tokens"), None);
+        let key = "kw_agentKeyThatMustNeverBeRecorded";
+        assert_eq!(without_key(format!("gpt-{key}"), Some(key)), "gpt-[agent-key]");
+        assert_eq!(without_key("gpt-4o".into(), Some(key)), "gpt-4o");
     }
 }

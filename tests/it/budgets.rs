@@ -157,8 +157,15 @@ async fn the_openai_and_anthropic_clients_are_charged_exactly_what_the_upstream_
         "{metrics}"
     );
     assert!(metrics.contains("keyward_cost_usd_total{agent=\"worker-1\",model=\"gpt-fake\",route=\"openai\"}"));
+    // A model name is the agent's text: one that carries the agent's key is refused under a
+    // cost budget without the key in the message, and never recorded with it.
+    let body = json!({ "model": format!("o9-{WORKER_KEY}"), "max_tokens": 5, "messages": [] });
+    let r = h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).json(&body).send();
+    let error = r.await.unwrap().text().await.unwrap();
+    assert!(error.contains("model_not_priced") && !error.contains(WORKER_KEY), "{error}");
     let audit = std::fs::read_to_string(h.audit_path()).unwrap();
     assert_no_canary("the audit file", &audit);
+    assert!(!audit.contains(WORKER_KEY), "the agent key reached the audit file");
     h.stop().await;
 }
 
