@@ -121,7 +121,10 @@ pub fn read_request(api: Api, body: &[u8], add_stream_usage: bool) -> RequestFac
         let asked =
             object.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
         if !asked {
-            let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+            let options = object.entry("stream_options").or_insert(Value::Null);
+            if options.is_null() {
+                *options = Value::Object(Default::default());
+            }
             if let Value::Object(options) = options {
                 options.insert("include_usage".into(), Value::Bool(true));
                 rewritten = serde_json::to_vec(&Value::Object(object)).ok().map(Bytes::from);
@@ -312,7 +315,8 @@ impl UsageMeter {
             }
             return Verdict::WithoutNullUsage;
         }
-        let completed = kind.is_some_and(|k| k == b"response.completed" || k == b"response.incomplete")
+        let completed = kind
+            .is_some_and(|k| k == b"response.completed" || k == b"response.incomplete" || k == b"response.failed")
             || (self.api == Api::Responses && memchr::memmem::find(&payload, b"\"response.completed\"").is_some());
         if self.estimate_output && !has_usage {
             self.estimate(&payload);
@@ -389,16 +393,36 @@ impl UsageMeter {
     }
 
     /// Adds the tokens a content event carries: about four bytes of text a token, at least one.
+    /// Text, tool-call arguments and reasoning all count as output.
     fn estimate_value(&mut self, value: &Value) {
-        let text = match self.api {
-            Api::ChatCompletions => value.pointer("/choices/0/delta/content").and_then(Value::as_str),
-            Api::Responses => (value.get("type").and_then(Value::as_str) == Some("response.output_text.delta"))
-                .then(|| value.get("delta").and_then(Value::as_str))
-                .flatten(),
-            Api::AnthropicMessages => value.pointer("/delta/text").and_then(Value::as_str),
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map_or(0, str::len);
+        let bytes = match self.api {
+            Api::ChatCompletions => value.pointer("/choices").and_then(Value::as_array).map(|choices| {
+                choices
+                    .iter()
+                    .map(|c| {
+                        let delta = c.get("delta");
+                        let tools = delta.and_then(|d| d.get("tool_calls")).and_then(Value::as_array);
+                        text(delta.and_then(|d| d.get("content")))
+                            + text(delta.and_then(|d| d.get("reasoning_content")))
+                            + tools.map_or(0, |t| t.iter().map(|t| text(t.pointer("/function/arguments"))).sum())
+                    })
+                    .sum::<usize>()
+            }),
+            Api::Responses => value
+                .get("type")
+                .and_then(Value::as_str)
+                .filter(|t| t.ends_with(".delta"))
+                .map(|_| text(value.get("delta"))),
+            Api::AnthropicMessages => {
+                (value.get("type").and_then(Value::as_str) == Some("content_block_delta")).then(|| {
+                    let delta = value.get("delta");
+                    ["text", "partial_json", "thinking"].iter().map(|k| text(delta.and_then(|d| d.get(*k)))).sum()
+                })
+            }
         };
-        if let Some(text) = text {
-            self.output_estimate += (text.len() as u64).div_ceil(4).max(1);
+        if let Some(bytes) = bytes.filter(|b| *b > 0) {
+            self.output_estimate += (bytes as u64).div_ceil(4).max(1);
         }
     }
 
@@ -561,6 +585,21 @@ mod tests {
             ],
         );
         assert_eq!(meter.usage().unwrap().total(), 17);
+    }
+
+    #[test]
+    fn output_is_estimated_from_text_tool_arguments_and_thinking() {
+        let mut meter = UsageMeter::new(Api::ChatCompletions, true, false, true);
+        let chat = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]}}]}\n\n";
+        run(&mut meter, &[chat]);
+        assert_eq!(meter.output_estimate(), 5, "18 bytes of arguments");
+        let mut meter = UsageMeter::new(Api::AnthropicMessages, true, false, true);
+        let thinking = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Let me see.\"}}\n\n";
+        run(&mut meter, &[thinking]);
+        assert_eq!(meter.output_estimate(), 3);
+        let asked_null = read_request(Api::ChatCompletions, br#"{"stream":true,"stream_options":null}"#, true);
+        let rewritten: Value = serde_json::from_slice(&asked_null.rewritten.unwrap()).unwrap();
+        assert_eq!(rewritten["stream_options"]["include_usage"], true);
     }
 
     #[test]
