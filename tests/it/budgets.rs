@@ -526,6 +526,11 @@ grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], pa
 id = "rollout-1"
 role = "rollout"
 key_sha256 = "{rollout}"
+[[budgets]]
+name = "rollout-tiny"
+role = "rollout"
+tokens = 1
+window = "day"
 {admin}"#,
         trial = sha(TRIAL_KEY),
         rollout = sha(ROLLOUT_KEY),
@@ -564,12 +569,19 @@ key_sha256 = "{rollout}"
     assert_eq!(record["wouldDeny"][0]["policy"], "role:rollout", "{record}");
     let r = h.client.get(h.url("/github/user")).bearer_auth(ROLLOUT_KEY).send().await.unwrap();
     assert_eq!(r.status(), 403);
+    // The role's budgets are shadowed with it: an enforced budget of 1 token lets the call by.
+    assert_eq!(post(ROLLOUT_KEY).await.unwrap().status(), 200);
+    let record = h.wait_for_audit(|r| r["agentId"] == "rollout-1" && r["method"] == "POST").await;
+    assert_eq!(record["decision"], "would_deny", "{record}");
+    assert_eq!(record["wouldDeny"][0]["policy"], "budget:rollout-tiny", "{record}");
+    assert_eq!(record["budgets"], json!(["rollout-tiny"]), "{record}");
 
     let metrics = h.metrics().await;
     for line in [
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"grant\"} 1",
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"quota\"} 2",
         "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 1",
+        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"budget\"} 1",
         "keyward_requests_total{route=\"openai\",status=\"200\",decision=\"would_deny\"}",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
