@@ -230,6 +230,7 @@ async fn admit<'r>(
     // A role in shadow mode lets its own agents' refused calls through (not its delegated keys').
     let role_shadow = limits_role.mode == Mode::Shadow && caller.delegation().is_none();
     let role_policy = || format!("role:{}", limits_role.name);
+    let shadowed = Shadowed { agent: root, presented_key: identified.presented_key() };
     let grant = match caller.authorize(route, method, &routed.rest) {
         Ok(grant) => {
             if grant.mode == Mode::Shadow
@@ -237,14 +238,14 @@ async fn admit<'r>(
             {
                 let index = limits_role.grants.iter().position(|g| std::ptr::eq(g, grant)).unwrap_or_default();
                 let policy = format!("grant:{}[{index}]", limits_role.name);
-                shadow_denied(state, audit, root, "grant", policy, refusal.message());
+                shadow_denied(state, audit, shadowed, "grant", policy, refusal.message());
             }
             grant
         }
         // The call goes with the credential of the role's first grant on the route; with none
         // there is no credential to send, and the refusal stands.
         Err(refusal) if role_shadow && limits_role.grants.iter().any(|g| g.route == *route) => {
-            shadow_denied(state, audit, root, "role", role_policy(), refusal.message());
+            shadow_denied(state, audit, shadowed, "role", role_policy(), refusal.message());
             limits_role.grants.iter().find(|g| g.route == *route).expect("checked above")
         }
         Err(refusal) => {
@@ -261,7 +262,7 @@ async fn admit<'r>(
             Err(over @ ProxyError::Throttled { .. }) if grant.quota_mode == Mode::Shadow || role_shadow => {
                 let kind = if grant.quota_mode == Mode::Shadow { "quota" } else { "role" };
                 let policy = if kind == "quota" { format!("quota:{route}") } else { role_policy() };
-                shadow_denied(state, audit, root, kind, policy, over.message());
+                shadow_denied(state, audit, shadowed, kind, policy, over.message());
             }
             checked => checked?,
         }
@@ -269,7 +270,7 @@ async fn admit<'r>(
     if let Some(max) = limits_role.max_in_flight {
         match state.limits.enter(root, max) {
             Ok(slot) => audit.hold(slot),
-            Err(over) if role_shadow => shadow_denied(state, audit, root, "role", role_policy(), over.message()),
+            Err(over) if role_shadow => shadow_denied(state, audit, shadowed, "role", role_policy(), over.message()),
             Err(over) => return Err(over),
         }
     }
@@ -306,6 +307,7 @@ async fn meter(
     let limits_role = identified.caller.limits_role();
     let role = &limits_role.name;
     let role_shadow = limits_role.mode == Mode::Shadow && identified.caller.delegation().is_none();
+    let shadowed = Shadowed { agent, presented_key: identified.presented_key() };
     let budgets = budget::applicable(&config.budgets, agent, role);
     let shared = state.limits.shared.as_deref();
     let Some(api) = Api::detect(request.method(), &routed.rest) else {
@@ -355,7 +357,7 @@ async fn meter(
         would_deny.extend(reservation.would_deny.iter().cloned());
     }
     for (budget, reason) in would_deny {
-        shadow_denied(state, audit, agent, "budget", format!("budget:{budget}"), reason);
+        shadow_denied(state, audit, shadowed, "budget", format!("budget:{budget}"), reason);
     }
     let strip_usage_chunk = facts.rewritten.is_some();
     let body = match facts.rewritten {
@@ -379,18 +381,28 @@ async fn meter(
     Ok((Request::from_parts(parts, Body::from(body)), Some(metering)))
 }
 
-/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes on.
+/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes
+/// on. The reason can quote the path, so the key the agent presented is taken out of it.
 fn shadow_denied(
     state: &AppState,
     audit: &mut AuditGuard,
-    agent: &str,
+    shadowed: Shadowed<'_>,
     kind: &'static str,
     policy: String,
     reason: String,
 ) {
+    let Shadowed { agent, presented_key } = shadowed;
+    let reason = usage::without_key(reason, presented_key);
     tracing::info!(agent, policy = %policy, reason = %reason, "shadow mode: a policy would have refused this call");
     state.metrics.would_deny.get_or_create(&WouldDenyLabels { agent: agent.to_string(), policy: kind }).inc();
     audit.would_deny(policy, reason);
+}
+
+/// Who a shadow-mode decision is recorded for: the root agent, and the key it presented.
+#[derive(Clone, Copy)]
+struct Shadowed<'a> {
+    agent: &'a str,
+    presented_key: Option<&'a str>,
 }
 
 /// `resolve`: the credential the grant names, from its store (or the cache).

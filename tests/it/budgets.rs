@@ -569,6 +569,12 @@ window = "day"
     assert_eq!(record["wouldDeny"][0]["policy"], "role:rollout", "{record}");
     let r = h.client.get(h.url("/github/user")).bearer_auth(ROLLOUT_KEY).send().await.unwrap();
     assert_eq!(r.status(), 403);
+    // A path that carries the agent's key is refused, and the would-deny reason that quotes
+    // the path does not carry the key into the record.
+    let r = h.client.get(h.url(&format!("/openai/v1/models/{ROLLOUT_KEY}"))).bearer_auth(ROLLOUT_KEY).send();
+    assert_eq!(r.await.unwrap().status(), 400);
+    let audit = std::fs::read_to_string(h.audit_path()).unwrap();
+    assert!(!audit.contains(ROLLOUT_KEY), "the agent key reached the audit file");
     // The role's budgets are shadowed with it: an enforced budget of 1 token lets the call by.
     assert_eq!(post(ROLLOUT_KEY).await.unwrap().status(), 200);
     let record = h.wait_for_audit(|r| r["agentId"] == "rollout-1" && r["method"] == "POST").await;
@@ -580,7 +586,7 @@ window = "day"
     for line in [
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"grant\"} 1",
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"quota\"} 2",
-        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 1",
+        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 2",
         "keyward_would_deny_total{agent=\"rollout-1\",policy=\"budget\"} 1",
         "keyward_requests_total{route=\"openai\",status=\"200\",decision=\"would_deny\"}",
     ] {
@@ -589,7 +595,7 @@ window = "day"
     // The audit report and the dashboard's summary list them per agent and policy.
     let report = admin_get(&h.client, &format!("{}/admin/report?format=json", h.admin)).await;
     assert_eq!(report["would_deny"]["trial-1"]["quota:openai"], 2, "{report}");
-    assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 1, "{report}");
+    assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 2, "{report}");
     let summary = admin_get(&h.client, &format!("{}/admin/audit/summary", h.admin)).await;
     assert_eq!(summary["would_deny"]["trial-1"]["grant:trialist[1]"], 1, "{summary}");
     h.stop().await;
