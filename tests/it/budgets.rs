@@ -596,6 +596,10 @@ window = "day"
     let report = admin_get(&h.client, &format!("{}/admin/report?format=json", h.admin)).await;
     assert_eq!(report["would_deny"]["trial-1"]["quota:openai"], 2, "{report}");
     assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 2, "{report}");
+    let text = h.client.get(format!("{}/admin/report?format=text", h.admin)).bearer_auth(ADMIN_TOKEN).send();
+    let text = text.await.unwrap().text().await.unwrap();
+    assert!(text.contains("would have been refused (policies in shadow mode):"), "{text}");
+    assert!(text.lines().any(|l| l.contains("trial-1") && l.contains("quota:openai") && l.ends_with(" 2")), "{text}");
     let summary = admin_get(&h.client, &format!("{}/admin/audit/summary", h.admin)).await;
     assert_eq!(summary["would_deny"]["trial-1"]["grant:trialist[1]"], 1, "{summary}");
     h.stop().await;
