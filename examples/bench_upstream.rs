@@ -2,7 +2,7 @@
 //! `/stream16k` streams 16 KiB in 1 KiB chunks, `/sse?events=N&interval_ms=M` streams events,
 //! and `/chat/completions` (and `/chat16k`, the same bytes on a path keyward does not meter)
 //! streams about 16 KiB of chat completion chunks, one per write, ending with a usage chunk
-//! and `data: [DONE]`.
+//! and `data: [DONE]` (`/chat/completions?events=N&interval_ms=M`: N chunks M ms apart).
 //!
 //! Usage: `cargo run --release --example bench_upstream -- 127.0.0.1:18081`
 
@@ -52,7 +52,33 @@ async fn handle(request: Request<Incoming>, json: Bytes) -> Result<Response<BoxB
     let path = request.uri().path().to_string();
     // Drain the request body so keep-alive connections stay usable.
     let _ = request.into_body().collect().await;
-    let response = if path.ends_with("/chat/completions") || path.ends_with("/chat16k") {
+    let paced = query.contains("events=");
+    let response = if path.ends_with("/chat/completions") && paced {
+        // Chat chunks `interval_ms` apart, then the usage chunk and [DONE]: for time to first event.
+        let (events, interval) = (param("events", 50), param("interval_ms", 40));
+        let stream = futures_util::stream::unfold(0u64, move |i| async move {
+            if i > events + 1 {
+                return None;
+            }
+            if i > 0 && i < events {
+                tokio::time::sleep(Duration::from_millis(interval)).await;
+            }
+            let data = if i < events {
+                format!(
+                    "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"tok{i} \"}}}}],\"usage\":null}}\n\n"
+                )
+            } else if i == events {
+                format!(
+                    "data: {{\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{{\"prompt_tokens\":12,\"completion_tokens\":{events},\"total_tokens\":{}}}}}\n\n",
+                    12 + events
+                )
+            } else {
+                "data: [DONE]\n\n".to_string()
+            };
+            Some((Ok::<_, Infallible>(Frame::data(Bytes::from(data))), i + 1))
+        });
+        Response::builder().header("content-type", "text/event-stream").body(BodyExt::boxed(StreamBody::new(stream)))
+    } else if path.ends_with("/chat/completions") || path.ends_with("/chat16k") {
         let stream = futures_util::stream::iter(chat_16k().into_iter().map(|e| Ok::<_, Infallible>(Frame::data(e))));
         Response::builder().header("content-type", "text/event-stream").body(BodyExt::boxed(StreamBody::new(stream)))
     } else if path.ends_with("/stream16k") {

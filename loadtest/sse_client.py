@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time to first SSE event, and whether events arrive as they are sent, for several targets.
 
-usage: sse_client.py OUT ROUNDS STREAMS KEY MODE=URL...
+usage: sse_client.py OUT ROUNDS STREAMS KEY MODE=URL...  (URL or POST:URL for a streamed chat completion)
 Each round opens STREAMS concurrent streams to every MODE in turn (interleaved); each stream is
 bounded by a 15 s timeout. Per stream: ttfb (request written to the first `data:` event, the
 connection already open) and spread (first to last event: an upstream that streams 50 events over
@@ -15,14 +15,22 @@ import time
 from urllib.parse import urlsplit
 
 
+# A streamed chat completion that does not ask for usage (keyward asks for it on a metered route).
+CHAT = b'{"model":"gpt-4o","max_tokens":256,"stream":true,"messages":[{"role":"user","content":"hello"}]}'
+
+
 async def stream(url, key):
-    parts = urlsplit(url)
+    # "POST:URL" posts CHAT (a metered call through keyward); a plain URL is a GET.
+    post = url.startswith("POST:")
+    parts = urlsplit(url.removeprefix("POST:"))
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = (f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
-               "Accept: text/event-stream\r\nConnection: close\r\n\r\n")
+    method, body = ("POST", CHAT) if post else ("GET", b"")
+    extra = f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n" if post else ""
+    request = (f"{method} {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nAuthorization: Bearer {key}\r\n"
+               f"Accept: text/event-stream\r\n{extra}Connection: close\r\n\r\n").encode() + body
     start = time.perf_counter()
-    writer.write(request.encode())
+    writer.write(request)
     await writer.drain()
     events, status = [], b""
     while chunk := await reader.read(65536):

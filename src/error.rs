@@ -133,9 +133,9 @@ pub enum ProxyError {
         retry_after: std::time::Duration,
     },
     /// A cost budget applies, the model has no price, and `usage.unknown_model = "refuse"`.
+    /// (The model is the agent's text, so the message does not repeat it.)
     ModelNotPriced {
         budget: String,
-        model: Option<String>,
     },
     /// The shared limiter (Redis) is down and `redis_failure = "fail_closed"`.
     LimiterUnavailable,
@@ -343,9 +343,8 @@ impl ProxyError {
                 "budget '{budget}' has no room left for this call of agent '{agent}' ({limit} per {window}); it resets in {} s",
                 retry_after.as_secs_f64().ceil() as u64
             ),
-            ProxyError::ModelNotPriced { budget, model } => format!(
-                "budget '{budget}' limits cost, and model '{}' has no price in [usage.prices] (usage.unknown_model = \"refuse\")",
-                model.as_deref().unwrap_or("(none named)")
+            ProxyError::ModelNotPriced { budget } => format!(
+                "budget '{budget}' limits cost, and the requested model has no price in [usage.prices] (usage.unknown_model = \"refuse\")"
             ),
             ProxyError::DelegationRevoked { id } => format!("delegated key '{id}' has been revoked"),
             ProxyError::DelegationExpired { id } => format!("delegated key '{id}' has expired"),

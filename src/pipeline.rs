@@ -34,8 +34,8 @@ use crate::error::ProxyError;
 use crate::forward::{self, Forwarder, TimedBody};
 use crate::identity;
 use crate::limit::Detection;
-use crate::limit::budget::{self, Amount, Claim};
-use crate::limit::metered::{Handles, MeteredBody, Metering, Reserved};
+use crate::limit::budget::{self, Claim};
+use crate::limit::metered::{Call, Handles, MeteredBody, Metering, Reserved};
 use crate::metrics::{AnomalyLabels, BudgetLabel, WouldDenyLabels};
 use crate::outbound;
 use crate::policy;
@@ -44,7 +44,7 @@ use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::server::PeerCred;
 use crate::server::forward::Via;
 use crate::state::{AppState, Runtime};
-use crate::usage::{self, Api, Usage};
+use crate::usage::{self, Api};
 
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
@@ -284,6 +284,7 @@ async fn admit<'r>(
     // A role in shadow mode lets its own agents' refused calls through (not its delegated keys').
     let role_shadow = limits_role.mode == Mode::Shadow && caller.delegation().is_none();
     let role_policy = || format!("role:{}", limits_role.name);
+    let shadowed = Shadowed { agent: root, presented_key: identified.presented_key() };
     let grant = match caller.authorize(route, method, &routed.rest) {
         Ok(grant) => {
             if grant.mode == Mode::Shadow
@@ -291,14 +292,14 @@ async fn admit<'r>(
             {
                 let index = limits_role.grants.iter().position(|g| std::ptr::eq(g, grant)).unwrap_or_default();
                 let policy = format!("grant:{}[{index}]", limits_role.name);
-                shadow_denied(state, audit, root, "grant", policy, refusal.message());
+                shadow_denied(state, audit, shadowed, "grant", policy, refusal.message());
             }
             grant
         }
         // The call goes with the credential of the role's first grant on the route; with none
         // there is no credential to send, and the refusal stands.
         Err(refusal) if role_shadow && limits_role.grants.iter().any(|g| g.route == *route) => {
-            shadow_denied(state, audit, root, "role", role_policy(), refusal.message());
+            shadow_denied(state, audit, shadowed, "role", role_policy(), refusal.message());
             limits_role.grants.iter().find(|g| g.route == *route).expect("checked above")
         }
         Err(refusal) => {
@@ -315,7 +316,7 @@ async fn admit<'r>(
             Err(over @ ProxyError::Throttled { .. }) if grant.quota_mode == Mode::Shadow || role_shadow => {
                 let kind = if grant.quota_mode == Mode::Shadow { "quota" } else { "role" };
                 let policy = if kind == "quota" { format!("quota:{route}") } else { role_policy() };
-                shadow_denied(state, audit, root, kind, policy, over.message());
+                shadow_denied(state, audit, shadowed, kind, policy, over.message());
             }
             checked => checked?,
         }
@@ -323,7 +324,7 @@ async fn admit<'r>(
     if let Some(max) = limits_role.max_in_flight {
         match state.limits.enter(root, max) {
             Ok(slot) => audit.hold(slot),
-            Err(over) if role_shadow => shadow_denied(state, audit, root, "role", role_policy(), over.message()),
+            Err(over) if role_shadow => shadow_denied(state, audit, shadowed, "role", role_policy(), over.message()),
             Err(over) => return Err(over),
         }
     }
@@ -360,6 +361,7 @@ async fn meter(
     let limits_role = identified.caller.limits_role();
     let role = &limits_role.name;
     let role_shadow = limits_role.mode == Mode::Shadow && identified.caller.delegation().is_none();
+    let shadowed = Shadowed { agent, presented_key: identified.presented_key() };
     let budgets = budget::applicable(&config.budgets, agent, role);
     let shared = state.limits.shared.as_deref();
     let Some(api) = Api::detect(request.method(), &routed.rest) else {
@@ -378,7 +380,8 @@ async fn meter(
             Err(_) => return Err(ProxyError::BadBody),
         }
     };
-    let facts = usage::read_request(api, &body);
+    let add_stream_usage = !config.usage.no_stream_usage.contains(&routed.route.name);
+    let facts = usage::read_request(api, &body, add_stream_usage);
     // About four bytes of request a token: more than the prompt's tokens, as JSON adds bytes.
     let input_estimate = (body.len() as u64).div_ceil(4);
     let max_output = facts.max_output_tokens.unwrap_or(config.usage.default_max_output_tokens);
@@ -387,10 +390,7 @@ async fn meter(
     if price.is_none()
         && let Some(cost_budget) = budgets.iter().find(|b| b.cost_micro_usd.is_some())
     {
-        let refusal = ProxyError::ModelNotPriced {
-            budget: cost_budget.name.clone(),
-            model: facts.model.as_deref().map(|m| m.chars().take(80).collect()),
-        };
+        let refusal = ProxyError::ModelNotPriced { budget: cost_budget.name.clone() };
         if cost_budget.mode == Mode::Enforce && !role_shadow {
             return Err(refusal);
         }
@@ -399,17 +399,7 @@ async fn meter(
     let reservation = if budgets.is_empty() {
         None
     } else {
-        let reserved = Usage { input_tokens: input_estimate, output_tokens: max_output, ..Usage::default() };
-        let worst_input = price.map_or(0.0, |p| p.input.max(p.cache_write).max(p.cache_read));
-        let claim = Claim {
-            amount: Amount {
-                tokens: input_estimate + max_output,
-                micro_usd: price
-                    .map_or(0, |p| (worst_input * input_estimate as f64 + p.output * max_output as f64).ceil() as u64),
-            },
-            max_output: reserved.output_tokens,
-            output_micro_per_token: price.map_or(0.0, |p| p.output),
-        };
+        let claim = Claim::worst_case(price, input_estimate, max_output);
         let reserved =
             state.limits.budgets.reserve(shared, &budgets, agent, claim, role_shadow, budget::unix_now()).await;
         if let Err(ProxyError::BudgetExceeded { budget, .. }) = &reserved {
@@ -421,7 +411,7 @@ async fn meter(
         would_deny.extend(reservation.would_deny.iter().cloned());
     }
     for (budget, reason) in would_deny {
-        shadow_denied(state, audit, agent, "budget", format!("budget:{budget}"), reason);
+        shadow_denied(state, audit, shadowed, "budget", format!("budget:{budget}"), reason);
     }
     let strip_usage_chunk = facts.rewritten.is_some();
     let body = match facts.rewritten {
@@ -439,24 +429,34 @@ async fn meter(
         metrics: state.metrics.clone(),
     };
     let reserved = Reserved { input_tokens: input_estimate, output_tokens: max_output };
-    let metering =
-        Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, agent, &routed.route.name);
+    let call = Call { agent, route: &routed.route.name, agent_key: identified.presented_key() };
+    let metering = Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, call);
     audit.settle_with(charged, metering.settle_hook());
     Ok((Request::from_parts(parts, Body::from(body)), Some(metering)))
 }
 
-/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes on.
+/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes
+/// on. The reason can quote the path, so the key the agent presented is taken out of it.
 fn shadow_denied(
     state: &AppState,
     audit: &mut AuditGuard,
-    agent: &str,
+    shadowed: Shadowed<'_>,
     kind: &'static str,
     policy: String,
     reason: String,
 ) {
+    let Shadowed { agent, presented_key } = shadowed;
+    let reason = usage::without_key(reason, presented_key);
     tracing::info!(agent, policy = %policy, reason = %reason, "shadow mode: a policy would have refused this call");
     state.metrics.would_deny.get_or_create(&WouldDenyLabels { agent: agent.to_string(), policy: kind }).inc();
     audit.would_deny(policy, reason);
+}
+
+/// Who a shadow-mode decision is recorded for: the root agent, and the key it presented.
+#[derive(Clone, Copy)]
+struct Shadowed<'a> {
+    agent: &'a str,
+    presented_key: Option<&'a str>,
 }
 
 /// `resolve`: the credential the grant names, from its store (or the cache); for a secret whose

@@ -43,7 +43,8 @@ impl Api {
             Some(Api::ChatCompletions)
         } else if path.ends_with("/responses") {
             Some(Api::Responses)
-        } else if path.ends_with("/messages") {
+        } else if path.ends_with("/messages") && !path.contains("/threads/") {
+            // (OpenAI's Assistants API posts to `/threads/{id}/messages`, which reports no usage.)
             Some(Api::AnthropicMessages)
         } else {
             None
@@ -88,21 +89,42 @@ pub struct RequestFacts {
     pub rewritten: Option<Bytes>,
 }
 
-/// Reads what metering needs from a JSON request body. A body that is not a JSON object tells
-/// nothing (and is forwarded as it is).
-pub fn read_request(api: Api, body: &[u8]) -> RequestFacts {
+/// A model name as keyward keeps it (for the audit record and pricing): at most 128 characters,
+/// since a request can name anything.
+pub fn model_name(model: &str) -> String {
+    model.chars().take(128).collect()
+}
+
+/// `text` with the agent's key replaced by `[agent-key]`: a model name is the agent's text, and
+/// it goes into the audit record, where the key never may.
+pub fn without_key(text: String, key: Option<&str>) -> String {
+    match key {
+        Some(key) if key.len() >= crate::outbound::MIN_SEARCHED_KEY_LEN && text.contains(key) => {
+            text.replace(key, "[agent-key]")
+        }
+        _ => text,
+    }
+}
+
+/// Reads what metering needs from a JSON request body; `add_stream_usage` lets keyward ask a
+/// streamed chat completion for its usage. A body that is not a JSON object tells nothing (and
+/// is forwarded as it is).
+pub fn read_request(api: Api, body: &[u8], add_stream_usage: bool) -> RequestFacts {
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else { return RequestFacts::default() };
     let number = |key: &str| object.get(key).and_then(Value::as_u64);
     let max_output_tokens =
         number("max_completion_tokens").or_else(|| number("max_tokens")).or_else(|| number("max_output_tokens"));
-    let model = object.get("model").and_then(Value::as_str).map(str::to_string);
+    let model = object.get("model").and_then(Value::as_str).map(model_name);
     let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut rewritten = None;
-    if api == Api::ChatCompletions && stream {
+    if api == Api::ChatCompletions && stream && add_stream_usage {
         let asked =
             object.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool).unwrap_or(false);
         if !asked {
-            let options = object.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+            let options = object.entry("stream_options").or_insert(Value::Null);
+            if options.is_null() {
+                *options = Value::Object(Default::default());
+            }
             if let Value::Object(options) = options {
                 options.insert("include_usage".into(), Value::Bool(true));
                 rewritten = serde_json::to_vec(&Value::Object(object)).ok().map(Bytes::from);
@@ -293,7 +315,8 @@ impl UsageMeter {
             }
             return Verdict::WithoutNullUsage;
         }
-        let completed = kind.is_some_and(|k| k == b"response.completed" || k == b"response.incomplete")
+        let completed = kind
+            .is_some_and(|k| k == b"response.completed" || k == b"response.incomplete" || k == b"response.failed")
             || (self.api == Api::Responses && memchr::memmem::find(&payload, b"\"response.completed\"").is_some());
         if self.estimate_output && !has_usage {
             self.estimate(&payload);
@@ -356,7 +379,7 @@ impl UsageMeter {
 
     fn take_model(&mut self, object: &Value) {
         if let Some(model) = object.get("model").and_then(Value::as_str) {
-            self.model = Some(model.to_string());
+            self.model = Some(model_name(model));
         }
     }
 
@@ -370,16 +393,36 @@ impl UsageMeter {
     }
 
     /// Adds the tokens a content event carries: about four bytes of text a token, at least one.
+    /// Text, tool-call arguments and reasoning all count as output.
     fn estimate_value(&mut self, value: &Value) {
-        let text = match self.api {
-            Api::ChatCompletions => value.pointer("/choices/0/delta/content").and_then(Value::as_str),
-            Api::Responses => (value.get("type").and_then(Value::as_str) == Some("response.output_text.delta"))
-                .then(|| value.get("delta").and_then(Value::as_str))
-                .flatten(),
-            Api::AnthropicMessages => value.pointer("/delta/text").and_then(Value::as_str),
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map_or(0, str::len);
+        let bytes = match self.api {
+            Api::ChatCompletions => value.pointer("/choices").and_then(Value::as_array).map(|choices| {
+                choices
+                    .iter()
+                    .map(|c| {
+                        let delta = c.get("delta");
+                        let tools = delta.and_then(|d| d.get("tool_calls")).and_then(Value::as_array);
+                        text(delta.and_then(|d| d.get("content")))
+                            + text(delta.and_then(|d| d.get("reasoning_content")))
+                            + tools.map_or(0, |t| t.iter().map(|t| text(t.pointer("/function/arguments"))).sum())
+                    })
+                    .sum::<usize>()
+            }),
+            Api::Responses => value
+                .get("type")
+                .and_then(Value::as_str)
+                .filter(|t| t.ends_with(".delta"))
+                .map(|_| text(value.get("delta"))),
+            Api::AnthropicMessages => {
+                (value.get("type").and_then(Value::as_str) == Some("content_block_delta")).then(|| {
+                    let delta = value.get("delta");
+                    ["text", "partial_json", "thinking"].iter().map(|k| text(delta.and_then(|d| d.get(*k)))).sum()
+                })
+            }
         };
-        if let Some(text) = text {
-            self.output_estimate += (text.len() as u64).div_ceil(4).max(1);
+        if let Some(bytes) = bytes.filter(|b| *b > 0) {
+            self.output_estimate += (bytes as u64).div_ceil(4).max(1);
         }
     }
 
@@ -545,6 +588,21 @@ mod tests {
     }
 
     #[test]
+    fn output_is_estimated_from_text_tool_arguments_and_thinking() {
+        let mut meter = UsageMeter::new(Api::ChatCompletions, true, false, true);
+        let chat = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"city\\\": \\\"Paris\\\"}\"}}]}}]}\n\n";
+        run(&mut meter, &[chat]);
+        assert_eq!(meter.output_estimate(), 5, "18 bytes of arguments");
+        let mut meter = UsageMeter::new(Api::AnthropicMessages, true, false, true);
+        let thinking = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Let me see.\"}}\n\n";
+        run(&mut meter, &[thinking]);
+        assert_eq!(meter.output_estimate(), 3);
+        let asked_null = read_request(Api::ChatCompletions, br#"{"stream":true,"stream_options":null}"#, true);
+        let rewritten: Value = serde_json::from_slice(&asked_null.rewritten.unwrap()).unwrap();
+        assert_eq!(rewritten["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
     fn a_cut_ends_the_stream_after_a_whole_event() {
         let mut meter = UsageMeter::new(Api::ChatCompletions, true, false, true);
         let event = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok \"}}]}\n\n";
@@ -556,7 +614,7 @@ mod tests {
 
     #[test]
     fn request_facts_and_the_include_usage_rewrite() {
-        let facts = read_request(Api::ChatCompletions, br#"{"model":"gpt-4o","max_tokens":50,"stream":true}"#);
+        let facts = read_request(Api::ChatCompletions, br#"{"model":"gpt-4o","max_tokens":50,"stream":true}"#, true);
         assert_eq!(facts.model.as_deref(), Some("gpt-4o"));
         assert_eq!(facts.max_output_tokens, Some(50));
         let rewritten: Value = serde_json::from_slice(&facts.rewritten.unwrap()).unwrap();
@@ -564,13 +622,23 @@ mod tests {
         let asked = read_request(
             Api::ChatCompletions,
             br#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true}}"#,
+            true,
         );
         assert!(asked.rewritten.is_none());
-        let responses = read_request(Api::Responses, br#"{"model":"gpt-4.1","max_output_tokens":9,"stream":true}"#);
+        let responses =
+            read_request(Api::Responses, br#"{"model":"gpt-4.1","max_output_tokens":9,"stream":true}"#, true);
         assert_eq!((responses.max_output_tokens, responses.rewritten), (Some(9), None));
-        assert_eq!(read_request(Api::AnthropicMessages, b"not json"), RequestFacts::default());
+        assert_eq!(read_request(Api::AnthropicMessages, b"not json", true), RequestFacts::default());
+        let old_azure = read_request(Api::ChatCompletions, br#"{"stream":true}"#, false);
+        assert!(old_azure.stream && old_azure.rewritten.is_none());
         assert_eq!(Api::detect(&http::Method::POST, "/v1/chat/completions"), Some(Api::ChatCompletions));
         assert_eq!(Api::detect(&http::Method::GET, "/v1/chat/completions"), None);
         assert_eq!(Api::detect(&http::Method::POST, "/repos/x"), None);
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/messages"), Some(Api::AnthropicMessages));
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/threads/thread_1/messages"), None);
+        assert_eq!(Api::detect(&http::Method::POST, "/v1/messages/count_tokens"), None);
+        let key = "kw_agentKeyThatMustNeverBeRecorded";
+        assert_eq!(without_key(format!("gpt-{key}"), Some(key)), "gpt-[agent-key]");
+        assert_eq!(without_key("gpt-4o".into(), Some(key)), "gpt-4o");
     }
 }

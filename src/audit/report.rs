@@ -379,6 +379,32 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn would_deny_decisions_and_spend_are_counted_per_agent() {
+        let records = [
+            json!({ "agentId": "a", "decision": "would_deny", "wouldDeny": [{ "policy": "budget:b", "reason": "r" }, { "policy": "quota:openai", "reason": "r" }],
+                    "usage": { "inputTokens": 3, "outputTokens": 7, "cacheReadTokens": 2, "cacheWriteTokens": 0, "costUsd": 0.5, "reported": true } }),
+            json!({ "agentId": "a", "decision": "would_deny", "wouldDeny": [{ "policy": "budget:b", "reason": "r" }],
+                    "usage": { "inputTokens": 1, "outputTokens": 1, "cacheReadTokens": 0, "cacheWriteTokens": 0, "costUsd": null, "reported": false } }),
+            json!({ "agentId": "b", "decision": "allowed" }),
+        ];
+        let mut table = BTreeMap::new();
+        let mut spend = Spend::default();
+        let mut counts = Counts::default();
+        for record in &records {
+            count_would_deny(&mut table, record);
+            count(&mut counts, record);
+            if record["agentId"] == "a" {
+                spend.count(record);
+            }
+        }
+        assert_eq!(table["a"]["budget:b"], 2);
+        assert_eq!(table["a"]["quota:openai"], 1);
+        assert!(!table.contains_key("b"));
+        assert_eq!(spend, Spend { calls: 2, tokens: 14, cost_usd: 0.5, unreported: 1 });
+        assert_eq!((counts.allowed, counts.would_deny, counts.errors), (3, 2, 0));
+    }
+
+    #[test]
     fn figures_match_a_known_trail() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");

@@ -45,11 +45,19 @@ pub struct UsageConfig {
     /// Model → price. A model is priced by its exact name, else by the longest name here that
     /// it starts with followed by `-` (`gpt-4o` prices `gpt-4o-2024-08-06`).
     pub prices: BTreeMap<String, Price>,
+    /// Routes whose streamed chat completions keyward does not ask for usage (an upstream that
+    /// refuses `stream_options`, such as Azure OpenAI before API version 2024-09-01).
+    pub no_stream_usage: Vec<String>,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
-        UsageConfig { default_max_output_tokens: 4096, unknown_model: UnknownModel::Refuse, prices: BTreeMap::new() }
+        UsageConfig {
+            default_max_output_tokens: 4096,
+            unknown_model: UnknownModel::Refuse,
+            prices: BTreeMap::new(),
+            no_stream_usage: Vec::new(),
+        }
     }
 }
 

@@ -394,6 +394,25 @@ impl Config {
     /// Advice about a valid config: things that work, but probably not as intended.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        for b in &self.budgets {
+            if b.cost_micro_usd.is_some()
+                && self.usage.prices.is_empty()
+                && self.usage.unknown_model == budget::UnknownModel::Refuse
+            {
+                out.push(format!(
+                    "budget '{}' limits cost, but [usage.prices] is empty and usage.unknown_model = \"refuse\": every metered call it applies to is refused (model_not_priced)",
+                    b.name
+                ));
+            }
+        }
+        for role in self.roles.values() {
+            if role.mode == crate::policy::Mode::Shadow {
+                out.push(format!(
+                    "role '{}' is in shadow mode: what its grants, quotas and budgets would refuse goes through, recorded as would_deny",
+                    role.name
+                ));
+            }
+        }
         for source in &self.sources {
             let Some(policy) = source.rotation.as_ref().filter(|p| p.enabled) else { continue };
             let probed = self.roles.values().flat_map(|r| &r.grants).any(|g| {

@@ -55,6 +55,8 @@ pub struct RawUsage {
     pub default_price: Option<RawPrice>,
     #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
+    #[serde(default)]
+    pub no_stream_usage: Vec<String>,
 }
 
 /// USD per million tokens; cached tokens cost the input price unless set.

@@ -118,6 +118,22 @@ pub struct Claim {
     pub output_micro_per_token: f64,
 }
 
+impl Claim {
+    /// A call's worst case: `input` estimated tokens at the highest of the model's input and
+    /// cache prices, and `max_output` tokens at its output price (no cost without a price).
+    pub fn worst_case(price: Option<crate::config::budget::Price>, input: u64, max_output: u64) -> Claim {
+        let micro_usd = price.map_or(0, |p| {
+            let input_price = p.input.max(p.cache_write).max(p.cache_read);
+            (input_price * input as f64 + p.output * max_output as f64).ceil() as u64
+        });
+        Claim {
+            amount: Amount { tokens: input + max_output, micro_usd },
+            max_output,
+            output_micro_per_token: price.map_or(0.0, |p| p.output),
+        }
+    }
+}
+
 /// One account a reservation was made in.
 #[derive(Debug, Clone)]
 struct Line {
@@ -573,6 +589,15 @@ mod tests {
         };
         assert_eq!(retry_after, Duration::from_secs(5));
         budgets.reserve(None, &both, "a", claim(60, 100), false, now + 10).await.unwrap();
+    }
+
+    #[test]
+    fn the_worst_case_prices_input_at_the_dearest_input_rate() {
+        let price = crate::config::budget::Price { input: 3.0, output: 15.0, cache_read: 0.3, cache_write: 3.75 };
+        let claim = Claim::worst_case(Some(price), 100, 50);
+        assert_eq!(claim.amount, Amount { tokens: 150, micro_usd: 375 + 750 });
+        assert_eq!((claim.max_output, claim.output_micro_per_token), (50, 15.0));
+        assert_eq!(Claim::worst_case(None, 100, 50).amount, Amount { tokens: 150, micro_usd: 0 });
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use zeroize::Zeroizing;
 
 use super::budget::{self, Amount, Budgets, Reservation};
 use super::shared::Shared;
@@ -42,6 +43,17 @@ pub struct Metering {
     metrics: Arc<Metrics>,
     agent: String,
     route: String,
+    /// The key the agent presented: a model name (the agent's text, or an upstream's echo of it)
+    /// is recorded without it.
+    agent_key: Option<Zeroizing<String>>,
+}
+
+/// Whose call it is: the root agent and route (metric labels), and the key the agent presented
+/// (kept out of the model name the record holds).
+pub struct Call<'a> {
+    pub agent: &'a str,
+    pub route: &'a str,
+    pub agent_key: Option<&'a str>,
 }
 
 /// The handles a metered call settles with.
@@ -53,7 +65,6 @@ pub struct Handles {
 }
 
 impl Metering {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         api: Api,
         strip_usage_chunk: bool,
@@ -61,8 +72,7 @@ impl Metering {
         reserved: Reserved,
         reservation: Option<Reservation>,
         handles: Handles,
-        agent: &str,
-        route: &str,
+        call: Call<'_>,
     ) -> Arc<Metering> {
         Arc::new(Metering {
             api,
@@ -78,8 +88,9 @@ impl Metering {
             budgets: handles.budgets,
             shared: handles.shared,
             metrics: handles.metrics,
-            agent: agent.to_string(),
-            route: route.to_string(),
+            agent: call.agent.to_string(),
+            route: call.route.to_string(),
+            agent_key: call.agent_key.map(|k| Zeroizing::new(k.to_string())),
         })
     }
 
@@ -135,7 +146,8 @@ impl Metering {
                 None => (None, Usage::default(), None),
             }
         };
-        let model = model.or_else(|| self.request_model.clone());
+        let key = self.agent_key.as_deref().map(String::as_str);
+        let model = model.or_else(|| self.request_model.clone()).map(|m| crate::usage::without_key(m, key));
         let reserved_usage = Usage {
             input_tokens: self.reserved.input_tokens,
             output_tokens: self.reserved.output_tokens,
@@ -280,7 +292,9 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || (self.metering.is_none() && self.inner.is_end_stream())
+        // The inner body ends either before any frame (an empty body: nothing to meter) or with
+        // the frame after which the meter was finished (`done`), so its end is this body's end.
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -157,8 +157,15 @@ async fn the_openai_and_anthropic_clients_are_charged_exactly_what_the_upstream_
         "{metrics}"
     );
     assert!(metrics.contains("keyward_cost_usd_total{agent=\"worker-1\",model=\"gpt-fake\",route=\"openai\"}"));
+    // A model name is the agent's text: one that carries the agent's key is refused under a
+    // cost budget without the key in the message, and never recorded with it.
+    let body = json!({ "model": format!("o9-{WORKER_KEY}"), "max_tokens": 5, "messages": [] });
+    let r = h.client.post(h.url("/openai/v1/chat/completions")).bearer_auth(WORKER_KEY).json(&body).send();
+    let error = r.await.unwrap().text().await.unwrap();
+    assert!(error.contains("model_not_priced") && !error.contains(WORKER_KEY), "{error}");
     let audit = std::fs::read_to_string(h.audit_path()).unwrap();
     assert_no_canary("the audit file", &audit);
+    assert!(!audit.contains(WORKER_KEY), "the agent key reached the audit file");
     h.stop().await;
 }
 
@@ -182,6 +189,10 @@ async fn a_token_budget_admits_until_the_reservation_no_longer_fits_then_429_unt
     let body = json!({ "model": "gpt-fake", "max_tokens": 50, "messages": [{ "role": "user", "content": "hello" }] });
     let reservation = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) + 50;
     assert!(reservation > 100 / 2 && reservation < 100 - 2 * 12, "the test assumes 3 calls fit: {reservation}");
+    // The first call through a fresh keyward is slow (connections, first fetch); another agent
+    // makes it, so the budgeted calls fit in one window.
+    let warm = h.client.get(h.url("/openai/v1/models")).bearer_auth(READER_KEY).send().await.unwrap();
+    assert_eq!(warm.status(), 200);
     at_window_start(3).await;
     let started = Instant::now();
     // Each call reserves `reservation` and settles at the 12 tokens the fake reports.
@@ -205,7 +216,7 @@ async fn a_token_budget_admits_until_the_reservation_no_longer_fits_then_429_unt
     assert!(started.elapsed() < Duration::from_millis(2900), "the calls spanned a window; the machine is too slow");
     assert_eq!(admitted, (100 - reservation) / 12 + 1, "admitted until 12 × n + {reservation} > 100");
     let upstream_calls = h.upstream.count();
-    assert_eq!(upstream_calls, admitted as usize, "the refused call never reached the upstream");
+    assert_eq!(upstream_calls, admitted as usize + 1, "the refused call never reached the upstream (+1: warm-up)");
     let refused = h.wait_for_audit(|r| r["errorCode"] == "budget_exceeded").await;
     assert_eq!(refused["decision"], "throttled");
     assert!(refused.get("secretSource").is_none(), "the secret store was not touched: {refused}");
@@ -422,6 +433,12 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
                     }
                     429 => {
                         let error: Value = r.json().await.unwrap();
+                        // On a loaded machine a Redis answer can outlast the 300 ms timeout:
+                        // replica B's budget fails closed then, and an agent retries.
+                        if error["error"]["code"] == "rate_limiter_unavailable" {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
                         assert_eq!(error["error"]["code"], "budget_exceeded", "{error}");
                         break;
                     }
@@ -455,7 +472,11 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(account["tokens"]["used"], 12 * admitted, "{account}");
-    assert_eq!(account["requests"], admitted, "every reservation counted, refused ones not: {account}");
+    // A reservation whose script ran after its caller had timed out stays reserved (the budget
+    // over-counts, never under-counts); otherwise every reservation was settled.
+    let reserved = account["tokens"]["reserved"].as_u64().unwrap();
+    assert_eq!(reserved % reservation, 0, "{account}");
+    assert!(account["requests"].as_u64().unwrap() >= admitted, "every reservation counted: {account}");
     let from_a = admin_get(&client, &format!("{}/admin/budgets", a.admin)).await;
     assert_eq!(from_a["budgets"][0]["accounts"][0]["tokens"]["used"], 12 * admitted);
 
@@ -505,6 +526,11 @@ grants = [{{ route = "openai", secret = "OPENAI_API_KEY", methods = ["POST"], pa
 id = "rollout-1"
 role = "rollout"
 key_sha256 = "{rollout}"
+[[budgets]]
+name = "rollout-tiny"
+role = "rollout"
+tokens = 1
+window = "day"
 {admin}"#,
         trial = sha(TRIAL_KEY),
         rollout = sha(ROLLOUT_KEY),
@@ -543,12 +569,25 @@ key_sha256 = "{rollout}"
     assert_eq!(record["wouldDeny"][0]["policy"], "role:rollout", "{record}");
     let r = h.client.get(h.url("/github/user")).bearer_auth(ROLLOUT_KEY).send().await.unwrap();
     assert_eq!(r.status(), 403);
+    // A path that carries the agent's key is refused, and the would-deny reason that quotes
+    // the path does not carry the key into the record.
+    let r = h.client.get(h.url(&format!("/openai/v1/models/{ROLLOUT_KEY}"))).bearer_auth(ROLLOUT_KEY).send();
+    assert_eq!(r.await.unwrap().status(), 400);
+    let audit = std::fs::read_to_string(h.audit_path()).unwrap();
+    assert!(!audit.contains(ROLLOUT_KEY), "the agent key reached the audit file");
+    // The role's budgets are shadowed with it: an enforced budget of 1 token lets the call by.
+    assert_eq!(post(ROLLOUT_KEY).await.unwrap().status(), 200);
+    let record = h.wait_for_audit(|r| r["agentId"] == "rollout-1" && r["method"] == "POST").await;
+    assert_eq!(record["decision"], "would_deny", "{record}");
+    assert_eq!(record["wouldDeny"][0]["policy"], "budget:rollout-tiny", "{record}");
+    assert_eq!(record["budgets"], json!(["rollout-tiny"]), "{record}");
 
     let metrics = h.metrics().await;
     for line in [
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"grant\"} 1",
         "keyward_would_deny_total{agent=\"trial-1\",policy=\"quota\"} 2",
-        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 1",
+        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"role\"} 2",
+        "keyward_would_deny_total{agent=\"rollout-1\",policy=\"budget\"} 1",
         "keyward_requests_total{route=\"openai\",status=\"200\",decision=\"would_deny\"}",
     ] {
         assert!(metrics.contains(line), "{line} in\n{metrics}");
@@ -556,7 +595,11 @@ key_sha256 = "{rollout}"
     // The audit report and the dashboard's summary list them per agent and policy.
     let report = admin_get(&h.client, &format!("{}/admin/report?format=json", h.admin)).await;
     assert_eq!(report["would_deny"]["trial-1"]["quota:openai"], 2, "{report}");
-    assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 1, "{report}");
+    assert_eq!(report["would_deny"]["rollout-1"]["role:rollout"], 2, "{report}");
+    let text = h.client.get(format!("{}/admin/report?format=text", h.admin)).bearer_auth(ADMIN_TOKEN).send();
+    let text = text.await.unwrap().text().await.unwrap();
+    assert!(text.contains("would have been refused (policies in shadow mode):"), "{text}");
+    assert!(text.lines().any(|l| l.contains("trial-1") && l.contains("quota:openai") && l.ends_with(" 2")), "{text}");
     let summary = admin_get(&h.client, &format!("{}/admin/audit/summary", h.admin)).await;
     assert_eq!(summary["would_deny"]["trial-1"]["grant:trialist[1]"], 1, "{summary}");
     h.stop().await;

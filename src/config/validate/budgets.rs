@@ -24,7 +24,10 @@ fn price(c: &mut Collector<'_>, at: &str, raw: RawPrice) -> Price {
     }
 }
 
-pub(super) fn usage(c: &mut Collector<'_>, raw: RawUsage) -> UsageConfig {
+pub(super) fn usage(c: &mut Collector<'_>, raw: RawUsage, route_names: &HashSet<&str>) -> UsageConfig {
+    for (i, route) in raw.no_stream_usage.iter().enumerate() {
+        known(c, format!("usage.no_stream_usage[{i}]"), route, route_names, "route");
+    }
     let default_max_output_tokens = raw.default_max_output_tokens.unwrap_or(4096);
     if default_max_output_tokens == 0 {
         c.problem("usage.default_max_output_tokens", "must be at least 1");
@@ -47,7 +50,7 @@ pub(super) fn usage(c: &mut Collector<'_>, raw: RawUsage) -> UsageConfig {
         .into_iter()
         .map(|(model, p)| (model.clone(), price(c, &format!("usage.prices.{model}"), p)))
         .collect();
-    UsageConfig { default_max_output_tokens, unknown_model, prices }
+    UsageConfig { default_max_output_tokens, unknown_model, prices, no_stream_usage: raw.no_stream_usage }
 }
 
 fn known(c: &mut Collector<'_>, field: String, name: &str, names: &HashSet<&str>, what: &str) {
@@ -185,9 +188,12 @@ mod tests {
                 ],
             ),
             (
-                "an unknown-model rule that is neither",
-                with("[usage]\nunknown_model = \"guess\"\n"),
-                vec!["k.toml:7: usage.unknown_model: 'guess' is not \"refuse\" or \"default_price\""],
+                "an unknown-model rule that is neither, and an unknown route",
+                with("[usage]\nunknown_model = \"guess\"\nno_stream_usage = [\"azure\"]\n"),
+                vec![
+                    "k.toml:7: usage.unknown_model: 'guess' is not \"refuse\" or \"default_price\"",
+                    "k.toml:8: usage.no_stream_usage[0]: no route named 'azure'",
+                ],
             ),
             (
                 "budgets attached to nothing, to two things, to unknown names, limiting nothing",

@@ -105,7 +105,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     roles::signing_agrees(c, &roles, &routes, &sigv4, &declared);
     let agents = roles::agents(c, raw.agents, &roles, &server);
     let limits = limits::limits(c, raw.limits);
-    let usage = std::sync::Arc::new(budgets::usage(c, raw.usage));
+    let usage = std::sync::Arc::new(budgets::usage(c, raw.usage, &route_names));
     let budgets = budgets::budgets(c, raw.budgets, &agents, &roles, limits.fail_open);
     Config {
         server,
