@@ -294,6 +294,15 @@ fn main() -> ExitCode {
                 for (secret, kind) in &config.kinds {
                     println!("  secret '{secret}': kind {}", kind.kind());
                 }
+                if let Some(forward) = &config.forward_proxy {
+                    let hosts: usize = config.routes.iter().map(|r| r.hosts.len()).sum();
+                    println!(
+                        "  forward proxy on {}: {hosts} intercepted host(s), {} tunnel host(s), CA {}",
+                        forward.listen,
+                        forward.tunnel_hosts.len(),
+                        forward.ca_cert_file.display()
+                    );
+                }
                 for warning in config.warnings() {
                     println!("warning: {warning}");
                 }
@@ -625,6 +634,10 @@ fn agent_env(
             v4 => v4.ip().to_string(),
         },
     };
+    if forward.listen.port() == 0 {
+        eprintln!("keyward: forward_proxy.listen has port 0 (any free port): give it a fixed port agents can be told");
+        return ExitCode::from(2);
+    }
     let ca = ca_path.map_or_else(|| forward.ca_cert_file.display().to_string(), |p| p.display().to_string());
     // Agent ids are letters, digits and -_.: (validated), none of which needs escaping in a URL
     // user name except ':'.

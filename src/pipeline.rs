@@ -2,11 +2,10 @@
 //!
 //! target check → route (by prefix, or by host on the forward proxy) → identify (agent or
 //! delegated key) → authorize → URL check (no agent key, no `_method`) → admit → body check →
-//! meter (reserve budgets) → resolve (and mint, for a minted kind) →
-//! release (audit) → strip what the agent presented and
-//! inject (or sign) → forward (one retry of a refused credential) → settle → meter usage and scrub →
-//! stream back, with the audit guard created first and ended exactly once on every path (it
-//! settles the budgets too).
+//! meter (reserve budgets) → resolve (and mint, for a minted kind) → release (audit) → strip what
+//! the agent presented and inject (or sign) → forward (one retry of a refused credential) →
+//! settle → meter usage and scrub → stream back, with the audit guard created first and ended
+//! exactly once on every path (it settles the budgets too).
 //!
 //! Each stage is a function that returns its own type. Detector decisions from the limits are
 //! acted on in one place, `report_anomalies`.
@@ -154,8 +153,8 @@ struct Routed<'r> {
 }
 
 /// Refuses what is not a plain request for a path (an absolute or authority form, a bad
-/// version, a path that escapes), then finds the route by prefix.
-/// On the forward proxy the route comes from the host instead (`route_by_host`).
+/// version, a path that escapes), then finds the route by prefix. On the forward proxy the
+/// route comes from the host instead (`route_by_host`).
 fn route<'r>(runtime: &'r Runtime, audit: &mut AuditGuard, request: &Request<Body>) -> Result<Routed<'r>, ProxyError> {
     if let Some(via) = request.extensions().get::<Via>() {
         return route_by_host(runtime, audit, request, via);

@@ -90,8 +90,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if differs(&old.forward, &new.forward) {
         changed.push("forward");
     }
-    if differs(&old.forward_proxy, &new.forward_proxy) {
-        changed.push("forward_proxy");
+    // The listener and the CA are set up at start; `tunnel_hosts` is read at each CONNECT.
+    let forward_proxy = |c: &Config| {
+        c.forward_proxy
+            .as_ref()
+            .map(|f| format!("{:?}{:?}{:?}{:?}", f.listen, f.ca_cert_file, f.ca_key_file, f.leaf_validity))
+    };
+    if forward_proxy(old) != forward_proxy(new) {
+        changed.push("forward_proxy (except tunnel_hosts)");
     }
     let audit = |c: &Config| {
         let a = &c.audit;

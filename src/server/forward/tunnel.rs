@@ -96,21 +96,23 @@ impl Tunnel {
             record.outcome = "error";
             return;
         };
-        let mut agent = TokioIo::new(upgraded);
-        let mut upstream = Counted { inner: upstream, read: 0, written: 0 };
-        let copied = tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut agent, &mut upstream) => copied.map(|_| ()),
-            () = super::stopping(&mut shutdown) => {
-                record.outcome = "shutdown";
-                Ok(())
-            }
-        };
-        if copied.is_err() {
-            record.outcome = "error";
-        }
-        record.from_agent = upstream.written;
-        record.to_agent = upstream.read;
+        let relayed = relay(&mut TokioIo::new(upgraded), upstream, &mut shutdown).await;
+        (record.outcome, record.from_agent, record.to_agent) = relayed;
     }
+}
+
+/// Relays bytes between the agent and the upstream until either ends, or shutdown begins:
+/// how it ended, and the bytes from and to the agent.
+async fn relay<A>(agent: &mut A, upstream: TcpStream, shutdown: &mut watch::Receiver<bool>) -> (&'static str, u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream = Counted { inner: upstream, read: 0, written: 0 };
+    let outcome = tokio::select! {
+        copied = tokio::io::copy_bidirectional(agent, &mut upstream) => if copied.is_ok() { "closed" } else { "error" },
+        () = super::stopping(shutdown) => "shutdown",
+    };
+    (outcome, upstream.written, upstream.read)
 }
 
 impl Drop for TunnelRecord {
@@ -162,5 +164,44 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn a_relay_counts_the_bytes_each_way() {
+        // An upstream that answers "pong:" and echoes what it got, then closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 5];
+            socket.read_exact(&mut buf).await.unwrap();
+            socket.write_all(b"pong:").await.unwrap();
+            socket.write_all(&buf).await.unwrap();
+        });
+        let upstream = TcpStream::connect(address).await.unwrap();
+        let (mut agent, mut relay_side) = tokio::io::duplex(1024);
+        let (_stop, mut shutdown) = watch::channel(false);
+        let relaying = tokio::spawn(async move { relay(&mut relay_side, upstream, &mut shutdown).await });
+        agent.write_all(b"hello").await.unwrap();
+        agent.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        agent.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"pong:hello");
+        assert_eq!(relaying.await.unwrap(), ("closed", 5, 10));
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_host_that_resolves_to_loopback_is_refused() {
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let refused = Tunnel::open("localhost", 443, Duration::from_secs(1), "a".into(), peer).await.err().unwrap();
+        assert_eq!(refused.code(), "connect_refused");
+        let refused = Tunnel::open("10.0.0.1", 443, Duration::from_secs(1), "a".into(), peer).await.err().unwrap();
+        assert_eq!(refused.code(), "connect_refused");
     }
 }
