@@ -21,11 +21,24 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::{Instant, Sleep};
 
-use crate::config::ForwardConfig;
 use crate::dns::GuardedResolver;
 use crate::error::ProxyError;
 
 pub use crate::decode::BoxError;
+
+/// `[forward]`: how the outbound client connects, times out, pools, and bounds bodies.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_request_body_bytes: u64,
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+    /// Request bodies up to this size are kept, so a call refused for a stale credential can be
+    /// replayed once with the new one (0: never replay).
+    pub retry_body_bytes: u64,
+}
 pub type OutboundBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the proxy ones.

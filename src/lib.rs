@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+pub(crate) mod arrival;
 pub mod audit;
 pub mod config;
 pub mod credentials;

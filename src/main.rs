@@ -235,7 +235,7 @@ fn check_roots(config: &Config, name: &str) -> Result<(), ExitCode> {
     }
     let mut found = Vec::new();
     let code = run_async(async {
-        found = check_roots(config).await;
+        found = check_roots(&config.sources, &config.kinds).await;
         Ok(())
     });
     if code != ExitCode::SUCCESS {
@@ -275,7 +275,7 @@ fn main() -> ExitCode {
                     config.roles.len(),
                     config.agents.len()
                 );
-                for line in keyward::credentials::sigv4::summaries(&config) {
+                for line in keyward::credentials::sigv4::summaries(&config.sigv4, &config.sources) {
                     println!("  {line}");
                 }
                 for source in config.sources.iter() {

@@ -184,27 +184,11 @@ pub fn build_request(
         strip_aws_auth(headers, &mut query);
     }
     inject::apply(&route.inject, &secret.value, headers, &mut query)?;
-    parts.uri = upstream_uri(upstream, raw_rest, query.as_deref())
+    parts.uri = upstream
+        .uri(raw_rest, query.as_deref())
         .map_err(|_| ProxyError::Internal("could not build the upstream URI"))?;
     parts.version = Version::HTTP_11;
     Ok(Request::from_parts(parts, limited_body(body, body_limit)))
-}
-
-/// The URI of `path` (below the upstream's base path) with `query` on `upstream`.
-pub fn upstream_uri(upstream: &Upstream, path: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-    let mut path_and_query = format!("{}{}", upstream.base_path, path);
-    if path_and_query.is_empty() {
-        path_and_query.push('/');
-    }
-    if let Some(query) = query {
-        path_and_query.push('?');
-        path_and_query.push_str(query);
-    }
-    Uri::builder()
-        .scheme(upstream.scheme.clone())
-        .authority(upstream.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
 }
 
 #[cfg(test)]
@@ -325,11 +309,11 @@ inject = { header = "x-api-key", value = "{{secret}}" }
             authority: "api.example.com:8443".parse().unwrap(),
             base_path: base.to_string(),
         };
-        let uri = |base: &str, path: &str, query: Option<&str>| upstream_uri(&upstream(base), path, query).unwrap();
+        let uri = |base: &str, path: &str, query: Option<&str>| upstream(base).uri(path, query).unwrap();
         assert_eq!(uri("/base", "/v1/x", Some("a=1&b=%20")), "https://api.example.com:8443/base/v1/x?a=1&b=%20");
         assert_eq!(uri("", "/v1/x", None), "https://api.example.com:8443/v1/x");
         assert_eq!(uri("/base", "", None), "https://api.example.com:8443/base");
         assert_eq!(uri("", "", Some("q=1")), "https://api.example.com:8443/?q=1", "an empty path is '/'");
-        assert!(upstream_uri(&upstream(""), "/a b", None).is_err(), "not a valid path");
+        assert!(upstream("").uri("/a b", None).is_err(), "not a valid path");
     }
 }

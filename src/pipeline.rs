@@ -22,6 +22,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderValue, Request, StatusCode, Uri, Version};
 use zeroize::Zeroizing;
 
+use crate::arrival::{PeerCred, Via};
 use crate::audit::{AuditEvent, AuditGuard, AuditedBody};
 use crate::config::AnomalyAction;
 use crate::config::budget::Mode;
@@ -40,8 +41,6 @@ use crate::outbound;
 use crate::policy;
 use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
-use crate::server::PeerCred;
-use crate::server::forward::Via;
 use crate::state::{AppState, Runtime};
 use crate::usage::{self, Api};
 
@@ -191,7 +190,7 @@ fn route_by_host<'r>(
     }
     let path = policy::check_path(request.uri().path())?;
     audit.route(&route.name, &path.decoded);
-    if crate::server::forward::is_upgrade(request) {
+    if crate::arrival::is_upgrade(request) {
         return Err(ProxyError::UpgradeUnsupported { route: route.name.clone() });
     }
     Ok(Routed {

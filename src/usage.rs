@@ -71,6 +71,18 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// What these tokens cost at `price`, in micro-USD (integers, so Redis adds them exactly).
+    pub fn cost_micro_usd(&self, price: &crate::config::budget::Price) -> u64 {
+        // Price per million tokens × tokens = micro-USD.
+        let micros = price.input * self.input_tokens as f64
+            + price.output * self.output_tokens as f64
+            + price.cache_read * self.cache_read_tokens as f64
+            + price.cache_write * self.cache_write_tokens as f64;
+        micros.ceil() as u64
+    }
+}
+
+impl Usage {
     pub fn total(&self) -> u64 {
         self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
     }

@@ -16,18 +16,6 @@ pub struct Price {
     pub cache_write: f64,
 }
 
-impl Price {
-    /// What `usage` costs at this price, in micro-USD (integers, so Redis adds them exactly).
-    pub fn cost_micro_usd(&self, usage: &crate::usage::Usage) -> u64 {
-        // Price per million tokens × tokens = micro-USD.
-        let micros = self.input * usage.input_tokens as f64
-            + self.output * usage.output_tokens as f64
-            + self.cache_read * usage.cache_read_tokens as f64
-            + self.cache_write * usage.cache_write_tokens as f64;
-        micros.ceil() as u64
-    }
-}
-
 /// What a call to a model that is not in the price table is charged.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum UnknownModel {
@@ -232,14 +220,13 @@ mod tests {
         assert_eq!(usage.price(Some("o3")), None);
         usage.unknown_model = UnknownModel::Charge(price(9.0));
         assert_eq!(usage.price(Some("o3")).unwrap().input, 9.0);
-        let cost = Price { input: 2.5, output: 10.0, cache_read: 1.25, cache_write: 3.75 }.cost_micro_usd(
-            &crate::usage::Usage {
-                input_tokens: 1000,
-                output_tokens: 100,
-                cache_read_tokens: 400,
-                cache_write_tokens: 0,
-            },
-        );
+        let usage = crate::usage::Usage {
+            input_tokens: 1000,
+            output_tokens: 100,
+            cache_read_tokens: 400,
+            cache_write_tokens: 0,
+        };
+        let cost = usage.cost_micro_usd(&Price { input: 2.5, output: 10.0, cache_read: 1.25, cache_write: 3.75 });
         assert_eq!(cost, 2500 + 1000 + 500);
     }
 }

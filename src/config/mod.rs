@@ -23,6 +23,8 @@ use http::HeaderName;
 pub use crate::credentials::{
     CachePolicy, KindConfig, MintScope, ProviderConfig, RotationPolicy, Schedule, Selector, SourceConfig,
 };
+pub use crate::forward::ForwardConfig;
+pub use crate::policy::Upstream;
 pub(crate) use crate::policy::suggest;
 pub use crate::policy::{GrantConfig, Quota};
 
@@ -124,19 +126,6 @@ pub struct ServerConfig {
     /// The most connections each listener (agent TCP, agent Unix socket, admin) holds open at
     /// once; a connection accepted beyond it is answered 503 and closed.
     pub max_connections: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct ForwardConfig {
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub total_timeout: Duration,
-    pub max_request_body_bytes: u64,
-    pub pool_idle_timeout: Duration,
-    pub pool_max_idle_per_host: usize,
-    /// Request bodies up to this size are kept, so a call refused for a stale credential can be
-    /// replayed once with the new one (0: never replay).
-    pub retry_body_bytes: u64,
 }
 
 /// `[forward_proxy]`: the `HTTPS_PROXY` listener, its interception CA, and blind tunnels.
@@ -243,20 +232,6 @@ pub struct Probe {
     /// Below the upstream's base path, with an optional query.
     pub path: String,
     pub expect: Vec<u16>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub scheme: http::uri::Scheme,
-    pub authority: http::uri::Authority,
-    /// Path prefix on the upstream, without a trailing slash ("" for none).
-    pub base_path: String,
-}
-
-impl fmt::Display for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -195,7 +195,7 @@ fn github_headers(bearer: &HeaderValue, content_type: &str) -> http::HeaderMap {
 }
 
 fn uri(request: &MintRequest, path: &str) -> Result<http::Uri, MintError> {
-    crate::outbound::upstream_uri(&request.upstream, path, None)
+    request.upstream.uri(path, None)
         .map_err(|_| MintError::new(None, "the route's upstream gives no valid mint URL"))
 }
 

@@ -10,7 +10,6 @@
 //! A kind is configured in a `[secrets.NAME]` table, where NAME is a secret some source maps:
 //! `kind = "github-app"` and the kind's own fields beside it.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -23,8 +22,9 @@ use serde::de::DeserializeOwned;
 
 use super::registry::Check;
 pub(super) use super::registry::either;
-use crate::config::Upstream;
 use crate::forward::Forwarder;
+pub use crate::policy::MintScope;
+use crate::policy::Upstream;
 
 /// What a kind module supplies: its config, its checks and its minting.
 pub trait Kind: Sized + Clone + PartialEq + fmt::Debug + Send + Sync + 'static {
@@ -108,24 +108,6 @@ impl fmt::Display for MintError {
             Some(status) => write!(f, "{} (status {status})", self.reason),
             None => f.write_str(&self.reason),
         }
-    }
-}
-
-/// What a grant narrows a minted token to (GitHub App: repositories and permissions). Empty:
-/// whatever the kind's config grants.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-pub struct MintScope {
-    /// Repository names (without the owner), as GitHub's `repositories` takes them.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub repositories: Vec<String>,
-    /// Permission name → `read`, `write` or `admin`.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub permissions: BTreeMap<String, String>,
-}
-
-impl MintScope {
-    pub fn is_empty(&self) -> bool {
-        self.repositories.is_empty() && self.permissions.is_empty()
     }
 }
 
@@ -400,12 +382,15 @@ pub enum RootCheck {
 
 /// Reads each minted secret's root from its source and checks that it suits its kind (a PEM that
 /// parses and signs, a service-account key with its fields), for `keyward check`.
-pub async fn check_roots(config: &crate::config::Config) -> Vec<(String, RootCheck)> {
-    let store = super::SecretStore::new(&config.sources, Arc::new(crate::metrics::Metrics::new()));
+pub async fn check_roots(
+    sources: &[super::SourceConfig],
+    kinds: &std::collections::BTreeMap<String, super::KindConfig>,
+) -> Vec<(String, RootCheck)> {
+    let store = super::SecretStore::new(sources, Arc::new(crate::metrics::Metrics::new()));
     // As when serving: private keys stay out of the scrubber.
-    let _minter = store.minter(&config.kinds);
+    let _minter = store.minter(kinds);
     let mut out = Vec::new();
-    for (name, kind) in &config.kinds {
+    for (name, kind) in kinds {
         let read = tokio::time::timeout(Duration::from_secs(15), store.resolve(name)).await;
         let found = match read {
             Ok(Ok(root)) => match kind.check_root(&root.value) {
@@ -415,7 +400,7 @@ pub async fn check_roots(config: &crate::config::Config) -> Vec<(String, RootChe
             Ok(Err(error)) => RootCheck::Unchecked(error.message()),
             Err(_) => RootCheck::Unchecked("its source did not answer within 15 s".to_string()),
         };
-        out.push((name.clone(), found));
+        out.push((name.to_string(), found));
     }
     out
 }

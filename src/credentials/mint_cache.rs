@@ -18,10 +18,10 @@ use super::KindConfig;
 use super::Resolved;
 use super::held::Held;
 use super::kind::{MintError, MintRequest, MintScope};
-use crate::config::Upstream;
 use crate::error::ProxyError;
 use crate::forward::Forwarder;
 use crate::metrics::{Metrics, MintLabels};
+use crate::policy::Upstream;
 
 /// The first wait after a failed mint; it doubles with each failure in a row, up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);

@@ -582,15 +582,14 @@ pub fn sign_parts(
 
 /// One line per `aws-sigv4` secret for `keyward check`: what it signs for and where its keys
 /// come from.
-pub fn summaries(config: &crate::config::Config) -> Vec<String> {
-    config
-        .sigv4
+pub fn summaries(secrets: &BTreeMap<String, Sigv4Config>, sources: &[super::SourceConfig]) -> Vec<String> {
+    secrets
         .values()
         .map(|secret| {
             let keys = match secret.credentials {
                 KeySource::Chain => "the AWS credential chain".to_string(),
                 KeySource::Source => {
-                    let source = config.sources.iter().find(|s| s.mapping.contains_key(&secret.name));
+                    let source = sources.iter().find(|s| s.mapping.contains_key(&secret.name));
                     format!("source '{}'", source.map_or("?", |s| s.name.as_str()))
                 }
             };

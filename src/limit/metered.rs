@@ -171,7 +171,7 @@ impl Metering {
             None => (Usage::default(), false),
         };
         let price = self.price(model.as_deref());
-        let micro_usd = price.map(|p| p.cost_micro_usd(&usage));
+        let micro_usd = price.map(|p| usage.cost_micro_usd(&p));
         self.count(&usage, model.as_deref(), micro_usd);
         if let Some(reservation) = self.reservation.lock().expect("reservation lock").take() {
             let used = Amount { tokens: usage.total(), micro_usd: micro_usd.unwrap_or(0) };

@@ -1,11 +1,11 @@
 //! What a role grants: a route, a secret, methods, path patterns and a quota. Pure types that
 //! `config` builds and authorization reads.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::{MethodSet, PathPattern};
-use crate::credentials::MintScope;
 
 #[derive(Debug, Clone, Default)]
 pub struct GrantConfig {
@@ -76,5 +76,23 @@ impl Quota {
     /// The time one request's worth of quota takes to come back.
     pub fn interval(&self) -> Duration {
         self.period / self.count
+    }
+}
+
+/// What a grant narrows a minted token to (GitHub App: repositories and permissions). Empty:
+/// whatever the kind's config grants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct MintScope {
+    /// Repository names (without the owner), as GitHub's `repositories` takes them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<String>,
+    /// Permission name → `read`, `write` or `admin`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, String>,
+}
+
+impl MintScope {
+    pub fn is_empty(&self) -> bool {
+        self.repositories.is_empty() && self.permissions.is_empty()
     }
 }

@@ -6,14 +6,16 @@ mod grant;
 pub mod hosts;
 mod pattern;
 mod routing;
+mod upstream;
 
 use http::Method;
 
 pub use crate::suggest::suggest;
-pub use grant::{GrantConfig, Mode, Quota};
+pub use grant::{GrantConfig, MintScope, Mode, Quota};
 pub use hosts::{AddressKind, HostTable, canonical_host};
 pub use pattern::{MethodSet, PathPattern};
 pub use routing::{CheckedPath, RouteMatch, RouteTable, check_path, check_target, is_loopback_host};
+pub use upstream::Upstream;
 
 use crate::error::{Missing, ProxyError};
 

@@ -12,11 +12,11 @@ use http::HeaderName;
 use serde_json::json;
 
 use super::Principal;
+use crate::arrival::PeerCred;
 use crate::audit::AuditEvent;
 use crate::config::AgentKeySpec;
 use crate::delegation::{DelegationRequest, MintError, describe};
 use crate::error::{ProxyError, error_response as error};
-use crate::server::PeerCred;
 use crate::state::{AppState, Runtime};
 
 const MAX_BODY: usize = 64 * 1024;

@@ -306,7 +306,9 @@ fn probe_request(route: &RouteConfig, value: &SecretString) -> Result<Request<Ou
     let mut headers = HeaderMap::new();
     let mut query = query;
     crate::inject::apply(&route.inject, value, &mut headers, &mut query)?;
-    let uri = crate::outbound::upstream_uri(&route.upstream, path, query.as_deref())
+    let uri = route
+        .upstream
+        .uri(path, query.as_deref())
         .map_err(|_| crate::error::ProxyError::Internal("could not build the probe URI"))?;
     let mut request = Request::new(crate::forward::empty_body());
     *request.method_mut() = probe.method.clone();

@@ -20,6 +20,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+pub use crate::arrival::PeerCred;
 use crate::error::ProxyError;
 
 /// Connection settings shared by both listeners.
@@ -54,15 +55,6 @@ pub struct Unparsed {
     pub peer: String,
     /// The answer sent, by its error (`invalid_request_head`, `request_head_timeout`, ...).
     pub error: ProxyError,
-}
-
-/// The credentials of a process connected over the Unix socket (SO_PEERCRED), as the kernel
-/// reported them at connect time: a request extension, so identity can match `peer_uid`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCred {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
 }
 
 /// Who is on the other end of a connection.
