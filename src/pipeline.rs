@@ -382,7 +382,10 @@ async fn meter(
     let facts = usage::read_request(api, &body, add_stream_usage);
     // About four bytes of request a token: more than the prompt's tokens, as JSON adds bytes.
     let input_estimate = (body.len() as u64).div_ceil(4);
-    let max_output = facts.max_output_tokens.unwrap_or(config.usage.default_max_output_tokens);
+    let max_output = facts
+        .max_output_tokens
+        .unwrap_or(config.usage.default_max_output_tokens)
+        .saturating_mul(facts.completions.max(1));
     let price = config.usage.price(facts.model.as_deref());
     let mut would_deny = Vec::new();
     if price.is_none()

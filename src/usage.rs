@@ -20,6 +20,14 @@ use serde_json::Value;
 /// reservation (counted as "no usage").
 pub const MAX_JSON_COPY: usize = 4 << 20;
 
+/// The most answers (`n`) one request's reservation counts; OpenAI allows 128.
+pub const MAX_COMPLETIONS: u64 = 128;
+
+/// The most of one unfinished SSE event held back while it arrives. A longer "event" (an
+/// upstream that never sends a blank line) ends metering: what was held and everything after it
+/// goes on as it comes, and the call is settled without reported usage.
+pub const MAX_HELD_EVENT: usize = 1 << 20;
+
 /// Which API an answer comes from, decided by the request (method and path).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Api {
@@ -84,7 +92,11 @@ impl Usage {
 
 impl Usage {
     pub fn total(&self) -> u64 {
-        self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+        // Saturating: the figures are the upstream's, and a hostile one may send anything.
+        self.input_tokens
+            .saturating_add(self.output_tokens)
+            .saturating_add(self.cache_read_tokens)
+            .saturating_add(self.cache_write_tokens)
     }
 }
 
@@ -95,6 +107,9 @@ pub struct RequestFacts {
     pub model: Option<String>,
     /// `max_tokens`, `max_completion_tokens` or `max_output_tokens`.
     pub max_output_tokens: Option<u64>,
+    /// How many answers the request asks for (`n`, `best_of`): its output is reserved that many
+    /// times. At least 1.
+    pub completions: u64,
     pub stream: bool,
     /// The body with `stream_options.include_usage = true` added, when a streamed chat
     /// completion did not ask for usage; its extra chunk is taken out of the answer again.
@@ -124,8 +139,12 @@ pub fn without_key(text: String, key: Option<&str>) -> String {
 pub fn read_request(api: Api, body: &[u8], add_stream_usage: bool) -> RequestFacts {
     let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else { return RequestFacts::default() };
     let number = |key: &str| object.get(key).and_then(Value::as_u64);
+    // The largest of the limits present: an upstream that reads another field than OpenAI does
+    // must not make the reservation smaller than what it may produce.
     let max_output_tokens =
-        number("max_completion_tokens").or_else(|| number("max_tokens")).or_else(|| number("max_output_tokens"));
+        ["max_completion_tokens", "max_tokens", "max_output_tokens"].into_iter().filter_map(number).max();
+    // `n` (and the legacy `best_of`) answers are produced for one request.
+    let completions = ["n", "best_of"].into_iter().filter_map(number).max().unwrap_or(1).clamp(1, MAX_COMPLETIONS);
     let model = object.get("model").and_then(Value::as_str).map(model_name);
     let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let mut rewritten = None;
@@ -143,7 +162,7 @@ pub fn read_request(api: Api, body: &[u8], add_stream_usage: bool) -> RequestFac
             }
         }
     }
-    RequestFacts { model, max_output_tokens, stream, rewritten }
+    RequestFacts { model, max_output_tokens, completions, stream, rewritten }
 }
 
 /// What the meter does with one finished stream event.
@@ -170,6 +189,8 @@ pub struct UsageMeter {
     /// The unfinished event (SSE), or the copy of the answer (JSON).
     held: BytesMut,
     json_overflow: bool,
+    /// A stream's unfinished event outgrew `MAX_HELD_EVENT`: bytes now pass straight through.
+    sse_overflow: bool,
     usage: Usage,
     /// The answer reported its final usage.
     complete: bool,
@@ -186,6 +207,7 @@ impl UsageMeter {
             estimate_output,
             held: BytesMut::new(),
             json_overflow: false,
+            sse_overflow: false,
             usage: Usage::default(),
             complete: false,
             model: None,
@@ -229,6 +251,15 @@ impl UsageMeter {
                 }
             }
             return (data, false);
+        }
+        if self.sse_overflow {
+            return (data, false);
+        }
+        if self.held.len() + data.len() > MAX_HELD_EVENT {
+            self.sse_overflow = true;
+            let mut all = std::mem::take(&mut self.held);
+            all.extend_from_slice(&data);
+            return (all.freeze(), false);
         }
         if self.held.is_empty() {
             // The common case: no unfinished event before this chunk. Complete events that are
@@ -557,6 +588,22 @@ mod tests {
     }
 
     #[test]
+    fn an_event_that_never_ends_stops_metering_and_passes_through() {
+        let mut meter = UsageMeter::new(Api::ChatCompletions, true, false, false);
+        let line = "data: ".to_string() + &"x".repeat(64 << 10);
+        let mut sent = 0;
+        let mut pushed = 0;
+        for _ in 0..40 {
+            pushed += line.len();
+            sent += meter.push(Bytes::from(line.clone()), &mut |_| false).0.len();
+        }
+        sent += meter.finish().len();
+        assert_eq!(sent, pushed, "every byte reaches the agent");
+        assert!(meter.held.len() <= MAX_HELD_EVENT, "nothing beyond the cap is held");
+        assert!(meter.usage().is_none());
+    }
+
+    #[test]
     fn responses_stream_reads_the_completed_event() {
         let mut meter = UsageMeter::new(Api::Responses, true, false, false);
         let stream = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
@@ -626,6 +673,12 @@ mod tests {
 
     #[test]
     fn request_facts_and_the_include_usage_rewrite() {
+        let many = read_request(
+            Api::ChatCompletions,
+            br#"{"model":"m","max_completion_tokens":1,"max_tokens":64000,"n":8}"#,
+            false,
+        );
+        assert_eq!((many.max_output_tokens, many.completions), (Some(64000), 8), "the largest limit, n answers");
         let facts = read_request(Api::ChatCompletions, br#"{"model":"gpt-4o","max_tokens":50,"stream":true}"#, true);
         assert_eq!(facts.model.as_deref(), Some("gpt-4o"));
         assert_eq!(facts.max_output_tokens, Some(50));

@@ -108,6 +108,17 @@ pub struct Amount {
     pub micro_usd: u64,
 }
 
+/// The most any one amount may be (2^50: about 10^15 tokens, or a billion USD in micro-USD).
+/// A request's `max_tokens` and an upstream's usage are the agent's and the upstream's to choose,
+/// so every amount is clamped to this before it is added or sent to Redis as an `i64`: a huge
+/// value is then over every budget instead of wrapping negative and freeing one.
+pub const MAX_AMOUNT: u64 = 1 << 50;
+
+/// `value` clamped to `MAX_AMOUNT`, as Redis takes it.
+fn redis_amount(value: u64) -> i64 {
+    value.min(MAX_AMOUNT) as i64
+}
+
 /// What a call claims before it is sent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Claim {
@@ -122,9 +133,10 @@ impl Claim {
     /// A call's worst case: `input` estimated tokens at the highest of the model's input and
     /// cache prices, and `max_output` tokens at its output price (no cost without a price).
     pub fn worst_case(price: Option<crate::config::budget::Price>, input: u64, max_output: u64) -> Claim {
+        let (input, max_output) = (input.min(MAX_AMOUNT), max_output.min(MAX_AMOUNT));
         let micro_usd = price.map_or(0, |p| {
             let input_price = p.input.max(p.cache_write).max(p.cache_read);
-            (input_price * input as f64 + p.output * max_output as f64).ceil() as u64
+            ((input_price * input as f64 + p.output * max_output as f64).ceil() as u64).min(MAX_AMOUNT)
         });
         Claim {
             amount: Amount { tokens: input + max_output, micro_usd },
@@ -273,11 +285,12 @@ impl Budgets {
         let mut would_deny = Vec::new();
         for budget in budgets {
             let account = Self::fresh(&mut accounts, budget, budget.holder(agent), now);
-            let over_tokens =
-                budget.tokens.is_some_and(|l| account.used_tokens + account.reserved_tokens + amount.tokens > l);
-            let over_cost = budget
-                .cost_micro_usd
-                .is_some_and(|l| account.used_micro_usd + account.reserved_micro_usd + amount.micro_usd > l);
+            let over_tokens = budget.tokens.is_some_and(|l| {
+                account.used_tokens.saturating_add(account.reserved_tokens).saturating_add(amount.tokens) > l
+            });
+            let over_cost = budget.cost_micro_usd.is_some_and(|l| {
+                account.used_micro_usd.saturating_add(account.reserved_micro_usd).saturating_add(amount.micro_usd) > l
+            });
             let which = if over_tokens { "tokens" } else { "cost" };
             if over_tokens || over_cost {
                 let refusal = Self::refusal(budget, agent, which, now);
@@ -290,12 +303,16 @@ impl Budgets {
         let mut left = Vec::new();
         for budget in budgets {
             let account = Self::fresh(&mut accounts, budget, budget.holder(agent), now);
-            account.reserved_tokens += amount.tokens;
-            account.reserved_micro_usd += amount.micro_usd;
+            account.reserved_tokens = account.reserved_tokens.saturating_add(amount.tokens.min(MAX_AMOUNT));
+            account.reserved_micro_usd = account.reserved_micro_usd.saturating_add(amount.micro_usd.min(MAX_AMOUNT));
             account.requests += 1;
             left.push((
-                budget.tokens.map(|l| l as i64 - (account.used_tokens + account.reserved_tokens) as i64),
-                budget.cost_micro_usd.map(|l| l as i64 - (account.used_micro_usd + account.reserved_micro_usd) as i64),
+                budget.tokens.map(|l| {
+                    redis_amount(l) - redis_amount(account.used_tokens.saturating_add(account.reserved_tokens))
+                }),
+                budget.cost_micro_usd.map(|l| {
+                    redis_amount(l) - redis_amount(account.used_micro_usd.saturating_add(account.reserved_micro_usd))
+                }),
             ));
         }
         drop(accounts);
@@ -322,10 +339,10 @@ impl Budgets {
             budgets.iter().map(|b| redis_key(&b.name, b.holder(agent), b.window.bounds(now).0)).collect();
         let mut args: Vec<i64> = Vec::with_capacity(budgets.len() * 6);
         for budget in budgets {
-            args.push(budget.tokens.map_or(-1, |l| l as i64));
-            args.push(budget.cost_micro_usd.map_or(-1, |l| l as i64));
-            args.push(amount.tokens as i64);
-            args.push(amount.micro_usd as i64);
+            args.push(budget.tokens.map_or(-1, redis_amount));
+            args.push(budget.cost_micro_usd.map_or(-1, redis_amount));
+            args.push(redis_amount(amount.tokens));
+            args.push(redis_amount(amount.micro_usd));
             args.push(i64::from(budget.mode == Mode::Enforce));
             args.push(keep_seconds(&budget.window, now) as i64);
         }
@@ -373,16 +390,16 @@ impl Budgets {
                 keys.push(redis_key(&line.budget, &line.holder, line.window_start));
                 if current == line.window_start {
                     args.extend([
-                        reserved.tokens as i64,
-                        reserved.micro_usd as i64,
-                        used.tokens as i64,
-                        used.micro_usd as i64,
+                        redis_amount(reserved.tokens),
+                        redis_amount(reserved.micro_usd),
+                        redis_amount(used.tokens),
+                        redis_amount(used.micro_usd),
                         keep,
                     ]);
                 } else {
-                    args.extend([reserved.tokens as i64, reserved.micro_usd as i64, 0, 0, keep]);
+                    args.extend([redis_amount(reserved.tokens), redis_amount(reserved.micro_usd), 0, 0, keep]);
                     keys.push(redis_key(&line.budget, &line.holder, current));
-                    args.extend([0, 0, used.tokens as i64, used.micro_usd as i64, keep]);
+                    args.extend([0, 0, redis_amount(used.tokens), redis_amount(used.micro_usd), keep]);
                 }
             }
             if shared.eval_ints(&redis::Script::new(SETTLE), &keys, &args).await.is_err() {
@@ -403,8 +420,8 @@ impl Budgets {
                 account.reserved_tokens = account.reserved_tokens.saturating_sub(reservation.amount.tokens);
                 account.reserved_micro_usd = account.reserved_micro_usd.saturating_sub(reservation.amount.micro_usd);
             }
-            account.used_tokens += used.tokens;
-            account.used_micro_usd += used.micro_usd;
+            account.used_tokens = account.used_tokens.saturating_add(used.tokens.min(MAX_AMOUNT));
+            account.used_micro_usd = account.used_micro_usd.saturating_add(used.micro_usd.min(MAX_AMOUNT));
         }
         drop(accounts);
         self.dirty.store(true, Ordering::Relaxed);
@@ -598,6 +615,21 @@ mod tests {
         assert_eq!(claim.amount, Amount { tokens: 150, micro_usd: 375 + 750 });
         assert_eq!((claim.max_output, claim.output_micro_per_token), (50, 15.0));
         assert_eq!(Claim::worst_case(None, 100, 50).amount, Amount { tokens: 150, micro_usd: 0 });
+    }
+
+    #[tokio::test]
+    async fn a_huge_claim_is_refused_and_never_wraps_an_account() {
+        let price = crate::config::budget::Price { input: 3.0, output: 15.0, cache_read: 0.3, cache_write: 3.75 };
+        let claim = Claim::worst_case(Some(price), 10, u64::MAX);
+        assert_eq!(claim.amount.tokens, 10 + MAX_AMOUNT);
+        assert_eq!(claim.amount.micro_usd, MAX_AMOUNT);
+        // As Redis gets them: clamped, never negative.
+        assert_eq!(redis_amount(u64::MAX), MAX_AMOUNT as i64);
+        let budgets = Budgets::default();
+        let b = budget("t", Some(1000), Some(1000), Mode::Enforce);
+        let refused = budgets.reserve(None, &[&b], "a", claim, false, 0).await.unwrap_err();
+        assert_eq!(refused.code(), "budget_exceeded");
+        budgets.reserve(None, &[&b], "a", Claim::worst_case(None, 10, 10), false, 0).await.unwrap();
     }
 
     #[tokio::test]
