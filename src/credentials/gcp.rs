@@ -101,10 +101,12 @@ impl Kind for GcpConfig {
     fn check_root(&self, root: &SecretString) -> Result<(), String> {
         let key = ServiceAccountKey::parse(root)?;
         rsa_key(&key.private_key).map_err(|why| format!("has a private_key that {}", why.trim_start_matches("is ")))?;
-        if self.token_uri.is_none() && key.token_uri.is_none() {
-            return Err("has no token_uri, and the secret's kind sets none".to_string());
+        match (&self.token_uri, &key.token_uri) {
+            (None, None) => Err("has no token_uri, and the secret's kind sets none".to_string()),
+            // The key's own token_uri receives a signed assertion: the same rule as the config's.
+            (None, Some(uri)) => super::kind::endpoint(uri).map(|_| ()).map_err(|why| format!("has a token_uri {why}")),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn refresh_margin(&self) -> Duration {
@@ -126,7 +128,8 @@ impl Kind for GcpConfig {
                 .map_err(|_| MintError::new(None, "the JWT assertion could not be signed"))?;
             let body =
                 Zeroizing::new(encode_form(&[("grant_type", GRANT_TYPE), ("assertion", assertion.expose_secret())]));
-            let uri = token_uri.parse().map_err(|_| MintError::new(None, "the token_uri is not a URL"))?;
+            let uri = super::kind::endpoint(&token_uri)
+                .map_err(|why| MintError::new(None, format!("the service-account key's token_uri: {why}")))?;
             let headers = mint_headers("application/x-www-form-urlencoded", []);
             let (status, answer) =
                 exchange(http, Method::POST, uri, headers, Bytes::copy_from_slice(body.as_bytes())).await?;

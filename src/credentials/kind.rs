@@ -208,6 +208,9 @@ macro_rules! kinds {
 
 pub(super) use kinds;
 
+/// The longest keyward keeps a minted token, whatever its endpoint says (a day).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// The kind of a secret injected as stored.
 pub const STATIC: &str = "static";
 
@@ -247,22 +250,21 @@ pub(crate) fn described(error: &serde_json::Error) -> String {
 
 /// A token endpoint URL: https, or http to a loopback host only.
 pub fn check_endpoint(check: &mut Check<'_>, field: &str, url: &str) -> Option<http::Uri> {
+    endpoint(url).map_err(|why| check.problem(field, why)).ok()
+}
+
+/// `url` as a token endpoint keyward may send a credential to: https, or http to a loopback
+/// host only; the error says why not.
+pub fn endpoint(url: &str) -> Result<http::Uri, String> {
     let Ok(uri) = url.parse::<http::Uri>() else {
-        check.problem(field, format!("'{url}' is not a URL"));
-        return None;
+        return Err(format!("'{url}' is not a URL"));
     };
     let host = uri.host().unwrap_or_default();
     match uri.scheme_str() {
-        Some("https") if !host.is_empty() => Some(uri),
-        Some("http") if crate::policy::is_loopback_host(host) => Some(uri),
-        Some("http") => {
-            check.problem(field, format!("'{url}' is plain http: use https (http is allowed to loopback hosts only)"));
-            None
-        }
-        _ => {
-            check.problem(field, format!("'{url}' is not an https:// URL"));
-            None
-        }
+        Some("https") if !host.is_empty() => Ok(uri),
+        Some("http") if crate::policy::is_loopback_host(host) => Ok(uri),
+        Some("http") => Err(format!("'{url}' is plain http: use https (http is allowed to loopback hosts only)")),
+        _ => Err(format!("'{url}' is not an https:// URL")),
     }
 }
 
@@ -350,6 +352,7 @@ pub fn token_answer(status: u16, body: &[u8], default_lifetime: Duration) -> Res
     if lifetime.is_zero() {
         return Err(MintError::new(Some(status), "the token endpoint's expires_in is not a positive number"));
     }
+    let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
     Ok(Minted { token: SecretString::from(answer.access_token), expires_at: SystemTime::now() + lifetime })
 }
 
@@ -425,6 +428,10 @@ mod tests {
         assert!(!error.contains("canary") && error.contains("line 1"), "{error}");
         let no_expiry = token_answer(200, br#"{"access_token":"tok-1234567890"}"#, Duration::from_secs(300)).unwrap();
         assert!(no_expiry.expires_at > SystemTime::now() + Duration::from_secs(290));
+        let forever =
+            token_answer(200, br#"{"access_token":"tok-1234567890","expires_in":9300000000000000000}"#, Duration::ZERO)
+                .unwrap();
+        assert!(forever.expires_at <= SystemTime::now() + MAX_TOKEN_LIFETIME, "capped, no overflow");
         let zero = token_answer(200, br#"{"access_token":"tok-1234567890","expires_in":0}"#, Duration::ZERO);
         assert!(zero.is_err());
     }

@@ -353,6 +353,7 @@ impl MintedSecret {
         };
         let root_digest = digest(&root.value);
         let (secret, http, key) = (self.clone(), http.clone(), key.to_string());
+        let (after_panic, key_after_panic) = (self.clone(), key.clone());
         let task = tokio::spawn(async move {
             let minted = match tokio::time::timeout(MINT_TIMEOUT, secret.kind.mint(&http, &request)).await {
                 Ok(minted) => minted,
@@ -360,8 +361,19 @@ impl MintedSecret {
             };
             secret.store(&key, generation, root_digest, minted)
         });
-        let mint: BoxFuture<'static, _> =
-            Box::pin(async move { task.await.unwrap_or_else(|_| Err(MintError::new(None, "the mint task failed"))) });
+        // A mint task that panicked is a failure like any other: it clears the in-flight mint
+        // and starts the backoff, so later calls neither join a dead mint nor retry in a loop.
+        let mint: BoxFuture<'static, _> = Box::pin(async move {
+            match task.await {
+                Ok(stored) => stored,
+                Err(_) => after_panic.store(
+                    &key_after_panic,
+                    generation,
+                    root_digest,
+                    Err(MintError::new(None, "the mint task failed")),
+                ),
+            }
+        });
         let shared = mint.shared();
         slot.inflight = Some((generation, shared.clone()));
         shared
@@ -392,8 +404,11 @@ impl MintedSecret {
             slot.inflight = None;
         }
         match minted {
-            Ok(minted) => {
+            Ok(mut minted) => {
                 let now = Instant::now();
+                // The endpoint's word on expiry is capped, so no answer can keep a token forever
+                // or put its expiry past what timestamps can be written for.
+                minted.expires_at = minted.expires_at.min(SystemTime::now() + super::kind::MAX_TOKEN_LIFETIME);
                 let lifetime = minted.expires_at.duration_since(SystemTime::now()).unwrap_or_default();
                 // A token that lives shorter than twice the margin is renewed at half its life.
                 let margin = self.kind.refresh_margin().min(lifetime / 2);

@@ -90,7 +90,13 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     let (sources, mut secret_owner) =
         sources::sources(c, raw.sources, &raw.sources_from, &raw.notifications, &mut audit);
     // A `[secrets.NAME]` table that failed its checks was reported there, not again at its grants.
-    let declared: HashSet<String> = raw.secrets.keys().cloned().collect();
+    // Those that sign, or whose kind is unknown; minted ones are taken out once they are read.
+    let mut declared: HashSet<String> = raw
+        .secrets
+        .iter()
+        .filter(|(_, table)| table.get("kind").is_some_and(|k| k.as_str() != Some(credentials::STATIC)))
+        .map(|(name, _)| name.clone())
+        .collect();
     let (signing, minting) = secrets::split_signing(c, raw.secrets);
     let sigv4 = credentials::sigv4::configure(c, signing, &mut secret_owner);
     let routes = routes::routes(c, raw.routes);
@@ -100,6 +106,7 @@ fn build(raw: RawConfig, c: &mut Collector<'_>) -> Config {
     }
     let route_names: HashSet<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     let kinds = secrets::kinds(c, minting, &secret_owner);
+    declared.retain(|name| !kinds.contains_key(name));
     let roles = roles::roles(c, raw.roles, &route_names, &secret_owner);
     secrets::grant_scopes(c, &roles, &kinds);
     roles::signing_agrees(c, &roles, &routes, &sigv4, &declared);
