@@ -10,6 +10,7 @@
 //! listener only, identified the same way, and sent upstream over TLS.
 
 mod ca;
+mod idle;
 mod tunnel;
 
 use std::convert::Infallible;
@@ -49,6 +50,8 @@ struct Proxy {
     ca: Arc<CertAuthority>,
     header_read_timeout: Duration,
     max_header_bytes: usize,
+    /// How long an idle tunnel's calls in flight may take to finish before it is dropped.
+    drain_limit: Duration,
 }
 
 /// Serves the forward-proxy listener until `shutdown`, then lets open tunnels finish within the
@@ -61,11 +64,13 @@ pub async fn serve(
     open: prometheus_client::metrics::gauge::Gauge,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let drain_limit = state.runtime.load().config.forward.total_timeout + settings.header_read_timeout;
     let proxy = Arc::new(Proxy {
         state,
         ca,
         header_read_timeout: settings.header_read_timeout,
         max_header_bytes: settings.max_header_bytes,
+        drain_limit,
     });
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let refusal = super::closing_response(&ProxyError::TooManyConnections { max: settings.max_connections });
@@ -333,6 +338,7 @@ impl Proxy {
             }
         };
         let state = self.state.clone();
+        let via_host = via.host.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
             request.extensions_mut().insert(via.clone());
             request.extensions_mut().insert(ConnectInfo(peer));
@@ -347,13 +353,25 @@ impl Proxy {
             .max_buf_size(self.max_header_bytes.max(8192))
             .keep_alive(true);
         builder.http2().timer(TokioTimer::new()).max_header_list_size(self.max_header_bytes as u32);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        // Idle for header_read_timeout (no byte either way, as between keep-alive requests on
+        // the reverse listener): no new request is taken and the tunnel closes once any call in
+        // flight is done, which the upstream's total timeout bounds.
+        let activity = idle::Activity::new();
+        let conn = builder.serve_connection(TokioIo::new(idle::Tracked::new(stream, activity.clone())), service);
         tokio::pin!(conn);
         let result = tokio::select! {
             result = conn.as_mut() => result,
             () = stopping(&mut shutdown) => {
                 conn.as_mut().graceful_shutdown();
                 conn.as_mut().await
+            }
+            () = activity.idle_for(self.header_read_timeout) => {
+                tracing::debug!(%peer, host = %via_host, "forward proxy: tunnel idle for header_read_timeout; closing");
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(self.drain_limit, conn.as_mut()).await {
+                    Ok(result) => result,
+                    Err(_) => Ok(()),
+                }
             }
         };
         if let Err(error) = result {
