@@ -10,6 +10,9 @@
 //! Each stage is a function that returns its own type. Detector decisions from the limits are
 //! acted on in one place, `report_anomalies`.
 
+mod body;
+mod meter;
+
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +46,8 @@ use crate::principal::{self, Principal, delegation as delegations};
 use crate::scrub::{ScrubbedBody, Scrubber};
 use crate::state::{AppState, Runtime};
 use crate::usage::{self, Api};
+use body::{Replay, check_body, keep_for_replay, whole_body};
+use meter::{meter, shadow_denied};
 
 /// The response header that carries the audit record's request id.
 pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
@@ -334,125 +339,6 @@ async fn admit<'r>(
     Ok(Admitted { grant })
 }
 
-/// Refuses a body declared larger than the limit, and a form body that sets `_method`.
-async fn check_body(request: Request<Body>, limit: u64, route: &str) -> Result<Request<Body>, ProxyError> {
-    if declared_length(&request).is_some_and(|len| len > limit) {
-        return Err(ProxyError::BodyTooLarge { limit });
-    }
-    refuse_form_method_override(request, limit, route).await
-}
-
-/// `meter`: a call to an LLM API (`usage::Api`) has its body read (bounded by the body limit),
-/// a streamed chat completion is made to report its usage, and the call's worst case is
-/// reserved in every budget of its root agent, before the secret store is touched. Any other
-/// call is counted as a request in those budgets.
-async fn meter(
-    state: &AppState,
-    runtime: &Arc<Runtime>,
-    audit: &mut AuditGuard,
-    routed: &Routed<'_>,
-    identified: &Identified<'_>,
-    request: Request<Body>,
-) -> Result<(Request<Body>, Option<Arc<Metering>>), ProxyError> {
-    let config = &runtime.config;
-    let agent = identified.caller.root();
-    let limits_role = identified.caller.limits_role();
-    let role = &limits_role.name;
-    let role_shadow = limits_role.mode == Mode::Shadow && identified.caller.delegation().is_none();
-    let shadowed = Shadowed { agent, presented_key: identified.presented_key() };
-    let budgets = budget::applicable(&config.budgets, agent, role);
-    let shared = state.limits.shared.as_deref();
-    let Some(api) = Api::detect(request.method(), &routed.rest) else {
-        if !budgets.is_empty() {
-            state.limits.budgets.count_request(shared, &budgets, agent, budget::unix_now()).await;
-        }
-        return Ok((request, None));
-    };
-    let (mut parts, body) = request.into_parts();
-    let limit = config.forward.max_request_body_bytes;
-    let body = {
-        use http_body_util::BodyExt;
-        match http_body_util::Limited::new(body, limit as usize).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
-            Err(_) => return Err(ProxyError::BadBody),
-        }
-    };
-    let add_stream_usage = !config.usage.no_stream_usage.contains(&routed.route.name);
-    let facts = usage::read_request(api, &body, add_stream_usage);
-    // About four bytes of request a token: more than the prompt's tokens, as JSON adds bytes.
-    let input_estimate = (body.len() as u64).div_ceil(4);
-    let max_output = facts
-        .max_output_tokens
-        .unwrap_or(config.usage.default_max_output_tokens)
-        .saturating_mul(facts.completions.max(1));
-    let price = config.usage.price(facts.model.as_deref());
-    let mut would_deny = Vec::new();
-    if price.is_none()
-        && let Some(cost_budget) = budgets.iter().find(|b| b.cost_micro_usd.is_some())
-    {
-        let refusal = ProxyError::ModelNotPriced { budget: cost_budget.name.clone() };
-        if cost_budget.mode == Mode::Enforce && !role_shadow {
-            return Err(refusal);
-        }
-        would_deny.push((cost_budget.name.clone(), refusal.message()));
-    }
-    let reservation = if budgets.is_empty() {
-        None
-    } else {
-        let claim = Claim::worst_case(price, input_estimate, max_output);
-        let reserved =
-            state.limits.budgets.reserve(shared, &budgets, agent, claim, role_shadow, budget::unix_now()).await;
-        if let Err(ProxyError::BudgetExceeded { budget, .. }) = &reserved {
-            state.metrics.budget_refusals.get_or_create(&BudgetLabel { budget: budget.clone() }).inc();
-        }
-        Some(reserved?)
-    };
-    if let Some(reservation) = &reservation {
-        would_deny.extend(reservation.would_deny.iter().cloned());
-    }
-    for (budget, reason) in would_deny {
-        shadow_denied(state, audit, shadowed, "budget", format!("budget:{budget}"), reason);
-    }
-    let strip_usage_chunk = facts.rewritten.is_some();
-    let body = match facts.rewritten {
-        Some(rewritten) => {
-            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
-            rewritten
-        }
-        None => body,
-    };
-    let charged = reservation.as_ref().map(|r| r.budgets()).unwrap_or_default();
-    let handles = Handles {
-        usage_config: config.usage.clone(),
-        budgets: state.limits.budgets.clone(),
-        shared: state.limits.shared.clone(),
-        metrics: state.metrics.clone(),
-    };
-    let reserved = Reserved { input_tokens: input_estimate, output_tokens: max_output };
-    let call = Call { agent, route: &routed.route.name, agent_key: identified.presented_key() };
-    let metering = Metering::new(api, strip_usage_chunk, facts.model, reserved, reservation, handles, call);
-    audit.settle_with(charged, metering.settle_hook());
-    Ok((Request::from_parts(parts, Body::from(body)), Some(metering)))
-}
-
-/// A policy in shadow mode would have refused the call: recorded and counted, and the call goes
-/// on. The reason can quote the path, so the key the agent presented is taken out of it.
-fn shadow_denied(
-    state: &AppState,
-    audit: &mut AuditGuard,
-    shadowed: Shadowed<'_>,
-    kind: &'static str,
-    policy: String,
-    reason: String,
-) {
-    let Shadowed { agent, presented_key } = shadowed;
-    let reason = usage::without_key(reason, presented_key);
-    tracing::info!(agent, policy = %policy, reason = %reason, "shadow mode: a policy would have refused this call");
-    state.metrics.would_deny.get_or_create(&WouldDenyLabels { agent: agent.to_string(), policy: kind }).inc();
-    audit.would_deny(policy, reason);
-}
-
 /// Who a shadow-mode decision is recorded for: the root agent, and the key it presented.
 #[derive(Clone, Copy)]
 struct Shadowed<'a> {
@@ -674,104 +560,6 @@ fn is_refusal(status: StatusCode) -> bool {
     status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
 }
 
-/// A request kept whole, to be sent again.
-struct Replay {
-    method: http::Method,
-    uri: Uri,
-    version: Version,
-    headers: http::HeaderMap,
-    body: bytes::Bytes,
-}
-
-impl Replay {
-    fn into_request(self) -> Request<Body> {
-        let mut request = Request::new(Body::from(self.body));
-        *request.method_mut() = self.method;
-        *request.uri_mut() = self.uri;
-        *request.version_mut() = self.version;
-        *request.headers_mut() = self.headers;
-        request
-    }
-}
-
-/// Reads up to `limit` bytes of the body before any credential is released, so a small body can
-/// be replayed and a malformed one (broken chunked framing) is refused with 400 while nothing has
-/// gone out. A body declared larger than `limit` is not read ahead; one that turns out larger
-/// streams on after the bytes read (not replayable), still held to `max_body` bytes.
-async fn keep_for_replay(
-    request: Request<Body>,
-    limit: u64,
-    max_body: u64,
-) -> Result<(Request<Body>, Option<Replay>), ProxyError> {
-    use http_body_util::BodyExt;
-    if limit == 0 || declared_length(&request).is_some_and(|len| len > limit) {
-        return Ok((request, None));
-    }
-    let (parts, mut body) = request.into_parts();
-    let mut kept = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        // Trailers are not forwarded; only data is kept.
-        let Ok(data) = frame.map_err(|_| ProxyError::BadBody)?.into_data() else { continue };
-        kept.extend_from_slice(&data);
-        if kept.len() as u64 > max_body {
-            return Err(ProxyError::BodyTooLarge { limit: max_body });
-        }
-        if kept.len() as u64 > limit {
-            // Larger than a replay may keep: what was read goes first, the rest streams after it.
-            use futures_util::StreamExt;
-            let read = futures_util::stream::once(std::future::ready(Ok(kept.freeze())));
-            let body = Body::from_stream(read.chain(body.into_data_stream()));
-            return Ok((Request::from_parts(parts, body), None));
-        }
-    }
-    let body = kept.freeze();
-    let replay = Replay {
-        method: parts.method.clone(),
-        uri: parts.uri.clone(),
-        version: parts.version,
-        headers: parts.headers.clone(),
-        body: body.clone(),
-    };
-    Ok((Request::from_parts(parts, Body::from(body)), Some(replay)))
-}
-
-/// Reads the whole body (at most `limit` bytes), for a request that is signed over its hash.
-async fn whole_body(request: Request<Body>, limit: u64) -> Result<(Request<Body>, bytes::Bytes), ProxyError> {
-    use http_body_util::BodyExt;
-    let (parts, body) = request.into_parts();
-    let body = match http_body_util::Limited::new(body, limit as usize).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => return Err(ProxyError::BodyTooLarge { limit }),
-        Err(_) => return Err(ProxyError::BadBody),
-    };
-    Ok((Request::from_parts(parts, Body::from(body.clone())), body))
-}
-
-/// A form-encoded body is read whole (it is bounded by the body limit, and such bodies are small
-/// form posts) and refused if it sets `_method`, which Rails, Laravel and Symfony honour as the
-/// request's method. Other bodies stream through unread: multipart uploads, JSON, and bodies
-/// without a `Content-Type` (which Rack also parses as a form); SECURITY.md lists the gap.
-async fn refuse_form_method_override(
-    request: Request<Body>,
-    limit: u64,
-    route: &str,
-) -> Result<Request<Body>, ProxyError> {
-    let is_form = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
-    if !is_form {
-        return Ok(request);
-    }
-    let (request, body) = whole_body(request, limit).await?;
-    if outbound::has_method_parameter(&body) {
-        return Err(ProxyError::MethodOverride { route: route.to_string() });
-    }
-    Ok(request)
-}
-
 /// Acts on the detectors' decisions, the one place that does: each is audited, counted and sent
 /// to the notify webhook, and a quarantine revokes what the agent delegated.
 fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Detection>) {
@@ -800,8 +588,4 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Detection>) {
             tokio::spawn(async move { forwarder.notify(&url, &event.to_json()).await });
         }
     }
-}
-
-fn declared_length(request: &Request<Body>) -> Option<u64> {
-    request.headers().get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
