@@ -23,6 +23,7 @@ RUN mkdir -p src examples benches \
     && touch src/lib.rs \
     && echo 'fn main() {}' > benches/hot_path.rs \
     && echo 'fn main() {}' > benches/minting.rs \
+    && echo 'fn main() {}' > benches/sigv4.rs \
     && echo 'fn main() {}' > examples/bench_upstream.rs \
     && cargo build --release --locked --bin keyward \
     && rm -rf src examples benches

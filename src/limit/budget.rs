@@ -75,7 +75,7 @@ for i = 1, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'uc', ARGV[b + 4])
   redis.call('EXPIRE', KEYS[i], ARGV[b + 5])
 end
-return 0
+return {0}
 "#;
 
 /// One budget's account for one holder in one window.
@@ -402,10 +402,18 @@ impl Budgets {
                     args.extend([0, 0, redis_amount(used.tokens), redis_amount(used.micro_usd), keep]);
                 }
             }
-            if shared.eval_ints(&redis::Script::new(SETTLE), &keys, &args).await.is_err() {
-                // The reservation stays in Redis until its window ends: the budget over-counts,
-                // it never under-counts.
-                tracing::error!(budgets = ?reservation.budgets(), "redis unreachable; a budget reservation could not be settled");
+            // A timed-out settlement is tried twice more: if the script did run, the retry counts
+            // the call twice (over, never under); if it never runs, the reservation stays in
+            // Redis until its window ends (the call counts at its worst case).
+            let script = redis::Script::new(SETTLE);
+            for (attempt, pause) in [0u64, 50, 250].into_iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                match shared.eval_ints(&script, &keys, &args).await {
+                    Ok(_) => return,
+                    Err(_) if attempt < 2 => continue,
+                    Err(_) => tracing::error!(budgets = ?reservation.budgets(),
+                        "redis unreachable; a budget reservation could not be settled (it stays reserved)"),
+                }
             }
             return;
         }
