@@ -477,7 +477,7 @@ async fn two_replicas_with_one_redis_never_hand_out_the_same_budget() {
     let used = account["tokens"]["used"].as_u64().unwrap();
     let reserved = account["tokens"]["reserved"].as_u64().unwrap();
     assert_eq!(reserved % reservation, 0, "{account}");
-    assert!(used <= 12 * admitted && used % 12 == 0, "{account}");
+    assert!(used <= 12 * admitted && used.is_multiple_of(12), "{account}");
     let unsettled = (12 * admitted - used) / 12;
     assert!(reserved >= unsettled * reservation, "an unsettled call keeps its reservation: {account}");
     assert!(account["requests"].as_u64().unwrap() >= admitted, "every reservation counted: {account}");
