@@ -20,7 +20,7 @@ BUDGET=$(cat <<'TOML'
 name = "bench-day"
 agent = "bench-agent"
 tokens = 1000000000000
-cost_usd = 1000000000
+cost_usd = 100000000
 window = "day"
 TOML
 )

@@ -112,7 +112,7 @@ pub(super) fn budgets(
         }
         let cost_micro_usd = b.cost_usd.map(|usd| {
             if !(usd.is_finite() && usd > 0.0 && usd < 1e9) {
-                c.problem(format!("{at}.cost_usd"), "must be an amount of USD above 0");
+                c.problem(format!("{at}.cost_usd"), "must be an amount of USD above 0 and below 1000000000");
                 return 0;
             }
             (usd * 1e6).round() as u64
@@ -215,7 +215,7 @@ mod tests {
                 ),
                 vec![
                     "k.toml:9: budgets[0].tokens: must be at least 1",
-                    "k.toml:10: budgets[0].cost_usd: must be an amount of USD above 0",
+                    "k.toml:10: budgets[0].cost_usd: must be an amount of USD above 0 and below 1000000000",
                     "k.toml:11: budgets[0].window: 'fortnight' is not \"minute\", \"hour\", \"day\", \"month\" or a number of seconds like \"30s\"",
                     "k.toml:12: budgets[0].mode: is not \"enforce\" or \"shadow\"",
                     "k.toml:13: budgets[0].redis_failure: 'shrug' is not \"fail_open\" or \"fail_closed\"",
