@@ -235,20 +235,7 @@ pub async fn serve(
     let mut last_warning: Option<Instant> = None;
     let server = Arc::new(conn::Server::new(router, settings, observers.clone()));
     let mut connections = JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = next_connection(&mut connections, &mut shutdown, || listener.accept()).await {
         // The deadline for the first request head runs from here (see `conn`).
         let accepted = Instant::now();
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -284,4 +271,29 @@ pub async fn serve(
     // the disconnect now, before the caller flushes the audit file.
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// The next accepted connection, reaping finished ones meanwhile; `None` once shutdown begins.
+/// An accept error (out of file descriptors and similar) backs off instead of spinning.
+pub(crate) async fn next_connection<S, A, F>(
+    connections: &mut JoinSet<()>,
+    shutdown: &mut watch::Receiver<bool>,
+    mut accept: impl FnMut() -> F,
+) -> Option<(S, A)>
+where
+    F: std::future::Future<Output = std::io::Result<(S, A)>>,
+{
+    loop {
+        tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = accept() => match accepted {
+                Ok(pair) => return Some(pair),
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shutdown.changed() => return None,
+        }
+    }
 }

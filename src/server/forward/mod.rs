@@ -75,19 +75,8 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let refusal = super::closing_response(&ProxyError::TooManyConnections { max: settings.max_connections });
     let mut connections = JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(error) => {
-                    tracing::warn!(%error, "forward proxy: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some((stream, peer)) = super::next_connection(&mut connections, &mut shutdown, || listener.accept()).await
+    {
         let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             let _ = stream.try_write(&refusal);
