@@ -151,7 +151,7 @@ async fn respond(
     let response = if refused {
         json_response(
             StatusCode::UNAUTHORIZED,
-            json!({ "error": { "message": "Incorrect API key provided.", "type": "invalid_request_error", "code": "invalid_api_key" } }),
+            json!({ "error": typed("invalid_request_error", json!({ "message": "Incorrect API key provided.", "code": "invalid_api_key" })) }),
         )
     } else if path.ends_with("/v1/models") {
         json_response(StatusCode::OK, json!({ "object": "list", "data": [{ "id": "gpt-fake", "object": "model" }] }))
@@ -205,7 +205,7 @@ async fn respond(
         let value = received_credentials(&parts.headers, &target).join(" ");
         json_response(
             StatusCode::UNAUTHORIZED,
-            json!({ "error": { "message": format!("Incorrect API key provided: {value}"), "type": "invalid_request_error" } }),
+            json!({ "error": typed("invalid_request_error", json!({ "message": format!("Incorrect API key provided: {value}") })) }),
         )
     } else if path.contains("/_fake/sse") {
         let events = query_param(query, "events").and_then(|v| v.parse().ok()).unwrap_or(5);
@@ -221,7 +221,7 @@ async fn respond(
             .expect("valid redirect")
     } else if let Some(code) = path.split("/_fake/status/").nth(1) {
         let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok()).unwrap_or(StatusCode::IM_A_TEAPOT);
-        json_response(status, json!({ "error": { "message": "fake upstream status", "type": "fake" } }))
+        json_response(status, json!({ "error": typed("fake", json!({ "message": "fake upstream status" })) }))
     } else if path.contains("/_fake/bytes") {
         let n = query_param(query, "n").and_then(|v| v.parse().ok()).unwrap_or(1024).min(64 << 20);
         full(StatusCode::OK, "application/octet-stream", vec![b'k'; n])
@@ -245,8 +245,7 @@ async fn respond(
         json_response(
             StatusCode::OK,
             json!({ "id": "resp_fake", "object": "response", "created_at": 0, "status": "completed", "model": "gpt-fake",
-                    "output": [{ "type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-                                 "content": [{ "type": "output_text", "text": "Hello from the fake upstream.", "annotations": [] }] }],
+                    "output": [output_message()],
                     "parallel_tool_calls": true, "tool_choice": "auto", "tools": [],
                     "usage": { "input_tokens": 5, "output_tokens": 7, "total_tokens": 12 } }),
         )
@@ -262,10 +261,13 @@ async fn respond(
     } else if path.ends_with("/messages") && parts.method == Method::POST {
         json_response(
             StatusCode::OK,
-            json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
-                    "content": [{ "type": "text", "text": "Hello from the fake upstream." }],
-                    "stop_reason": "end_turn",
-                    "usage": { "input_tokens": 5, "output_tokens": 7, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4 } }),
+            typed(
+                "message",
+                json!({ "id": "msg_fake", "role": "assistant", "model": "claude-fake",
+                        "content": [typed("text", json!({ "text": "Hello from the fake upstream." }))],
+                        "stop_reason": "end_turn",
+                        "usage": { "input_tokens": 5, "output_tokens": 7, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4 } }),
+            ),
         )
     } else if path.ends_with("/user") {
         json_response(StatusCode::OK, json!({ "login": "fake-user", "id": 1 }))
@@ -333,12 +335,26 @@ fn chat_stream(events: usize, interval: Duration, linger: Duration, usage: bool)
         .expect("valid SSE response")
 }
 
+/// An API object whose `type` field says what it is, as OpenAI and Anthropic payloads carry it.
+fn typed(kind: &str, mut fields: serde_json::Value) -> serde_json::Value {
+    fields["type"] = kind.into();
+    fields
+}
+
+/// The assistant message item of a Responses answer.
+fn output_message() -> serde_json::Value {
+    typed(
+        "message",
+        json!({ "id": "msg_fake", "status": "completed", "role": "assistant",
+                "content": [typed("output_text", json!({ "text": "Hello from the fake upstream.", "annotations": [] }))] }),
+    )
+}
+
 /// A streamed Responses answer, as the openai SDK's `responses.create(stream=True)` reads it:
 /// created, text deltas, the finished item, and `response.completed` with the usage (11 input
 /// tokens, 3 of them cached, 6 output).
 fn responses_stream() -> Response<FakeBody> {
-    let item = json!({ "type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
-                       "content": [{ "type": "output_text", "text": "Hello from the fake upstream.", "annotations": [] }] });
+    let item = output_message();
     let response = |status: &str, output: serde_json::Value, usage: serde_json::Value| {
         json!({ "id": "resp_fake", "object": "response", "created_at": 0, "status": status, "model": "gpt-fake",
                 "output": output, "parallel_tool_calls": true, "tool_choice": "auto", "tools": [], "usage": usage })
@@ -346,11 +362,23 @@ fn responses_stream() -> Response<FakeBody> {
     let usage = json!({ "input_tokens": 11, "input_tokens_details": { "cached_tokens": 3 }, "output_tokens": 6,
                         "output_tokens_details": { "reasoning_tokens": 0 }, "total_tokens": 17 });
     let events = [
-        json!({ "type": "response.created", "sequence_number": 0, "response": response("in_progress", json!([]), serde_json::Value::Null) }),
-        json!({ "type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "Hello from ", "logprobs": [] }),
-        json!({ "type": "response.output_text.delta", "sequence_number": 2, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "the fake upstream.", "logprobs": [] }),
-        json!({ "type": "response.output_item.done", "sequence_number": 3, "output_index": 0, "item": item.clone() }),
-        json!({ "type": "response.completed", "sequence_number": 4, "response": response("completed", json!([item]), usage) }),
+        typed(
+            "response.created",
+            json!({ "sequence_number": 0, "response": response("in_progress", json!([]), serde_json::Value::Null) }),
+        ),
+        typed(
+            "response.output_text.delta",
+            json!({ "sequence_number": 1, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "Hello from ", "logprobs": [] }),
+        ),
+        typed(
+            "response.output_text.delta",
+            json!({ "sequence_number": 2, "item_id": "msg_fake", "output_index": 0, "content_index": 0, "delta": "the fake upstream.", "logprobs": [] }),
+        ),
+        typed("response.output_item.done", json!({ "sequence_number": 3, "output_index": 0, "item": item.clone() })),
+        typed(
+            "response.completed",
+            json!({ "sequence_number": 4, "response": response("completed", json!([item]), usage) }),
+        ),
     ];
     let frames: Vec<Result<Frame<Bytes>, Infallible>> = events
         .into_iter()
@@ -378,29 +406,37 @@ fn wants_stream(body: &[u8]) -> bool {
 
 /// An Anthropic Messages event stream, as the anthropic SDK's `stream=True` reads it.
 fn anthropic_stream() -> Response<FakeBody> {
-    let message = json!({ "id": "msg_fake", "type": "message", "role": "assistant", "model": "claude-fake",
-                          "content": [], "stop_reason": null,
-                          "usage": { "input_tokens": 5, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4, "output_tokens": 1 } });
+    let message = typed(
+        "message",
+        json!({ "id": "msg_fake", "role": "assistant", "model": "claude-fake", "content": [], "stop_reason": null,
+                "usage": { "input_tokens": 5, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 4, "output_tokens": 1 } }),
+    );
     let events = [
-        ("message_start", json!({ "type": "message_start", "message": message })),
+        ("message_start", typed("message_start", json!({ "message": message }))),
         (
             "content_block_start",
-            json!({ "type": "content_block_start", "index": 0, "content_block": { "type": "text", "text": "" } }),
+            typed("content_block_start", json!({ "index": 0, "content_block": typed("text", json!({ "text": "" })) })),
         ),
         (
             "content_block_delta",
-            json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "Hello from " } }),
+            typed(
+                "content_block_delta",
+                json!({ "index": 0, "delta": typed("text_delta", json!({ "text": "Hello from " })) }),
+            ),
         ),
         (
             "content_block_delta",
-            json!({ "type": "content_block_delta", "index": 0, "delta": { "type": "text_delta", "text": "the fake upstream." } }),
+            typed(
+                "content_block_delta",
+                json!({ "index": 0, "delta": typed("text_delta", json!({ "text": "the fake upstream." })) }),
+            ),
         ),
-        ("content_block_stop", json!({ "type": "content_block_stop", "index": 0 })),
+        ("content_block_stop", typed("content_block_stop", json!({ "index": 0 }))),
         (
             "message_delta",
-            json!({ "type": "message_delta", "delta": { "stop_reason": "end_turn" }, "usage": { "output_tokens": 7 } }),
+            typed("message_delta", json!({ "delta": { "stop_reason": "end_turn" }, "usage": { "output_tokens": 7 } })),
         ),
-        ("message_stop", json!({ "type": "message_stop" })),
+        ("message_stop", typed("message_stop", json!({}))),
     ];
     let frames: Vec<Result<Frame<Bytes>, Infallible>> = events
         .into_iter()
