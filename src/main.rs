@@ -642,6 +642,16 @@ fn agent_env(
     // Agent ids are letters, digits and -_.: (validated), none of which needs escaping in a URL
     // user name except ':'.
     let user = agent.replace(':', "%3A");
+    // A key chosen by hand may hold '@', '/', '#' or '%', which would split the URL elsewhere;
+    // the placeholder and generated keys pass through unchanged.
+    let key = if with_key {
+        // RFC 3986 unreserved characters stay as they are.
+        const USERINFO: &percent_encoding::AsciiSet =
+            &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+        percent_encoding::utf8_percent_encode(&key, USERINFO).to_string()
+    } else {
+        key.to_string()
+    };
     let proxy = format!("http://{user}:{key}@{host}:{}", forward.listen.port());
     if !with_key {
         eprintln!(

@@ -74,7 +74,7 @@ pub fn ip_kind(ip: IpAddr) -> AddressKind {
             }
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = v6.to_ipv4_mapped().or_else(|| embedded_ipv4(v6)) {
                 return ip_kind(IpAddr::V4(v4));
             }
             let first = v6.segments()[0];
@@ -82,12 +82,27 @@ pub fn ip_kind(ip: IpAddr) -> AddressKind {
                 AddressKind::Metadata
             } else if v6.is_loopback() || v6.is_unspecified() {
                 AddressKind::Loopback
-            } else if (first & 0xfe00) == 0xfc00 {
+            } else if (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfec0 {
                 AddressKind::Private
             } else {
                 AddressKind::Public
             }
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address carries to an IPv4 host: NAT64 (`64:ff9b::/96`,
+/// `64:ff9b:1::/48`), 6to4 (`2002::/16`) and the deprecated IPv4-compatible form (`::a.b.c.d`).
+/// Such an address is as public or private as the IPv4 address it reaches.
+fn embedded_ipv4(v6: Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let s = v6.segments();
+    let low = |hi: u16, lo: u16| Some(std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8));
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => low(hi, lo),
+        [0x64, 0xff9b, 1, ..] => low(s[6], s[7]),
+        [0x2002, hi, lo, ..] => low(hi, lo),
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => low(hi, lo),
+        _ => None,
     }
 }
 
@@ -153,6 +168,13 @@ mod tests {
             ("fd12::1", AddressKind::Private),
             ("93.184.216.34", AddressKind::Public),
             ("2606:4700::1111", AddressKind::Public),
+            // IPv6 forms that reach an IPv4 host are as private as that host.
+            ("64:ff9b::a00:5", AddressKind::Private),
+            ("64:ff9b::5db8:d822", AddressKind::Public),
+            ("64:ff9b:1::a9fe:a9fe", AddressKind::Metadata),
+            ("2002:a00:5::1", AddressKind::Private),
+            ("::7f00:1", AddressKind::Loopback),
+            ("fec0::1", AddressKind::Private),
         ];
         for (host, kind) in cases {
             assert_eq!(address_kind(host), kind, "{host}");
