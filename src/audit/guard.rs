@@ -171,8 +171,16 @@ impl AuditGuard {
     /// The agent's key never stands in the trail: a path that carries it (such a request is
     /// refused with `agent_key_in_url`) is recorded, and access-logged, with the key replaced.
     pub fn redact_agent_key(&mut self, key: &str) {
-        if key.len() >= crate::outbound::MIN_SEARCHED_KEY_LEN && self.record.path.contains(key) {
+        if key.len() < crate::outbound::MIN_SEARCHED_KEY_LEN {
+            return;
+        }
+        if self.record.path.contains(key) {
             self.record.path = self.record.path.replace(key, "[agent-key]");
+        }
+        // Percent-encoded (`kw_%41bc…`), the key is as readable: the path is recorded decoded then.
+        let decoded = percent_encoding::percent_decode_str(&self.record.path).decode_utf8_lossy();
+        if decoded.contains(key) {
+            self.record.path = decoded.replace(key, "[agent-key]");
         }
     }
 

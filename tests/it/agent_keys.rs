@@ -203,6 +203,7 @@ async fn no_credential_the_agent_presented_reaches_the_upstream() {
         format!("/openai/_fake/echo-headers?api_key={WORKER_KEY}"),
         format!("/openai/_fake/echo-headers?k=%6Bw%5F{}", &WORKER_KEY[3..]),
         format!("/openai/_fake/{WORKER_KEY}"),
+        format!("/openai/_fake/%6Bw%5F{}", &WORKER_KEY[3..]),
     ] {
         let response = post(&h, &path, &[("authorization", &bearer)], "{}").await;
         assert_eq!(response.status(), 400, "{path}");
@@ -211,7 +212,7 @@ async fn no_credential_the_agent_presented_reaches_the_upstream() {
     }
     assert_eq!(h.upstream.count(), before, "nothing was forwarded");
     let refused: Vec<_> = h.audit().into_iter().filter(|r| r["errorCode"] == "agent_key_in_url").collect();
-    assert_eq!(refused.len(), 3);
+    assert_eq!(refused.len(), 4);
     for r in &refused {
         assert_eq!((r["status"].as_u64(), r["decision"].as_str()), (Some(400), Some("denied")), "{r}");
         assert!(r.get("secretSource").is_none(), "no credential was resolved: {r}");
@@ -223,6 +224,7 @@ async fn no_credential_the_agent_presented_reaches_the_upstream() {
     assert_no_canary("the audit file", &audit);
     // The key in the path is not written to the trail either (nor to the access log, made from it).
     assert!(!audit.contains(WORKER_KEY), "the audit file holds the agent key");
+    assert!(!audit.contains(&WORKER_KEY[3..]), "the audit file holds the agent key, percent-encoded");
     assert!(refused.iter().any(|r| r["path"] == "/_fake/[agent-key]"), "{refused:?}");
     h.stop().await;
 }

@@ -431,7 +431,10 @@ async fn git_clone_and_fetch_through_the_forward_proxy_with_injected_basic_auth(
     let (status, _, stderr) =
         run("git", &["-C", clone.to_str().unwrap(), "push", "-q", "origin", "main:other"], &home, &forward.env).await;
     assert!(!status.success(), "a push must not be granted");
-    assert!(stderr.contains("403"), "{stderr}");
+    // keyward answers 403 before the pack body has been sent; over HTTP/2 curl then sometimes
+    // reports the stream's reset instead of the status (seen on a loaded machine). The audit
+    // record below checks the 403 itself.
+    assert!(stderr.contains("403") || stderr.contains("HTTP/2"), "{stderr}");
     let config = std::fs::read_to_string(clone.join(".git/config")).unwrap();
     assert_nothing_leaked(&forward, &format!("{config}{stderr}"));
     // The upstream checked x-access-token:<the real token> on every git request.

@@ -156,7 +156,9 @@ impl CertAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::new(vec![host.to_string()])?;
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, host);
+        // RFC 5280 caps a CN at 64 characters; clients check the SAN, which names the host
+        // either way, and the subject stays non-empty.
+        name.push(DnType::CommonName, if host.len() <= 64 { host } else { "keyward intercepted host" });
         params.distinguished_name = name;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -51,10 +51,12 @@ impl Tunnel {
     ) -> Result<Tunnel, ProxyError> {
         let refused = |reason| ProxyError::ConnectRefused { host: host.to_string(), port, reason };
         let unreachable = || ProxyError::TunnelUnreachable { host: host.to_string(), port };
-        let addresses: Vec<SocketAddr> = match tokio::net::lookup_host((host, port)).await {
-            Ok(found) => found.collect(),
-            Err(_) => return Err(unreachable()),
-        };
+        // The lookup is bounded like a connect (the resolver may never answer).
+        let addresses: Vec<SocketAddr> =
+            match tokio::time::timeout(connect_timeout, tokio::net::lookup_host((host, port))).await {
+                Ok(Ok(found)) => found.collect(),
+                _ => return Err(unreachable()),
+            };
         let public: Vec<SocketAddr> =
             addresses.iter().copied().filter(|a| ip_kind(a.ip()) == AddressKind::Public).collect();
         if public.is_empty() {
