@@ -141,6 +141,110 @@ key_sha256 = "$hash"
 TOML
 }
 
+# A budget on the benchmark agent, high enough never to refuse, with the price table metered calls
+# need: bench.sh and compare.sh give it to their keyward (keyward_config's 7th argument), so the
+# unmetered 1 KiB GET pays for having a budget configured and the chat rows can be metered.
+BENCH_BUDGET=$(cat <<'TOML'
+[usage.prices]
+"gpt-4o" = { input = 2.5, output = 10.0, cache_read = 1.25 }
+[[budgets]]
+name = "bench-day"
+agent = "bench-agent"
+tokens = 1000000000000
+cost_usd = 100000000
+window = "day"
+TOML
+)
+# The streamed chat completion request the chat rows send (model priced above, usage asked for).
+CHAT_BODY='{"model":"gpt-4o","max_tokens":256,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello"}]}'
+
+# make_test_ca: a test CA ($WORK/ca.pem) and a leaf for bench.test and *.bench.test
+# ($WORK/leaf.pem, leaf.key), for a TLS upstream.
+make_test_ca() {
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.test" \
+    -keyout "$WORK/leaf.key" -out "$WORK/leaf.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:bench.test,DNS:*.bench.test\nextendedKeyUsage=serverAuth\n' > "$WORK/leaf.ext"
+  openssl x509 -req -in "$WORK/leaf.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
+    -extfile "$WORK/leaf.ext" -out "$WORK/leaf.pem" 2>/dev/null
+}
+
+# start_nginx_tls PORT UPSTREAM_PORT: nginx terminating TLS (make_test_ca's leaf) in front of the
+# upstream, keep-alive both ways, no header changed (the TLS origin of the forward-proxy rows).
+start_nginx_tls() {
+  mkdir -p "$WORK/nginx-tls"
+  cat > "$WORK/nginx-tls/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $WORK/nginx-tls/nginx.pid;
+error_log $WORK/nginx-tls/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx-tls/body;
+  proxy_temp_path $WORK/nginx-tls/proxy;
+  upstream bench { server 127.0.0.1:$2; keepalive 256; }
+  server {
+    listen 127.0.0.1:$1 ssl;
+    ssl_certificate $WORK/leaf.pem;
+    ssl_certificate_key $WORK/leaf.key;
+    keepalive_requests 1000000;
+    location / { proxy_pass http://bench; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+  nginx -c "$WORK/nginx-tls/nginx.conf" -e "$WORK/nginx-tls/error.log" &
+  PIDS+=($!)
+  for _ in $(seq 300); do
+    curl -fsS --cacert "$WORK/ca.pem" --resolve "bench.test:$1:127.0.0.1" -o /dev/null "https://bench.test:$1/json1k" \
+      2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for nginx TLS on $1" >&2
+  return 1
+}
+
+# keyward_forward_config PORT ADMIN FORWARD_PORT TLS_PORT > file: keyward with a forward proxy
+# (`HTTPS_PROXY`) listener and one route for bench.test (port 443) that connects to TLS_PORT
+# (make_test_ca's CA trusted), injecting the bench credential; the agent authenticates with
+# Proxy-Authorization Basic bench-agent:KEY. Its interception CA is written beside the audit file,
+# $WORK/forward-ca.pem. Like forward-proxy.sh's, plus the quota of bench.sh's keyward.
+keyward_forward_config() {
+  local hash
+  hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
+  printf '{"BENCH_KEY": "%s"}\n' "$BENCH_SECRET" > "$WORK/secrets.json"
+  chmod 600 "$WORK/secrets.json"
+  cat <<TOML
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+[forward_proxy]
+listen = "127.0.0.1:$3"
+[audit]
+path = "$WORK/audit-$1.jsonl"
+durability = "os"
+[[sources]]
+name = "bench"
+provider = "file"
+path = "$WORK/secrets.json"
+[[routes]]
+name = "bench"
+hosts = ["bench.test"]
+ports = [443]
+connect_to = "127.0.0.1:$4"
+upstream_ca_file = "$WORK/ca.pem"
+inject = { header = "authorization", value = "Bearer {{secret}}" }
+[roles.bench]
+grants = [{ route = "bench", secret = "BENCH_KEY", methods = ["GET"], paths = ["/**"], rate = "1000000/s", burst = 1000000 }]
+[[agents]]
+id = "bench-agent"
+role = "bench"
+key_sha256 = "$hash"
+TOML
+}
+
 start_keyward() { # CONFIG_FILE ADMIN_PORT
   "$KEYWARD" --log warn serve --config "$1" 2>"$1.log" &
   PIDS+=($!)
@@ -248,6 +352,40 @@ oha_json() {
   local name=$1 url=$2
   shift 2
   oha --no-tui --output-format json "$@" "$url" > "$WORK/$name.json"
+}
+
+# cpu_ns PID: nanoseconds on CPU so far of PID's threads and of all its descendants' threads
+# (field 1 of /proc/P/task/*/schedstat): nginx's workers are children of its master.
+cpu_ns() {
+  local total=0 pid ns task kids
+  local pending=("$1")
+  while [ ${#pending[@]} -gt 0 ]; do
+    pid=${pending[0]}
+    pending=("${pending[@]:1}")
+    for task in /proc/"$pid"/task/*/schedstat; do
+      [ -r "$task" ] || continue
+      ns=$(cut -d' ' -f1 "$task" 2>/dev/null) || continue
+      total=$((total + ${ns:-0}))
+    done
+    kids=$(pgrep -P "$pid" || true) # pgrep exits 1 when there are none
+    for kid in $kids; do pending+=("$kid"); done
+  done
+  echo "$total"
+}
+
+# cpu_run NAME PID URL [oha args...]: CPU per request at a fixed rate: PID's on-CPU time (cpu_ns)
+# read before and after `oha -n CPU_REQUESTS -c CONNECTIONS -q CPU_RATE --latency-correction`
+# against URL. Keeps oha's JSON as $WORK/NAME.json and the nanoseconds in $WORK/NAME.cpu_ns;
+# summarise.py divides by the requests answered.
+CPU_REQUESTS=${CPU_REQUESTS:-20000}
+CPU_RATE=${CPU_RATE:-4000}
+cpu_run() {
+  local name=$1 pid=$2 url=$3 before after
+  shift 3
+  before=$(cpu_ns "$pid")
+  oha_json "$name" "$url" -n "$CPU_REQUESTS" -c "$CONNECTIONS" -q "$CPU_RATE" --latency-correction "$@"
+  after=$(cpu_ns "$pid")
+  echo $((after - before)) > "$WORK/$name.cpu_ns"
 }
 
 # run_round ROUND PATH MODE=PORT...: one oha run of PATH against each mode's port, in order, with the
