@@ -277,6 +277,9 @@ def bench(name, direct, keyward, proxies):
             f"own stack (tokio, hyper-util server and pooled client, mimalloc) with nothing else: "
             f"{sat_med[r] / sat_med[direct]:.3f} × direct, {sat_med[r] / sat_med[best]:.3f} × {best}, added p99 "
             f"{added_p99[r]:+.3f} ms" + (f", {cpu_med[r]:.1f} µs CPU per request" if r in cpu_med else "") + ".\n")
+    if len(proxies) == 1 and best in cpu_med and keyward in cpu_med:
+        text.append(f"\n{keyward} uses {cpu_med[keyward] / cpu_med[best]:.3f} × {best}'s CPU per request "
+                    f"({cpu_med[keyward]:.1f} vs {cpu_med[best]:.1f} µs).\n")
     if len(proxies) > 1:
         text.append("\nReference rows (other proxies doing only the injection, not targets):\n")
         for p in proxies:
