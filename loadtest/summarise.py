@@ -308,7 +308,9 @@ def bench(name, direct, keyward, proxies):
 HTTPS GET https://bench.test/json1k with keep-alive. `{d}`: TLS straight to nginx terminating TLS in front of
 the upstream; `{f}`: CONNECT through keyward's forward proxy (Proxy-Authorization Basic), TLS to keyward's
 leaf, the pipeline (identity, grant, quota, cached secret, injection, scrubbing, audit `os`), keyward's own
-TLS connection to nginx. CPU is keyward's process only.
+TLS connection to nginx. CPU is keyward's process only. Each oha run opens its {env['CONNECTIONS']} connections (TCP,
+CONNECT, TLS handshakes) at its start and those first requests count in its percentiles, so the TLS rows' p99.9
+(and p99 in runs shorter than a few seconds) include connection setup.
 
 | target | saturation req/s | × {d} | p50 ms @{rate} | p99 ms | p99.9 ms | added p99 ms over {d} | achieved req/s | CPU µs/req @{cpu_rate} | saturation runs |
 |---|---|---|---|---|---|---|---|---|---|
