@@ -19,41 +19,10 @@ BENCH="$ROOT/target/release/examples/forward_bench"
 need_tool nginx
 ulimit -n "$(ulimit -Hn)"
 
-# A test CA and a wildcard leaf for *.bench.test, for nginx.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=forward bench CA" \
-  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
-  -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.test" \
-  -keyout "$WORK/leaf.key" -out "$WORK/leaf.csr" 2>/dev/null
-printf 'subjectAltName=DNS:bench.test,DNS:*.bench.test\nextendedKeyUsage=serverAuth\n' > "$WORK/leaf.ext"
-openssl x509 -req -in "$WORK/leaf.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" -CAcreateserial -days 2 \
-  -extfile "$WORK/leaf.ext" -out "$WORK/leaf.pem" 2>/dev/null
-
+# A test CA and a wildcard leaf for *.bench.test, for nginx terminating TLS in front of the upstream.
+make_test_ca
 start_upstream 18961
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 2;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  proxy_temp_path $WORK/nginx/proxy;
-  upstream bench { server 127.0.0.1:18961; keepalive 256; }
-  server {
-    listen 127.0.0.1:18962 ssl;
-    ssl_certificate $WORK/leaf.pem;
-    ssl_certificate_key $WORK/leaf.key;
-    keepalive_requests 1000000;
-    location / { proxy_pass http://bench; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
-nginx -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log" &
-PIDS+=($!)
-for _ in $(seq 100); do curl -fsS --cacert "$WORK/ca.pem" --resolve bench.test:18962:127.0.0.1 -o /dev/null https://bench.test:18962/json1k && break; sleep 0.1; done
+start_nginx_tls 18962 18961
 
 # keyward: one route for bench.test, and FRESH routes h0..h(FRESH-1).bench.test, so every new
 # tunnel to one of them needs a leaf signed on the spot.
