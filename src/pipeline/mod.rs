@@ -407,7 +407,8 @@ async fn forward(
     let attempt = Attempt { routed, identified, client, mint_client: &state.forwarder, body_limit: limit, signer };
     match attempt.send(audit, request, &secret).await? {
         Forwarded::Answered(response) if is_refusal(response.status()) => {
-            retry_refused(runtime, audit, &attempt, &secret, response, replay).await
+            // Boxed, like signing below: a rare stage's future would make every request's larger.
+            Box::pin(retry_refused(runtime, audit, &attempt, &secret, response, replay)).await
         }
         forwarded => Ok(forwarded),
     }
@@ -454,7 +455,8 @@ impl Attempt<'_> {
             self.body_limit,
         )?;
         let outbound = match (self.signer, whole) {
-            (Some((signer, store)), Some(body)) => signer.sign(outbound, &body, secret, store).await?,
+            // Boxed: signing's future is tens of KiB, which every request's future would carry.
+            (Some((signer, store)), Some(body)) => Box::pin(signer.sign(outbound, &body, secret, store)).await?,
             _ => outbound,
         };
         audit.release().await?;
@@ -587,5 +589,23 @@ fn report_anomalies(state: &AppState, agent: &str, decisions: Vec<Detection>) {
             let forwarder = state.forwarder.clone();
             tokio::spawn(async move { forwarder.notify(&url, &event.to_json()).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<F: std::future::Future>(_: impl Fn(State<Arc<AppState>>, Request<Body>) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A request's future is moved whole (into its box, through the router's futures), and each
+    /// move copies its full size: rare, large stages (SigV4 signing, the retry) are boxed so the
+    /// common path stays small. It was 34 KiB before they were.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size = future_size(handle);
+        assert!(size < 8 * 1024, "pipeline::handle's future is {size} bytes");
     }
 }
