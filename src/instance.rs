@@ -115,7 +115,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     let mut tasks = vec![
         tokio::spawn(server::serve(
             admin_listener,
-            crate::admin::router(state.clone()),
+            server::App::Router(crate::admin::router(state.clone())),
             settings,
             admin_observers,
             rx.clone(),
@@ -129,7 +129,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     if let Some(listener) = proxy_listener {
         tasks.push(tokio::spawn(server::serve(
             listener,
-            crate::app(state.clone()),
+            server::App::agent(state.clone()),
             settings,
             agent_observers.clone(),
             rx.clone(),
@@ -138,7 +138,7 @@ pub async fn start_with(runtime: Runtime, audit: Arc<AuditSink>, metrics: Arc<Me
     if let Some(listener) = unix_listener {
         tasks.push(tokio::spawn(server::serve(
             server::Listener::Unix(listener),
-            crate::app(state.clone()),
+            server::App::agent(state.clone()),
             settings,
             agent_observers.clone(),
             rx.clone(),

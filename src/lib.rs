@@ -49,8 +49,8 @@ pub use state::{AppState, Runtime};
 pub fn app(state: Arc<AppState>) -> Router {
     use axum::routing::{delete, post};
     Router::new()
-        .route("/v1/delegations", post(principal::api::mint))
-        .route("/v1/delegations/{id}", delete(principal::api::revoke))
+        .route(principal::api::DELEGATIONS_PATH, post(principal::api::mint))
+        .route(principal::api::DELEGATION_PATH, delete(principal::api::revoke))
         .fallback(pipeline::handle)
         .with_state(state)
 }

@@ -12,6 +12,10 @@ use http::HeaderName;
 use serde_json::json;
 
 use super::Principal;
+
+/// Where agents mint delegated keys (POST), and revoke one (DELETE, below it by id).
+pub const DELEGATIONS_PATH: &str = "/v1/delegations";
+pub const DELEGATION_PATH: &str = "/v1/delegations/{id}";
 use crate::arrival::PeerCred;
 use crate::audit::AuditEvent;
 use crate::config::AgentKeySpec;

@@ -29,8 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, State};
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
@@ -43,7 +42,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::{ConnSettings, Observers, Peer, Stream, Unparsed, closing_response};
+use super::{App, ConnSettings, Observers, Peer, Stream, Unparsed, closing_response};
 use crate::error::ProxyError;
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
@@ -51,7 +50,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the connections of one listener share.
 pub(super) struct Server {
-    router: Router,
+    app: App,
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
     header_read_timeout: Duration,
@@ -61,7 +60,7 @@ pub(super) struct Server {
 }
 
 impl Server {
-    pub(super) fn new(router: Router, settings: ConnSettings, observers: Observers) -> Server {
+    pub(super) fn new(app: App, settings: ConnSettings, observers: Observers) -> Server {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -71,7 +70,7 @@ impl Server {
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).max_header_list_size(settings.max_header_bytes as u32);
         Server {
-            router,
+            app,
             http1,
             http2,
             header_read_timeout: settings.header_read_timeout,
@@ -187,7 +186,7 @@ async fn serve_h2(
 ) {
     let state = Arc::new(ConnState::new(true));
     let io = ParkIo { stream, prefix, state: state.clone() };
-    let service = ConnService { router: server.router.clone(), peer, state: state.clone() };
+    let service = ConnService { app: server.app.clone(), peer, state: state.clone() };
     let mut connection = Box::pin(server.http2.serve_connection(TokioIo::new(io), service));
     let idle_check = tokio::time::sleep_until(first_head_due);
     tokio::pin!(idle_check);
@@ -253,7 +252,7 @@ async fn serve_h1(
         (stream, prefix, due) = {
             let state = Arc::new(ConnState::new(false));
             let io = ParkIo { stream, prefix, state: state.clone() };
-            let service = ConnService { router: server.router.clone(), peer, state: state.clone() };
+            let service = ConnService { app: server.app.clone(), peer, state: state.clone() };
             // Boxed, so a parked connection's task does not keep room for hyper's state.
             let mut connection = Box::new(server.http1.serve_connection(TokioIo::new(io), service));
             // Boxed too: the driver's timers are not kept while parked.
@@ -481,7 +480,7 @@ impl Drop for Hold {
 /// every request, and holds on each request until its response body is done.
 #[derive(Clone)]
 struct ConnService {
-    router: Router,
+    app: App,
     peer: Peer,
     state: Arc<ConnState>,
 }
@@ -508,15 +507,32 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
             Peer::Unix(None) => {}
         }
         let body = axum::body::Body::new(RequestBody { inner: body, ended: false, hold: Hold::new(&self.state) });
-        let response = self.router.clone().oneshot(http::Request::from_parts(parts, body));
-        Box::pin(async move {
-            let response = match response.await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            Ok(response.map(|inner| ResponseBody { inner, hold, failed: None }))
-        })
+        let request = http::Request::from_parts(parts, body);
+        match &self.app {
+            // An agent's call skips the router (path matching, its boxed services): only the
+            // delegation API has routes of its own; everything else is the router's fallback.
+            App::Agent { state, .. } if !is_delegation_api(request.uri().path()) => {
+                let response = crate::pipeline::handle(State(state.clone()), request);
+                Box::pin(async move { Ok(response.await.map(|inner| ResponseBody { inner, hold, failed: None })) })
+            }
+            App::Agent { router, .. } | App::Router(router) => {
+                let response = router.clone().oneshot(request);
+                Box::pin(async move {
+                    let response = match response.await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    };
+                    Ok(response.map(|inner| ResponseBody { inner, hold, failed: None }))
+                })
+            }
+        }
     }
+}
+
+/// Whether `path` is (or is below) the delegation API's (`crate::app` routes it); any other path
+/// is the router's fallback, the pipeline.
+fn is_delegation_api(path: &str) -> bool {
+    path.starts_with(crate::principal::api::DELEGATIONS_PATH)
 }
 
 /// The agent's request body, noting whether it was read to its end.

@@ -218,12 +218,27 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// What a listener serves: a router (the admin API), or the agent-facing app, whose requests
+/// go straight to the pipeline except the delegation API's, which go through its router.
+#[derive(Clone)]
+pub enum App {
+    Router(Router),
+    Agent { router: Router, state: Arc<crate::AppState> },
+}
+
+impl App {
+    /// The agent-facing app (`crate::app`) for `state`.
+    pub fn agent(state: Arc<crate::AppState>) -> App {
+        App::Agent { router: crate::app(state.clone()), state }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` turns true, then waits up to the grace period
 /// for open connections to finish: parked and idle ones close at once, in-flight requests run on.
 /// A connection accepted while `max_connections` are open is answered 503 and closed at once.
 pub async fn serve(
     listener: impl Into<Listener>,
-    router: Router,
+    app: App,
     settings: ConnSettings,
     observers: Observers,
     mut shutdown: watch::Receiver<bool>,
@@ -233,7 +248,7 @@ pub async fn serve(
     let refusal = closing_response(&ProxyError::TooManyConnections { max: settings.max_connections });
     let mut refused_since_warning = 0u64;
     let mut last_warning: Option<Instant> = None;
-    let server = Arc::new(conn::Server::new(router, settings, observers.clone()));
+    let server = Arc::new(conn::Server::new(app, settings, observers.clone()));
     let mut connections = JoinSet::new();
     while let Some((stream, peer)) = next_connection(&mut connections, &mut shutdown, || listener.accept()).await {
         // The deadline for the first request head runs from here (see `conn`).
