@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::ConnectInfo;
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
@@ -40,7 +40,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use super::{App, ConnSettings, Observers, Peer, Stream, Unparsed, closing_response};
 use crate::error::ProxyError;
@@ -508,31 +507,12 @@ impl hyper::service::Service<http::Request<Incoming>> for ConnService {
         }
         let body = axum::body::Body::new(RequestBody { inner: body, ended: false, hold: Hold::new(&self.state) });
         let request = http::Request::from_parts(parts, body);
-        match &self.app {
-            // An agent's call skips the router (path matching, its boxed services): only the
-            // delegation API has routes of its own; everything else is the router's fallback.
-            App::Agent { state, .. } if !is_delegation_api(request.uri().path()) => {
-                let response = crate::pipeline::handle(State(state.clone()), request);
-                Box::pin(async move { Ok(response.await.map(|inner| ResponseBody { inner, hold, failed: None })) })
-            }
-            App::Agent { router, .. } | App::Router(router) => {
-                let response = router.clone().oneshot(request);
-                Box::pin(async move {
-                    let response = match response.await {
-                        Ok(response) => response,
-                        Err(never) => match never {},
-                    };
-                    Ok(response.map(|inner| ResponseBody { inner, hold, failed: None }))
-                })
-            }
-        }
+        let app = self.app.clone();
+        Box::pin(async move {
+            let response = app.respond(request).await;
+            Ok(response.map(|inner| ResponseBody { inner, hold, failed: None }))
+        })
     }
-}
-
-/// Whether `path` is (or is below) the delegation API's (`crate::app` routes it); any other path
-/// is the router's fallback, the pipeline.
-fn is_delegation_api(path: &str) -> bool {
-    path.starts_with(crate::principal::api::DELEGATIONS_PATH)
 }
 
 /// The agent's request body, noting whether it was read to its end.

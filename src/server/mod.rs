@@ -19,6 +19,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 pub use crate::arrival::PeerCred;
 use crate::error::ProxyError;
@@ -230,6 +231,20 @@ impl App {
     /// The agent-facing app (`crate::app`) for `state`.
     pub fn agent(state: Arc<crate::AppState>) -> App {
         App::Agent { router: crate::app(state.clone()), state }
+    }
+
+    async fn respond(self, request: http::Request<axum::body::Body>) -> axum::response::Response {
+        match self {
+            // An agent's call skips the router (path matching, its boxed services): only the
+            // delegation API has routes of its own; everything else is the router's fallback.
+            App::Agent { state, .. } if !request.uri().path().starts_with(crate::principal::api::DELEGATIONS_PATH) => {
+                crate::pipeline::handle(axum::extract::State(state), request).await
+            }
+            App::Agent { router, .. } | App::Router(router) => match router.oneshot(request).await {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
+        }
     }
 }
 
