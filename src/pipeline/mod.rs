@@ -50,7 +50,7 @@ use body::{Replay, check_body, keep_for_replay, whole_body};
 use meter::{meter, shadow_denied};
 
 /// The response header that carries the audit record's request id.
-pub const REQUEST_ID_HEADER: &str = "x-keyward-request-id";
+pub const REQUEST_ID_HEADER: http::HeaderName = http::HeaderName::from_static("x-keyward-request-id");
 
 pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) -> Response {
     let runtime = state.runtime.load_full();

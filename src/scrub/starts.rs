@@ -46,10 +46,13 @@ impl Starts {
     /// The first position at or after `from` where a pattern may start, if any.
     pub fn next(&self, haystack: &[u8], from: usize) -> Option<usize> {
         let last = haystack.len().checked_sub(WINDOW)?;
-        (from..=last).find(|&at| {
-            let key = key(haystack, at);
-            self.bits[key / 64] & (1 << (key % 64)) != 0
-        })
+        (from..=last).find(|&at| self.may_start_at(haystack, at))
+    }
+
+    /// Whether a pattern may start at `at`, which has at least `WINDOW` bytes after it.
+    pub fn may_start_at(&self, haystack: &[u8], at: usize) -> bool {
+        let key = key(haystack, at);
+        self.bits[key / 64] & (1 << (key % 64)) != 0
     }
 }
 
