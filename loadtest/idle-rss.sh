@@ -7,6 +7,16 @@ CONNECTIONS=${CONNECTIONS:-10000}
 
 build_release
 ulimit -n "$(ulimit -Hn)"
+# keyward keeps 3 descriptors per agent connection (its own, an upstream one, the admin
+# listener's share) and 64 aside (instance.rs, connections_that_fit): with a lower hard limit it
+# would answer the connections beyond that 503, so measure as many as it can hold, and say so.
+if [ "$(ulimit -Hn)" != unlimited ]; then
+  FIT=$((($(ulimit -Hn) - 64) / 3 - 10))
+  if [ "$CONNECTIONS" -gt "$FIT" ]; then
+    echo "the hard limit on open files ($(ulimit -Hn)) lets keyward hold about $FIT connections; measuring $FIT instead of $CONNECTIONS" >&2
+    CONNECTIONS=$FIT
+  fi
+fi
 start_upstream 18881
 keyward_config 18880 18890 18881 true os > "$WORK/keyward.toml"
 start_keyward "$WORK/keyward.toml" 18890
