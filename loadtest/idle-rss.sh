@@ -12,6 +12,10 @@ ulimit -n "$(ulimit -Hn)"
 # would answer the connections beyond that 503, so measure as many as it can hold, and say so.
 if [ "$(ulimit -Hn)" != unlimited ]; then
   FIT=$((($(ulimit -Hn) - 64) / 3 - 10))
+  if [ "$FIT" -lt 100 ]; then
+    echo "the hard limit on open files ($(ulimit -Hn)) is too low to measure idle connections" >&2
+    exit 1
+  fi
   if [ "$CONNECTIONS" -gt "$FIT" ]; then
     echo "the hard limit on open files ($(ulimit -Hn)) lets keyward hold about $FIT connections; measuring $FIT instead of $CONNECTIONS" >&2
     CONNECTIONS=$FIT

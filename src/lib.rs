@@ -45,7 +45,9 @@ pub use server::forward::{CertAuthority, IssuedLeaf};
 pub use state::{AppState, Runtime};
 
 /// The agent-facing router: every path goes through the pipeline. Tests drive it with
-/// `app(state).oneshot(request)` without a socket.
+/// `app(state).oneshot(request)` without a socket. The agent listener sends only paths under
+/// `DELEGATIONS_PATH` through this router and everything else to the pipeline directly
+/// (`server::App::respond`): a route added here outside that prefix must be added there too.
 pub fn app(state: Arc<AppState>) -> Router {
     use axum::routing::{delete, post};
     Router::new()

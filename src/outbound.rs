@@ -203,6 +203,14 @@ mod tests {
 
     const KEY: &str = "kw_agentKey0123";
 
+    /// Removal compares these lists with `HeaderName::as_str`, which is lowercase.
+    #[test]
+    fn removed_header_lists_are_lowercase() {
+        for name in CREDENTIAL_HEADERS.iter().chain(&RANGE_HEADERS).chain(&OVERRIDE_HEADERS).chain(&AWS_AUTH_HEADERS) {
+            assert_eq!(*name, name.to_ascii_lowercase(), "{name}");
+        }
+    }
+
     fn route(pass: &[&str]) -> RouteConfig {
         let text = r#"
 [[sources]]

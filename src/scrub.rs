@@ -390,9 +390,9 @@ impl Scrubber {
                 continue;
             }
             // A prefix of `WINDOW` bytes or more starts with some pattern's first window.
-            if let Some(starts) = starts
+            if let Some(filter) = starts
                 && buf.len() - at >= starts::WINDOW
-                && !starts.may_start_at(buf, at)
+                && !filter.may_start_at(buf, at)
             {
                 continue;
             }

@@ -66,6 +66,7 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
     );
     audit.access_log(runtime.config.server.access_log);
     let request_id = HeaderValue::from_str(audit.request_id()).expect("hex is a valid header value");
+    let head = request.method() == http::Method::HEAD;
     let mut response = match proxy(&state, &runtime, &mut audit, request).await {
         Ok(Answer { response: upstream, coding, scrub, metering }) => {
             let (mut parts, body) = upstream.into_parts();
@@ -95,8 +96,17 @@ pub async fn handle(State(state): State<Arc<AppState>>, request: Request<Body>) 
             Response::from_parts(parts, body)
         }
         Err(error) => {
-            let response = error.clone().into_response();
+            let mut response = error.clone().into_response();
             audit.fail(&error);
+            if head {
+                // A HEAD answer has no body (HTTP/2 would send one as DATA frames): the length
+                // of the error it would have carried, as for GET, and nothing else.
+                let (mut parts, body) = response.into_parts();
+                if let Some(length) = http_body::Body::size_hint(&body).exact() {
+                    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+                }
+                response = Response::from_parts(parts, Body::empty());
+            }
             response
         }
     };

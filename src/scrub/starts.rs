@@ -32,6 +32,7 @@ impl Starts {
     /// The filter for `patterns`, or `None` if one is shorter than `WINDOW` (then every position
     /// must be searched).
     pub fn new(patterns: &[Vec<u8>]) -> Option<Starts> {
+        debug_assert!(patterns.iter().all(|pattern| !pattern.is_empty()), "an empty pattern matches everywhere");
         if patterns.iter().any(|pattern| pattern.len() < WINDOW) {
             return None;
         }

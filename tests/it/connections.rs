@@ -378,6 +378,40 @@ async fn an_upstream_that_breaks_off_is_recorded_with_what_the_agent_received() 
     h.stop().await;
 }
 
+/// A HEAD that keyward refuses gets its status and the length of the error it would have
+/// carried, but no body: over HTTP/2 a body would go out as DATA frames, which `h2` clients
+/// reject as a protocol error. Refused and unknown alike, on h2c, each audited once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_over_h2c_has_no_body() {
+    use http_body_util::BodyExt;
+    let h = Harness::start().await;
+    let stream = TcpStream::connect(proxy_addr(&h)).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    for (path, key, status) in
+        [("/openai/v1/models", "kw_notAKnownKey0123456789abcdefghijk", 401), ("/nowhere/x", WORKER_KEY, 404)]
+    {
+        let request = http::Request::head(format!("http://{}{path}", proxy_addr(&h)))
+            .header("authorization", format!("Bearer {key}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
+        assert!(length > 0, "{path}: the length of the error a GET would get");
+        let body = response.into_body().collect().await.expect("no stream error").to_bytes();
+        assert!(body.is_empty(), "{path}: {body:?}");
+        let record = h.wait_for_audit(|r| r["method"] == "HEAD" && r["status"] == status).await;
+        assert_eq!(record["decision"], "denied", "{record:#?}");
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_breaks_off_is_recorded_with_what_an_h2c_agent_received() {
     use http_body_util::BodyExt;
