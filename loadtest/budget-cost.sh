@@ -13,28 +13,16 @@ CONNECTIONS=${CONNECTIONS:-32}
 need_oha
 build_release
 start_upstream 18481
-BUDGET=$(cat <<'TOML'
-[usage.prices]
-"gpt-4o" = { input = 2.5, output = 10.0, cache_read = 1.25 }
-[[budgets]]
-name = "bench-day"
-agent = "bench-agent"
-tokens = 1000000000000
-cost_usd = 100000000
-window = "day"
-TOML
-)
-keyward_config 18480 18490 18481 true os "" "$BUDGET" > "$WORK/keyward.toml"
+keyward_config 18480 18490 18481 true os "" "$BENCH_BUDGET" > "$WORK/keyward.toml"
 start_keyward "$WORK/keyward.toml" 18490
 
-BODY='{"model":"gpt-4o","max_tokens":256,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello"}]}'
 for round in $(seq "$ROUNDS"); do
   echo "round $round/$ROUNDS: off (-z $DURATION -c $CONNECTIONS)"
   oha_json "off-$round" "http://127.0.0.1:18480/bench/v1/chat16k" -z "$DURATION" -c "$CONNECTIONS" \
     -H "authorization: Bearer $BENCH_KEY"
   echo "round $round/$ROUNDS: on (-z $DURATION -c $CONNECTIONS)"
   oha_json "on-$round" "http://127.0.0.1:18480/bench/v1/chat/completions" -z "$DURATION" -c "$CONNECTIONS" \
-    -m POST -T application/json -d "$BODY" -H "authorization: Bearer $BENCH_KEY"
+    -m POST -T application/json -d "$CHAT_BODY" -H "authorization: Bearer $BENCH_KEY"
 done
 # Every metered call settled: the budget's account holds the tokens the upstream reported.
 curl -s "http://127.0.0.1:18490/metrics" | grep -E '^keyward_(tokens_total|usage_missing_total)' || true

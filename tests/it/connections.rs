@@ -38,6 +38,23 @@ fn proxy_addr(h: &Harness) -> std::net::SocketAddr {
     h.running.as_ref().unwrap().proxy_addr.unwrap()
 }
 
+/// An h2c (prior knowledge) client connection to `addr`; the connection future must be driven.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    hyper::client::conn::http2::Connection<
+        hyper_util::rt::TokioIo<TcpStream>,
+        http_body_util::Empty<bytes::Bytes>,
+        hyper_util::rt::TokioExecutor,
+    >,
+) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap()
+}
+
 /// Sends `request` on a new connection and reads the answer until keyward closes it.
 async fn exchange(h: &Harness, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(proxy_addr(h)).await.unwrap();
@@ -88,13 +105,7 @@ async fn connections_without_a_whole_request_head_are_closed_at_the_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_h2c_connection_is_closed_after_its_last_stream() {
     let h = Harness::start().await;
-    let stream = TcpStream::connect(proxy_addr(&h)).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut sender, connection) = h2c(proxy_addr(&h)).await;
     let driven = tokio::spawn(connection);
     let request = http::Request::get(format!("http://{}/openai/_fake/echo-headers", proxy_addr(&h)))
         .header("authorization", format!("Bearer {WORKER_KEY}"))
@@ -385,13 +396,7 @@ async fn an_upstream_that_breaks_off_is_recorded_with_what_the_agent_received() 
 async fn a_refused_head_over_h2c_has_no_body() {
     use http_body_util::BodyExt;
     let h = Harness::start().await;
-    let stream = TcpStream::connect(proxy_addr(&h)).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut sender, connection) = h2c(proxy_addr(&h)).await;
     tokio::spawn(connection);
     for (path, key, status) in
         [("/openai/v1/models", "kw_notAKnownKey0123456789abcdefghijk", 401), ("/nowhere/x", WORKER_KEY, 404)]
@@ -416,13 +421,7 @@ async fn a_refused_head_over_h2c_has_no_body() {
 async fn an_upstream_that_breaks_off_is_recorded_with_what_an_h2c_agent_received() {
     use http_body_util::BodyExt;
     let h = with_broken_upstream().await;
-    let stream = TcpStream::connect(proxy_addr(&h)).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
+    let (mut sender, connection) = h2c(proxy_addr(&h)).await;
     tokio::spawn(connection);
     // Losing the bytes was a race (about one round in twenty before the fix). It is rarer now but
     // not gone: a DATA frame handed to the HTTP/2 layer just before the stream is reset can still
