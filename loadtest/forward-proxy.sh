@@ -26,8 +26,7 @@ start_nginx_tls 18962 18961
 
 # keyward: one route for bench.test, and FRESH routes h0..h(FRESH-1).bench.test, so every new
 # tunnel to one of them needs a leaf signed on the spot.
-hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
-printf '{"BENCH_KEY": "%s"}\n' "$BENCH_SECRET" > "$WORK/secrets.json"
+hash=$(bench_secrets)
 fresh_hosts=$(seq 0 $((FRESH - 1)) | sed 's/.*/"h&.bench.test"/' | paste -sd, -)
 cat > "$WORK/keyward.toml" <<TOML
 [server]

@@ -69,12 +69,18 @@ start_upstream() { # PORT
 BENCH_SECRET="sk-bench-0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
 BENCH_KEY="kw_benchAgentKey0123456789abcdefghijklmnopqrstu"
 
+# bench_secrets: writes the bench credential to $WORK/secrets.json (0600, the file source every
+# bench config reads) and prints the SHA-256 of the agent key, for key_sha256.
+bench_secrets() {
+  printf '{"BENCH_KEY": "%s"}\n' "$BENCH_SECRET" > "$WORK/secrets.json"
+  chmod 600 "$WORK/secrets.json"
+  printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1
+}
+
 # keyward_config PORT ADMIN UPSTREAM_PORT SCRUB(true|false) [DURABILITY] [GRANT_EXTRA] [LIMITS_TOML] > file
 keyward_config() {
   local hash
-  hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
-  printf '{"BENCH_KEY": "%s"}\n' "$BENCH_SECRET" > "$WORK/secrets.json"
-  chmod 600 "$WORK/secrets.json"
+  hash=$(bench_secrets)
   cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
@@ -213,9 +219,7 @@ CONF
 # $WORK/forward-ca.pem. Like forward-proxy.sh's, plus the quota of bench.sh's keyward.
 keyward_forward_config() {
   local hash
-  hash=$(printf '%s' "$BENCH_KEY" | sha256sum | cut -d' ' -f1)
-  printf '{"BENCH_KEY": "%s"}\n' "$BENCH_SECRET" > "$WORK/secrets.json"
-  chmod 600 "$WORK/secrets.json"
+  hash=$(bench_secrets)
   cat <<TOML
 [server]
 listen = "127.0.0.1:$1"
